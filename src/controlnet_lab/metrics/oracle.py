@@ -1,0 +1,90 @@
+"""Exact scores that fill50k-style data makes possible: where the circle is, and which colors it has.
+
+- ``condition_mask``: the filled circle an outline condition describes (everything the
+  border cannot reach by flood fill, plus the outline itself).
+- ``segment_circle``: the circle in a generated two-color image: 2-means on the pixel
+  colors; the cluster holding most border pixels is the background.
+- ``mask_iou``: IoU of the generated circle with the condition's circle.
+- ``color_accuracy``: the fraction of images whose circle color and background color
+  are each nearest, among the palette's colors, to the colors the prompt names.
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from controlnet_lab.data.colors import palette_array, parse_prompt
+
+
+def condition_mask(outline: np.ndarray, threshold: int = 32) -> np.ndarray:
+    """Boolean (H, W) mask of the circle enclosed by an outline image (H, W, 3) uint8."""
+    lines = (outline.max(axis=-1) > threshold).astype(np.uint8)
+    height, width = lines.shape
+    flooded = lines.copy()
+    fill_mask = np.zeros((height + 2, width + 2), np.uint8)
+    for y in range(height):
+        for x in (0, width - 1):
+            if flooded[y, x] == 0:
+                cv2.floodFill(flooded, fill_mask, (x, y), 2)
+    for x in range(width):
+        for y in (0, height - 1):
+            if flooded[y, x] == 0:
+                cv2.floodFill(flooded, fill_mask, (x, y), 2)
+    return flooded != 2
+
+
+def _border(mask_shape: tuple[int, int]) -> np.ndarray:
+    border = np.zeros(mask_shape, bool)
+    border[0, :] = border[-1, :] = border[:, 0] = border[:, -1] = True
+    return border
+
+
+def segment_circle(image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(circle mask, circle mean RGB, background mean RGB) of an RGB uint8 image."""
+    pixels = image.reshape(-1, 3).astype(np.float32)
+    criteria = (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, 20, 0.5)
+    cv2.setRNGSeed(0)
+    _, labels, centers = cv2.kmeans(pixels, 2, None, criteria, 3, cv2.KMEANS_PP_CENTERS)
+    labels = labels.reshape(image.shape[:2])
+    border = _border(labels.shape)
+    background = int(np.argmax(np.bincount(labels[border], minlength=2)))
+    circle = labels != background
+    return circle, centers[1 - background], centers[background]
+
+
+def mask_iou(predicted: np.ndarray, reference: np.ndarray) -> float:
+    union = np.logical_or(predicted, reference).sum()
+    return float(np.logical_and(predicted, reference).sum() / union) if union else 1.0
+
+
+def nearest_color(rgb: np.ndarray, palette: list[str]) -> str:
+    distances = np.linalg.norm(palette_array(palette) - rgb[None], axis=1)
+    return palette[int(np.argmin(distances))]
+
+
+def score_images(images: np.ndarray, conditions: np.ndarray, prompts: list[str], palette: list[str]) -> dict:
+    """Per-image oracle scores and their means.
+
+    images, conditions: (N, H, W, 3) uint8 RGB; prompts: the true prompts naming the colors.
+    """
+    ious, colors_right = [], []
+    for image, condition, prompt in zip(images, conditions, prompts, strict=True):
+        circle, circle_rgb, background_rgb = segment_circle(image)
+        ious.append(mask_iou(circle, condition_mask(condition)))
+        named = parse_prompt(prompt)
+        if named is None:
+            raise ValueError(f"prompt {prompt!r} does not have the form '<color> circle with <color> background'")
+        right = circle.any() and (nearest_color(circle_rgb, palette), nearest_color(background_rgb, palette)) == named
+        colors_right.append(bool(right))
+    return {
+        "mask_iou": float(np.mean(ious)),
+        "color_accuracy": float(np.mean(colors_right)),
+        "per_image_mask_iou": ious,
+        "per_image_color_right": colors_right,
+    }
+
+
+def random_placement_iou(conditions: np.ndarray) -> float:
+    """Mean IoU between each condition's circle and the next one's: a circle placed at random from the data."""
+    masks = [condition_mask(c) for c in conditions]
+    return float(np.mean([mask_iou(masks[i], masks[(i + 1) % len(masks)]) for i in range(len(masks))]))

@@ -1,0 +1,105 @@
+"""The LightningModule: a locked base and its trainable copy, trained with the base's epsilon objective.
+
+The locked UNet and text encoder are frozen (``requires_grad=False``), kept in
+``eval()`` even while Lightning switches the module to training, left out of the
+optimizer, and left out of checkpoints: a checkpoint holds the ControlNet and the
+path of the base it was trained on, and the base is loaded from that folder.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from controlnet_lab.base import load_base
+from controlnet_lab.controlnet import build_controlnet
+from controlnet_lab.images import save_grid, to_uint8
+
+LOCKED_PREFIXES = ("locked_unet.", "text_encoder.")
+
+
+class ControlNetModule(L.LightningModule):
+    def __init__(
+        self,
+        base_path: str,
+        block: str = "zero",
+        hint_channels: tuple[int, ...] = (16,),
+        lr: float = 1e-5,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 3.0,
+        num_val_images: int = 8,
+        sample_dir: str | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.pipeline = load_base(Path(base_path))
+        self.locked_unet = self.pipeline.unet.requires_grad_(False).eval()
+        self.text_encoder = self.pipeline.text_encoder.requires_grad_(False).eval()
+        self.controlnet = build_controlnet(self.locked_unet, block, hint_channels)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.locked_unet.eval()
+        self.text_encoder.eval()
+        return self
+
+    def trainable_parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def diffusion_loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        images, condition = batch["target"], batch["condition"]
+        scheduler = self.pipeline.scheduler
+        noise = torch.randn(images.shape, generator=generator).to(images)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (images.shape[0],), generator=generator).to(self.device)
+        noisy = scheduler.add_noise(images, noise, timesteps)
+        with torch.no_grad():
+            hidden, pooled = self.pipeline.encode_prompt(batch["prompt"])
+        prediction = self.pipeline.predict_noise(noisy, timesteps, hidden, pooled, self.controlnet, condition)
+        return F.mse_loss(prediction, noise)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.diffusion_loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["prompt"]))
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        # Fixed noise and timesteps per batch, so validation losses are comparable across steps.
+        loss = self.diffusion_loss(batch, generator=torch.Generator().manual_seed(batch_idx))
+        self.log("val/loss", loss, prog_bar=True, batch_size=len(batch["prompt"]))
+        if batch_idx == 0 and self.hparams.num_val_images > 0:
+            self.log_sample_grid(batch)
+
+    def log_sample_grid(self, batch: dict) -> None:
+        """Condition | generated | target rows for the first held-out conditions, saved and sent to the loggers."""
+        count = min(self.hparams.num_val_images, len(batch["prompt"]))
+        generated = self.pipeline(
+            batch["prompt"][:count],
+            condition=batch["condition"][:count],
+            controlnet=self.controlnet,
+            num_inference_steps=self.hparams.num_inference_steps,
+            guidance_scale=self.hparams.guidance_scale,
+            generator=torch.Generator().manual_seed(0),
+        )
+        rows = [to_uint8(batch["condition"][:count], 0.0, 1.0), to_uint8(generated, -1.0, 1.0), to_uint8(batch["target"][:count], -1.0, 1.0)]
+        if self.hparams.sample_dir is None:
+            return
+        path = save_grid(rows, Path(self.hparams.sample_dir) / f"step_{self.global_step:06d}.png")
+        for logger in self.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image("val/samples", images=[str(path)], step=self.global_step, caption=["condition | generated | target"])
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.controlnet.parameters(), lr=self.hparams.lr)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(LOCKED_PREFIXES)]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # The locked weights come from the base folder; put them back so loading stays strict for the rest.
+        for key, value in self.state_dict().items():
+            if key.startswith(LOCKED_PREFIXES):
+                checkpoint["state_dict"].setdefault(key, value)

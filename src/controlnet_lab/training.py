@@ -1,0 +1,118 @@
+"""The training task behind src/train.py: data, locked base, ControlNet, fit, oracle evaluation, results.json."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from controlnet_lab.base import pretrained_base
+from controlnet_lab.config_checks import check_train_config
+from controlnet_lab.data.datamodule import Fill50kDataModule
+from controlnet_lab.data.synthetic import SyntheticFill50kSpec, write_fill50k
+from controlnet_lab.evaluation import evaluate_oracle, palette_of
+from controlnet_lab.images import save_grid
+from controlnet_lab.module import ControlNetModule
+
+
+def dataset_root(cfg: DictConfig) -> Path:
+    """The fill50k-format folder to read: ``data.root``, or the synthetic one generated into the cache."""
+    if cfg.data.generator is None:
+        return Path(cfg.data.root)
+    generator = OmegaConf.to_container(cfg.data.generator, resolve=True)
+    spec = SyntheticFill50kSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in generator.items()})
+    spec.validate()
+    key = hashlib.sha256(json.dumps(dataclasses.asdict(spec), sort_keys=True).encode()).hexdigest()[:16]
+    return write_fill50k(spec, Path(cfg.paths.cache_dir) / "data" / f"synthetic-{key}")
+
+
+def base_folder(cfg: DictConfig, root: Path) -> Path:
+    if cfg.model.base.pretrained_path:
+        return Path(cfg.model.base.pretrained_path)
+    accelerator = {"accelerator": cfg.trainer.accelerator, "devices": cfg.trainer.devices}
+    return pretrained_base(cfg.model.base, root, cfg.data.resolution, Path(cfg.paths.cache_dir) / "base", cfg.seed, accelerator)
+
+
+def results_record(cfg: DictConfig, metrics: dict, extra: dict) -> dict:
+    """What tables are built from: the chosen groups, the key values, and the metrics."""
+    return {
+        "block": cfg.block.name,
+        "model": cfg.model.name,
+        "data": {
+            "name": cfg.data.name,
+            "size": cfg.data.size,
+            "prompt_dropout": cfg.data.prompt_dropout,
+            "resolution": cfg.data.resolution,
+        },
+        "seed": cfg.seed,
+        "metrics": metrics,
+        **extra,
+    }
+
+
+def train(cfg: DictConfig) -> dict:
+    started = time.time()
+    check_train_config(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+
+    root = dataset_root(cfg)
+    data = Fill50kDataModule(
+        root, cfg.data.resolution, cfg.data.batch_size, cfg.data.val_size, cfg.data.size,
+        cfg.data.prompt_dropout, cfg.data.split_seed, cfg.data.num_workers,
+    )
+    data.setup()  # reads and checks every record now, before any training
+    base_path = base_folder(cfg, root)
+
+    L.seed_everything(cfg.seed, workers=True)
+    module = ControlNetModule(
+        base_path=str(base_path),
+        block=cfg.block.name,
+        hint_channels=tuple(cfg.model.controlnet.hint_channels),
+        lr=cfg.model.controlnet.lr,
+        num_inference_steps=cfg.model.sampling.num_inference_steps,
+        guidance_scale=cfg.model.sampling.guidance_scale,
+        sample_dir=str(output_dir / "samples"),
+    )
+    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    trainable = module.trainable_parameter_count()
+    for logger in loggers:
+        logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True), "trainable_params": trainable})
+
+    trainer.fit(module, datamodule=data, ckpt_path=cfg.ckpt_path)
+    train_seconds = time.time() - started
+
+    evaluation = evaluate_oracle(
+        module.pipeline, module.controlnet, data.val_dataset(), palette_of([r.prompt for r in data.train_records + data.val_records]),
+        count=cfg.eval.num_images, batch_size=cfg.eval.batch_size, seed=cfg.eval.seed,
+        num_inference_steps=cfg.model.sampling.num_inference_steps, guidance_scale=cfg.model.sampling.guidance_scale,
+    )
+    samples = evaluation.pop("samples")
+    save_grid([samples["conditions"][:16], samples["base"][:16], samples["controlnet"][:16]], output_dir / "eval_samples.png")
+    metrics = {**evaluation, "trainable_params": trainable}
+    for logger in loggers:
+        logger.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
+
+    record = results_record(cfg, metrics, {
+        "global_step": trainer.global_step,
+        "base_path": str(base_path),
+        "data_root": str(root),
+        "wall_time_s": {"total": round(time.time() - started, 1), "until_trained": round(train_seconds, 1)},
+        "peak_rss_mb": peak_rss_mb(),
+    })
+    (output_dir / "results.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

@@ -1,0 +1,16 @@
+"""Train a ControlNet on a locked base: `python src/train.py [overrides]`, `-m` for sweeps."""
+import hydra
+from omegaconf import DictConfig
+
+from controlnet_lab.task import task_wrapper
+from controlnet_lab.training import train
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@task_wrapper
+def main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()
