@@ -29,6 +29,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from controlnet_lab.data.datamodule import Fill50kDataModule
 from controlnet_lab.data.fill50k import read_index
+from controlnet_lab.objective import noisy_batch
 from controlnet_lab.pipeline import TinyTextToImagePipeline
 from controlnet_lab.tokenizer import build_word_tokenizer
 
@@ -57,7 +58,7 @@ def build_base(model_cfg: DictConfig, resolution: int, prompts: list[str]) -> Ti
 class BasePretraining(L.LightningModule):
     """Trains UNet and text encoder jointly on (target, prompt) pairs with the epsilon objective."""
 
-    def __init__(self, pipeline: TinyTextToImagePipeline, lr: float, snr_gamma: float | None, warmup_steps: int):
+    def __init__(self, pipeline: TinyTextToImagePipeline, lr: float, snr_gamma: float | None, warmup_steps: int, noise_offset: float):
         super().__init__()
         self.pipeline = pipeline
         self.unet = pipeline.unet
@@ -66,18 +67,17 @@ class BasePretraining(L.LightningModule):
         self.lr = lr
         self.snr_gamma = snr_gamma
         self.warmup_steps = warmup_steps
+        self.noise_offset = noise_offset
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        images = batch["target"]
-        noise = torch.randn_like(images)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (images.shape[0],), device=self.device)
-        noisy = self.noise_scheduler.add_noise(images, noise, timesteps)
+        noisy, timesteps, target = noisy_batch(self.noise_scheduler, batch["target"], self.noise_offset)
         hidden, pooled = self.pipeline.encode_prompt(batch["prompt"])
         prediction = self.pipeline.predict_noise(noisy, timesteps, hidden, pooled)
-        loss = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
+        loss = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
         if self.snr_gamma:
             snr = compute_snr(self.noise_scheduler, timesteps)
-            loss = loss * torch.clamp(snr, max=self.snr_gamma) / snr
+            weight = torch.clamp(snr, max=self.snr_gamma)
+            loss = loss * (weight / snr if self.noise_scheduler.config.prediction_type == "epsilon" else weight / (snr + 1))
         loss = loss.mean()
         self.log("base/loss", loss, prog_bar=True)
         return loss
@@ -112,7 +112,7 @@ def pretrained_base(
     data = Fill50kDataModule(
         data_root, resolution, batch_size=pretrain.batch_size, val_size=pretrain.val_size, prompt_dropout=pretrain.empty_prompt_rate, split_seed=pretrain.split_seed
     )
-    module = BasePretraining(pipeline, lr=pretrain.lr, snr_gamma=pretrain.snr_gamma, warmup_steps=pretrain.warmup_steps)
+    module = BasePretraining(pipeline, lr=pretrain.lr, snr_gamma=pretrain.snr_gamma, warmup_steps=pretrain.warmup_steps, noise_offset=model_cfg.noise_offset)
     trainer = L.Trainer(
         max_steps=pretrain.max_steps,
         logger=False,

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from controlnet_lab.base import load_base
 from controlnet_lab.controlnet import build_controlnet
+from controlnet_lab.objective import noisy_batch
 from controlnet_lab.images import save_grid, to_uint8
 
 LOCKED_PREFIXES = ("locked_unet.", "text_encoder.")
@@ -27,6 +28,7 @@ class ControlNetModule(L.LightningModule):
         block: str = "zero",
         hint_channels: tuple[int, ...] = (16,),
         lr: float = 1e-5,
+        noise_offset: float = 0.0,
         num_inference_steps: int = 20,
         guidance_scale: float = 3.0,
         num_val_images: int = 8,
@@ -49,15 +51,11 @@ class ControlNetModule(L.LightningModule):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     def diffusion_loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
-        images, condition = batch["target"], batch["condition"]
-        scheduler = self.pipeline.scheduler
-        noise = torch.randn(images.shape, generator=generator).to(images)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (images.shape[0],), generator=generator).to(self.device)
-        noisy = scheduler.add_noise(images, noise, timesteps)
+        noisy, timesteps, target = noisy_batch(self.pipeline.scheduler, batch["target"], self.hparams.noise_offset, generator)
         with torch.no_grad():
             hidden, pooled = self.pipeline.encode_prompt(batch["prompt"])
-        prediction = self.pipeline.predict_noise(noisy, timesteps, hidden, pooled, self.controlnet, condition)
-        return F.mse_loss(prediction, noise)
+        prediction = self.pipeline.predict_noise(noisy, timesteps, hidden, pooled, self.controlnet, batch["condition"])
+        return F.mse_loss(prediction, target)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.diffusion_loss(batch)

@@ -76,6 +76,7 @@ def train(cfg: DictConfig) -> dict:
         block=cfg.block.name,
         hint_channels=tuple(cfg.model.controlnet.hint_channels),
         lr=cfg.model.controlnet.lr,
+        noise_offset=cfg.model.base.noise_offset,
         num_inference_steps=cfg.model.sampling.num_inference_steps,
         guidance_scale=cfg.model.sampling.guidance_scale,
         sample_dir=str(output_dir / "samples"),

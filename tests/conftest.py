@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from controlnet_lab.base import build_base
+from controlnet_lab.data.fill50k import read_index
+from controlnet_lab.data.synthetic import SyntheticFill50kSpec, write_fill50k
+
+ROOT = Path(__file__).resolve().parents[1]
+PALETTE = ("red", "green", "blue", "yellow")
+
+
+@pytest.fixture(autouse=True)
+def _quiet_offline(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+
+
+def compose_train(overrides: list[str] | None = None) -> DictConfig:
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides or [])
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    spec = SyntheticFill50kSpec(count=48, resolution=16, palette=PALETTE, radius_range=(0.2, 0.35), outline_thickness=1, seed=0)
+    return write_fill50k(spec, tmp_path_factory.mktemp("data") / "fill")
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory, tiny_data) -> Path:
+    """An untrained tiny base saved with save_pretrained (the real loading path, no training cost)."""
+    cfg = compose_train(["data.resolution=16"])
+    pipeline = build_base(cfg.model.base, 16, [record.prompt for record in read_index(tiny_data)])
+    folder = tmp_path_factory.mktemp("base") / "tiny"
+    pipeline.save_pretrained(folder)
+    return folder
+
+
+def run_train(args: list[str], tmp: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """src/train.py through its real Hydra entry point, with outputs and caches under ``tmp``."""
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, str(ROOT / "src" / "train.py"), f"paths.log_dir={tmp / 'outputs'}", f"paths.cache_dir={tmp / 'cache'}", *args]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

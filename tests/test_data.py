@@ -1,0 +1,97 @@
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from controlnet_lab.data.colors import parse_prompt, rgb_of
+from controlnet_lab.data.datamodule import split_indices
+from controlnet_lab.data.fill50k import DatasetFormatError, Fill50kDataset, read_index
+from controlnet_lab.data.synthetic import SyntheticFill50kSpec, write_fill50k
+from controlnet_lab.metrics.oracle import condition_mask
+
+
+def test_reader_reads_what_the_generator_writes(tiny_data):
+    records = read_index(tiny_data)
+    assert len(records) == 48
+    lines = [json.loads(line) for line in (tiny_data / "prompt.json").read_text().splitlines()]
+    assert set(lines[0]) == {"source", "target", "prompt"}
+    assert lines[0]["source"] == "source/0.png" and lines[0]["target"] == "target/0.png"
+    assert parse_prompt(lines[0]["prompt"]) is not None
+
+
+def test_fill50k_conventions_ranges_and_rgb_order(tiny_data):
+    records = read_index(tiny_data)
+    sample = Fill50kDataset(records, resolution=16)[0]
+    condition, target = sample["condition"], sample["target"]
+    assert condition.shape == target.shape == (3, 16, 16)
+    assert condition.min() >= 0 and condition.max() == 1.0
+    assert target.min() >= -1 and target.max() <= 1
+    # The background pixel's RGB, read back, is the prompt's background color in RGB order, not BGR.
+    circle, background = parse_prompt(sample["prompt"])
+    corner = ((target[:, 0, 0] + 1) * 127.5).round().int().tolist()
+    assert tuple(corner) == rgb_of(background)
+    mask = condition_mask((condition.permute(1, 2, 0).numpy() * 255).astype(np.uint8))
+    inside = ((target.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(int)[mask]
+    assert (np.abs(inside - rgb_of(circle)).sum(axis=1) == 0).mean() > 0.9
+
+
+def test_reader_resizes_to_the_configured_resolution(tiny_data):
+    sample = Fill50kDataset(read_index(tiny_data), resolution=8)[3]
+    assert sample["condition"].shape == (3, 8, 8)
+
+
+def test_generator_is_deterministic(tmp_path):
+    spec = SyntheticFill50kSpec(count=5, resolution=16, palette=("red", "blue", "white"), radius_range=(0.2, 0.3), outline_thickness=1, seed=3)
+    a, b = write_fill50k(spec, tmp_path / "a"), write_fill50k(spec, tmp_path / "b")
+    assert (a / "prompt.json").read_text() == (b / "prompt.json").read_text()
+    assert (a / "target" / "4.png").read_bytes() == (b / "target" / "4.png").read_bytes()
+
+
+def test_generator_rejects_unknown_color(tmp_path):
+    spec = SyntheticFill50kSpec(count=5, resolution=16, palette=("red", "blurple"), radius_range=(0.2, 0.3), outline_thickness=1, seed=0)
+    with pytest.raises(ValueError, match="blurple"):
+        write_fill50k(spec, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def _copy(src, dst):
+    dst.mkdir()
+    for sub in ("source", "target"):
+        (dst / sub).mkdir()
+        for i in range(3):
+            (dst / sub / f"{i}.png").write_bytes((src / sub / f"{i}.png").read_bytes())
+    lines = (src / "prompt.json").read_text().splitlines()[:3]
+    (dst / "prompt.json").write_text("\n".join(lines) + "\n")
+    return dst
+
+
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        (lambda d: (d / "prompt.json").unlink(), r"prompt\.json: missing"),
+        (lambda d: (d / "prompt.json").write_text('{"source": "source/0.png", "target": "target/0.png", "prompt": "x"}\nnot json\n'), r"prompt\.json, line 2: not valid JSON"),
+        (lambda d: (d / "prompt.json").write_text('{"source": "source/0.png", "prompt": "x"}\n'), r"line 1: lacks key\(s\) target"),
+        (lambda d: (d / "target" / "1.png").unlink(), r"line 2: image .*target/1\.png does not exist"),
+        (lambda d: (d / "source" / "2.png").write_bytes(b"not a png"), r"line 3: image .*source/2\.png is unreadable"),
+        (lambda d: cv2.imwrite(str(d / "target" / "0.png"), np.zeros((8, 8, 3), np.uint8)), r"line 1: source .*0\.png is 16x16 but target .*0\.png is 8x8"),
+    ],
+)
+def test_broken_dataset_errors_name_file_and_line(tiny_data, tmp_path, breakage, message):
+    broken = _copy(tiny_data, tmp_path / "broken")
+    breakage(broken)
+    with pytest.raises(DatasetFormatError, match=message):
+        read_index(broken)
+
+
+def test_splits_are_nested_and_validation_fixed():
+    small, val_a = split_indices(1000, 100, 50, split_seed=0)
+    large, val_b = split_indices(1000, 100, 500, split_seed=0)
+    assert set(small) <= set(large)
+    assert np.array_equal(val_a, val_b)
+    assert not set(val_a) & set(large)
+
+
+def test_size_larger_than_dataset_names_the_key():
+    with pytest.raises(ValueError, match=r"data\.size=2000 exceeds the 900"):
+        split_indices(1000, 100, 2000, split_seed=0)

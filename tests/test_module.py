@@ -1,0 +1,80 @@
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from controlnet_lab.controlnet import build_controlnet
+from controlnet_lab.data.fill50k import Fill50kDataset, read_index
+from controlnet_lab.module import LOCKED_PREFIXES, ControlNetModule
+
+
+def _inputs(module, batch=3, size=16):
+    generator = torch.Generator().manual_seed(1)
+    sample = torch.randn(batch, 3, size, size, generator=generator)
+    condition = torch.rand(batch, 3, size, size, generator=generator)
+    timesteps = torch.randint(0, 1000, (batch,), generator=generator)
+    hidden, pooled = module.pipeline.encode_prompt(["red circle with blue background", "", "green circle with yellow background"][:batch])
+    return sample, timesteps, hidden, pooled, condition
+
+
+def _perturb(model, seed=0):
+    """Give a model non-trivial weights, as a pretrained one has."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+
+
+@torch.no_grad()
+def test_zero_block_at_init_equals_the_locked_base(tiny_base):
+    module = ControlNetModule(str(tiny_base), block="zero")
+    _perturb(module.locked_unet)
+    _perturb(module.text_encoder, seed=1)
+    # Rebuild the copy from the perturbed UNet so its encoder weights are the locked ones.
+    module.controlnet = build_controlnet(module.locked_unet, "zero", (16,))
+    sample, t, hidden, pooled, condition = _inputs(module)
+    base = module.pipeline.predict_noise(sample, t, hidden, pooled)
+    controlled = module.pipeline.predict_noise(sample, t, hidden, pooled, module.controlnet, condition)
+    assert torch.equal(base, controlled)
+    assert base.abs().mean() > 0.01  # a real prediction, not zeros
+
+
+def test_zero_block_receives_gradients(tiny_base):
+    module = ControlNetModule(str(tiny_base), block="zero")
+    sample, t, hidden, pooled, condition = _inputs(module)
+    out = module.pipeline.predict_noise(sample, t, hidden, pooled, module.controlnet, condition)
+    out.pow(2).mean().backward()
+    assert module.controlnet.controlnet_mid_block.weight.grad.abs().sum() > 0
+
+
+def test_training_changes_only_the_trainable_copy(tiny_base, tiny_data):
+    L.seed_everything(0)
+    module = ControlNetModule(str(tiny_base), block="zero", lr=1e-2, num_val_images=0)
+    locked_before = {k: v.clone() for k, v in module.state_dict().items() if k.startswith(LOCKED_PREFIXES)}
+    copy_before = {k: v.clone() for k, v in module.controlnet.state_dict().items()}
+    loader = DataLoader(Fill50kDataset(read_index(tiny_data), 16, prompt_dropout=0.5), batch_size=8)
+    trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=loader)
+
+    for key, value in module.state_dict().items():
+        if key.startswith(LOCKED_PREFIXES):
+            assert torch.equal(value, locked_before[key]), key
+    changed = [k for k, v in module.controlnet.state_dict().items() if not torch.equal(v, copy_before[k])]
+    assert changed, "the trainable copy did not change"
+    optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in module.controlnet.parameters()}
+    assert not module.locked_unet.training and not module.text_encoder.training
+
+
+def test_checkpoint_leaves_out_the_locked_base(tiny_base, tmp_path):
+    module = ControlNetModule(str(tiny_base), block="zero")
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    assert checkpoint["state_dict"] and not any(k.startswith(LOCKED_PREFIXES) for k in checkpoint["state_dict"])
+    module.on_load_checkpoint(checkpoint)
+    module.load_state_dict(checkpoint["state_dict"])  # strict
+
+
+def test_unknown_block_is_rejected(tiny_base):
+    with pytest.raises(ValueError, match="block='lego'"):
+        ControlNetModule(str(tiny_base), block="lego")

@@ -1,0 +1,77 @@
+"""src/train.py through its real Hydra entry point, at smoke size."""
+import json
+
+import pytest
+import torch
+
+from conftest import compose_train, run_train
+from controlnet_lab.config_checks import ConfigError, check_train_config
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("smoke")
+    result = run_train(["experiment=smoke", "logger=csv"], tmp)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = (tmp / "outputs" / "smoke" / "runs").iterdir()
+    return tmp, run_dir
+
+
+def test_smoke_writes_results_and_checkpoint(smoke_run):
+    _, run_dir = smoke_run
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["block"] == "zero" and results["seed"] == 0
+    assert results["data"]["prompt_dropout"] == 0.5 and results["data"]["size"] is None
+    for key in ("mask_iou", "color_accuracy", "base_mask_iou", "base_color_accuracy", "trainable_params"):
+        assert key in results["metrics"]
+    assert 0.0 <= results["metrics"]["mask_iou"] <= 1.0
+    assert results["global_step"] == 6
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 6
+    assert not any(k.startswith(("locked_unet.", "text_encoder.")) for k in checkpoint["state_dict"])
+    assert (run_dir / "eval_samples.png").is_file()
+
+
+def test_resume_continues_the_global_step(smoke_run):
+    tmp, run_dir = smoke_run
+    result = run_train(["experiment=smoke", "logger=csv", "trainer.max_steps=9", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"], tmp)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted((tmp / "outputs" / "smoke" / "runs").iterdir())
+    assert len(runs) == 2, "a resumed run gets its own directory; the first is left as it was"
+    resumed = json.loads((runs[1] / "results.json").read_text())
+    assert resumed["global_step"] == 9
+    assert json.loads((run_dir / "results.json").read_text())["global_step"] == 6
+
+
+def test_base_is_pretrained_once_and_reused(smoke_run):
+    tmp, _ = smoke_run
+    bases = list((tmp / "cache" / "base").glob("base-*"))
+    assert len(bases) == 1 and (bases[0] / "model_index.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("data.size=-5", "data.size"),
+        ("data.resolution=20", "data.resolution"),
+        ("data.prompt_dropout=1.5", "data.prompt_dropout"),
+        ("trainer.max_steps=0", "trainer.max_steps"),
+    ],
+)
+def test_bad_config_values_name_their_key(override, key):
+    cfg = compose_train([override])
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        check_train_config(cfg)
+
+
+def test_unknown_block_and_broken_dataset_fail_before_training(tmp_path):
+    result = run_train(["block=lego"], tmp_path, timeout=120)
+    assert result.returncode != 0 and "block" in result.stderr and "lego" in result.stderr
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "prompt.json").write_text('{"source": "source/0.png", "target": "target/0.png", "prompt": "red circle with blue background"}\n')
+    result = run_train(["experiment=smoke", "logger=csv", "data=fill50k", f"data.root={broken}"], tmp_path, timeout=120)
+    assert result.returncode != 0
+    assert "prompt.json, line 1: image" in result.stderr and "source/0.png does not exist" in result.stderr
+    assert not (tmp_path / "cache" / "base").exists(), "no base was pretrained for a broken dataset"
