@@ -21,7 +21,7 @@ def test_smoke_writes_results_and_checkpoint(smoke_run):
     _, run_dir = smoke_run
     results = json.loads((run_dir / "results.json").read_text())
     assert results["block"] == "zero" and results["seed"] == 0
-    assert results["data"]["prompt_dropout"] == 0.5 and results["data"]["size"] is None
+    assert results["data"]["prompt_dropout"] == 0.5 and results["data"]["size"] == 64
     for key in ("mask_iou", "color_accuracy", "base_mask_iou", "base_color_accuracy", "trainable_params"):
         assert key in results["metrics"]
     assert 0.0 <= results["metrics"]["mask_iou"] <= 1.0
@@ -53,7 +53,7 @@ def test_base_is_pretrained_once_and_reused(smoke_run):
     "override, key",
     [
         ("data.size=-5", "data.size"),
-        ("data.resolution=20", "data.resolution"),
+        ("data.resolution=18", "data.resolution"),
         ("data.prompt_dropout=1.5", "data.prompt_dropout"),
         ("trainer.max_steps=0", "trainer.max_steps"),
     ],
@@ -71,7 +71,7 @@ def test_unknown_block_and_broken_dataset_fail_before_training(tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "prompt.json").write_text('{"source": "source/0.png", "target": "target/0.png", "prompt": "red circle with blue background"}\n')
-    result = run_train(["experiment=smoke", "logger=csv", "data=fill50k", f"data.root={broken}"], tmp_path, timeout=120)
+    result = run_train(["logger=csv", "data=fill50k", f"data.root={broken}"], tmp_path, timeout=120)
     assert result.returncode != 0
     assert "prompt.json, line 1: image" in result.stderr and "source/0.png does not exist" in result.stderr
     assert not (tmp_path / "cache" / "base").exists(), "no base was pretrained for a broken dataset"
