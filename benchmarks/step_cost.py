@@ -40,6 +40,33 @@ def measure(step, repeats: int, device: torch.device) -> tuple[float, float | No
     return (time.perf_counter() - started) / repeats, None
 
 
+def finetune_cost(unet, x, t, hidden, repeats, device):
+    """Time (and CUDA peak memory) of a step that trains the whole UNet; its optimizer dies with this call."""
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5)
+
+    def step():
+        F.mse_loss(unet(x, t, hidden).sample, x).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return measure(step, repeats, device)
+
+
+def controlnet_cost(unet, controlnet, x, cond, t, hidden, repeats, device):
+    """The same for a ControlNet step: the UNet locked, gradients flowing through it into the copy."""
+    unet.requires_grad_(False)
+    optimizer = torch.optim.AdamW(controlnet.parameters(), lr=1e-5)
+
+    def step():
+        down, mid = controlnet(x, t, hidden, controlnet_cond=cond, return_dict=False)
+        prediction = unet(x, t, hidden, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+        F.mse_loss(prediction, x).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return measure(step, repeats, device)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--resolution", type=int, default=32)
@@ -57,27 +84,8 @@ def main() -> None:
     hidden = torch.randn(args.batch, tokens, text_dim, device=device)
     t = torch.randint(0, 1000, (args.batch,), device=device)
 
-    finetune_opt = torch.optim.AdamW(unet.parameters(), lr=1e-5)
-
-    def finetune_step():
-        loss = F.mse_loss(unet(x, t, hidden).sample, x)
-        loss.backward()
-        finetune_opt.step()
-        finetune_opt.zero_grad(set_to_none=True)
-
-    finetune_time, finetune_mem = measure(finetune_step, args.repeats, device)
-    del finetune_opt
-    unet.requires_grad_(False)
-    controlnet_opt = torch.optim.AdamW(controlnet.parameters(), lr=1e-5)
-
-    def controlnet_step():
-        down, mid = controlnet(x, t, hidden, controlnet_cond=cond, return_dict=False)
-        loss = F.mse_loss(unet(x, t, hidden, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample, x)
-        loss.backward()
-        controlnet_opt.step()
-        controlnet_opt.zero_grad(set_to_none=True)
-
-    controlnet_time, controlnet_mem = measure(controlnet_step, args.repeats, device)
+    finetune_time, finetune_mem = finetune_cost(unet, x, t, hidden, args.repeats, device)
+    controlnet_time, controlnet_mem = controlnet_cost(unet, controlnet, x, cond, t, hidden, args.repeats, device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {name}; resolution {args.resolution}, channels {args.channels}, batch {args.batch}")
     print(f"UNet params {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M, ControlNet params {sum(p.numel() for p in controlnet.parameters()) / 1e6:.2f}M")

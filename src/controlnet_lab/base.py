@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import TQDMProgressBar
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
@@ -119,6 +120,7 @@ def pretrained_base(
         enable_checkpointing=False,
         limit_val_batches=0,
         default_root_dir=str(cache_dir),
+        callbacks=[TQDMProgressBar(refresh_rate=10)],
         **(trainer_kwargs or {}),
     )
     trainer.fit(module, datamodule=data)

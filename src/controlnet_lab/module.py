@@ -37,6 +37,7 @@ class ControlNetModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.pipeline = load_base(Path(base_path))
+        self.pipeline.set_progress_bar_config(disable=True)  # Lightning's bar and the eval bar report progress
         self.locked_unet = self.pipeline.unet.requires_grad_(False).eval()
         self.text_encoder = self.pipeline.text_encoder.requires_grad_(False).eval()
         self.controlnet = build_controlnet(self.locked_unet, block, hint_channels)

@@ -4,12 +4,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import resource
 import time
 from pathlib import Path
 
 import hydra
 import lightning as L
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from controlnet_lab.base import pretrained_base
@@ -114,6 +114,4 @@ def train(cfg: DictConfig) -> dict:
 
 
 def peak_rss_mb() -> float:
-    import resource
-
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
