@@ -1,4 +1,7 @@
 import json
+import random
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -95,3 +98,28 @@ def test_splits_are_nested_and_validation_fixed():
 def test_size_larger_than_dataset_names_the_key():
     with pytest.raises(ValueError, match=r"data\.size=2000 exceeds the 900"):
         split_indices(1000, 100, 2000, split_seed=0)
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.5, 1.0])
+def test_prompt_dropout_rate_is_respected(tiny_data, rate):
+    dataset = Fill50kDataset(read_index(tiny_data), resolution=8, prompt_dropout=rate)
+    draws = 2000
+    random.seed(0)
+    empty = sum(dataset[i % len(dataset)]["prompt"] == "" for i in range(draws))
+    tolerance = 4 * (draws * rate * (1 - rate)) ** 0.5  # 4 binomial standard deviations
+    assert abs(empty - rate * draws) <= tolerance
+
+
+def test_prompt_dropout_is_redrawn_and_seeded(tiny_data):
+    dataset = Fill50kDataset(read_index(tiny_data), resolution=8, prompt_dropout=0.5)
+    random.seed(1)
+    first = [dataset[0]["prompt"] for _ in range(40)]
+    random.seed(1)
+    assert [dataset[0]["prompt"] for _ in range(40)] == first
+    assert len(set(first)) == 2  # the same sample is served with and without its prompt
+
+
+def test_subsets_are_the_same_in_another_process():
+    code = "from controlnet_lab.data.datamodule import split_indices; print(split_indices(500, 50, 20, 7)[0].tolist())"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert other == str([int(i) for i in split_indices(500, 50, 20, 7)[0]])

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from controlnet_lab.controlnet import build_controlnet
+from controlnet_lab.blocks import build_trainable_copy
 from controlnet_lab.data.fill50k import Fill50kDataset, read_index
 from controlnet_lab.module import LOCKED_PREFIXES, ControlNetModule
 
@@ -31,7 +31,7 @@ def test_zero_block_at_init_equals_the_locked_base(tiny_base):
     _perturb(module.locked_unet)
     _perturb(module.text_encoder, seed=1)
     # Rebuild the copy from the perturbed UNet so its encoder weights are the locked ones.
-    module.controlnet = build_controlnet(module.locked_unet, "zero", (16,))
+    module.controlnet = build_trainable_copy(module.locked_unet, "zero", (16,))
     sample, t, hidden, pooled, condition = _inputs(module)
     base = module.pipeline.predict_noise(sample, t, hidden, pooled)
     controlled = module.pipeline.predict_noise(sample, t, hidden, pooled, module.controlnet, condition)

@@ -75,3 +75,16 @@ def test_unknown_block_and_broken_dataset_fail_before_training(tmp_path):
     assert result.returncode != 0
     assert "prompt.json, line 1: image" in result.stderr and "source/0.png does not exist" in result.stderr
     assert not (tmp_path / "cache" / "base").exists(), "no base was pretrained for a broken dataset"
+
+
+def test_block_sweep_gives_one_result_per_block(tmp_path):
+    result = run_train(["-m", "experiment=smoke", "block=zero,gauss,single"], tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (sweep,) = (tmp_path / "outputs" / "smoke" / "multiruns").iterdir()
+    records = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/results.json"))]
+    assert sorted(r["block"] for r in records) == ["gauss", "single", "zero"]
+    params = {r["block"]: r["metrics"]["trainable_params"] for r in records}
+    assert params["single"] < params["zero"] == params["gauss"]
+    # One W&B run per job, grouped by the sweep.
+    runs = list(sweep.glob("*/wandb/offline-run-*"))
+    assert len(runs) == 3

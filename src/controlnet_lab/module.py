@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from controlnet_lab.base import load_base
-from controlnet_lab.controlnet import build_controlnet
+from controlnet_lab.blocks import build_trainable_copy
 from controlnet_lab.objective import noisy_batch
 from controlnet_lab.images import save_grid, to_uint8
 
@@ -26,6 +26,7 @@ class ControlNetModule(L.LightningModule):
         self,
         base_path: str,
         block: str = "zero",
+        block_std: float | None = None,
         hint_channels: tuple[int, ...] = (16,),
         lr: float = 1e-5,
         noise_offset: float = 0.0,
@@ -40,7 +41,7 @@ class ControlNetModule(L.LightningModule):
         self.pipeline.set_progress_bar_config(disable=True)  # Lightning's bar and the eval bar report progress
         self.locked_unet = self.pipeline.unet.requires_grad_(False).eval()
         self.text_encoder = self.pipeline.text_encoder.requires_grad_(False).eval()
-        self.controlnet = build_controlnet(self.locked_unet, block, hint_channels)
+        self.controlnet = build_trainable_copy(self.locked_unet, block, hint_channels, block_std)
 
     def train(self, mode: bool = True):
         super().train(mode)

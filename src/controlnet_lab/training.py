@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
@@ -37,6 +39,22 @@ def base_folder(cfg: DictConfig, root: Path) -> Path:
         return Path(cfg.model.base.pretrained_path)
     accelerator = {"accelerator": cfg.trainer.accelerator, "devices": cfg.trainer.devices}
     return pretrained_base(cfg.model.base, root, cfg.data.resolution, Path(cfg.paths.cache_dir) / "base", cfg.seed, accelerator)
+
+
+def wandb_identity() -> dict:
+    """W&B group and name: the sweep's directory and the job's overrides, so multirun jobs line up as one group."""
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        return {"group": Path(hydra_cfg.sweep.dir).name, "name": hydra_cfg.job.override_dirname or f"job{hydra_cfg.job.num}"}
+    return {"group": "single-runs", "name": Path(hydra_cfg.runtime.output_dir).name}
+
+
+def instantiate_logger(logger_cfg: DictConfig):
+    """A logger from its config; a WandbLogger without group or name gets them from the Hydra run."""
+    if logger_cfg._target_.endswith("WandbLogger"):
+        identity = {k: v for k, v in wandb_identity().items() if logger_cfg.get(k) is None}
+        return hydra.utils.instantiate(logger_cfg, **identity)
+    return hydra.utils.instantiate(logger_cfg)
 
 
 def results_record(cfg: DictConfig, metrics: dict, extra: dict) -> dict:
@@ -74,6 +92,7 @@ def train(cfg: DictConfig) -> dict:
     module = ControlNetModule(
         base_path=str(base_path),
         block=cfg.block.name,
+        block_std=cfg.block.get("std"),
         hint_channels=tuple(cfg.model.controlnet.hint_channels),
         lr=cfg.model.controlnet.lr,
         noise_offset=cfg.model.base.noise_offset,
@@ -81,7 +100,7 @@ def train(cfg: DictConfig) -> dict:
         guidance_scale=cfg.model.sampling.guidance_scale,
         sample_dir=str(output_dir / "samples"),
     )
-    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    loggers = [instantiate_logger(c) for c in (cfg.get("logger") or {}).values()]
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     trainable = module.trainable_parameter_count()
