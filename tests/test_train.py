@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import compose_train, run_train
+from controlnet_lab.base import base_cache_key
 from controlnet_lab.config_checks import ConfigError, check_train_config
 
 
@@ -88,3 +89,10 @@ def test_block_sweep_gives_one_result_per_block(tmp_path):
     # One W&B run per job, grouped by the sweep.
     runs = list(sweep.glob("*/wandb/offline-run-*"))
     assert len(runs) == 3
+
+
+def test_run_seeds_share_one_locked_base(tiny_data):
+    keys = {base_cache_key(compose_train([f"seed={seed}"]).model.base, tiny_data, 16) for seed in (0, 1)}
+    assert len(keys) == 1
+    other = base_cache_key(compose_train(["model.base.pretrain.seed=1"]).model.base, tiny_data, 16)
+    assert other not in keys

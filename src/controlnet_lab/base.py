@@ -89,25 +89,27 @@ class BasePretraining(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
 
 
-def base_cache_key(model_cfg: DictConfig, data_root: Path, resolution: int, seed: int) -> str:
-    """Hash of everything that determines the pretrained base: configs, dataset content, resolution, seed."""
+def base_cache_key(model_cfg: DictConfig, data_root: Path, resolution: int) -> str:
+    """Hash of everything that determines the pretrained base: its config (seed included), dataset content, resolution."""
     dataset_hash = hashlib.sha256((Path(data_root) / "prompt.json").read_bytes()).hexdigest()
     payload = json.dumps(
-        {"model": OmegaConf.to_container(model_cfg, resolve=True), "data": dataset_hash, "resolution": resolution, "seed": seed},
+        {"model": OmegaConf.to_container(model_cfg, resolve=True), "data": dataset_hash, "resolution": resolution},
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def pretrained_base(
-    model_cfg: DictConfig, data_root: Path, resolution: int, cache_dir: Path, seed: int, trainer_kwargs: dict | None = None
-) -> Path:
-    """The folder of the pretrained base for these settings, pretraining it first if the cache lacks it."""
-    folder = Path(cache_dir) / f"base-{base_cache_key(model_cfg, data_root, resolution, seed)}"
+def pretrained_base(model_cfg: DictConfig, data_root: Path, resolution: int, cache_dir: Path, trainer_kwargs: dict | None = None) -> Path:
+    """The folder of the pretrained base for these settings, pretraining it first if the cache lacks it.
+
+    Its seed is ``model.base.pretrain.seed``, not the run's: runs that differ only in
+    their seed train ControlNets on the same locked base.
+    """
+    folder = Path(cache_dir) / f"base-{base_cache_key(model_cfg, data_root, resolution)}"
     if (folder / "model_index.json").is_file():
         return folder
     pretrain = model_cfg.pretrain
-    L.seed_everything(seed, workers=True)
+    L.seed_everything(pretrain.seed, workers=True)
     records = read_index(data_root)
     pipeline = build_base(model_cfg, resolution, [r.prompt for r in records])
     data = Fill50kDataModule(
@@ -129,7 +131,7 @@ def pretrained_base(
     try:
         pipeline.save_pretrained(staging)
         (staging / "pretrain_config.json").write_text(
-            json.dumps({"steps": trainer.global_step, "data_root": str(data_root), "resolution": resolution, "seed": seed,
+            json.dumps({"steps": trainer.global_step, "data_root": str(data_root), "resolution": resolution,
                         "model": OmegaConf.to_container(model_cfg, resolve=True)}, indent=2)
         )
         os.replace(staging, folder)

@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 import hydra
+import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from controlnet_lab.base import pretrained_base
@@ -38,7 +38,7 @@ def base_folder(cfg: DictConfig, root: Path) -> Path:
     if cfg.model.base.pretrained_path:
         return Path(cfg.model.base.pretrained_path)
     accelerator = {"accelerator": cfg.trainer.accelerator, "devices": cfg.trainer.devices}
-    return pretrained_base(cfg.model.base, root, cfg.data.resolution, Path(cfg.paths.cache_dir) / "base", cfg.seed, accelerator)
+    return pretrained_base(cfg.model.base, root, cfg.data.resolution, Path(cfg.paths.cache_dir) / "base", accelerator)
 
 
 def wandb_identity() -> dict:
