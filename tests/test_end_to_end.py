@@ -1,4 +1,9 @@
-"""Slow: a shortened default run must already show control (CI runs it when time allows: `pytest -m slow`)."""
+"""Slow: the default run itself must meet its targets (CI runs it when time allows; `pytest -m slow`).
+
+This is `make train` with a fresh cache (about 19 minutes on 2 CPU cores). The README's
+measured figures are mask IoU 0.822 and color accuracy 0.922; the thresholds leave a
+little room for arithmetic differences between machines.
+"""
 import json
 
 import pytest
@@ -7,14 +12,12 @@ from conftest import run_train
 
 
 @pytest.mark.slow
-def test_short_default_run_learns_control(tmp_path):
-    result = run_train(
-        ["logger=csv", "model.base.pretrain.max_steps=800", "trainer.max_steps=500", "trainer.val_check_interval=250", "eval.num_images=64"],
-        tmp_path,
-        timeout=1800,
-    )
+def test_default_run_learns_control_and_keeps_colors(tmp_path):
+    result = run_train(["logger=csv"], tmp_path, timeout=3000)
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = (tmp_path / "outputs" / "train" / "runs").iterdir()
     metrics = json.loads((run_dir / "results.json").read_text())["metrics"]
-    # The ControlNet must place circles where the condition says, far better than the base alone.
-    assert metrics["mask_iou"] > metrics["base_mask_iou"] + 0.2, metrics
+    assert metrics["mask_iou"] >= 0.75, metrics
+    assert metrics["mask_iou"] > metrics["base_mask_iou"] + 0.4, metrics
+    assert metrics["base_mask_iou"] < metrics["random_placement_mask_iou"] + 0.1, metrics
+    assert metrics["color_accuracy"] >= 0.8, metrics
