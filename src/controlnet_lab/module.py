@@ -31,7 +31,7 @@ class ControlNetModule(L.LightningModule):
         lr: float = 1e-5,
         noise_offset: float = 0.0,
         num_inference_steps: int = 20,
-        guidance_scale: float = 3.0,
+        guidance_scale: float = 1.0,
         num_val_images: int = 8,
         sample_dir: str | None = None,
     ):
