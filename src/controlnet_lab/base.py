@@ -29,7 +29,6 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from controlnet_lab.data.datamodule import Fill50kDataModule
-from controlnet_lab.data.fill50k import read_index
 from controlnet_lab.objective import noisy_batch
 from controlnet_lab.pipeline import TinyTextToImagePipeline
 from controlnet_lab.tokenizer import build_word_tokenizer
@@ -110,11 +109,11 @@ def pretrained_base(model_cfg: DictConfig, data_root: Path, resolution: int, cac
         return folder
     pretrain = model_cfg.pretrain
     L.seed_everything(pretrain.seed, workers=True)
-    records = read_index(data_root)
-    pipeline = build_base(model_cfg, resolution, [r.prompt for r in records])
     data = Fill50kDataModule(
         data_root, resolution, batch_size=pretrain.batch_size, val_size=pretrain.val_size, prompt_dropout=pretrain.empty_prompt_rate, split_seed=pretrain.split_seed
     )
+    data.setup()  # reads the index once; the tokenizer's vocabulary comes from every prompt
+    pipeline = build_base(model_cfg, resolution, [r.prompt for r in data.train_records + data.val_records])
     module = BasePretraining(pipeline, lr=pretrain.lr, snr_gamma=pretrain.snr_gamma, warmup_steps=pretrain.warmup_steps, noise_offset=model_cfg.noise_offset)
     trainer = L.Trainer(
         max_steps=pretrain.max_steps,

@@ -23,16 +23,14 @@ def palette_of(prompts: list[str]) -> list[str]:
 
 
 @torch.no_grad()
-def generate(pipeline: TinyTextToImagePipeline, controlnet, dataset: Fill50kDataset, count: int, batch_size: int,
+def generate(pipeline: TinyTextToImagePipeline, controlnet, conditions: torch.Tensor, prompts: list[str], batch_size: int,
              seed: int, num_inference_steps: int, guidance_scale: float, desc: str) -> np.ndarray:
-    """uint8 images for the first ``count`` samples of ``dataset``; batch b always gets the same noise."""
+    """uint8 images, one per (condition, prompt); batch b always gets the same noise."""
     images = []
-    for start in tqdm(range(0, count, batch_size), desc=desc, unit="batch"):
-        items = [dataset[i] for i in range(start, min(start + batch_size, count))]
-        condition = torch.stack([item["condition"] for item in items]).to(pipeline.unet.device)
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
         generated = pipeline(
-            [item["prompt"] for item in items],
-            condition=condition if controlnet is not None else None,
+            prompts[start : start + batch_size],
+            condition=conditions[start : start + batch_size].to(pipeline.unet.device) if controlnet is not None else None,
             controlnet=controlnet,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
@@ -45,12 +43,13 @@ def generate(pipeline: TinyTextToImagePipeline, controlnet, dataset: Fill50kData
 def evaluate_oracle(pipeline: TinyTextToImagePipeline, controlnet, dataset: Fill50kDataset, palette: list[str],
                     count: int, batch_size: int, seed: int, num_inference_steps: int, guidance_scale: float) -> dict:
     """Oracle scores of base alone and of base + ControlNet, plus the random-placement reference IoU."""
-    count = min(count, len(dataset))
-    conditions = np.stack([to_uint8(dataset[i]["condition"][None], 0.0, 1.0)[0] for i in range(count)])
-    prompts = [dataset.records[i].prompt for i in range(count)]
-    settings = dict(count=count, batch_size=batch_size, seed=seed, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
-    base_images = generate(pipeline, None, dataset, desc="evaluating base alone", **settings)
-    control_images = generate(pipeline, controlnet, dataset, desc="evaluating base + ControlNet", **settings)
+    items = [dataset[i] for i in range(min(count, len(dataset)))]  # read once, used by both generations
+    condition_tensor = torch.stack([item["condition"] for item in items])
+    conditions = to_uint8(condition_tensor, 0.0, 1.0)
+    prompts = [item["true_prompt"] for item in items]
+    settings = dict(batch_size=batch_size, seed=seed, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+    base_images = generate(pipeline, None, condition_tensor, prompts, desc="evaluating base alone", **settings)
+    control_images = generate(pipeline, controlnet, condition_tensor, prompts, desc="evaluating base + ControlNet", **settings)
     base = score_images(base_images, conditions, prompts, palette)
     control = score_images(control_images, conditions, prompts, palette)
     return {
@@ -59,7 +58,7 @@ def evaluate_oracle(pipeline: TinyTextToImagePipeline, controlnet, dataset: Fill
         "base_mask_iou": base["mask_iou"],
         "base_color_accuracy": base["color_accuracy"],
         "random_placement_mask_iou": random_placement_iou(conditions),
-        "eval_images": count,
+        "eval_images": len(items),
         "palette_size": len(palette),
         "samples": {"conditions": conditions, "base": base_images, "controlnet": control_images},
     }

@@ -68,7 +68,7 @@ class ControlNetModule(L.LightningModule):
         # Fixed noise and timesteps per batch, so validation losses are comparable across steps.
         loss = self.diffusion_loss(batch, generator=torch.Generator().manual_seed(batch_idx))
         self.log("val/loss", loss, prog_bar=True, batch_size=len(batch["prompt"]))
-        if batch_idx == 0 and self.hparams.num_val_images > 0:
+        if batch_idx == 0 and self.hparams.num_val_images > 0 and self.hparams.sample_dir is not None:
             self.log_sample_grid(batch)
 
     def log_sample_grid(self, batch: dict) -> None:
@@ -83,8 +83,6 @@ class ControlNetModule(L.LightningModule):
             generator=torch.Generator().manual_seed(0),
         )
         rows = [to_uint8(batch["condition"][:count], 0.0, 1.0), to_uint8(generated, -1.0, 1.0), to_uint8(batch["target"][:count], -1.0, 1.0)]
-        if self.hparams.sample_dir is None:
-            return
         path = save_grid(rows, Path(self.hparams.sample_dir) / f"step_{self.global_step:06d}.png")
         for logger in self.loggers:
             if hasattr(logger, "log_image"):
