@@ -47,10 +47,10 @@ def tiny_base(tmp_path_factory, tiny_data) -> Path:
     return folder
 
 
-def run_train(args: list[str], tmp: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    """src/train.py through its real Hydra entry point, with outputs and caches under ``tmp``."""
+def run_train(args: list[str], tmp: Path, timeout: int = 300, script: str = "src/train.py") -> subprocess.CompletedProcess:
+    """An entry point (src/train.py by default) through Hydra, with outputs and caches under ``tmp``."""
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1"}
     flags = [a for a in args if a.startswith("-")]  # Hydra's flags (-m) go before the overrides
     overrides = [a for a in args if not a.startswith("-")]
-    command = [sys.executable, str(ROOT / "src" / "train.py"), *flags, f"paths.log_dir={tmp / 'outputs'}", f"paths.cache_dir={tmp / 'cache'}", *overrides]
+    command = [sys.executable, str(ROOT / script), *flags, f"paths.log_dir={tmp / 'outputs'}", f"paths.cache_dir={tmp / 'cache'}", *overrides]
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

@@ -96,3 +96,13 @@ def test_run_seeds_share_one_locked_base(tiny_data):
     assert len(keys) == 1
     other = base_cache_key(compose_train(["model.base.pretrain.seed=1"]).model.base, tiny_data, 16)
     assert other not in keys
+
+
+def test_evaluate_rescores_a_checkpoint(smoke_run):
+    tmp, run_dir = smoke_run
+    result = run_train([f"ckpt={run_dir}", "eval.num_images=8"], tmp, script="eval/evaluate.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    scores = json.loads((run_dir / "checkpoints" / "eval.json").read_text())["metrics"]
+    original = json.loads((run_dir / "results.json").read_text())["metrics"]
+    # Same checkpoint, same held-out conditions, same seeds: the same scores.
+    assert scores["mask_iou"] == original["mask_iou"] and scores["eval_images"] == 8

@@ -34,6 +34,25 @@ def dataset_root(cfg: DictConfig) -> Path:
     return write_fill50k(spec, Path(cfg.paths.cache_dir) / "data" / f"synthetic-{key}")
 
 
+def build_datamodule(cfg: DictConfig, root: Path) -> Fill50kDataModule:
+    """The run's DataModule, set up: every record is read and checked now, before any training."""
+    data = Fill50kDataModule(
+        root, cfg.data.resolution, cfg.data.batch_size, cfg.data.val_size, cfg.data.size,
+        cfg.data.prompt_dropout, cfg.data.split_seed, cfg.data.num_workers,
+    )
+    data.setup()
+    return data
+
+
+def oracle_scores(cfg: DictConfig, module: ControlNetModule, data: Fill50kDataModule) -> dict:
+    """The final oracle evaluation on the held-out split, with the run's sampling and eval settings."""
+    return evaluate_oracle(
+        module.pipeline, module.controlnet, data.val_dataset(), palette_of([r.prompt for r in data.train_records + data.val_records]),
+        count=cfg.eval.num_images, batch_size=cfg.eval.batch_size, seed=cfg.eval.seed,
+        num_inference_steps=cfg.model.sampling.num_inference_steps, guidance_scale=cfg.model.sampling.guidance_scale,
+    )
+
+
 def base_folder(cfg: DictConfig, root: Path) -> Path:
     if cfg.model.base.pretrained_path:
         return Path(cfg.model.base.pretrained_path)
@@ -81,11 +100,7 @@ def train(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
 
     root = dataset_root(cfg)
-    data = Fill50kDataModule(
-        root, cfg.data.resolution, cfg.data.batch_size, cfg.data.val_size, cfg.data.size,
-        cfg.data.prompt_dropout, cfg.data.split_seed, cfg.data.num_workers,
-    )
-    data.setup()  # reads and checks every record now, before any training
+    data = build_datamodule(cfg, root)
     base_path = base_folder(cfg, root)
 
     L.seed_everything(cfg.seed, workers=True)
@@ -110,11 +125,7 @@ def train(cfg: DictConfig) -> dict:
     trainer.fit(module, datamodule=data, ckpt_path=cfg.ckpt_path)
     train_seconds = time.time() - started
 
-    evaluation = evaluate_oracle(
-        module.pipeline, module.controlnet, data.val_dataset(), palette_of([r.prompt for r in data.train_records + data.val_records]),
-        count=cfg.eval.num_images, batch_size=cfg.eval.batch_size, seed=cfg.eval.seed,
-        num_inference_steps=cfg.model.sampling.num_inference_steps, guidance_scale=cfg.model.sampling.guidance_scale,
-    )
+    evaluation = oracle_scores(cfg, module, data)
     samples = evaluation.pop("samples")
     save_grid([samples["conditions"][:16], samples["base"][:16], samples["controlnet"][:16]], output_dir / "eval_samples.png")
     metrics = {**evaluation, "trainable_params": trainable}
