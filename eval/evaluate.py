@@ -6,6 +6,7 @@ beside the checkpoint. So far the oracle scores of the embedded default (mask Io
 color accuracy); FID, CLIP score and re-detection fidelity are issue 4.
 """
 import json
+import os
 from pathlib import Path
 
 import hydra
@@ -22,6 +23,9 @@ def checkpoint_path(ckpt: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"ckpt={ckpt}: no checkpoint there (give a .ckpt file or a run directory holding checkpoints/last.ckpt)")
     return path
+
+
+os.environ.setdefault("CONTROLNET_LAB_ROOT", str(Path(__file__).resolve().parents[1]))  # conf/paths: root_dir
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")

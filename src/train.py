@@ -1,9 +1,15 @@
 """Train a ControlNet on a locked base: `python src/train.py [overrides]`, `-m` for sweeps."""
+import os
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
 from controlnet_lab.task import task_wrapper
 from controlnet_lab.training import train
+
+
+os.environ.setdefault("CONTROLNET_LAB_ROOT", str(Path(__file__).resolve().parents[1]))  # conf/paths: root_dir
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")

@@ -15,6 +15,7 @@ from controlnet_lab.data.fill50k import read_index
 from controlnet_lab.data.synthetic import SyntheticFill50kSpec, write_fill50k
 
 ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("CONTROLNET_LAB_ROOT", str(ROOT))
 PALETTE = ("red", "green", "blue", "yellow")
 
 

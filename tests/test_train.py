@@ -1,10 +1,13 @@
 """src/train.py through its real Hydra entry point, at smoke size."""
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 
-from conftest import compose_train, run_train
+from conftest import ROOT, compose_train, run_train
 from controlnet_lab.base import base_cache_key
 from controlnet_lab.config_checks import ConfigError, check_train_config
 
@@ -89,6 +92,27 @@ def test_block_sweep_gives_one_result_per_block(tmp_path):
     # One W&B run per job, grouped by the sweep.
     runs = list(sweep.glob("*/wandb/offline-run-*"))
     assert len(runs) == 3
+    # Every model is scored under the paper's four prompt settings.
+    assert all(set(r["metrics"]["prompt_settings"]) == {"none", "insufficient", "conflicting", "perfect"} for r in records)
+
+    tables = subprocess.run([sys.executable, str(ROOT / "eval" / "tables.py"), f"sweep={sweep}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert tables.returncode == 0, tables.stderr[-3000:]
+    for name in ("table.md", "table.csv", "table.tex", "mask_iou_by_prompt.png", "samples.png"):
+        assert (sweep / name).stat().st_size > 0, name
+    rows = (sweep / "table.csv").read_text().splitlines()
+    assert len(rows) == 4 and [row.split(",")[0] for row in rows[1:]] == ["zero", "gauss", "single"]
+
+
+@pytest.mark.parametrize("name, swept", [
+    ("ablation_block", "block"), ("ablation_prompt_dropout", "data.prompt_dropout"),
+    ("ablation_dataset_size", "data.size"), ("ablation_condition", "data.condition"),
+])
+def test_ablation_experiments_sweep_their_axis_over_three_seeds(name, swept):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"experiment={name}"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert cfg.task_name == name and params.seed == "0,1,2" and len(str(params[swept]).split(",")) == 3
+    assert str(cfg.hydra.sweep.dir).startswith(str(ROOT / "outputs" / name))  # resolvable before Hydra runs a job
 
 
 def test_run_seeds_share_one_locked_base(tiny_data):

@@ -4,6 +4,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from controlnet_lab.blocks import BLOCKS
+from controlnet_lab.data.conditions import CONDITIONS, DETECTORS
 
 
 class ConfigError(ValueError):
@@ -20,6 +21,11 @@ def check_train_config(cfg: DictConfig) -> None:
         raise ConfigError(f"data.prompt_dropout must be in [0, 1], got {data.prompt_dropout}")
     if data.batch_size < 1:
         raise ConfigError(f"data.batch_size must be >= 1, got {data.batch_size}")
+    if data.condition not in CONDITIONS:
+        raise ConfigError(f"data.condition={data.condition!r} is unknown; choose one of {', '.join(CONDITIONS)}")
+    if DETECTORS.get(data.condition, (None, False))[1] and not data.detector_weights:
+        raise ConfigError(f"data.condition={data.condition} needs detector weights: set data.detector_weights to a local folder "
+                          "holding the lllyasviel/Annotators files")
     if data.generator is None and data.root is None:
         raise ConfigError("data.root must name a fill50k-format folder when data.generator is null")
     levels = len(cfg.model.base.unet.block_out_channels) - 1

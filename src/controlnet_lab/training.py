@@ -16,9 +16,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from controlnet_lab.base import pretrained_base
 from controlnet_lab.config_checks import check_train_config
+from controlnet_lab.data.conditions import condition_maker
 from controlnet_lab.data.datamodule import Fill50kDataModule
 from controlnet_lab.data.synthetic import SyntheticFill50kSpec, write_fill50k
-from controlnet_lab.evaluation import evaluate_oracle, palette_of
+from controlnet_lab.evaluation import PROMPT_SETTINGS, evaluate_oracle, palette_of
 from controlnet_lab.images import save_grid
 from controlnet_lab.module import ControlNetModule
 
@@ -39,6 +40,7 @@ def build_datamodule(cfg: DictConfig, root: Path) -> Fill50kDataModule:
     data = Fill50kDataModule(
         root, cfg.data.resolution, cfg.data.batch_size, cfg.data.val_size, cfg.data.size,
         cfg.data.prompt_dropout, cfg.data.split_seed, cfg.data.num_workers,
+        condition_maker(cfg.data.condition, cfg.data.resolution, cfg.data.detector_weights, tuple(cfg.data.canny_thresholds)),
     )
     data.setup()
     return data
@@ -85,6 +87,7 @@ def results_record(cfg: DictConfig, metrics: dict, extra: dict) -> dict:
             "name": cfg.data.name,
             "size": cfg.data.size,
             "prompt_dropout": cfg.data.prompt_dropout,
+            "condition": cfg.data.condition,
             "resolution": cfg.data.resolution,
         },
         "seed": cfg.seed,
@@ -127,10 +130,10 @@ def train(cfg: DictConfig) -> dict:
 
     evaluation = oracle_scores(cfg, module, data)
     samples = evaluation.pop("samples")
-    save_grid([samples["conditions"][:16], samples["base"][:16], samples["controlnet"][:16]], output_dir / "eval_samples.png")
+    save_eval_grid(samples, output_dir / "eval_samples.png")
     metrics = {**evaluation, "trainable_params": trainable}
     for logger in loggers:
-        logger.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
+        logger.log_metrics(flat_metrics(metrics, "eval"), step=trainer.global_step)
 
     record = results_record(cfg, metrics, {
         "global_step": trainer.global_step,
@@ -141,6 +144,23 @@ def train(cfg: DictConfig) -> dict:
     })
     (output_dir / "results.json").write_text(json.dumps(record, indent=2))
     return record
+
+
+def save_eval_grid(samples: dict, path: Path, columns: int = 16) -> Path:
+    """Rows: condition, target, base alone (perfect prompt), then base + ControlNet under each prompt setting."""
+    rows = ["conditions", "targets", "base", *PROMPT_SETTINGS]
+    return save_grid([samples[row][:columns] for row in rows], path)
+
+
+def flat_metrics(metrics: dict, prefix: str) -> dict:
+    """Nested metrics as flat ``prefix/a/b`` keys, numbers only (what loggers accept)."""
+    flat = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            flat.update(flat_metrics(value, f"{prefix}/{key}"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[f"{prefix}/{key}"] = value
+    return flat
 
 
 def peak_rss_mb() -> float:

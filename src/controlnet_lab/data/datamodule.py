@@ -7,6 +7,7 @@ import lightning as L
 import numpy as np
 from torch.utils.data import DataLoader
 
+from controlnet_lab.data.conditions import ConditionMaker, outline
 from controlnet_lab.data.fill50k import Fill50kDataset, Record, read_index
 
 
@@ -41,6 +42,7 @@ class Fill50kDataModule(L.LightningDataModule):
         prompt_dropout: float = 0.5,
         split_seed: int = 0,
         num_workers: int = 0,
+        make_condition: ConditionMaker = outline,
     ):
         super().__init__()
         if not 0.0 <= prompt_dropout <= 1.0:
@@ -55,6 +57,7 @@ class Fill50kDataModule(L.LightningDataModule):
         self.prompt_dropout = prompt_dropout
         self.split_seed = split_seed
         self.num_workers = num_workers
+        self.make_condition = make_condition
         self.train_records: list[Record] = []
         self.val_records: list[Record] = []
 
@@ -67,10 +70,10 @@ class Fill50kDataModule(L.LightningDataModule):
         self.val_records = [records[i] for i in val]
 
     def train_dataset(self) -> Fill50kDataset:
-        return Fill50kDataset(self.train_records, self.resolution, self.prompt_dropout)
+        return Fill50kDataset(self.train_records, self.resolution, self.prompt_dropout, self.make_condition)
 
     def val_dataset(self) -> Fill50kDataset:
-        return Fill50kDataset(self.val_records, self.resolution, prompt_dropout=0.0)
+        return Fill50kDataset(self.val_records, self.resolution, 0.0, self.make_condition)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(

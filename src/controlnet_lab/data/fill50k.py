@@ -18,6 +18,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from controlnet_lab.data.conditions import ConditionMaker, outline
+
 
 class DatasetFormatError(ValueError):
     """A fill50k-format folder that cannot be read; the message names the file and line."""
@@ -88,29 +90,40 @@ def load_rgb(path: Path, resolution: int) -> np.ndarray:
 
 
 class Fill50kDataset(Dataset):
-    """(condition, target, prompt) samples; the prompt is replaced by "" with probability ``prompt_dropout``.
+    """(condition, source, target, prompt) samples; the prompt is replaced by "" with probability ``prompt_dropout``.
 
-    The dropout is re-drawn each time a sample is served, from Python's ``random``,
-    which Lightning's ``seed_everything(workers=True)`` seeds in every worker.
+    ``condition`` is what the ControlNet sees, made from the sample by ``make_condition``
+    (the stored source by default); ``source`` stays the stored outline, which the
+    oracle scores measure against. The dropout is re-drawn each time a sample is
+    served, from Python's ``random``, which Lightning's
+    ``seed_everything(workers=True)`` seeds in every worker.
     """
 
-    def __init__(self, records: list[Record], resolution: int, prompt_dropout: float = 0.0):
+    def __init__(self, records: list[Record], resolution: int, prompt_dropout: float = 0.0,
+                 make_condition: ConditionMaker = outline):
         self.records = records
         self.resolution = resolution
         self.prompt_dropout = prompt_dropout
+        self.make_condition = make_condition
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
-        source = load_rgb(record.source, self.resolution).astype(np.float32) / 255.0
-        target = load_rgb(record.target, self.resolution).astype(np.float32) / 127.5 - 1.0
+        source = load_rgb(record.source, self.resolution)
+        target = load_rgb(record.target, self.resolution)
+        condition = self.make_condition(source, target, f"{record.source.parent.name}/{record.source.name}")
         prompt = "" if random.random() < self.prompt_dropout else record.prompt
         return {
-            "condition": torch.from_numpy(source).permute(2, 0, 1),
-            "target": torch.from_numpy(target).permute(2, 0, 1),
+            "condition": _chw(condition.astype(np.float32) / 255.0),
+            "source": _chw(source.astype(np.float32) / 255.0),
+            "target": _chw(target.astype(np.float32) / 127.5 - 1.0),
             "prompt": prompt,
             "true_prompt": record.prompt,
             "index": index,
         }
+
+
+def _chw(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)

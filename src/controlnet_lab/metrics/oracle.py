@@ -4,7 +4,7 @@
   border cannot reach by flood fill, plus the outline itself).
 - ``segment_circle``: the circle in a generated two-color image: 2-means on the pixel
   colors; the cluster holding most border pixels is the background.
-- ``mask_iou``: IoU of the generated circle with the condition's circle.
+- ``mask_iou``: IoU of the generated circle with the circle of the sample's outline.
 - ``color_accuracy``: the fraction of images whose circle color and background color
   are each nearest, among the palette's colors, to the colors the prompt names.
 """
@@ -62,15 +62,16 @@ def nearest_color(rgb: np.ndarray, palette: list[str]) -> str:
     return palette[int(np.argmin(distances))]
 
 
-def score_images(images: np.ndarray, conditions: np.ndarray, prompts: list[str], palette: list[str]) -> dict:
+def score_images(images: np.ndarray, outlines: np.ndarray, prompts: list[str], palette: list[str]) -> dict:
     """Per-image oracle scores and their means.
 
-    images, conditions: (N, H, W, 3) uint8 RGB; prompts: the true prompts naming the colors.
+    images, outlines: (N, H, W, 3) uint8 RGB (outlines: the samples' fill50k sources);
+    prompts: the prompts whose named colors are checked.
     """
     ious, colors_right = [], []
-    for image, condition, prompt in zip(images, conditions, prompts, strict=True):
+    for image, outline, prompt in zip(images, outlines, prompts, strict=True):
         circle, circle_rgb, background_rgb = segment_circle(image)
-        ious.append(mask_iou(circle, condition_mask(condition)))
+        ious.append(mask_iou(circle, condition_mask(outline)))
         named = parse_prompt(prompt)
         if named is None:
             raise ValueError(f"prompt {prompt!r} does not have the form '<color> circle with <color> background'")
@@ -84,7 +85,7 @@ def score_images(images: np.ndarray, conditions: np.ndarray, prompts: list[str],
     }
 
 
-def random_placement_iou(conditions: np.ndarray) -> float:
-    """Mean IoU between each condition's circle and the next one's: a circle placed at random from the data."""
-    masks = [condition_mask(c) for c in conditions]
+def random_placement_iou(outlines: np.ndarray) -> float:
+    """Mean IoU between each outline's circle and the next one's: a circle placed at random from the data."""
+    masks = [condition_mask(c) for c in outlines]
     return float(np.mean([mask_iou(masks[i], masks[(i + 1) % len(masks)]) for i in range(len(masks))]))

@@ -1,0 +1,158 @@
+"""Paper-style tables from a sweep: one row per method, mean and spread over seeds.
+
+A sweep is a Hydra multirun directory of src/train.py; every finished job left a
+``results.json`` in its subdirectory. A "method" is a combination of the values that
+vary across the sweep's jobs among ``METHOD_KEYS`` (block, data size, prompt dropout,
+condition); the jobs of one method differ only in their seed.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from PIL import Image  # noqa: E402
+
+METHOD_KEYS = ("block", "data.size", "data.prompt_dropout", "data.condition")
+PROMPT_SETTINGS = ("none", "insufficient", "conflicting", "perfect")
+# (column of the flattened results, label in the tables)
+METRICS = (
+    *[(f"metrics.prompt_settings.{s}.mask_iou", f"mask IoU ({s} prompt)") for s in PROMPT_SETTINGS],
+    ("metrics.prompt_settings.perfect.color_accuracy", "color acc. (perfect)"),
+    ("metrics.prompt_settings.conflicting.color_accuracy", "color acc. (conflicting: prompt's colors)"),
+    ("metrics.base_mask_iou", "base alone mask IoU"),
+    ("metrics.trainable_params", "trainable params"),
+)
+
+
+class SweepError(ValueError):
+    pass
+
+
+def load_sweep(sweep_dir: Path) -> tuple[pd.DataFrame, list[Path]]:
+    """(one flattened row per finished job, the job directories that left no results.json)."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise SweepError(f"sweep={sweep_dir}: not a directory")
+    jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").is_dir())
+    finished = [job for job in jobs if (job / "results.json").is_file()]
+    if not finished:
+        raise SweepError(f"sweep={sweep_dir}: no job directory holds a results.json (is it a multirun directory of src/train.py?)")
+    rows = []
+    for job in finished:
+        try:
+            record = json.loads((job / "results.json").read_text())
+        except json.JSONDecodeError as err:
+            raise SweepError(f"{job / 'results.json'}: not valid JSON ({err.msg})") from None
+        rows.append({**pd.json_normalize(record).iloc[0].to_dict(), "job_dir": str(job)})
+    return pd.DataFrame(rows), [job for job in jobs if job not in finished]
+
+
+def method_columns(frame: pd.DataFrame) -> list[str]:
+    """The method keys whose values differ across the sweep (``block`` if none does)."""
+    varying = [key for key in METHOD_KEYS if key in frame and frame[key].astype(str).nunique() > 1]
+    return varying or ["block"]
+
+
+def summarize(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per method: mean and standard deviation (ddof=1) over seeds of every metric, and the seed count."""
+    methods = method_columns(frame)
+    present = [column for column, _ in METRICS if column in frame]
+    numeric = frame[methods + present].copy()
+    numeric[present] = numeric[present].apply(pd.to_numeric, errors="coerce")
+    grouped = numeric.groupby(methods, sort=False, dropna=False)
+    summary = grouped[present].agg(["mean", "std"])
+    summary.columns = [f"{column}:{stat}" for column, stat in summary.columns]
+    summary["seeds"] = grouped.size()
+    summary["eval_images"] = frame.groupby(methods, sort=False, dropna=False)["metrics.eval_images"].first()
+    return summary.reset_index()
+
+
+def display_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """'mean ± std' strings under readable labels; counts as integers."""
+    methods = [c for c in summary.columns if ":" not in c and c not in ("seeds", "eval_images")]
+    table = summary[methods].copy()
+    for column, label in METRICS:
+        if f"{column}:mean" not in summary:
+            continue
+        mean, std = summary[f"{column}:mean"], summary[f"{column}:std"]
+        if column.endswith("trainable_params"):
+            table[label] = mean.map(lambda v: f"{v / 1e6:.3f} M")
+        else:
+            table[label] = [_mean_std(m, s) for m, s in zip(mean, std)]
+    table["seeds"] = summary["seeds"]
+    table["images / setting"] = summary["eval_images"]
+    return table
+
+
+def _mean_std(mean: float, std: float) -> str:
+    if np.isnan(mean):
+        return "-"
+    return f"{mean:.3f}" if np.isnan(std) else f"{mean:.3f} ± {std:.3f}"
+
+
+def write_tables(sweep_dir: Path, out_dir: Path | None = None) -> dict[str, Path]:
+    """Write table.md, table.csv (numbers), table.tex and the plots; returns their paths."""
+    frame, unfinished = load_sweep(sweep_dir)
+    out_dir = Path(out_dir or sweep_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarize(frame)
+    table = display_table(summary)
+    paths = {"markdown": out_dir / "table.md", "csv": out_dir / "table.csv", "latex": out_dir / "table.tex"}
+    note = f"\n\n{len(unfinished)} job(s) left no results.json: {', '.join(p.name for p in unfinished)}\n" if unfinished else "\n"
+    paths["markdown"].write_text(table.to_markdown(index=False, disable_numparse=True) + note)
+    summary.to_csv(paths["csv"], index=False)
+    paths["latex"].write_text(table.to_latex(index=False, escape=True))
+    paths["mask_iou_plot"] = plot_mask_iou(summary, out_dir / "mask_iou_by_prompt.png")
+    paths["samples"] = sample_sheet(frame, out_dir / "samples.png")
+    return paths
+
+
+def _method_label(row: pd.Series, methods: list[str]) -> str:
+    return ", ".join(f"{m.split('.')[-1]}={row[m]}" for m in methods)
+
+
+def plot_mask_iou(summary: pd.DataFrame, path: Path) -> Path:
+    """Grouped bars: mask IoU per prompt setting for each method, error bars one std over seeds."""
+    methods = [c for c in summary.columns if ":" not in c and c not in ("seeds", "eval_images")]
+    figure, axis = plt.subplots(figsize=(7, 3.5))
+    width = 0.8 / len(summary)
+    x = np.arange(len(PROMPT_SETTINGS))
+    for i, (_, row) in enumerate(summary.iterrows()):
+        means = [row.get(f"metrics.prompt_settings.{s}.mask_iou:mean", np.nan) for s in PROMPT_SETTINGS]
+        stds = [row.get(f"metrics.prompt_settings.{s}.mask_iou:std", np.nan) for s in PROMPT_SETTINGS]
+        axis.bar(x + i * width, means, width, yerr=np.nan_to_num(stds), capsize=2, label=_method_label(row, methods))
+    axis.set_xticks(x + 0.4 - width / 2, [f"{s} prompt" for s in PROMPT_SETTINGS])
+    axis.set_ylabel(f"mask IoU (mean ± std, {int(summary['seeds'].min())}+ seeds)")
+    axis.set_ylim(0, 1)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def sample_sheet(frame: pd.DataFrame, path: Path) -> Path:
+    """Each method's evaluation grid (its lowest seed): condition, target, base alone, then the four prompt settings."""
+    methods = method_columns(frame)
+    firsts = frame.sort_values("seed").groupby(methods, sort=False, dropna=False).head(1)
+    grids = [(row, Path(row["job_dir"]) / "eval_samples.png") for _, row in firsts.iterrows()]
+    grids = [(row, grid) for row, grid in grids if grid.is_file()]
+    row_names = ["condition", "target", "base alone", *[f"{s} prompt" for s in PROMPT_SETTINGS]]
+    figure, axes = plt.subplots(len(grids), 1, figsize=(12, 4.2 * len(grids)), squeeze=False)
+    for axis, (row, grid) in zip(axes[:, 0], grids):
+        image = Image.open(grid)
+        axis.imshow(image)
+        axis.set_title(f"{_method_label(row, methods)} (seed {row['seed']})", fontsize=10)
+        axis.set_xticks([])
+        step = image.height / len(row_names)
+        axis.set_yticks([step * (i + 0.5) for i in range(len(row_names))], row_names, fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path

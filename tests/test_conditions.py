@@ -1,0 +1,79 @@
+import numpy as np
+import pytest
+
+from conftest import PALETTE, compose_train
+from controlnet_lab.config_checks import ConfigError, check_train_config
+from controlnet_lab.data.colors import parse_prompt
+from controlnet_lab.data.conditions import SEG_COLORS, condition_maker
+from controlnet_lab.data.fill50k import Fill50kDataset, load_rgb, read_index
+from controlnet_lab.evaluation import INSUFFICIENT_PROMPT, PROMPT_SETTINGS, setting_prompts
+from controlnet_lab.metrics.oracle import condition_mask
+
+
+def _sample(tiny_data, index: int = 0, resolution: int = 32):
+    record = read_index(tiny_data)[index]
+    return load_rgb(record.source, resolution), load_rgb(record.target, resolution), f"source/{index}.png"
+
+
+def _ring_distance(mask: np.ndarray) -> np.ndarray:
+    """Per pixel: distance in pixels to the boundary of ``mask``."""
+    import cv2
+
+    inside = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 3)
+    outside = cv2.distanceTransform((~mask).astype(np.uint8), cv2.DIST_L2, 3)
+    return np.maximum(inside, outside)
+
+
+def test_seg_is_the_enclosed_circle_in_two_flat_colors(tiny_data):
+    source, target, name = _sample(tiny_data)
+    seg = condition_maker("seg", 32)(source, target, name)
+    mask = condition_mask(source)
+    assert (seg[mask] == SEG_COLORS["circle"]).all() and (seg[~mask] == SEG_COLORS["background"]).all()
+
+
+@pytest.mark.parametrize("name", ["canny", "sketch"])
+def test_edge_conditions_trace_the_circle_boundary(tiny_data, name):
+    source, target, record_name = _sample(tiny_data)
+    condition = condition_maker(name, 32)(source, target, record_name)
+    assert condition.shape == source.shape and condition.dtype == np.uint8
+    lines = condition.max(axis=-1) > 32
+    assert lines.sum() > 10
+    distance = _ring_distance(condition_mask(source))
+    assert np.median(distance[lines]) <= 2.0  # strokes lie on the circle's boundary
+    assert not np.array_equal(lines, source.max(axis=-1) > 32)  # and are not the stored outline itself
+
+
+def test_sketch_is_fixed_per_sample_and_differs_between_samples(tiny_data):
+    maker = condition_maker("sketch", 32)
+    source, target, name = _sample(tiny_data, 0)
+    assert np.array_equal(maker(source, target, name), maker(source, target, name))
+    assert not np.array_equal(maker(source, target, name), maker(source, target, "source/1.png"))
+
+
+def test_dataset_serves_the_condition_and_keeps_the_outline_for_scoring(tiny_data):
+    records = read_index(tiny_data)
+    outline_item = Fill50kDataset(records, 16)[2]
+    seg_item = Fill50kDataset(records, 16, make_condition=condition_maker("seg", 16))[2]
+    assert np.array_equal(seg_item["source"], outline_item["condition"])
+    assert not np.array_equal(seg_item["condition"], outline_item["condition"])
+
+
+def test_condition_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="data.condition='depth'"):
+        check_train_config(compose_train(["data.condition=depth"]))
+    with pytest.raises(ConfigError, match="data.detector_weights"):
+        check_train_config(compose_train(["data.condition=hed"]))
+
+
+def test_prompt_settings(tiny_data):
+    true_prompts = [r.prompt for r in read_index(tiny_data)]
+    palette = list(PALETTE)
+    assert setting_prompts("none", true_prompts, palette, 0) == [""] * len(true_prompts)
+    assert setting_prompts("insufficient", true_prompts, palette, 0) == [INSUFFICIENT_PROMPT] * len(true_prompts)
+    assert setting_prompts("perfect", true_prompts, palette, 0) == true_prompts
+    conflicting = setting_prompts("conflicting", true_prompts, palette, 0)
+    assert conflicting == setting_prompts("conflicting", true_prompts, palette, 0)
+    for true, other in zip(true_prompts, conflicting):
+        named, other_named = parse_prompt(true), parse_prompt(other)
+        assert other_named is not None and not set(named) & set(other_named)
+    assert len(PROMPT_SETTINGS) == 4
