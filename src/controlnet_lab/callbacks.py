@@ -1,0 +1,78 @@
+"""The fidelity curve: cheap condition-fidelity scores during training, for the sudden-convergence plot."""
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import torch
+
+from controlnet_lab.evaluation import generate
+from controlnet_lab.images import to_uint8
+from controlnet_lab.metrics.convergence import sudden_convergence_step
+from controlnet_lab.metrics.fidelity import ConditionFidelity
+from controlnet_lab.metrics.oracle import condition_mask, mask_iou, segment_circle
+
+
+class FidelityCurve(L.Callback):
+    """At step 0 and every ``every_n_steps``, samples the first ``num_images`` held-out conditions
+    (true prompts, fixed noise) and logs ``curve/<fidelity metric>`` and ``curve/mask_iou`` against
+    the global step. The curve is kept in the callback's state, so a resumed run continues it.
+    """
+
+    def __init__(self, every_n_steps: int, num_images: int, condition: str, resolution: int, edge_tolerance: int = 1,
+                 seed: int = 1234, num_inference_steps: int = 20, guidance_scale: float = 1.0,
+                 detector_weights: str | None = None, canny_thresholds: tuple[int, int] = (100, 200)):
+        if every_n_steps < 1 or num_images < 1:
+            raise ValueError(f"eval.every_n_steps and eval.curve_images must be >= 1, got {every_n_steps} and {num_images}")
+        self.every_n_steps, self.num_images, self.seed = every_n_steps, num_images, seed
+        self.sampling = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale}
+        self.fidelity = ConditionFidelity(condition, resolution, edge_tolerance, detector_weights, tuple(canny_thresholds))
+        self.curve: list[dict] = []
+
+    @property
+    def metric(self) -> str:
+        return self.fidelity.metric
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not any(point["step"] == trainer.global_step for point in self.curve):
+            self.measure(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % self.every_n_steps == 0:
+            self.measure(trainer, pl_module)
+
+    @torch.no_grad()
+    def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        dataset = trainer.datamodule.val_dataset()
+        items = [dataset[i] for i in range(min(self.num_images, len(dataset)))]
+        conditions = torch.stack([item["condition"] for item in items])
+        was_training = pl_module.controlnet.training
+        pl_module.controlnet.eval()
+        images = generate(pl_module.pipeline, pl_module.controlnet, conditions, [item["true_prompt"] for item in items],
+                          batch_size=len(items), seed=self.seed, desc="fidelity curve", **self.sampling)
+        pl_module.controlnet.train(was_training)
+        outlines = to_uint8(torch.stack([item["source"] for item in items]), 0.0, 1.0)
+        point = {
+            "step": trainer.global_step,
+            self.metric: self.fidelity.score(images, to_uint8(conditions, 0.0, 1.0))["value"],
+            "mask_iou": float(np.mean([mask_iou(segment_circle(image)[0], condition_mask(outline)) for image, outline in zip(images, outlines)])),
+        }
+        self.curve.append(point)
+        for logger in trainer.loggers:
+            logger.log_metrics({f"curve/{k}": v for k, v in point.items() if k != "step"}, step=trainer.global_step)
+
+    def summary(self) -> dict:
+        """The curve, and the sudden-convergence step of its fidelity metric (None without a jump)."""
+        curve = sorted(self.curve, key=lambda point: point["step"])
+        steps = [point["step"] for point in curve]
+        return {
+            "curve": curve,
+            "curve_metric": self.metric,
+            "curve_images": self.num_images,
+            "sudden_convergence_step": sudden_convergence_step(steps, [point[self.metric] for point in curve]),
+        }
+
+    def state_dict(self) -> dict:
+        return {"curve": self.curve}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.curve = list(state_dict["curve"])

@@ -1,0 +1,62 @@
+"""FID through clean-fid: Inception features (clean mode) or any custom feature extractor.
+
+clean-fid reads two folders of images, resizes them to 299x299 with its "clean"
+(PIL bicubic, anti-aliased) resize, and passes batches in [0, 255] to the feature
+extractor; ``frechet_distance`` is its own. The Inception weights
+(``inception-2015-12-05.pt``, a TorchScript file) come from a configured local path;
+where it is missing, clean-fid's download is tried, and where that fails too the
+error names the file, its URL and where to put it.
+"""
+from __future__ import annotations
+
+import tempfile
+import urllib.error
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from cleanfid import fid as cleanfid_fid
+from cleanfid.downloads_helper import check_download_inception, inception_url
+from cleanfid.inception_torchscript import InceptionV3W
+from PIL import Image
+
+INCEPTION_FILE = "inception-2015-12-05.pt"
+FeatureExtractor = Callable[[torch.Tensor], torch.Tensor]
+
+
+def inception_extractor(weights_dir: str | Path, device: str = "cpu") -> FeatureExtractor:
+    """clean-fid's Inception (2048-d pool features) from ``weights_dir/inception-2015-12-05.pt``."""
+    folder = Path(weights_dir)
+    if not (folder / INCEPTION_FILE).is_file():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            check_download_inception(fpath=str(folder))
+        except (urllib.error.URLError, OSError) as err:
+            (folder / INCEPTION_FILE).unlink(missing_ok=True)  # no half-downloaded file left behind
+            raise FileNotFoundError(
+                f"eval.fid.inception_dir={weights_dir}: Inception FID needs {INCEPTION_FILE} in that folder and it could "
+                f"not be downloaded ({err}). Fetch {inception_url} on a machine with network and copy it to "
+                f"{folder / INCEPTION_FILE}, or set eval.fid.inception=false."
+            ) from None
+    model = InceptionV3W(str(folder), download=False, resize_inside=False).to(device).eval()
+    return lambda batch: model(batch)
+
+
+def write_images(images: np.ndarray, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"{i:06d}.png")
+    return folder
+
+
+def fid(images_a: np.ndarray, images_b: np.ndarray, extractor: FeatureExtractor, device: str = "cpu", batch_size: int = 64) -> float:
+    """clean-fid's FID (clean mode) between two sets of (N, H, W, 3) uint8 images, in the extractor's feature space."""
+    with tempfile.TemporaryDirectory(prefix="fid-") as tmp:
+        folder_a = write_images(images_a, Path(tmp) / "a")
+        folder_b = write_images(images_b, Path(tmp) / "b")
+        score = cleanfid_fid.compute_fid(
+            str(folder_a), str(folder_b), mode="clean", custom_feat_extractor=extractor, device=torch.device(device),
+            num_workers=0, batch_size=batch_size, verbose=False, use_dataparallel=False,
+        )
+    return float(score)
