@@ -51,6 +51,22 @@ def main() -> None:
             f"{m['base_color_accuracy']:.3f} / {m['color_accuracy']:.3f} |"
         )
     print(f"\n(eval images: {m['eval_images']}; runs under {logs})")
+    print_evaluation_cost(rows[-1][1]["results"])
+
+
+def print_evaluation_cost(results: dict) -> None:
+    """How long evaluation took, against the run's wall time, and images/s for each metric."""
+    m, wall = results["metrics"], results["wall_time_s"]
+    final_eval = wall["total"] - wall["until_trained"]
+    curve = m.get("curve_seconds", 0.0)
+    print(f"\nfinal evaluation {final_eval:.0f} s + fidelity curve during training {curve:.0f} s = "
+          f"{100 * (final_eval + curve) / wall['total']:.1f}% of the run's {wall['total']:.0f} s")
+    generated = m["eval_images"] * 5  # base alone + four prompt settings
+    counts = {"generation": generated, "oracle": generated, "fidelity": generated - m["eval_images"]}
+    print("| part | seconds | images | images/s |\n|---|---|---|---|")
+    for part, seconds in m["seconds"].items():
+        images = counts.get(part, m["eval_images"] * (2 if part.startswith("fid") else 1))  # FID reads generated + reference
+        print(f"| {part} | {seconds:.2f} | {images} | {images / max(seconds, 1e-9):.0f} |")
 
 
 if __name__ == "__main__":

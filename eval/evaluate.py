@@ -2,18 +2,20 @@
 
 The run's own composed config (``<run>/.hydra/config.yaml``) supplies the data and
 sampling settings; these overrides change only the evaluation. Writes ``eval.json``
-beside the checkpoint. So far the oracle scores of the embedded default (mask IoU,
-color accuracy); FID, CLIP score and re-detection fidelity are issue 4.
+beside the checkpoint, with every metric ``eval`` enables (conf/eval/default.yaml): oracle
+scores and re-detection fidelity under the four prompt settings, FID (domain features;
+Inception and CLIP score when enabled); and adds them to the run's own W&B run.
 """
 import json
 import os
 from pathlib import Path
 
 import hydra
+import wandb
 from omegaconf import DictConfig, OmegaConf
 
 from controlnet_lab.module import ControlNetModule
-from controlnet_lab.training import build_datamodule, dataset_root, oracle_scores
+from controlnet_lab.training import build_datamodule, dataset_root, flat_metrics, oracle_scores
 
 
 def checkpoint_path(ckpt: str) -> Path:
@@ -40,8 +42,21 @@ def main(cfg: DictConfig) -> None:
     metrics = oracle_scores(run_cfg, module, data)
     metrics.pop("samples")
     out = ckpt.parent / "eval.json"
-    out.write_text(json.dumps({"checkpoint": str(ckpt), "eval": OmegaConf.to_container(cfg.eval), "metrics": metrics}, indent=2))
+    out.write_text(json.dumps({"checkpoint": str(ckpt), "eval": OmegaConf.to_container(cfg.eval, resolve=True), "metrics": metrics}, indent=2))
+    log_to_run_wandb(ckpt.parent.parent, run_cfg, metrics)
     print(json.dumps(metrics, indent=2))
+
+
+def log_to_run_wandb(run_dir: Path, run_cfg: DictConfig, metrics: dict) -> None:
+    """Resume the run's W&B run by its id (offline unless WANDB_OFFLINE=false, as in training) and add the scores."""
+    runs = sorted((run_dir / "wandb").glob("*run-*"))
+    if not runs:
+        return
+    project = OmegaConf.select(run_cfg, "logger.wandb.project", default="controlnet-lab")
+    mode = None if "WANDB_MODE" in os.environ else ("online" if os.environ.get("WANDB_OFFLINE") == "false" else "offline")
+    run = wandb.init(project=project, id=runs[-1].name.rsplit("-", 1)[-1], resume="allow", dir=str(run_dir), mode=mode, job_type="eval")
+    run.summary.update(flat_metrics(metrics, "reeval"))
+    run.finish()
 
 
 if __name__ == "__main__":

@@ -36,6 +36,16 @@ def test_smoke_writes_results_and_checkpoint(smoke_run):
     assert (run_dir / "eval_samples.png").is_file()
 
 
+def test_smoke_reports_fidelity_fid_and_the_curve(smoke_run):
+    _, run_dir = smoke_run
+    metrics = json.loads((run_dir / "results.json").read_text())["metrics"]
+    assert 0.0 <= metrics["edge_f1"] <= 1.0 and metrics["condition_fidelity"] == {"metric": "edge_f1", "detector": "canny", "images": 8, "tolerance_px": 1}
+    assert all("edge_f1" in scores for scores in metrics["prompt_settings"].values())
+    assert metrics["fid_domain"] >= 0.0 and metrics["fid_domain_info"]["label"] == "FID (domain features)" and metrics["fid_domain_info"]["images"] == 8
+    assert [point["step"] for point in metrics["curve"]] == [0, 3, 6] and metrics["curve_metric"] == "edge_f1"
+    assert "sudden_convergence_step" in metrics
+
+
 def test_resume_continues_the_global_step(smoke_run):
     tmp, run_dir = smoke_run
     result = run_train(["experiment=smoke", "logger=csv", "trainer.max_steps=9", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"], tmp)
@@ -44,6 +54,7 @@ def test_resume_continues_the_global_step(smoke_run):
     assert len(runs) == 2, "a resumed run gets its own directory; the first is left as it was"
     resumed = json.loads((runs[1] / "results.json").read_text())
     assert resumed["global_step"] == 9
+    assert [point["step"] for point in resumed["metrics"]["curve"]] == [0, 3, 6, 9]  # the curve continues
     assert json.loads((run_dir / "results.json").read_text())["global_step"] == 6
 
 
@@ -97,7 +108,7 @@ def test_block_sweep_gives_one_result_per_block(tmp_path):
 
     tables = subprocess.run([sys.executable, str(ROOT / "eval" / "tables.py"), f"sweep={sweep}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert tables.returncode == 0, tables.stderr[-3000:]
-    for name in ("table.md", "table.csv", "table.tex", "mask_iou_by_prompt.png", "samples.png"):
+    for name in ("table.md", "table.csv", "table.tex", "mask_iou_by_prompt.png", "samples.png", "fidelity_curves.png"):
         assert (sweep / name).stat().st_size > 0, name
     rows = (sweep / "table.csv").read_text().splitlines()
     assert len(rows) == 4 and [row.split(",")[0] for row in rows[1:]] == ["zero", "gauss", "single"]

@@ -1,6 +1,8 @@
 """The fidelity curve: cheap condition-fidelity scores during training, for the sudden-convergence plot."""
 from __future__ import annotations
 
+import time
+
 import lightning as L
 import numpy as np
 import torch
@@ -27,6 +29,7 @@ class FidelityCurve(L.Callback):
         self.sampling = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale}
         self.fidelity = ConditionFidelity(condition, resolution, edge_tolerance, detector_weights, tuple(canny_thresholds))
         self.curve: list[dict] = []
+        self.seconds = 0.0
 
     @property
     def metric(self) -> str:
@@ -42,6 +45,7 @@ class FidelityCurve(L.Callback):
 
     @torch.no_grad()
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        started = time.perf_counter()
         dataset = trainer.datamodule.val_dataset()
         items = [dataset[i] for i in range(min(self.num_images, len(dataset)))]
         conditions = torch.stack([item["condition"] for item in items])
@@ -57,6 +61,7 @@ class FidelityCurve(L.Callback):
             "mask_iou": float(np.mean([mask_iou(segment_circle(image)[0], condition_mask(outline)) for image, outline in zip(images, outlines)])),
         }
         self.curve.append(point)
+        self.seconds += time.perf_counter() - started
         for logger in trainer.loggers:
             logger.log_metrics({f"curve/{k}": v for k, v in point.items() if k != "step"}, step=trainer.global_step)
 
@@ -68,6 +73,7 @@ class FidelityCurve(L.Callback):
             "curve": curve,
             "curve_metric": self.metric,
             "curve_images": self.num_images,
+            "curve_seconds": round(self.seconds, 2),
             "sudden_convergence_step": sudden_convergence_step(steps, [point[self.metric] for point in curve]),
         }
 

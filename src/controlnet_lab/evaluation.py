@@ -1,6 +1,10 @@
 """Oracle evaluation on held-out conditions: the locked base alone vs base + ControlNet under the paper's four prompt settings, same noise."""
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -8,6 +12,9 @@ from tqdm import tqdm
 from controlnet_lab.data.colors import make_prompt, parse_prompt
 from controlnet_lab.data.fill50k import Fill50kDataset
 from controlnet_lab.images import to_uint8
+from controlnet_lab.metrics.clip_score import clip_score
+from controlnet_lab.metrics.fid import FeatureExtractor, fid
+from controlnet_lab.metrics.fidelity import ConditionFidelity
 from controlnet_lab.metrics.oracle import random_placement_iou, score_images
 from controlnet_lab.pipeline import TinyTextToImagePipeline
 
@@ -68,23 +75,42 @@ def setting_prompts(setting: str, true_prompts: list[str], palette: list[str], s
     raise ValueError(f"unknown prompt setting {setting!r}; choose one of {', '.join(PROMPT_SETTINGS)}")
 
 
-def evaluate_oracle(pipeline: TinyTextToImagePipeline, controlnet, dataset: Fill50kDataset, palette: list[str],
-                    count: int, batch_size: int, seed: int, num_inference_steps: int, guidance_scale: float) -> dict:
-    """Oracle scores of base + ControlNet under each prompt setting, of the base alone, and the random-placement IoU.
+@dataclass
+class MetricSuite:
+    """The scores beyond the oracle's, each optional: what a run's config enables."""
 
-    Top-level ``mask_iou`` and ``color_accuracy`` are those of the perfect prompt.
-    Per setting, ``color_accuracy`` checks the colors the given prompt names (the true
-    ones for perfect, the other ones for conflicting: does the model follow the text?);
-    it is null where the prompt names no colors.
+    fidelity: ConditionFidelity | None = None
+    domain_features: FeatureExtractor | None = None
+    inception_features: FeatureExtractor | None = None
+    clip: object | None = None  # a torchmetrics CLIPScore
+    clip_model: str | None = None
+
+
+def evaluate_oracle(pipeline: TinyTextToImagePipeline, controlnet, dataset: Fill50kDataset, palette: list[str],
+                    count: int, batch_size: int, seed: int, num_inference_steps: int, guidance_scale: float,
+                    suite: MetricSuite | None = None) -> dict:
+    """Scores of base + ControlNet under each prompt setting, of the base alone, and the random-placement IoU.
+
+    Top-level ``mask_iou``, ``color_accuracy`` and the condition fidelity (``edge_f1`` or
+    ``seg_miou``) are those of the perfect prompt. Per setting, ``color_accuracy`` checks
+    the colors the given prompt names (the true ones for perfect, the other ones for
+    conflicting: does the model follow the text?); it is null where the prompt names no
+    colors. FID (domain features / Inception) and CLIP score are measured on the perfect
+    prompt's images, FID against the same held-out conditions' real targets.
+    ``seconds`` holds the time each part took, for images/s figures.
     """
+    suite = suite or MetricSuite()
+    seconds = {"generation": 0.0, "oracle": 0.0}
     items = [dataset[i] for i in range(min(count, len(dataset)))]  # read once, used by every generation
     condition_tensor = torch.stack([item["condition"] for item in items])
     outlines = to_uint8(torch.stack([item["source"] for item in items]), 0.0, 1.0)
     true_prompts = [item["true_prompt"] for item in items]
     settings = dict(batch_size=batch_size, seed=seed, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
 
-    base_images = generate(pipeline, None, condition_tensor, true_prompts, desc="evaluating base alone", **settings)
-    base = score_images(base_images, outlines, true_prompts, palette)
+    with timed(seconds, "generation"):
+        base_images = generate(pipeline, None, condition_tensor, true_prompts, desc="evaluating base alone", **settings)
+    with timed(seconds, "oracle"):
+        base = score_images(base_images, outlines, true_prompts, palette)
     samples = {
         "conditions": to_uint8(condition_tensor, 0.0, 1.0),
         "targets": to_uint8(torch.stack([item["target"] for item in items]), -1.0, 1.0),
@@ -93,12 +119,17 @@ def evaluate_oracle(pipeline: TinyTextToImagePipeline, controlnet, dataset: Fill
     per_setting = {}
     for setting in PROMPT_SETTINGS:
         prompts = setting_prompts(setting, true_prompts, palette, seed)
-        images = generate(pipeline, controlnet, condition_tensor, prompts, desc=f"evaluating base + ControlNet, {setting} prompt", **settings)
+        with timed(seconds, "generation"):
+            images = generate(pipeline, controlnet, condition_tensor, prompts, desc=f"evaluating base + ControlNet, {setting} prompt", **settings)
         names_colors = setting in ("conflicting", "perfect")
-        scores = score_images(images, outlines, prompts if names_colors else true_prompts, palette)
+        with timed(seconds, "oracle"):
+            scores = score_images(images, outlines, prompts if names_colors else true_prompts, palette)
         per_setting[setting] = {"mask_iou": scores["mask_iou"], "color_accuracy": scores["color_accuracy"] if names_colors else None}
+        if suite.fidelity is not None:
+            with timed(seconds, "fidelity"):
+                per_setting[setting][suite.fidelity.metric] = suite.fidelity.score(images, samples["conditions"])["value"]
         samples[setting] = images
-    return {
+    results = {
         "mask_iou": per_setting["perfect"]["mask_iou"],
         "color_accuracy": per_setting["perfect"]["color_accuracy"],
         "base_mask_iou": base["mask_iou"],
@@ -107,5 +138,43 @@ def evaluate_oracle(pipeline: TinyTextToImagePipeline, controlnet, dataset: Fill
         "prompt_settings": per_setting,
         "eval_images": len(items),
         "palette_size": len(palette),
-        "samples": samples,
     }
+    results.update(extra_scores(suite, samples, true_prompts, seconds))
+    if suite.fidelity is not None:
+        results[suite.fidelity.metric] = per_setting["perfect"][suite.fidelity.metric]
+    results["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
+    results["samples"] = samples
+    return results
+
+
+def extra_scores(suite: MetricSuite, samples: dict, true_prompts: list[str], seconds: dict) -> dict:
+    """Condition fidelity, FIDs and CLIP score of the perfect prompt's images, each with its image count and backbone."""
+    images, count = samples["perfect"], len(samples["perfect"])
+    scores = {}
+    if suite.fidelity is not None:
+        fidelity = suite.fidelity
+        scores["condition_fidelity"] = {
+            "metric": fidelity.metric, "detector": fidelity.detector_name, "images": count,
+            "tolerance_px": fidelity.tolerance if fidelity.metric == "edge_f1" else None,
+        }
+    if suite.domain_features is not None:
+        with timed(seconds, "fid_domain"):
+            scores["fid_domain"] = fid(images, samples["targets"], suite.domain_features)
+        scores["fid_domain_info"] = {"label": "FID (domain features)", "backbone": "domain CNN trained on the data (metrics/domain_features.py)",
+                                     "images": count, "reference": "held-out targets of the same conditions"}
+    if suite.inception_features is not None:
+        with timed(seconds, "fid_inception"):
+            scores["fid"] = fid(images, samples["targets"], suite.inception_features)
+        scores["fid_info"] = {"label": "FID (Inception, clean-fid clean mode)", "backbone": "inception-2015-12-05", "images": count}
+    if suite.clip is not None:
+        with timed(seconds, "clip_score"):
+            scores["clip_score"] = clip_score(suite.clip, images, true_prompts)
+        scores["clip_score_info"] = {"backbone": suite.clip_model, "images": count, "prompts": "true (perfect setting)"}
+    return scores
+
+
+@contextmanager
+def timed(seconds: dict, key: str):
+    started = time.perf_counter()
+    yield
+    seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - started

@@ -25,9 +25,20 @@ METRICS = (
     *[(f"metrics.prompt_settings.{s}.mask_iou", f"mask IoU ({s} prompt)") for s in PROMPT_SETTINGS],
     ("metrics.prompt_settings.perfect.color_accuracy", "color acc. (perfect)"),
     ("metrics.prompt_settings.conflicting.color_accuracy", "color acc. (conflicting: prompt's colors)"),
+    ("metrics.edge_f1", "edge F1 (perfect; canny re-detection, 1 px)"),
+    ("metrics.seg_miou", "seg mIoU (perfect; re-segmented)"),
+    ("metrics.fid_domain", "FID (domain features)"),
+    ("metrics.fid", "FID (Inception)"),
+    ("metrics.clip_score", "CLIP score"),
+    ("metrics.sudden_convergence_step", "sudden-convergence step"),
     ("metrics.base_mask_iou", "base alone mask IoU"),
     ("metrics.trainable_params", "trainable params"),
 )
+# The paper's numbers where it has them (SD 1.5 on ADE20K segmentation; Tables 2 and 3), by block.
+PAPER = {
+    "zero": {"FID (Inception)": 15.27, "CLIP score": 0.26, "seg IoU (OneFormer re-detection)": 0.35},
+    "single": {"FID (Inception)": 17.92, "CLIP score": 0.26, "seg IoU (OneFormer re-detection)": 0.32},
+}
 
 
 class SweepError(ValueError):
@@ -105,12 +116,50 @@ def write_tables(sweep_dir: Path, out_dir: Path | None = None) -> dict[str, Path
     table = display_table(summary)
     paths = {"markdown": out_dir / "table.md", "csv": out_dir / "table.csv", "latex": out_dir / "table.tex"}
     note = f"\n\n{len(unfinished)} job(s) left no results.json: {', '.join(p.name for p in unfinished)}\n" if unfinished else "\n"
-    paths["markdown"].write_text(table.to_markdown(index=False, disable_numparse=True) + note)
+    paths["markdown"].write_text(table.to_markdown(index=False, disable_numparse=True) + note + paper_note(summary))
     summary.to_csv(paths["csv"], index=False)
     paths["latex"].write_text(table.to_latex(index=False, escape=True))
     paths["mask_iou_plot"] = plot_mask_iou(summary, out_dir / "mask_iou_by_prompt.png")
     paths["samples"] = sample_sheet(frame, out_dir / "samples.png")
+    if "metrics.curve" in frame:
+        paths["curves"] = plot_curves(frame, out_dir / "fidelity_curves.png")
     return paths
+
+
+def paper_note(summary: pd.DataFrame) -> str:
+    """The paper's own numbers for the blocks in this table, labelled as such (empty if it has none)."""
+    if "block" not in summary or not set(summary["block"]) & set(PAPER):
+        return ""
+    rows = [{"block": block, **PAPER[block]} for block in summary["block"] if block in PAPER]
+    return ("\n**Paper's numbers (SD 1.5, ADE20K segmentation, Tables 2-3; not comparable in scale with ours):**\n\n"
+            + pd.DataFrame(rows).to_markdown(index=False) + "\n")
+
+
+def plot_curves(frame: pd.DataFrame, path: Path) -> Path:
+    """Condition fidelity against the training step, one line per job, the sudden-convergence step marked."""
+    methods = method_columns(frame)
+    figure, axis = plt.subplots(figsize=(7, 3.8))
+    colors = {}
+    for _, row in frame.iterrows():
+        curve = row["metrics.curve"]
+        if not isinstance(curve, list) or not curve:
+            continue
+        metric = row["metrics.curve_metric"]
+        label = _method_label(row, methods)
+        color = colors.setdefault(label, f"C{len(colors)}")
+        steps = [point["step"] for point in curve]
+        axis.plot(steps, [point[metric] for point in curve], color=color, alpha=0.8, label=label if label not in axis.get_legend_handles_labels()[1] else None)
+        jump = row.get("metrics.sudden_convergence_step")
+        if jump is not None and not pd.isna(jump):
+            axis.axvline(jump, color=color, linestyle=":", alpha=0.8)
+    axis.set_xlabel("training step")
+    axis.set_ylabel(f"{frame['metrics.curve_metric'].iloc[0]} ({int(frame['metrics.curve_images'].iloc[0])} held-out conditions)")
+    axis.set_title("condition fidelity during training (dotted: sudden-convergence step)", fontsize=9)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
 
 
 def _method_label(row: pd.Series, methods: list[str]) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+from lightning.pytorch.loggers import WandbLogger
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -19,7 +20,12 @@ from controlnet_lab.config_checks import check_train_config
 from controlnet_lab.data.conditions import condition_maker
 from controlnet_lab.data.datamodule import Fill50kDataModule
 from controlnet_lab.data.synthetic import SyntheticFill50kSpec, write_fill50k
-from controlnet_lab.evaluation import PROMPT_SETTINGS, evaluate_oracle, palette_of
+from controlnet_lab.callbacks import FidelityCurve
+from controlnet_lab.evaluation import PROMPT_SETTINGS, MetricSuite, evaluate_oracle, palette_of
+from controlnet_lab.metrics.clip_score import clip_scorer
+from controlnet_lab.metrics.domain_features import domain_net
+from controlnet_lab.metrics.fid import inception_extractor
+from controlnet_lab.metrics.fidelity import EDGE_CONDITIONS, ConditionFidelity
 from controlnet_lab.images import save_grid
 from controlnet_lab.module import ControlNetModule
 
@@ -47,12 +53,33 @@ def build_datamodule(cfg: DictConfig, root: Path) -> Fill50kDataModule:
 
 
 def oracle_scores(cfg: DictConfig, module: ControlNetModule, data: Fill50kDataModule) -> dict:
-    """The final oracle evaluation on the held-out split, with the run's sampling and eval settings."""
+    """The final evaluation on the held-out split, with the run's sampling and eval settings and every enabled metric."""
+    palette = palette_of([r.prompt for r in data.train_records + data.val_records])
     return evaluate_oracle(
-        module.pipeline, module.controlnet, data.val_dataset(), palette_of([r.prompt for r in data.train_records + data.val_records]),
+        module.pipeline, module.controlnet, data.val_dataset(), palette,
         count=cfg.eval.num_images, batch_size=cfg.eval.batch_size, seed=cfg.eval.seed,
         num_inference_steps=cfg.model.sampling.num_inference_steps, guidance_scale=cfg.model.sampling.guidance_scale,
+        suite=metric_suite(cfg, data, palette),
     )
+
+
+def metric_suite(cfg: DictConfig, data: Fill50kDataModule, palette: list[str]) -> MetricSuite:
+    """The metrics ``cfg.eval`` enables; each that needs weights fails here, with the file it needs, if they are missing."""
+    metrics = cfg.eval
+    device = "cuda" if cfg.trainer.accelerator == "gpu" else "cpu"
+    suite = MetricSuite()
+    if cfg.data.condition in EDGE_CONDITIONS or cfg.data.condition == "seg":
+        suite.fidelity = ConditionFidelity(cfg.data.condition, cfg.data.resolution, metrics.edge_tolerance,
+                                           cfg.data.detector_weights, tuple(cfg.data.canny_thresholds))
+    if metrics.fid_domain.enabled:
+        net = domain_net(data.train_records, cfg.data.resolution, palette, Path(cfg.paths.cache_dir) / "fid_domain",
+                         steps=metrics.fid_domain.steps, count=metrics.fid_domain.count)
+        suite.domain_features = net.clean_fid_extractor()
+    if metrics.fid.inception:
+        suite.inception_features = inception_extractor(metrics.fid.inception_dir, device)
+    if metrics.clip.enabled:
+        suite.clip, suite.clip_model = clip_scorer(metrics.clip.model, device), metrics.clip.model
+    return suite
 
 
 def base_folder(cfg: DictConfig, root: Path) -> Path:
@@ -130,10 +157,15 @@ def train(cfg: DictConfig) -> dict:
 
     evaluation = oracle_scores(cfg, module, data)
     samples = evaluation.pop("samples")
-    save_eval_grid(samples, output_dir / "eval_samples.png")
+    grid = save_eval_grid(samples, output_dir / "eval_samples.png")
     metrics = {**evaluation, "trainable_params": trainable}
+    curves = [c for c in callbacks if isinstance(c, FidelityCurve)]
+    if curves:
+        metrics.update(curves[0].summary())
     for logger in loggers:
         logger.log_metrics(flat_metrics(metrics, "eval"), step=trainer.global_step)
+        if isinstance(logger, WandbLogger):
+            log_wandb_summary(logger, metrics, grid)
 
     record = results_record(cfg, metrics, {
         "global_step": trainer.global_step,
@@ -144,6 +176,15 @@ def train(cfg: DictConfig) -> dict:
     })
     (output_dir / "results.json").write_text(json.dumps(record, indent=2))
     return record
+
+
+def log_wandb_summary(logger: WandbLogger, metrics: dict, grid: Path) -> None:
+    """A table of the final scores per prompt setting, the evaluation grid, and the final metrics as the run's summary."""
+    columns = ["prompt setting", *sorted({k for scores in metrics["prompt_settings"].values() for k in scores})]
+    rows = [[setting, *[scores.get(c) for c in columns[1:]]] for setting, scores in metrics["prompt_settings"].items()]
+    logger.log_table("eval/prompt_settings", columns=columns, data=rows)
+    logger.log_image("eval/samples", images=[str(grid)], caption=["condition | target | base alone | " + " | ".join(PROMPT_SETTINGS)])
+    logger.experiment.summary.update(flat_metrics(metrics, "final"))
 
 
 def save_eval_grid(samples: dict, path: Path, columns: int = 16) -> Path:
