@@ -12,7 +12,7 @@ from controlnet_lab.tables import write_tables
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="tables")
 def main(cfg: DictConfig) -> None:
-    paths = write_tables(cfg.sweep, cfg.out)
+    paths = write_tables(cfg.sweep, cfg.out, cfg.rescored)
     print(paths["markdown"].read_text())
     for kind, path in paths.items():
         print(f"{kind}: {path}")

@@ -45,8 +45,12 @@ class SweepError(ValueError):
     pass
 
 
-def load_sweep(sweep_dir: Path) -> tuple[pd.DataFrame, list[Path]]:
-    """(one flattened row per finished job, the job directories that left no results.json)."""
+def load_sweep(sweep_dir: Path, rescored: bool = False) -> tuple[pd.DataFrame, list[Path]]:
+    """(one flattened row per finished job, the job directories that left no results.json).
+
+    With ``rescored``, a job's metrics are updated with those of its
+    ``checkpoints/eval.json`` (written by eval/evaluate.py), where there is one.
+    """
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise SweepError(f"sweep={sweep_dir}: not a directory")
@@ -60,6 +64,9 @@ def load_sweep(sweep_dir: Path) -> tuple[pd.DataFrame, list[Path]]:
             record = json.loads((job / "results.json").read_text())
         except json.JSONDecodeError as err:
             raise SweepError(f"{job / 'results.json'}: not valid JSON ({err.msg})") from None
+        rescore = job / "checkpoints" / "eval.json"
+        if rescored and rescore.is_file():
+            record["metrics"] = {**record["metrics"], **json.loads(rescore.read_text())["metrics"]}
         rows.append({**pd.json_normalize(record).iloc[0].to_dict(), "job_dir": str(job)})
     return pd.DataFrame(rows), [job for job in jobs if job not in finished]
 
@@ -107,15 +114,18 @@ def _mean_std(mean: float, std: float) -> str:
     return f"{mean:.3f}" if np.isnan(std) else f"{mean:.3f} ± {std:.3f}"
 
 
-def write_tables(sweep_dir: Path, out_dir: Path | None = None) -> dict[str, Path]:
+def write_tables(sweep_dir: Path, out_dir: Path | None = None, rescored: bool = False) -> dict[str, Path]:
     """Write table.md, table.csv (numbers), table.tex and the plots; returns their paths."""
-    frame, unfinished = load_sweep(sweep_dir)
+    frame, unfinished = load_sweep(sweep_dir, rescored)
     out_dir = Path(out_dir or sweep_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarize(frame)
     table = display_table(summary)
     paths = {"markdown": out_dir / "table.md", "csv": out_dir / "table.csv", "latex": out_dir / "table.tex"}
     note = f"\n\n{len(unfinished)} job(s) left no results.json: {', '.join(p.name for p in unfinished)}\n" if unfinished else "\n"
+    if rescored:
+        count = sum((Path(job) / "checkpoints" / "eval.json").is_file() for job in frame["job_dir"])
+        note += f"\nMetrics of {count} of {len(frame)} jobs re-scored by eval/evaluate.py (their checkpoints/eval.json).\n"
     paths["markdown"].write_text(table.to_markdown(index=False, disable_numparse=True) + note + paper_note(summary))
     summary.to_csv(paths["csv"], index=False)
     paths["latex"].write_text(table.to_latex(index=False, escape=True))
