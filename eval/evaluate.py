@@ -15,7 +15,7 @@ import wandb
 from omegaconf import DictConfig, OmegaConf
 
 from controlnet_lab.module import ControlNetModule
-from controlnet_lab.training import build_datamodule, dataset_root, flat_metrics, oracle_scores
+from controlnet_lab.training import build_datamodule, dataset_root, flat_metrics, held_out_scores
 
 
 def checkpoint_path(ckpt: str) -> Path:
@@ -39,7 +39,7 @@ def main(cfg: DictConfig) -> None:
     run_cfg = OmegaConf.merge(OmegaConf.load(run_config), {"eval": cfg.eval, "paths": {"cache_dir": cfg.paths.cache_dir}})
     data = build_datamodule(run_cfg, dataset_root(run_cfg))
     module = ControlNetModule.load_from_checkpoint(ckpt, map_location="cpu")
-    metrics = oracle_scores(run_cfg, module, data)
+    metrics = held_out_scores(run_cfg, module, data)
     metrics.pop("samples")
     out = ckpt.parent / "eval.json"
     out.write_text(json.dumps({"checkpoint": str(ckpt), "eval": OmegaConf.to_container(cfg.eval, resolve=True), "metrics": metrics}, indent=2))

@@ -1,4 +1,4 @@
-"""Oracle evaluation on held-out conditions: the locked base alone vs base + ControlNet under the paper's four prompt settings, same noise."""
+"""Evaluation on held-out conditions: the locked base alone vs base + ControlNet under the paper's four prompt settings, same noise; oracle scores, condition fidelity, FID and CLIP score."""
 from __future__ import annotations
 
 import time
@@ -86,7 +86,7 @@ class MetricSuite:
     clip_model: str | None = None
 
 
-def evaluate_oracle(pipeline: TinyTextToImagePipeline, controlnet, dataset: Fill50kDataset, palette: list[str],
+def evaluate_held_out(pipeline: TinyTextToImagePipeline, controlnet, dataset: Fill50kDataset, palette: list[str],
                     count: int, batch_size: int, seed: int, num_inference_steps: int, guidance_scale: float,
                     suite: MetricSuite | None = None) -> dict:
     """Scores of base + ControlNet under each prompt setting, of the base alone, and the random-placement IoU.

@@ -1,4 +1,4 @@
-"""The training task behind src/train.py: data, locked base, ControlNet, fit, oracle evaluation, results.json."""
+"""The training task behind src/train.py: data, locked base, ControlNet, fit, held-out evaluation, results.json."""
 from __future__ import annotations
 
 import dataclasses
@@ -21,7 +21,7 @@ from controlnet_lab.data.conditions import condition_maker
 from controlnet_lab.data.datamodule import Fill50kDataModule
 from controlnet_lab.data.synthetic import SyntheticFill50kSpec, write_fill50k
 from controlnet_lab.callbacks import FidelityCurve
-from controlnet_lab.evaluation import PROMPT_SETTINGS, MetricSuite, evaluate_oracle, palette_of
+from controlnet_lab.evaluation import PROMPT_SETTINGS, MetricSuite, evaluate_held_out, palette_of
 from controlnet_lab.metrics.clip_score import clip_scorer
 from controlnet_lab.metrics.domain_features import domain_net
 from controlnet_lab.metrics.fid import inception_extractor
@@ -52,10 +52,10 @@ def build_datamodule(cfg: DictConfig, root: Path) -> Fill50kDataModule:
     return data
 
 
-def oracle_scores(cfg: DictConfig, module: ControlNetModule, data: Fill50kDataModule) -> dict:
+def held_out_scores(cfg: DictConfig, module: ControlNetModule, data: Fill50kDataModule) -> dict:
     """The final evaluation on the held-out split, with the run's sampling and eval settings and every enabled metric."""
     palette = palette_of([r.prompt for r in data.train_records + data.val_records])
-    return evaluate_oracle(
+    return evaluate_held_out(
         module.pipeline, module.controlnet, data.val_dataset(), palette,
         count=cfg.eval.num_images, batch_size=cfg.eval.batch_size, seed=cfg.eval.seed,
         num_inference_steps=cfg.model.sampling.num_inference_steps, guidance_scale=cfg.model.sampling.guidance_scale,
@@ -155,7 +155,7 @@ def train(cfg: DictConfig) -> dict:
     trainer.fit(module, datamodule=data, ckpt_path=cfg.ckpt_path)
     train_seconds = time.time() - started
 
-    evaluation = oracle_scores(cfg, module, data)
+    evaluation = held_out_scores(cfg, module, data)
     samples = evaluation.pop("samples")
     grid = save_eval_grid(samples, output_dir / "eval_samples.png")
     metrics = {**evaluation, "trainable_params": trainable}
