@@ -15,6 +15,7 @@ import wandb
 from omegaconf import DictConfig, OmegaConf
 
 from controlnet_lab.module import ControlNetModule
+from controlnet_lab.task import wandb_mode
 from controlnet_lab.training import build_datamodule, dataset_root, flat_metrics, held_out_scores
 
 
@@ -53,8 +54,7 @@ def log_to_run_wandb(run_dir: Path, run_cfg: DictConfig, metrics: dict) -> None:
     if not runs:
         return
     project = OmegaConf.select(run_cfg, "logger.wandb.project", default="controlnet-lab")
-    mode = None if "WANDB_MODE" in os.environ else ("online" if os.environ.get("WANDB_OFFLINE") == "false" else "offline")
-    run = wandb.init(project=project, id=runs[-1].name.rsplit("-", 1)[-1], resume="allow", dir=str(run_dir), mode=mode, job_type="eval")
+    run = wandb.init(project=project, id=runs[-1].name.rsplit("-", 1)[-1], resume="allow", dir=str(run_dir), mode=wandb_mode(), job_type="eval")
     run.summary.update(flat_metrics(metrics, "reeval"))
     run.finish()
 

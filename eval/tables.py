@@ -2,17 +2,20 @@
 
 Reads every job's results.json and writes table.md, table.csv and table.tex (one row
 per method, mean ± std over seeds) and two plots (mask IoU per prompt setting;
-each method's sample grid) into the sweep directory, or ``out``.
+each method's sample grid; fidelity curves when the jobs recorded them) into the sweep
+directory, or ``out``, and logs the table and plots to W&B, grouped with the sweep's runs.
 """
 import hydra
 from omegaconf import DictConfig
 
-from controlnet_lab.tables import write_tables
+from controlnet_lab.tables import log_to_wandb, write_tables
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="tables")
 def main(cfg: DictConfig) -> None:
-    paths = write_tables(cfg.sweep, cfg.out, cfg.rescored)
+    table, paths = write_tables(cfg.sweep, cfg.out, cfg.rescored)
+    if cfg.wandb:
+        log_to_wandb(table, paths, cfg.sweep)
     print(paths["markdown"].read_text())
     for kind, path in paths.items():
         print(f"{kind}: {path}")

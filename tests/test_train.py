@@ -110,6 +110,7 @@ def test_block_sweep_gives_one_result_per_block(tmp_path):
     assert tables.returncode == 0, tables.stderr[-3000:]
     for name in ("table.md", "table.csv", "table.tex", "mask_iou_by_prompt.png", "samples.png", "fidelity_curves.png"):
         assert (sweep / name).stat().st_size > 0, name
+    assert list((sweep / "wandb").glob("offline-run-*")), "the table goes to W&B too"
     rows = (sweep / "table.csv").read_text().splitlines()
     assert len(rows) == 4 and [row.split(",")[0] for row in rows[1:]] == ["zero", "gauss", "single"]
 

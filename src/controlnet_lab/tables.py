@@ -16,7 +16,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import wandb  # noqa: E402
 from PIL import Image  # noqa: E402
+
+from controlnet_lab.task import wandb_mode  # noqa: E402
 
 METHOD_KEYS = ("block", "data.size", "data.prompt_dropout", "data.condition")
 PROMPT_SETTINGS = ("none", "insufficient", "conflicting", "perfect")
@@ -114,8 +117,8 @@ def _mean_std(mean: float, std: float) -> str:
     return f"{mean:.3f}" if np.isnan(std) else f"{mean:.3f} ± {std:.3f}"
 
 
-def write_tables(sweep_dir: Path, out_dir: Path | None = None, rescored: bool = False) -> dict[str, Path]:
-    """Write table.md, table.csv (numbers), table.tex and the plots; returns their paths."""
+def write_tables(sweep_dir: Path, out_dir: Path | None = None, rescored: bool = False) -> tuple[pd.DataFrame, dict[str, Path]]:
+    """Write table.md, table.csv (numbers), table.tex and the plots; returns the displayed table and the paths."""
     frame, unfinished = load_sweep(sweep_dir, rescored)
     out_dir = Path(out_dir or sweep_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -133,7 +136,15 @@ def write_tables(sweep_dir: Path, out_dir: Path | None = None, rescored: bool = 
     paths["samples"] = sample_sheet(frame, out_dir / "samples.png")
     if "metrics.curve" in frame:
         paths["curves"] = plot_curves(frame, out_dir / "fidelity_curves.png")
-    return paths
+    return table, paths
+
+
+def log_to_wandb(table: pd.DataFrame, paths: dict[str, Path], sweep_dir: Path, project: str = "controlnet-lab") -> None:
+    """The table and plots as a W&B run of job type "tables", grouped with the sweep's runs (offline unless WANDB_OFFLINE=false)."""
+    run = wandb.init(project=project, group=Path(sweep_dir).name, job_type="tables", name="tables", dir=str(sweep_dir), mode=wandb_mode())
+    run.log({"table": wandb.Table(dataframe=table.astype(str)),
+             **{name: wandb.Image(str(path)) for name, path in paths.items() if path.suffix == ".png"}})
+    run.finish()
 
 
 def paper_note(summary: pd.DataFrame) -> str:

@@ -1,7 +1,8 @@
-"""Wrapper for Hydra tasks (as in lightning-hydra-template): W&B always finishes, so multirun jobs never share a run."""
+"""Wrapper for Hydra tasks (as in lightning-hydra-template): W&B always finishes, so multirun jobs never share a run; and the W&B mode for runs outside the logger."""
 from __future__ import annotations
 
 import functools
+import os
 import sys
 
 
@@ -18,3 +19,10 @@ def task_wrapper(task):
                     wandb.finish()
 
     return wrapped
+
+
+def wandb_mode() -> str | None:
+    """The mode for a wandb.init outside the Lightning logger: WANDB_MODE if set, else offline unless WANDB_OFFLINE=false (as the logger config)."""
+    if "WANDB_MODE" in os.environ:
+        return None
+    return "online" if os.environ.get("WANDB_OFFLINE") == "false" else "offline"
