@@ -217,7 +217,7 @@ def sample_sheet(frame: pd.DataFrame, path: Path) -> Path:
     figure, axes = plt.subplots(len(grids), 1, figsize=(12, 4.2 * len(grids)), squeeze=False)
     for axis, (row, grid) in zip(axes[:, 0], grids):
         image = Image.open(grid)
-        axis.imshow(image)
+        axis.imshow(image, interpolation="nearest")
         axis.set_title(f"{_method_label(row, methods)} (seed {row['seed']})", fontsize=10)
         axis.set_xticks([])
         step = image.height / len(row_names)
