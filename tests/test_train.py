@@ -115,6 +115,14 @@ def test_block_sweep_gives_one_result_per_block(tmp_path):
     assert len(rows) == 4 and [row.split(",")[0] for row in rows[1:]] == ["zero", "gauss", "single"]
 
 
+def test_missing_inception_weights_stop_the_run_before_training(tmp_path):
+    weights = tmp_path / "no-weights"
+    result = run_train(["experiment=smoke", "logger=csv", "eval.fid.inception=true", f"eval.fid.inception_dir={weights}", "eval.fid.download=false"], tmp_path)
+    assert result.returncode != 0
+    assert f"eval.fid.inception_dir={weights}" in result.stderr and "inception-2015-12-05.pt" in result.stderr
+    assert not list((tmp_path / "outputs").rglob("*.ckpt")) and not (tmp_path / "cache" / "base").exists()
+
+
 @pytest.mark.parametrize("name, swept", [
     ("ablation_block", "block"), ("ablation_prompt_dropout", "data.prompt_dropout"),
     ("ablation_dataset_size", "data.size"), ("ablation_condition", "data.condition"),

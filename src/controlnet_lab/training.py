@@ -10,17 +10,17 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-from lightning.pytorch.loggers import WandbLogger
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from controlnet_lab.base import pretrained_base
+from controlnet_lab.callbacks import FidelityCurve
 from controlnet_lab.config_checks import check_train_config
 from controlnet_lab.data.conditions import condition_maker
 from controlnet_lab.data.datamodule import Fill50kDataModule
 from controlnet_lab.data.synthetic import SyntheticFill50kSpec, write_fill50k
-from controlnet_lab.callbacks import FidelityCurve
 from controlnet_lab.evaluation import PROMPT_SETTINGS, MetricSuite, evaluate_held_out, palette_of
 from controlnet_lab.metrics.clip_score import clip_scorer
 from controlnet_lab.metrics.domain_features import domain_net
@@ -52,33 +52,37 @@ def build_datamodule(cfg: DictConfig, root: Path) -> Fill50kDataModule:
     return data
 
 
-def held_out_scores(cfg: DictConfig, module: ControlNetModule, data: Fill50kDataModule) -> dict:
+def held_out_scores(cfg: DictConfig, module: ControlNetModule, data: Fill50kDataModule, suite: MetricSuite | None = None) -> dict:
     """The final evaluation on the held-out split, with the run's sampling and eval settings and every enabled metric."""
-    palette = palette_of([r.prompt for r in data.train_records + data.val_records])
     return evaluate_held_out(
-        module.pipeline, module.controlnet, data.val_dataset(), palette,
+        module.pipeline, module.controlnet, data.val_dataset(), dataset_palette(data),
         count=cfg.eval.num_images, batch_size=cfg.eval.batch_size, seed=cfg.eval.seed,
         num_inference_steps=cfg.model.sampling.num_inference_steps, guidance_scale=cfg.model.sampling.guidance_scale,
-        suite=metric_suite(cfg, data, palette),
+        suite=suite or metric_suite(cfg, data),
     )
 
 
-def metric_suite(cfg: DictConfig, data: Fill50kDataModule, palette: list[str]) -> MetricSuite:
-    """The metrics ``cfg.eval`` enables; each that needs weights fails here, with the file it needs, if they are missing."""
+def dataset_palette(data: Fill50kDataModule) -> list[str]:
+    return palette_of([r.prompt for r in data.train_records + data.val_records])
+
+
+def metric_suite(cfg: DictConfig, data: Fill50kDataModule) -> MetricSuite:
+    """The metrics ``cfg.eval`` enables, loaded now: missing weights fail here, with the file they need,
+    so training calls this before any training."""
     metrics = cfg.eval
     device = "cuda" if cfg.trainer.accelerator == "gpu" else "cpu"
     suite = MetricSuite()
     if cfg.data.condition in EDGE_CONDITIONS or cfg.data.condition == "seg":
         suite.fidelity = ConditionFidelity(cfg.data.condition, cfg.data.resolution, metrics.edge_tolerance,
                                            cfg.data.detector_weights, tuple(cfg.data.canny_thresholds))
-    if metrics.fid_domain.enabled:
-        net = domain_net(data.train_records, cfg.data.resolution, palette, Path(cfg.paths.cache_dir) / "fid_domain",
-                         steps=metrics.fid_domain.steps, count=metrics.fid_domain.count)
-        suite.domain_features = net.clean_fid_extractor()
     if metrics.fid.inception:
-        suite.inception_features = inception_extractor(metrics.fid.inception_dir, device)
+        suite.inception_features = inception_extractor(metrics.fid.inception_dir, device, metrics.fid.download)
     if metrics.clip.enabled:
         suite.clip, suite.clip_model = clip_scorer(metrics.clip.model, device), metrics.clip.model
+    if metrics.fid_domain.enabled:
+        net = domain_net(data.train_records, cfg.data.resolution, dataset_palette(data), Path(cfg.paths.cache_dir) / "fid_domain",
+                         steps=metrics.fid_domain.steps, count=metrics.fid_domain.count)
+        suite.domain_features = net.clean_fid_extractor()
     return suite
 
 
@@ -131,6 +135,7 @@ def train(cfg: DictConfig) -> dict:
 
     root = dataset_root(cfg)
     data = build_datamodule(cfg, root)
+    suite = metric_suite(cfg, data)
     base_path = base_folder(cfg, root)
 
     L.seed_everything(cfg.seed, workers=True)
@@ -155,7 +160,7 @@ def train(cfg: DictConfig) -> dict:
     trainer.fit(module, datamodule=data, ckpt_path=cfg.ckpt_path)
     train_seconds = time.time() - started
 
-    evaluation = held_out_scores(cfg, module, data)
+    evaluation = held_out_scores(cfg, module, data, suite)
     samples = evaluation.pop("samples")
     grid = save_eval_grid(samples, output_dir / "eval_samples.png")
     metrics = {**evaluation, "trainable_params": trainable}

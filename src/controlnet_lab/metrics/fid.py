@@ -9,8 +9,10 @@ error names the file, its URL and where to put it.
 """
 from __future__ import annotations
 
+import socket
 import tempfile
 import urllib.error
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -25,13 +27,16 @@ INCEPTION_FILE = "inception-2015-12-05.pt"
 FeatureExtractor = Callable[[torch.Tensor], torch.Tensor]
 
 
-def inception_extractor(weights_dir: str | Path, device: str = "cpu") -> FeatureExtractor:
-    """clean-fid's Inception (2048-d pool features) from ``weights_dir/inception-2015-12-05.pt``."""
+def inception_extractor(weights_dir: str | Path, device: str = "cpu", download: bool = True) -> FeatureExtractor:
+    """clean-fid's Inception (2048-d pool features) from ``weights_dir/inception-2015-12-05.pt``, downloaded there if allowed."""
     folder = Path(weights_dir)
     if not (folder / INCEPTION_FILE).is_file():
         try:
+            if not download:
+                raise OSError("eval.fid.download=false")
             folder.mkdir(parents=True, exist_ok=True)
-            check_download_inception(fpath=str(folder))
+            with socket_timeout(60):
+                check_download_inception(fpath=str(folder))
         except (urllib.error.URLError, OSError) as err:
             (folder / INCEPTION_FILE).unlink(missing_ok=True)  # no half-downloaded file left behind
             raise FileNotFoundError(
@@ -41,6 +46,17 @@ def inception_extractor(weights_dir: str | Path, device: str = "cpu") -> Feature
             ) from None
     model = InceptionV3W(str(folder), download=False, resize_inside=False).to(device).eval()
     return lambda batch: model(batch)
+
+
+@contextmanager
+def socket_timeout(seconds: float):
+    """clean-fid's download has no timeout; without network it would otherwise hang."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
 def write_images(images: np.ndarray, folder: Path) -> Path:
