@@ -46,6 +46,16 @@ def test_smoke_reports_fidelity_fid_and_the_curve(smoke_run):
     assert "sudden_convergence_step" in metrics
 
 
+def test_the_fidelity_curve_does_not_change_training(smoke_run, tmp_path):
+    _, run_dir = smoke_run
+    result = run_train(["experiment=smoke", "logger=csv", "~callbacks.fidelity_curve"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (other,) = (tmp_path / "outputs" / "smoke" / "runs").iterdir()
+    with_curve = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    without = torch.load(other / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    assert with_curve.keys() == without.keys() and all(torch.equal(with_curve[k], without[k]) for k in with_curve)
+
+
 def test_resume_continues_the_global_step(smoke_run):
     tmp, run_dir = smoke_run
     result = run_train(["experiment=smoke", "logger=csv", "trainer.max_steps=9", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"], tmp)

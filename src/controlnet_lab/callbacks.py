@@ -1,6 +1,7 @@
 """The fidelity curve: cheap condition-fidelity scores during training, for the sudden-convergence plot."""
 from __future__ import annotations
 
+import random
 import time
 
 import lightning as L
@@ -43,8 +44,20 @@ class FidelityCurve(L.Callback):
         if trainer.global_step % self.every_n_steps == 0:
             self.measure(trainer, pl_module)
 
-    @torch.no_grad()
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """One point of the curve. Reading held-out samples draws from Python's ``random`` (the
+        prompt-dropout draw), so every global RNG is restored afterwards: a run with the curve
+        trains exactly as one without it."""
+        states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        try:
+            self._measure(trainer, pl_module)
+        finally:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+            torch.set_rng_state(states[2])
+
+    @torch.no_grad()
+    def _measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         started = time.perf_counter()
         dataset = trainer.datamodule.val_dataset()
         items = [dataset[i] for i in range(min(self.num_images, len(dataset)))]
