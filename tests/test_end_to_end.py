@@ -21,3 +21,6 @@ def test_default_run_learns_control_and_keeps_colors(tmp_path):
     assert metrics["mask_iou"] > metrics["base_mask_iou"] + 0.4, metrics
     assert metrics["base_mask_iou"] < metrics["random_placement_mask_iou"] + 0.1, metrics
     assert metrics["color_accuracy"] >= 0.8, metrics
+    # Re-detected edges follow the condition, and the fidelity curve jumps (sudden convergence).
+    assert metrics["edge_f1"] >= 0.75, metrics
+    assert metrics["sudden_convergence_step"] is not None and metrics["curve"][-1]["edge_f1"] > metrics["curve"][0]["edge_f1"] + 0.4, metrics["curve"]
