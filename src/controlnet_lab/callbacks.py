@@ -12,7 +12,7 @@ from controlnet_lab.evaluation import generate
 from controlnet_lab.images import to_uint8
 from controlnet_lab.metrics.convergence import sudden_convergence_step
 from controlnet_lab.metrics.fidelity import ConditionFidelity
-from controlnet_lab.metrics.oracle import condition_mask, mask_iou, segment_circle
+from controlnet_lab.metrics.oracle import mean_mask_iou
 
 
 class FidelityCurve(L.Callback):
@@ -31,6 +31,7 @@ class FidelityCurve(L.Callback):
         self.fidelity = ConditionFidelity(condition, resolution, edge_tolerance, detector_weights, tuple(canny_thresholds))
         self.curve: list[dict] = []
         self.seconds = 0.0
+        self._held_out: tuple[torch.Tensor, np.ndarray, list[str]] | None = None
 
     @property
     def metric(self) -> str:
@@ -56,22 +57,29 @@ class FidelityCurve(L.Callback):
             np.random.set_state(states[1])
             torch.set_rng_state(states[2])
 
+    def held_out(self, trainer: L.Trainer) -> tuple[torch.Tensor, np.ndarray, list[str]]:
+        """(conditions, outlines, true prompts) of the fixed held-out samples, read once."""
+        if self._held_out is None:
+            dataset = trainer.datamodule.val_dataset()
+            items = [dataset[i] for i in range(min(self.num_images, len(dataset)))]
+            self._held_out = (torch.stack([item["condition"] for item in items]),
+                              to_uint8(torch.stack([item["source"] for item in items]), 0.0, 1.0),
+                              [item["true_prompt"] for item in items])
+        return self._held_out
+
     @torch.no_grad()
     def _measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         started = time.perf_counter()
-        dataset = trainer.datamodule.val_dataset()
-        items = [dataset[i] for i in range(min(self.num_images, len(dataset)))]
-        conditions = torch.stack([item["condition"] for item in items])
+        conditions, outlines, prompts = self.held_out(trainer)
         was_training = pl_module.controlnet.training
         pl_module.controlnet.eval()
-        images = generate(pl_module.pipeline, pl_module.controlnet, conditions, [item["true_prompt"] for item in items],
-                          batch_size=len(items), seed=self.seed, desc="fidelity curve", **self.sampling)
+        images = generate(pl_module.pipeline, pl_module.controlnet, conditions, prompts,
+                          batch_size=len(prompts), seed=self.seed, desc="fidelity curve", **self.sampling)
         pl_module.controlnet.train(was_training)
-        outlines = to_uint8(torch.stack([item["source"] for item in items]), 0.0, 1.0)
         point = {
             "step": trainer.global_step,
             self.metric: self.fidelity.score(images, to_uint8(conditions, 0.0, 1.0))["value"],
-            "mask_iou": float(np.mean([mask_iou(segment_circle(image)[0], condition_mask(outline)) for image, outline in zip(images, outlines)])),
+            "mask_iou": mean_mask_iou(images, outlines),
         }
         self.curve.append(point)
         self.seconds += time.perf_counter() - started

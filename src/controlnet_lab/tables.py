@@ -94,9 +94,14 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
     return summary.reset_index()
 
 
+def _summary_methods(summary: pd.DataFrame) -> list[str]:
+    """The method columns of a ``summarize`` result (the rest are statistics)."""
+    return [c for c in summary.columns if ":" not in c and c not in ("seeds", "eval_images")]
+
+
 def display_table(summary: pd.DataFrame) -> pd.DataFrame:
     """'mean ± std' strings under readable labels; counts as integers."""
-    methods = [c for c in summary.columns if ":" not in c and c not in ("seeds", "eval_images")]
+    methods = _summary_methods(summary)
     table = summary[methods].copy()
     for column, label in METRICS:
         if f"{column}:mean" not in summary:
@@ -189,7 +194,7 @@ def _method_label(row: pd.Series, methods: list[str]) -> str:
 
 def plot_mask_iou(summary: pd.DataFrame, path: Path) -> Path:
     """Grouped bars: mask IoU per prompt setting for each method, error bars one std over seeds."""
-    methods = [c for c in summary.columns if ":" not in c and c not in ("seeds", "eval_images")]
+    methods = _summary_methods(summary)
     figure, axis = plt.subplots(figsize=(7, 3.5))
     width = 0.8 / len(summary)
     x = np.arange(len(PROMPT_SETTINGS))
