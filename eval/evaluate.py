@@ -14,18 +14,10 @@ import hydra
 import wandb
 from omegaconf import DictConfig, OmegaConf
 
+from controlnet_lab.export import checkpoint_path
 from controlnet_lab.module import ControlNetModule
 from controlnet_lab.task import wandb_mode
 from controlnet_lab.training import build_datamodule, dataset_root, flat_metrics, held_out_scores
-
-
-def checkpoint_path(ckpt: str) -> Path:
-    path = Path(ckpt)
-    if path.is_dir():
-        path = path / "checkpoints" / "last.ckpt"
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt={ckpt}: no checkpoint there (give a .ckpt file or a run directory holding checkpoints/last.ckpt)")
-    return path
 
 
 os.environ.setdefault("CONTROLNET_LAB_ROOT", str(Path(__file__).resolve().parents[1]))  # conf/paths: root_dir

@@ -61,8 +61,17 @@ class ControlNetLiteModel(ModelMixin, ConfigMixin):
         controlnet_cond: torch.Tensor,
         conditioning_scale: float = 1.0,
         class_labels: torch.Tensor | None = None,
+        timestep_cond: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        added_cond_kwargs: dict | None = None,
+        cross_attention_kwargs: dict | None = None,
+        guess_mode: bool = False,
         return_dict: bool = False,
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """``ControlNetModel.forward``'s signature, so diffusers' ``MultiControlNetModel`` composes it;
+        the timestep and text inputs are unused (see the module docstring)."""
+        if guess_mode:
+            raise NotImplementedError("ControlNetLiteModel has no guess mode: use resolution_weighting (controlnet_lab.sampling)")
         hidden = self.conv_in(sample) + self.controlnet_cond_embedding(controlnet_cond)
         features = [hidden]
         for conv in self.blocks:

@@ -3,15 +3,21 @@
 diffusers' Stable Diffusion pipelines assume a VAE and latents; the embedded default
 works in pixel space (a VAE would cost most of the CPU budget), so this pipeline is
 the pixel-space counterpart of ``StableDiffusionControlNetPipeline``: the same
-classifier-free guidance and ControlNet residual plumbing, with diffusers' own
+classifier-free guidance and ControlNet residual plumbing (one ControlNet or several
+composed, CFG resolution weighting: sampling.py), with diffusers' own
 UNet, ControlNet and scheduler objects. ``save_pretrained``/``from_pretrained``
 come from ``DiffusionPipeline``.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
-from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers import DDIMScheduler, DiffusionPipeline, SchedulerMixin, UNet2DConditionModel
+from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, PreTrainedTokenizerFast
+
+from controlnet_lab.sampling import check_resolution_weighting, compose, weighted_residuals
 
 
 class TinyTextToImagePipeline(DiffusionPipeline):
@@ -41,21 +47,21 @@ class TinyTextToImagePipeline(DiffusionPipeline):
         hidden_states: torch.Tensor,
         pooled: torch.Tensor,
         controlnet=None,
-        condition: torch.Tensor | None = None,
-        conditioning_scale: float = 1.0,
+        condition: torch.Tensor | list[torch.Tensor] | None = None,
+        conditioning_scale: float | list[float] = 1.0,
+        resolution_weighting: str = "off",
+        guided: bool = False,
     ) -> torch.Tensor:
-        """The locked UNet's noise prediction, with a ControlNet's residuals added when one is given."""
+        """The locked UNet's noise prediction, with the residuals of a ControlNet (or a ``MultiControlNetModel``) added when one is given.
+
+        ``guided``: the batch is classifier-free guidance's [unconditional; conditional].
+        With resolution weighting on, the condition then reaches only the conditional half.
+        """
         class_labels = pooled if self.uses_pooled_text else None
         down_residuals = mid_residual = None
         if controlnet is not None:
-            down_residuals, mid_residual = controlnet(
-                sample,
-                timestep,
-                encoder_hidden_states=hidden_states,
-                controlnet_cond=condition,
-                conditioning_scale=conditioning_scale,
-                class_labels=class_labels,
-                return_dict=False,
+            down_residuals, mid_residual = self.control_residuals(
+                controlnet, sample, timestep, hidden_states, class_labels, condition, conditioning_scale, resolution_weighting, guided
             )
         return self.unet(
             sample,
@@ -67,35 +73,76 @@ class TinyTextToImagePipeline(DiffusionPipeline):
             return_dict=False,
         )[0]
 
+    @staticmethod
+    def control_residuals(controlnet, sample, timestep, hidden_states, class_labels, condition, conditioning_scale,
+                          resolution_weighting: str, guided: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
+        conditional_only = guided and resolution_weighting != "off"
+        if conditional_only:  # as diffusers' guess mode: the unconditional half gets zero residuals
+            half = sample.shape[0] // 2
+            sample, hidden_states = sample[half:], hidden_states[half:]
+            class_labels = None if class_labels is None else class_labels[half:]
+        elif guided:
+            condition = [torch.cat([c, c]) for c in condition] if isinstance(condition, list) else torch.cat([condition, condition])
+        down, mid = controlnet(
+            sample,
+            timestep,
+            encoder_hidden_states=hidden_states,
+            controlnet_cond=condition,
+            conditioning_scale=conditioning_scale,
+            class_labels=class_labels,
+            return_dict=False,
+        )
+        if conditional_only:
+            down = [torch.cat([torch.zeros_like(r), r]) for r in down]
+            mid = torch.cat([torch.zeros_like(mid), mid])
+        return weighted_residuals(down, mid, resolution_weighting)
+
     @torch.no_grad()
     def __call__(
         self,
         prompt: list[str],
-        condition: torch.Tensor | None = None,
+        condition: torch.Tensor | list[torch.Tensor] | None = None,
         controlnet=None,
         num_inference_steps: int = 25,
         guidance_scale: float = 4.0,
-        conditioning_scale: float = 1.0,
-        generator: torch.Generator | None = None,
+        conditioning_scale: float | list[float] = 1.0,
+        resolution_weighting: str = "off",
+        scheduler: SchedulerMixin | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> torch.Tensor:
-        """Images in [-1, 1], shape (len(prompt), C, H, W). CFG: eps_u + w (eps_c - eps_u)."""
+        """Images in [-1, 1], shape (len(prompt), C, H, W). CFG: eps_u + w (eps_c - eps_u).
+
+        ``controlnet``: one ControlNet, or a list composed by summing residuals, with
+        ``condition`` and ``conditioning_scale`` one per net (a single scale applies to all).
+        ``scheduler``: a fresh diffusers scheduler to sample with; DDIM from the base's
+        config when None. ``generator``: one for the batch, or one per image, so that
+        each image's noise depends only on its own seed.
+        """
         batch = len(prompt)
         size = self.unet.config.sample_size
         device = self.unet.device
-        scheduler = DDIMScheduler.from_config(self.scheduler.config)
+        resolution_weighting = check_resolution_weighting(resolution_weighting)
+        if isinstance(controlnet, (list, tuple)):
+            if not isinstance(conditioning_scale, (list, tuple)):
+                conditioning_scale = [conditioning_scale] * len(controlnet)
+            if len(controlnet) == 1:
+                condition, conditioning_scale = condition[0], conditioning_scale[0]
+            controlnet = compose(controlnet)
+        scheduler = scheduler or DDIMScheduler.from_config(self.scheduler.config)
         scheduler.set_timesteps(num_inference_steps, device=device)
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
         use_cfg = guidance_scale != 1.0
         hidden, pooled = self.encode_prompt(([""] * batch if use_cfg else []) + list(prompt))
-        if condition is not None and use_cfg:
-            condition = torch.cat([condition, condition])
-        sample = torch.randn((batch, self.unet.config.in_channels, size, size), generator=generator).to(device)
+        sample = randn_tensor((batch, self.unet.config.in_channels, size, size), generator=generator, device=device)
         sample = sample * scheduler.init_noise_sigma
         for t in self.progress_bar(scheduler.timesteps):
             model_input = torch.cat([sample, sample]) if use_cfg else sample
             model_input = scheduler.scale_model_input(model_input, t)
-            noise = self.predict_noise(model_input, t, hidden, pooled, controlnet, condition, conditioning_scale)
+            noise = self.predict_noise(
+                model_input, t, hidden, pooled, controlnet, condition, conditioning_scale, resolution_weighting, guided=use_cfg
+            )
             if use_cfg:
                 uncond, cond = noise.chunk(2)
                 noise = uncond + guidance_scale * (cond - uncond)
-            sample = scheduler.step(noise, t, sample).prev_sample
+            sample = scheduler.step(noise, t, sample, **step_kwargs).prev_sample
         return sample.clamp(-1, 1)

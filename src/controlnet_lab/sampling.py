@@ -1,0 +1,78 @@
+"""CFG resolution weighting and the composition of several ControlNets (paper Sec. 3.4, "Inference").
+
+Resolution weighting puts the condition on the conditional branch of classifier-free
+guidance only and multiplies the residual of connection i (the down-block residuals,
+then the middle block's) by a weight:
+
+- ``off``: every weight 1, the condition on both branches (diffusers' default).
+- ``paper``: w_i = H / h_i, with h_i the residual's height and H the largest one (the
+  paper's 64 / h_i for SD at 512 px, whose residuals are 64 ... 8 latent pixels high),
+  so deeper connections get more weight (1 ... 8 on SD).
+- ``code``: the released code's "guess mode" scales 0.825 ** (n - 1 - i), i = 0 .. n-1
+  (0.825 ** (12 - i) for SD's n = 13: 0.0994 ... 1). diffusers' ``guess_mode`` uses
+  ``torch.logspace(-1, 0, n)``, the same numbers to 1e-3 when n = 13; for other
+  residual counts the two differ, and this option keeps the released code's ratio.
+
+Several ControlNets are composed with diffusers' ``MultiControlNetModel``: each net's
+residuals times its own conditioning scale, summed.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+
+RESOLUTION_WEIGHTINGS = ("off", "paper", "code")
+CODE_RATIO = 0.825
+
+
+def check_resolution_weighting(mode) -> str:
+    """The mode's name; YAML reads an unquoted ``off`` as false, which means ``off``."""
+    if mode is False:
+        return "off"
+    if mode not in RESOLUTION_WEIGHTINGS:
+        raise ValueError(f"resolution_weighting={mode!r} is not one of {', '.join(RESOLUTION_WEIGHTINGS)}")
+    return mode
+
+
+def resolution_weights(mode: str, heights: Sequence[int]) -> list[float]:
+    """The weight of each connection, given the heights of its residuals (down residuals, then the middle block's)."""
+    mode = check_resolution_weighting(mode)
+    count = len(heights)
+    if mode == "paper":
+        top = max(heights)
+        return [top / height for height in heights]
+    if mode == "code":
+        return [CODE_RATIO ** (count - 1 - i) for i in range(count)]
+    return [1.0] * count
+
+
+def compose(controlnets) -> torch.nn.Module:
+    """One ControlNet as is; a list or tuple of them as diffusers' ``MultiControlNetModel``."""
+    if isinstance(controlnets, (list, tuple)):
+        return controlnets[0] if len(controlnets) == 1 else MultiControlNetModel(list(controlnets))
+    return controlnets
+
+
+def weighted_residuals(down: list[torch.Tensor], mid: torch.Tensor, mode: str) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The residuals multiplied by their resolution weights."""
+    if mode == "off":
+        return down, mid
+    weights = resolution_weights(mode, [r.shape[-2] for r in [*down, mid]])
+    return [r * w for r, w in zip(down, weights[:-1], strict=True)], mid * weights[-1]
+
+
+def residual_heights(unet_config) -> list[int]:
+    """Heights of a ControlNet's residuals for this UNet config at its sample size: conv_in, each
+    resnet and downsampler of the down blocks, then the middle block (13 on SD 1.5: 64 ... 8)."""
+    height = unet_config.sample_size
+    layers = unet_config.layers_per_block
+    levels = len(unet_config.block_out_channels)
+    heights = [height]
+    for level in range(levels):
+        heights += [height] * (layers[level] if isinstance(layers, (list, tuple)) else layers)
+        if level < levels - 1:
+            height //= 2
+            heights.append(height)
+    return heights + [height]
