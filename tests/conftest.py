@@ -55,3 +55,29 @@ def run_train(args: list[str], tmp: Path, timeout: int = 300, script: str = "src
     overrides = [a for a in args if not a.startswith("-")]
     command = [sys.executable, str(ROOT / script), *flags, f"paths.log_dir={tmp / 'outputs'}", f"paths.cache_dir={tmp / 'cache'}", *overrides]
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def train_checkpoint(base: Path, data: Path, block: str, folder: Path, steps: int = 2) -> Path:
+    """A Lightning checkpoint of a ControlNet trained ``steps`` steps at a high learning rate, so its connection convs are no longer zero."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from controlnet_lab.data.fill50k import Fill50kDataset
+    from controlnet_lab.module import ControlNetModule
+
+    L.seed_everything(0)
+    module = ControlNetModule(str(base), block=block, block_std=0.02, lr=1e-2, num_val_images=0)
+    loader = DataLoader(Fill50kDataset(read_index(data), 16), batch_size=8)
+    trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=str(folder))
+    trainer.fit(module, train_dataloaders=loader)
+    path = folder / f"{block}.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoints(tmp_path_factory, tiny_base, tiny_data) -> dict[str, Path]:
+    """One briefly trained checkpoint per connection block, on the tiny base."""
+    folder = tmp_path_factory.mktemp("checkpoints")
+    return {block: train_checkpoint(tiny_base, tiny_data, block, folder) for block in ("zero", "gauss", "single")}
