@@ -1,10 +1,14 @@
 """Evaluate a trained checkpoint again: `python eval/evaluate.py ckpt=<run dir or .ckpt> [eval.num_images=N eval.seed=S]`.
 
 The run's own composed config (``<run>/.hydra/config.yaml``) supplies the data and
-sampling settings; these overrides change only the evaluation. Writes ``eval.json``
-beside the checkpoint, with every metric ``eval`` enables (conf/eval/default.yaml): oracle
-scores and re-detection fidelity under the four prompt settings, FID (domain features;
-Inception and CLIP score when enabled); and adds them to the run's own W&B run.
+sampling settings; these overrides change only the evaluation, and ``sampling.*``
+(guidance scale, CFG resolution weighting) the sampling, e.g. as a sweep:
+`python eval/evaluate.py -m ckpt=... sampling.guidance_scale=1,3 sampling.resolution_weighting=off,paper,code`.
+Writes eval.json and eval_samples.png into its own output directory, with every metric
+``eval`` enables (conf/eval/default.yaml): oracle scores and re-detection fidelity under
+the four prompt settings, FID (domain features; Inception and CLIP score when enabled).
+With the run's own sampling it also writes ``eval.json`` beside the checkpoint (what
+``eval/tables.py rescored=true`` reads) and adds the scores to the run's own W&B run.
 """
 import json
 import os
@@ -17,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from controlnet_lab.export import checkpoint_path
 from controlnet_lab.module import ControlNetModule
 from controlnet_lab.task import wandb_mode
-from controlnet_lab.training import build_datamodule, dataset_root, flat_metrics, held_out_scores
+from controlnet_lab.training import build_datamodule, dataset_root, flat_metrics, held_out_scores, save_eval_grid
 
 
 os.environ.setdefault("CONTROLNET_LAB_ROOT", str(Path(__file__).resolve().parents[1]))  # conf/paths: root_dir
@@ -29,15 +33,24 @@ def main(cfg: DictConfig) -> None:
     run_config = ckpt.parent.parent / ".hydra" / "config.yaml"
     if not run_config.is_file():
         raise FileNotFoundError(f"ckpt={cfg.ckpt}: the run's config {run_config} is missing")
-    run_cfg = OmegaConf.merge(OmegaConf.load(run_config), {"eval": cfg.eval, "paths": {"cache_dir": cfg.paths.cache_dir}})
+    sampling = {key: value for key, value in cfg.sampling.items() if value is not None}
+    run_cfg = OmegaConf.merge(OmegaConf.load(run_config), {"eval": cfg.eval, "paths": {"cache_dir": cfg.paths.cache_dir}},
+                              {"model": {"sampling": sampling}})
     data = build_datamodule(run_cfg, dataset_root(run_cfg))
     module = ControlNetModule.load_from_checkpoint(ckpt, map_location="cpu")
     metrics = held_out_scores(run_cfg, module, data)
-    metrics.pop("samples")
-    out = ckpt.parent / "eval.json"
-    out.write_text(json.dumps({"checkpoint": str(ckpt), "eval": OmegaConf.to_container(cfg.eval, resolve=True), "metrics": metrics}, indent=2))
-    log_to_run_wandb(ckpt.parent.parent, run_cfg, metrics)
-    print(json.dumps(metrics, indent=2))
+    out = Path(cfg.paths.output_dir)
+    save_eval_grid(metrics.pop("samples"), out / "eval_samples.png")
+    record = json.dumps({
+        "checkpoint": str(ckpt), "block": run_cfg.block.name, "seed": run_cfg.seed,
+        "sampling": {"resolution_weighting": "off", **OmegaConf.to_container(run_cfg.model.sampling, resolve=True)},
+        "eval": OmegaConf.to_container(cfg.eval, resolve=True), "metrics": metrics,
+    }, indent=2)
+    (out / "eval.json").write_text(record)
+    if not sampling:
+        (ckpt.parent / "eval.json").write_text(record)
+        log_to_run_wandb(ckpt.parent.parent, run_cfg, metrics)
+    print(record)
 
 
 def log_to_run_wandb(run_dir: Path, run_cfg: DictConfig, metrics: dict) -> None:

@@ -81,6 +81,7 @@ def test_base_is_pretrained_once_and_reused(smoke_run):
         ("data.resolution=18", "data.resolution"),
         ("data.prompt_dropout=1.5", "data.prompt_dropout"),
         ("trainer.max_steps=0", "trainer.max_steps"),
+        ("model.sampling.resolution_weighting=loud", "model.sampling.resolution_weighting"),
     ],
 )
 def test_bad_config_values_name_their_key(override, key):
@@ -160,3 +161,21 @@ def test_evaluate_rescores_a_checkpoint(smoke_run):
     original = json.loads((run_dir / "results.json").read_text())["metrics"]
     # Same checkpoint, same held-out conditions, same seeds: the same scores.
     assert scores["mask_iou"] == original["mask_iou"] and scores["eval_images"] == 8
+
+
+def test_an_evaluation_sweep_over_resolution_weighting_tabulates(smoke_run):
+    """eval/evaluate.py as a multirun over sampling settings, then eval/tables.py on it: one row per setting."""
+    tmp, run_dir = smoke_run
+    sweep = tmp / "eval_sweep"
+    result = run_train(["-m", f"ckpt={run_dir}", "eval.num_images=4", "sampling.guidance_scale=2", "sampling.resolution_weighting=off,paper",
+                        f"hydra.sweep.dir={sweep}"], tmp, script="eval/evaluate.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/eval.json"))]
+    assert [r["sampling"]["resolution_weighting"] for r in records] == ["off", "paper"]
+    assert all(r["sampling"]["guidance_scale"] == 2 for r in records)
+    assert records[0]["metrics"]["prompt_settings"] != records[1]["metrics"]["prompt_settings"]
+    table = subprocess.run([sys.executable, str(ROOT / "eval" / "tables.py"), f"sweep={sweep}", "wandb=false"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+    assert table.returncode == 0, table.stderr[-3000:]
+    rows = (sweep / "table.csv").read_text().splitlines()
+    assert rows[0].split(",")[0] == "sampling.resolution_weighting" and [row.split(",")[0] for row in rows[1:]] == ["off", "paper"]

@@ -22,12 +22,12 @@ class FidelityCurve(L.Callback):
     """
 
     def __init__(self, every_n_steps: int, num_images: int, condition: str, resolution: int, edge_tolerance: int = 1,
-                 seed: int = 1234, num_inference_steps: int = 20, guidance_scale: float = 1.0,
+                 seed: int = 1234, num_inference_steps: int = 20, guidance_scale: float = 1.0, resolution_weighting: str = "off",
                  detector_weights: str | None = None, canny_thresholds: tuple[int, int] = (100, 200)):
         if every_n_steps < 1 or num_images < 1:
             raise ValueError(f"eval.every_n_steps and eval.curve_images must be >= 1, got {every_n_steps} and {num_images}")
         self.every_n_steps, self.num_images, self.seed = every_n_steps, num_images, seed
-        self.sampling = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale}
+        self.sampling = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "resolution_weighting": resolution_weighting}
         self.fidelity = ConditionFidelity(condition, resolution, edge_tolerance, detector_weights, tuple(canny_thresholds))
         self.curve: list[dict] = []
         self.seconds = 0.0

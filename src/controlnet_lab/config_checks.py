@@ -5,6 +5,7 @@ from omegaconf import DictConfig
 
 from controlnet_lab.blocks import BLOCKS
 from controlnet_lab.data.conditions import CONDITIONS, DETECTORS
+from controlnet_lab.sampling import RESOLUTION_WEIGHTINGS
 
 
 class ConfigError(ValueError):
@@ -36,5 +37,8 @@ def check_train_config(cfg: DictConfig) -> None:
         )
     if cfg.trainer.max_steps is None or cfg.trainer.max_steps < 1:
         raise ConfigError(f"trainer.max_steps must be >= 1, got {cfg.trainer.max_steps}")
+    weighting = cfg.model.sampling.resolution_weighting
+    if weighting is not False and weighting not in RESOLUTION_WEIGHTINGS:
+        raise ConfigError(f"model.sampling.resolution_weighting={weighting!r} is not one of {', '.join(RESOLUTION_WEIGHTINGS)}")
     if cfg.eval.num_images < 0:
         raise ConfigError(f"eval.num_images must be >= 0, got {cfg.eval.num_images}")

@@ -34,7 +34,7 @@ def palette_of(prompts: list[str]) -> list[str]:
 
 @torch.no_grad()
 def generate(pipeline: TinyTextToImagePipeline, controlnet, conditions: torch.Tensor, prompts: list[str], batch_size: int,
-             seed: int, num_inference_steps: int, guidance_scale: float, desc: str) -> np.ndarray:
+             seed: int, num_inference_steps: int, guidance_scale: float, desc: str, resolution_weighting: str = "off") -> np.ndarray:
     """uint8 images, one per (condition, prompt); batch b always gets the same noise."""
     images = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
@@ -44,6 +44,7 @@ def generate(pipeline: TinyTextToImagePipeline, controlnet, conditions: torch.Te
             controlnet=controlnet,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
+            resolution_weighting=resolution_weighting,
             generator=torch.Generator().manual_seed(seed + start),
         )
         images.append(to_uint8(generated, -1.0, 1.0))
@@ -88,7 +89,7 @@ class MetricSuite:
 
 def evaluate_held_out(pipeline: TinyTextToImagePipeline, controlnet, dataset: Fill50kDataset, palette: list[str],
                     count: int, batch_size: int, seed: int, num_inference_steps: int, guidance_scale: float,
-                    suite: MetricSuite | None = None) -> dict:
+                    suite: MetricSuite | None = None, resolution_weighting: str = "off") -> dict:
     """Scores of base + ControlNet under each prompt setting, of the base alone, and the random-placement IoU.
 
     Top-level ``mask_iou``, ``color_accuracy`` and the condition fidelity (``edge_f1`` or
@@ -105,7 +106,8 @@ def evaluate_held_out(pipeline: TinyTextToImagePipeline, controlnet, dataset: Fi
     condition_tensor = torch.stack([item["condition"] for item in items])
     outlines = to_uint8(torch.stack([item["source"] for item in items]), 0.0, 1.0)
     true_prompts = [item["true_prompt"] for item in items]
-    settings = dict(batch_size=batch_size, seed=seed, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+    settings = dict(batch_size=batch_size, seed=seed, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                    resolution_weighting=resolution_weighting)
 
     with timed(seconds, "generation"):
         base_images = generate(pipeline, None, condition_tensor, true_prompts, desc="evaluating base alone", **settings)

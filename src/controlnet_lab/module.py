@@ -32,6 +32,7 @@ class ControlNetModule(L.LightningModule):
         noise_offset: float = 0.0,
         num_inference_steps: int = 20,
         guidance_scale: float = 1.0,
+        resolution_weighting: str = "off",
         num_val_images: int = 8,
         sample_dir: str | None = None,
     ):
@@ -80,6 +81,7 @@ class ControlNetModule(L.LightningModule):
             controlnet=self.controlnet,
             num_inference_steps=self.hparams.num_inference_steps,
             guidance_scale=self.hparams.guidance_scale,
+            resolution_weighting=self.hparams.resolution_weighting,
             generator=torch.Generator().manual_seed(0),
         )
         rows = [to_uint8(batch["condition"][:count], 0.0, 1.0), to_uint8(generated, -1.0, 1.0), to_uint8(batch["target"][:count], -1.0, 1.0)]

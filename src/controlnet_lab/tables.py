@@ -1,9 +1,10 @@
 """Paper-style tables from a sweep: one row per method, mean and spread over seeds.
 
-A sweep is a Hydra multirun directory of src/train.py; every finished job left a
-``results.json`` in its subdirectory. A "method" is a combination of the values that
-vary across the sweep's jobs among ``METHOD_KEYS`` (block, data size, prompt dropout,
-condition); the jobs of one method differ only in their seed.
+A sweep is a Hydra multirun directory of src/train.py, where every finished job left a
+``results.json`` in its subdirectory, or of eval/evaluate.py, where it left an
+``eval.json``. A "method" is a combination of the values that vary across the sweep's
+jobs among ``METHOD_KEYS`` (block, data size, prompt dropout, condition, guidance scale,
+CFG resolution weighting); the jobs of one method differ only in their seed.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from PIL import Image  # noqa: E402
 
 from controlnet_lab.task import wandb_mode  # noqa: E402
 
-METHOD_KEYS = ("block", "data.size", "data.prompt_dropout", "data.condition")
+METHOD_KEYS = ("block", "data.size", "data.prompt_dropout", "data.condition", "sampling.guidance_scale", "sampling.resolution_weighting")
+RECORD_FILES = ("results.json", "eval.json")  # what a job of src/train.py, or of eval/evaluate.py, leaves
 PROMPT_SETTINGS = ("none", "insufficient", "conflicting", "perfect")
 # (column of the flattened results, label in the tables)
 METRICS = (
@@ -49,7 +51,7 @@ class SweepError(ValueError):
 
 
 def load_sweep(sweep_dir: Path, rescored: bool = False) -> tuple[pd.DataFrame, list[Path]]:
-    """(one flattened row per finished job, the job directories that left no results.json).
+    """(one flattened row per finished job, the job directories that left no results.json or eval.json).
 
     With ``rescored``, a job's metrics are updated with those of its
     ``checkpoints/eval.json`` (written by eval/evaluate.py), where there is one.
@@ -58,15 +60,17 @@ def load_sweep(sweep_dir: Path, rescored: bool = False) -> tuple[pd.DataFrame, l
     if not sweep_dir.is_dir():
         raise SweepError(f"sweep={sweep_dir}: not a directory")
     jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").is_dir())
-    finished = [job for job in jobs if (job / "results.json").is_file()]
+    records = {job: next((job / name for name in RECORD_FILES if (job / name).is_file()), None) for job in jobs}
+    finished = [job for job in jobs if records[job] is not None]
     if not finished:
-        raise SweepError(f"sweep={sweep_dir}: no job directory holds a results.json (is it a multirun directory of src/train.py?)")
+        raise SweepError(f"sweep={sweep_dir}: no job directory holds a results.json or eval.json "
+                         "(is it a multirun directory of src/train.py or eval/evaluate.py?)")
     rows = []
     for job in finished:
         try:
-            record = json.loads((job / "results.json").read_text())
+            record = json.loads(records[job].read_text())
         except json.JSONDecodeError as err:
-            raise SweepError(f"{job / 'results.json'}: not valid JSON ({err.msg})") from None
+            raise SweepError(f"{records[job]}: not valid JSON ({err.msg})") from None
         rescore = job / "checkpoints" / "eval.json"
         if rescored and rescore.is_file():
             record["metrics"] = {**record["metrics"], **json.loads(rescore.read_text())["metrics"]}
@@ -130,7 +134,7 @@ def write_tables(sweep_dir: Path, out_dir: Path | None = None, rescored: bool = 
     summary = summarize(frame)
     table = display_table(summary)
     paths = {"markdown": out_dir / "table.md", "csv": out_dir / "table.csv", "latex": out_dir / "table.tex"}
-    note = f"\n\n{len(unfinished)} job(s) left no results.json: {', '.join(p.name for p in unfinished)}\n" if unfinished else "\n"
+    note = f"\n\n{len(unfinished)} job(s) left no results.json or eval.json: {', '.join(p.name for p in unfinished)}\n" if unfinished else "\n"
     if rescored:
         count = sum((Path(job) / "checkpoints" / "eval.json").is_file() for job in frame["job_dir"])
         note += f"\nMetrics of {count} of {len(frame)} jobs re-scored by eval/evaluate.py (their checkpoints/eval.json).\n"

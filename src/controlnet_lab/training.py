@@ -58,8 +58,13 @@ def held_out_scores(cfg: DictConfig, module: ControlNetModule, data: Fill50kData
         module.pipeline, module.controlnet, data.val_dataset(), dataset_palette(data),
         count=cfg.eval.num_images, batch_size=cfg.eval.batch_size, seed=cfg.eval.seed,
         num_inference_steps=cfg.model.sampling.num_inference_steps, guidance_scale=cfg.model.sampling.guidance_scale,
-        suite=suite or metric_suite(cfg, data),
+        resolution_weighting=resolution_weighting(cfg), suite=suite or metric_suite(cfg, data),
     )
+
+
+def resolution_weighting(cfg: DictConfig) -> str:
+    """``model.sampling.resolution_weighting``; runs configured before it existed sampled without it."""
+    return OmegaConf.select(cfg, "model.sampling.resolution_weighting", default="off")
 
 
 def dataset_palette(data: Fill50kDataModule) -> list[str]:
@@ -122,6 +127,7 @@ def results_record(cfg: DictConfig, metrics: dict, extra: dict) -> dict:
             "resolution": cfg.data.resolution,
         },
         "seed": cfg.seed,
+        "sampling": OmegaConf.to_container(cfg.model.sampling, resolve=True),
         "metrics": metrics,
         **extra,
     }
@@ -148,6 +154,7 @@ def train(cfg: DictConfig) -> dict:
         noise_offset=cfg.model.base.noise_offset,
         num_inference_steps=cfg.model.sampling.num_inference_steps,
         guidance_scale=cfg.model.sampling.guidance_scale,
+        resolution_weighting=resolution_weighting(cfg),
         sample_dir=str(output_dir / "samples"),
     )
     loggers = [instantiate_logger(c) for c in (cfg.get("logger") or {}).values()]
