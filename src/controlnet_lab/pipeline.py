@@ -123,11 +123,7 @@ class TinyTextToImagePipeline(DiffusionPipeline):
         device = self.unet.device
         resolution_weighting = check_resolution_weighting(resolution_weighting)
         if isinstance(controlnet, (list, tuple)):
-            if not isinstance(conditioning_scale, (list, tuple)):
-                conditioning_scale = [conditioning_scale] * len(controlnet)
-            if len(controlnet) == 1:
-                condition, conditioning_scale = condition[0], conditioning_scale[0]
-            controlnet = compose(controlnet)
+            controlnet, condition, conditioning_scale = compose(controlnet, condition, conditioning_scale)
         scheduler = scheduler or DDIMScheduler.from_config(self.scheduler.config)
         scheduler.set_timesteps(num_inference_steps, device=device)
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}

@@ -48,11 +48,16 @@ def resolution_weights(mode: str, heights: Sequence[int]) -> list[float]:
     return [1.0] * count
 
 
-def compose(controlnets) -> torch.nn.Module:
-    """One ControlNet as is; a list or tuple of them as diffusers' ``MultiControlNetModel``."""
-    if isinstance(controlnets, (list, tuple)):
-        return controlnets[0] if len(controlnets) == 1 else MultiControlNetModel(list(controlnets))
-    return controlnets
+def compose(controlnets: Sequence, conditions: Sequence[torch.Tensor], scales: float | Sequence[float]):
+    """(model, condition, scale) for a list of ControlNets with one condition each and one scale each (or one
+    for all): a single net as is, several as diffusers' ``MultiControlNetModel`` with lists."""
+    scales = list(scales) if isinstance(scales, (list, tuple)) else [scales] * len(controlnets)
+    if not isinstance(conditions, (list, tuple)) or not len(controlnets) == len(conditions) == len(scales):
+        raise ValueError("several ControlNets need a list of conditions and of scales, one per net "
+                         f"(got {len(controlnets)} nets, {len(conditions) if isinstance(conditions, (list, tuple)) else 'a single'} condition(s), {len(scales)} scale(s))")
+    if len(controlnets) == 1:
+        return controlnets[0], conditions[0], scales[0]
+    return MultiControlNetModel(list(controlnets)), list(conditions), scales
 
 
 def weighted_residuals(down: list[torch.Tensor], mid: torch.Tensor, mode: str) -> tuple[list[torch.Tensor], torch.Tensor]:

@@ -59,7 +59,7 @@ def load_sweep(sweep_dir: Path, rescored: bool = False) -> tuple[pd.DataFrame, l
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise SweepError(f"sweep={sweep_dir}: not a directory")
-    jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").is_dir())
+    jobs = sorted((p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").is_dir()), key=job_number)
     records = {job: next((job / name for name in RECORD_FILES if (job / name).is_file()), None) for job in jobs}
     finished = [job for job in jobs if records[job] is not None]
     if not finished:
@@ -76,6 +76,12 @@ def load_sweep(sweep_dir: Path, rescored: bool = False) -> tuple[pd.DataFrame, l
             record["metrics"] = {**record["metrics"], **json.loads(rescore.read_text())["metrics"]}
         rows.append({**pd.json_normalize(record).iloc[0].to_dict(), "job_dir": str(job)})
     return pd.DataFrame(rows), [job for job in jobs if job not in finished]
+
+
+def job_number(job: Path) -> tuple[int, str]:
+    """Hydra's job number, the prefix of a multirun job directory ("10_block=zero" after "9_..."), for launch order."""
+    prefix = job.name.split("_", 1)[0]
+    return (int(prefix) if prefix.isdigit() else -1, job.name)
 
 
 def method_columns(frame: pd.DataFrame) -> list[str]:
