@@ -159,7 +159,7 @@ def test_the_same_seed_and_settings_give_the_same_image_twice(trained_checkpoint
 
 
 def test_sample_entry_point_composes_two_controlnets_under_the_four_prompt_settings(trained_checkpoints, tiny_data, condition_folder, tmp_path):
-    """The second ControlNet gets its condition from ordinary images through controlnet-aux's canny detector."""
+    """The second ControlNet gets its condition from ordinary images through controlnet-aux's canny detector; another diffusers scheduler."""
     photos = tmp_path / "photos"
     photos.mkdir()
     for record in read_index(tiny_data)[:3]:
@@ -167,6 +167,7 @@ def test_sample_entry_point_composes_two_controlnets_under_the_four_prompt_setti
     ckpts = f"[{trained_checkpoints['zero']},{trained_checkpoints['single']}]"
     result = run_train([f"ckpt={ckpts}", f"condition=[{condition_folder},{photos}]", "detector=[null,canny]",
                         "conditioning_scale=[1.0,0.5]", f"prompt={PROMPTS[0]}", "prompt_settings=true", "num_inference_steps=2",
+                        "scheduler=DPMSolverMultistepScheduler",
                         f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, script="src/sample.py")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "run" / "samples.json").read_text())
@@ -176,11 +177,13 @@ def test_sample_entry_point_composes_two_controlnets_under_the_four_prompt_setti
     assert prompts["none"] == "" and prompts["perfect"] == PROMPTS[0] and prompts["conflicting"] not in ("", PROMPTS[0])
     assert [n["conditioning_scale"] for n in report["controlnets"]] == [1.0, 0.5]
     assert [n["detector"] for n in report["controlnets"]] == [None, "canny"]
+    assert report["sampling"]["scheduler"] == "DPMSolverMultistepScheduler"
 
 
 @pytest.mark.parametrize("override, message", [
     ("condition=/nowhere.png", "condition=/nowhere.png"),
     ("detector=sobel", "detector='sobel'"),
+    ("detector=hed", "set detector_weights"),
     ("scheduler=NoSuchScheduler", "scheduler='NoSuchScheduler'"),
     ("resolution_weighting=loud", "resolution_weighting='loud'"),
     ("conditioning_scale=[1,2,3]", "conditioning_scale has 3 entries"),

@@ -83,6 +83,8 @@ def control_inputs(cfg: DictConfig) -> list[ControlInput]:
             raise ValueError("condition: give an image file or a folder of images for each ControlNet")
         if detector is not None and detector not in DETECTORS:
             raise ValueError(f"detector={detector!r} is not a controlnet-aux detector; choose one of {', '.join(DETECTORS)} or null")
+        if detector is not None and DETECTORS[detector][1] and not cfg.detector_weights:
+            raise ValueError(f"detector={detector} needs weights: set detector_weights to a local folder holding the lllyasviel/Annotators files")
         inputs.append(ControlInput(str(ckpt), image_files(condition, "condition"), detector, float(scale)))
     counts = {len(i.images) for i in inputs}
     if len(counts) > 1:
@@ -165,7 +167,7 @@ def sample(cfg: DictConfig) -> dict:
     controls = control_inputs(cfg)
     check_sampling(cfg)
     out = Path(cfg.paths.output_dir)
-    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     nets = [load_trained(control.ckpt) for control in controls]
     base, fingerprint = shared_base(nets)
     pipeline = load_base(base).to(device)
