@@ -1,7 +1,8 @@
 """Cost of sampling with ControlNets: one or two nets, with and without CFG and its resolution weighting.
 
 Every figure is measured in this process on the same base, batch and device, and
-reported as a ratio against the locked base alone with the same guidance. Weights
+reported as a ratio against the locked base alone with the same guidance (and peak
+memory on CUDA). Weights
 are untrained (cost does not depend on them): the embedded default's tiny base
 (conf/model/tiny.yaml) and ControlNetModel.from_unet copies of it.
 
@@ -11,7 +12,6 @@ are untrained (cost does not depend on them): the embedded default's tiny base
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
@@ -20,20 +20,9 @@ from omegaconf import OmegaConf
 from controlnet_lab.base import build_base
 from controlnet_lab.blocks import build_trainable_copy
 from controlnet_lab.data.colors import make_prompt
+from step_cost import measure  # benchmarks/: warm-up, repeats, CUDA sync and peak memory
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def seconds_per_batch(run, repeats: int, device: torch.device) -> float:
-    run()  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(repeats):
-        run()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - started) / repeats
 
 
 def main() -> None:
@@ -74,13 +63,14 @@ def main() -> None:
         ("+ 2 ControlNets, resolution weighting (paper)", nets, args.guidance, "paper"),
     ]
     print(f"device {device}, {args.resolution} px, batch {args.batch}, {args.steps} DDIM steps, {args.repeats} repeats")
-    print(f"{'case':<48} {'guidance':>8} {'s/batch':>8} {'images/s':>9} {'x base alone':>13}")
+    print(f"{'case':<48} {'guidance':>8} {'s/batch':>8} {'images/s':>9} {'x base alone':>13} {'peak MiB':>9}")
     baseline = {}
     with torch.no_grad():
         for name, controlnets, guidance, weighting in cases:
-            cost = seconds_per_batch(sampler(controlnets, guidance, weighting), args.repeats, device)
+            cost, memory = measure(sampler(controlnets, guidance, weighting), args.repeats, device)
             baseline.setdefault(guidance, cost)
-            print(f"{name:<48} {guidance:>8.1f} {cost:>8.3f} {args.batch / cost:>9.1f} {cost / baseline[guidance]:>13.2f}")
+            peak = f"{memory:9.0f}" if memory is not None else f"{'-':>9}"
+            print(f"{name:<48} {guidance:>8.1f} {cost:>8.3f} {args.batch / cost:>9.1f} {cost / baseline[guidance]:>13.2f} {peak}")
 
 
 if __name__ == "__main__":
