@@ -2,9 +2,8 @@
 
 Every figure is measured in this process on the same base, batch and device, and
 reported as a ratio against the locked base alone with the same guidance (and peak
-memory on CUDA). Weights
-are untrained (cost does not depend on them): the embedded default's tiny base
-(conf/model/tiny.yaml) and ControlNetModel.from_unet copies of it.
+memory on CUDA). Weights are untrained (cost does not depend on them): the embedded
+default's tiny base (conf/model/tiny.yaml) and ControlNetModel.from_unet copies of it.
 
     python benchmarks/sampling_cost.py                      # CPU, 32 px, batch 64, 20 DDIM steps
     python benchmarks/sampling_cost.py --device cuda --batch 256
