@@ -6,6 +6,7 @@ from its condition, prompt, seed and the sampling settings recorded in samples.j
 """
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,6 +163,19 @@ def load_conditions(control: ControlInput, resolution: int, cfg: DictConfig) -> 
     return torch.from_numpy(np.stack(maps).astype(np.float32) / 255.0).permute(0, 3, 1, 2)
 
 
+def save_images(images: np.ndarray, out: Path, folder: Path, setting: str, seed: int, prompts: list[str],
+                controls: list[ControlInput]) -> list[dict]:
+    """One PNG per image, named by its condition and seed; their records for samples.json."""
+    (out / folder).mkdir(parents=True, exist_ok=True)
+    records = []
+    for index, image in enumerate(images):
+        path = folder / f"{index:03d}_{controls[0].images[index].stem}_seed{seed}.png"
+        Image.fromarray(image).save(out / path)
+        records.append({"file": str(path), "setting": setting, "prompt": prompts[index], "seed": seed,
+                        "conditions": [str(control.images[index]) for control in controls]})
+    return records
+
+
 def sample(cfg: DictConfig) -> dict:
     """Generate every (setting, seed, condition) image of the request; returns samples.json's content."""
     controls = control_inputs(cfg)
@@ -178,8 +192,11 @@ def sample(cfg: DictConfig) -> dict:
     sets = prompt_sets(cfg, count, vocabulary_palette(pipeline))
     seeds = [int(s) for s in as_list(cfg.seeds)]
     controlnets = [net.controlnet.to(device) for net in nets]
-    scales = [control.scale for control in controls]
     mode = check_resolution_weighting(cfg.resolution_weighting)
+    generate = functools.partial(
+        pipeline, controlnet=controlnets, conditioning_scale=[control.scale for control in controls],
+        num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale, resolution_weighting=mode,
+    )
     scheduler = scheduler_class(cfg.scheduler)
 
     records, grids = [], {}
@@ -190,32 +207,16 @@ def sample(cfg: DictConfig) -> dict:
             images = []
             for start in range(0, count, cfg.batch_size):
                 batch = slice(start, start + cfg.batch_size)
-                generated = pipeline(
-                    prompts[batch],
-                    condition=[c[batch].to(device) for c in conditions],
-                    controlnet=controlnets,
-                    num_inference_steps=cfg.num_inference_steps,
-                    guidance_scale=cfg.guidance_scale,
-                    conditioning_scale=scales,
-                    resolution_weighting=mode,
-                    scheduler=scheduler.from_config(pipeline.scheduler.config),
-                    generator=[torch.Generator().manual_seed(seed) for _ in prompts[batch]],
-                )
+                generated = generate(prompts[batch], condition=[c[batch].to(device) for c in conditions],
+                                     scheduler=scheduler.from_config(pipeline.scheduler.config),
+                                     generator=[torch.Generator().manual_seed(seed) for _ in prompts[batch]])
                 images.append(to_uint8(generated, -1.0, 1.0))
                 progress.update(len(prompts[batch]))
-            images = np.concatenate(images)
-            rows.append(images)
-            for index, image in enumerate(images):
-                name = f"{index:03d}_{controls[0].images[index].stem}_seed{seed}.png"
-                path = Path("images") / setting / name if cfg.prompt_settings else Path("images") / name
-                (out / path).parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(image).save(out / path)
-                records.append({"file": str(path), "setting": setting, "prompt": prompts[index], "seed": seed,
-                                "conditions": [str(control.images[index]) for control in controls]})
-        grid_name = f"grid_{setting}.png" if cfg.prompt_settings else "grid.png"
-        condition_rows = [to_uint8(c, 0.0, 1.0) for c in conditions]
-        save_grid(condition_rows + rows, out / grid_name, upscale=max(1, 128 // resolution))
-        grids[setting] = grid_name
+            rows.append(np.concatenate(images))
+            folder = Path("images") / setting if cfg.prompt_settings else Path("images")
+            records += save_images(rows[-1], out, folder, setting, seed, prompts, controls)
+        grids[setting] = f"grid_{setting}.png" if cfg.prompt_settings else "grid.png"
+        save_grid([to_uint8(c, 0.0, 1.0) for c in conditions] + rows, out / grids[setting], upscale=max(1, 128 // resolution))
     progress.close()
 
     report = {
