@@ -34,8 +34,10 @@ def main(cfg: DictConfig) -> None:
     if not run_config.is_file():
         raise FileNotFoundError(f"ckpt={cfg.ckpt}: the run's config {run_config} is missing")
     sampling = {key: value for key, value in cfg.sampling.items() if value is not None}
-    run_cfg = OmegaConf.merge(OmegaConf.load(run_config), {"eval": cfg.eval, "paths": {"cache_dir": cfg.paths.cache_dir}},
-                              {"model": {"sampling": sampling}})
+    run_cfg = OmegaConf.merge(
+        {"model": {"sampling": {"resolution_weighting": "off"}}},  # runs configured before resolution weighting sampled without it
+        OmegaConf.load(run_config), {"eval": cfg.eval, "paths": {"cache_dir": cfg.paths.cache_dir}}, {"model": {"sampling": sampling}},
+    )
     data = build_datamodule(run_cfg, dataset_root(run_cfg))
     module = ControlNetModule.load_from_checkpoint(ckpt, map_location="cpu")
     metrics = held_out_scores(run_cfg, module, data)
@@ -43,7 +45,7 @@ def main(cfg: DictConfig) -> None:
     save_eval_grid(metrics.pop("samples"), out / "eval_samples.png")
     record = json.dumps({
         "checkpoint": str(ckpt), "block": run_cfg.block.name, "seed": run_cfg.seed,
-        "sampling": {"resolution_weighting": "off", **OmegaConf.to_container(run_cfg.model.sampling, resolve=True)},
+        "sampling": OmegaConf.to_container(run_cfg.model.sampling, resolve=True),
         "eval": OmegaConf.to_container(cfg.eval, resolve=True), "metrics": metrics,
     }, indent=2)
     (out / "eval.json").write_text(record)

@@ -31,7 +31,7 @@ class FidelityCurve(L.Callback):
         self.fidelity = ConditionFidelity(condition, resolution, edge_tolerance, detector_weights, tuple(canny_thresholds))
         self.curve: list[dict] = []
         self.seconds = 0.0
-        self._held_out: tuple[torch.Tensor, np.ndarray, list[str]] | None = None
+        self._held_out: tuple[torch.Tensor, np.ndarray, np.ndarray, list[str]] | None = None
 
     @property
     def metric(self) -> str:
@@ -57,12 +57,13 @@ class FidelityCurve(L.Callback):
             np.random.set_state(states[1])
             torch.set_rng_state(states[2])
 
-    def held_out(self, trainer: L.Trainer) -> tuple[torch.Tensor, np.ndarray, list[str]]:
-        """(conditions, outlines, true prompts) of the fixed held-out samples, read once."""
+    def held_out(self, trainer: L.Trainer) -> tuple[torch.Tensor, np.ndarray, np.ndarray, list[str]]:
+        """(conditions, the same as uint8 images, outlines, true prompts) of the fixed held-out samples, read once."""
         if self._held_out is None:
             dataset = trainer.datamodule.val_dataset()
             items = [dataset[i] for i in range(min(self.num_images, len(dataset)))]
-            self._held_out = (torch.stack([item["condition"] for item in items]),
+            conditions = torch.stack([item["condition"] for item in items])
+            self._held_out = (conditions, to_uint8(conditions, 0.0, 1.0),
                               to_uint8(torch.stack([item["source"] for item in items]), 0.0, 1.0),
                               [item["true_prompt"] for item in items])
         return self._held_out
@@ -70,7 +71,7 @@ class FidelityCurve(L.Callback):
     @torch.no_grad()
     def _measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         started = time.perf_counter()
-        conditions, outlines, prompts = self.held_out(trainer)
+        conditions, condition_images, outlines, prompts = self.held_out(trainer)
         was_training = pl_module.controlnet.training
         pl_module.controlnet.eval()
         images = generate(pl_module.pipeline, pl_module.controlnet, conditions, prompts,
@@ -78,7 +79,7 @@ class FidelityCurve(L.Callback):
         pl_module.controlnet.train(was_training)
         point = {
             "step": trainer.global_step,
-            self.metric: self.fidelity.score(images, to_uint8(conditions, 0.0, 1.0))["value"],
+            self.metric: self.fidelity.score(images, condition_images)["value"],
             "mask_iou": mean_mask_iou(images, outlines),
         }
         self.curve.append(point)

@@ -154,11 +154,7 @@ def extra_scores(suite: MetricSuite, samples: dict, true_prompts: list[str], sec
     images, count = samples["perfect"], len(samples["perfect"])
     scores = {}
     if suite.fidelity is not None:
-        fidelity = suite.fidelity
-        scores["condition_fidelity"] = {
-            "metric": fidelity.metric, "detector": fidelity.detector_name, "images": count,
-            "tolerance_px": fidelity.tolerance if fidelity.metric == "edge_f1" else None,
-        }
+        scores["condition_fidelity"] = suite.fidelity.describe(count)
     if suite.domain_features is not None:
         with timed(seconds, "fid_domain"):
             scores["fid_domain"] = fid(images, samples["targets"], suite.domain_features)

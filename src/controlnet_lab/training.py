@@ -25,7 +25,7 @@ from controlnet_lab.evaluation import PROMPT_SETTINGS, MetricSuite, evaluate_hel
 from controlnet_lab.metrics.clip_score import clip_scorer
 from controlnet_lab.metrics.domain_features import domain_net
 from controlnet_lab.metrics.fid import inception_extractor
-from controlnet_lab.metrics.fidelity import EDGE_CONDITIONS, ConditionFidelity
+from controlnet_lab.metrics.fidelity import FIDELITY_CONDITIONS, ConditionFidelity
 from controlnet_lab.images import save_grid
 from controlnet_lab.module import ControlNetModule
 
@@ -58,13 +58,8 @@ def held_out_scores(cfg: DictConfig, module: ControlNetModule, data: Fill50kData
         module.pipeline, module.controlnet, data.val_dataset(), dataset_palette(data),
         count=cfg.eval.num_images, batch_size=cfg.eval.batch_size, seed=cfg.eval.seed,
         num_inference_steps=cfg.model.sampling.num_inference_steps, guidance_scale=cfg.model.sampling.guidance_scale,
-        resolution_weighting=resolution_weighting(cfg), suite=suite or metric_suite(cfg, data),
+        resolution_weighting=cfg.model.sampling.resolution_weighting, suite=suite or metric_suite(cfg, data),
     )
-
-
-def resolution_weighting(cfg: DictConfig) -> str:
-    """``model.sampling.resolution_weighting``; runs configured before it existed sampled without it."""
-    return OmegaConf.select(cfg, "model.sampling.resolution_weighting", default="off")
 
 
 def dataset_palette(data: Fill50kDataModule) -> list[str]:
@@ -77,7 +72,7 @@ def metric_suite(cfg: DictConfig, data: Fill50kDataModule) -> MetricSuite:
     metrics = cfg.eval
     device = "cuda" if cfg.trainer.accelerator == "gpu" else "cpu"
     suite = MetricSuite()
-    if cfg.data.condition in EDGE_CONDITIONS or cfg.data.condition == "seg":
+    if cfg.data.condition in FIDELITY_CONDITIONS:
         suite.fidelity = ConditionFidelity(cfg.data.condition, cfg.data.resolution, metrics.edge_tolerance,
                                            cfg.data.detector_weights, tuple(cfg.data.canny_thresholds))
     if metrics.fid.inception:
@@ -154,7 +149,7 @@ def train(cfg: DictConfig) -> dict:
         noise_offset=cfg.model.base.noise_offset,
         num_inference_steps=cfg.model.sampling.num_inference_steps,
         guidance_scale=cfg.model.sampling.guidance_scale,
-        resolution_weighting=resolution_weighting(cfg),
+        resolution_weighting=cfg.model.sampling.resolution_weighting,
         sample_dir=str(output_dir / "samples"),
     )
     loggers = [instantiate_logger(c) for c in (cfg.get("logger") or {}).values()]

@@ -25,6 +25,7 @@ from controlnet_lab.metrics.oracle import mask_iou, segment_circle
 EDGE_THRESHOLD = 32  # of 255: a pixel of an edge map is an edge above this
 EDGE_CONDITIONS = {"outline": "canny", "sketch": "canny", "canny": "canny", "lineart_standard": "lineart_standard",
                    "hed": "hed", "pidi": "pidi", "lineart": "lineart", "mlsd": "mlsd"}
+FIDELITY_CONDITIONS = (*EDGE_CONDITIONS, "seg")  # the condition types with a re-detection fidelity
 
 
 def edges_of(image: np.ndarray) -> np.ndarray:
@@ -74,11 +75,9 @@ class ConditionFidelity:
         else:
             scores = [edge_f1(edges_of(self.detect(image, image, "")), edges_of(condition), self.tolerance)
                       for image, condition in zip(images, conditions, strict=True)]
-        return {
-            "metric": self.metric,
-            "value": float(np.mean(scores)),
-            "per_image": scores,
-            "detector": self.detector_name,
-            "tolerance_px": self.tolerance if self.metric == "edge_f1" else None,
-            "images": len(scores),
-        }
+        return {**self.describe(len(scores)), "value": float(np.mean(scores)), "per_image": scores}
+
+    def describe(self, images: int) -> dict:
+        """What a score of ``images`` images was measured with."""
+        return {"metric": self.metric, "detector": self.detector_name, "images": images,
+                "tolerance_px": self.tolerance if self.metric == "edge_f1" else None}
