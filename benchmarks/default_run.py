@@ -1,57 +1,92 @@
-"""Wall time, peak memory and scores of the default run (`make train`), cold (empty cache) and warm (cached base).
+"""Wall time, peak memory and scores of the default run (`make train`), cold (empty cache) and warm (cached data and base).
 
     python benchmarks/default_run.py                # cold then warm, caches in a fresh temp folder
     python benchmarks/default_run.py --warm-only    # reuse the project's .cache
 
-Each run is a child process (src/train.py through Hydra); its peak RSS and scores
-come from the run's results.json.
+Each run is a child process (src/train.py through Hydra); its peak RSS and scores come
+from the run's results.json. Writes ``default_run.json`` (both runs, the commit, the
+machine, and the CPU time other programs took meanwhile), the warm run's fidelity curve
+with its 10-90% rise marked (``fidelity_curve.png``) and its evaluation grid
+(``eval_samples.png``) into ``--out``.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import pandas as pd
+
+from controlnet_lab.tables import plot_curves
+from provenance import OtherLoad, commit, machine
+
 ROOT = Path(__file__).resolve().parents[1]
+SUMMARY_KEYS = ("mask_iou", "color_accuracy", "base_mask_iou", "base_color_accuracy", "random_placement_mask_iou", "edge_f1",
+                "fid_domain", "prompt_settings", "rise", "sudden_convergence_step", "curve_images", "curve_seconds", "eval_images", "seconds",
+                "block_init_std")
 
 
 def run_once(cache_dir: Path, log_dir: Path, overrides: list[str]) -> dict:
     started = time.time()
     command = [sys.executable, str(ROOT / "src" / "train.py"), f"paths.cache_dir={cache_dir}", f"paths.log_dir={log_dir}", *overrides]
-    subprocess.run(command, cwd=ROOT, check=True)
+    with OtherLoad() as load:
+        subprocess.run(command, cwd=ROOT, check=True)
     wall = time.time() - started
     run_dir = max((log_dir / "train" / "runs").iterdir(), key=lambda p: p.stat().st_mtime)
     results = json.loads((run_dir / "results.json").read_text())
-    return {"wall_s": wall, "peak_rss_mb": results["peak_rss_mb"], "results": results, "run_dir": str(run_dir)}
+    return {"wall_s": round(wall, 1), "peak_rss_mb": results["peak_rss_mb"], "other_load": load.result, "results": results, "run_dir": str(run_dir)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--warm-only", action="store_true")
+    parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "embedded_default")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides passed to src/train.py")
     args = parser.parse_args()
-    rows = []
+    runs = {}
+    provenance = {**commit(), "machine": machine(), "overrides": args.overrides}
     with tempfile.TemporaryDirectory() as tmp:
         cache = ROOT / ".cache" if args.warm_only else Path(tmp) / "cache"
         logs = ROOT / "outputs" / "benchmark"
         if not args.warm_only:
-            rows.append(("cold (generate data, pretrain base, train, evaluate)", run_once(cache, logs, args.overrides)))
-        rows.append(("warm (cached data and base)", run_once(cache, logs, args.overrides)))
-    print("\n| run | wall time | peak RSS | mask IoU: base / +ControlNet / random | color acc.: base / +ControlNet |")
-    print("|---|---|---|---|---|")
-    for name, row in rows:
+            runs["cold"] = run_once(cache, logs, args.overrides)
+        runs["warm"] = run_once(cache, logs, args.overrides)
+    report(runs)
+    write_record(runs, provenance, args.out)
+
+
+def report(runs: dict) -> None:
+    print("\n| run | wall time | peak RSS | other programs' CPU | mask IoU: base / +ControlNet / random | color acc.: base / +ControlNet |")
+    print("|---|---|---|---|---|---|")
+    for name, row in runs.items():
         m = row["results"]["metrics"]
         print(
-            f"| {name} | {row['wall_s'] / 60:.1f} min | {row['peak_rss_mb'] / 1024:.2f} GB | "
+            f"| {name} | {row['wall_s'] / 60:.1f} min | {row['peak_rss_mb'] / 1024:.2f} GB | {100 * row['other_load']['other_cpu_fraction_of_all_cores']:.1f}% | "
             f"{m['base_mask_iou']:.3f} / {m['mask_iou']:.3f} / {m['random_placement_mask_iou']:.3f} | "
             f"{m['base_color_accuracy']:.3f} / {m['color_accuracy']:.3f} |"
         )
-    print(f"\n(eval images: {m['eval_images']}; runs under {logs})")
-    print_evaluation_cost(rows[-1][1]["results"])
+    print_evaluation_cost(runs["warm"]["results"])
+
+
+def write_record(runs: dict, provenance: dict, out: Path) -> None:
+    """default_run.json (small: the scores, not the curve's images), the warm run's curve plot and evaluation grid."""
+    out.mkdir(parents=True, exist_ok=True)
+    record = {**provenance, "runs": {name: {
+        "wall_s": row["wall_s"], "peak_rss_mb": row["peak_rss_mb"], "other_load": row["other_load"],
+        "wall_time_s": row["results"]["wall_time_s"], "split": row["results"]["split"], "global_step": row["results"]["global_step"],
+        "metrics": {k: row["results"]["metrics"][k] for k in SUMMARY_KEYS if k in row["results"]["metrics"]},
+        "curve": row["results"]["metrics"].get("curve"),
+    } for name, row in runs.items()}}
+    (out / "default_run.json").write_text(json.dumps(record, indent=2))
+    warm = runs["warm"]
+    plot_curves(pd.DataFrame([pd.json_normalize(warm["results"]).iloc[0]]), out / "fidelity_curve.png")
+    shutil.copyfile(Path(warm["run_dir"]) / "eval_samples.png", out / "eval_samples.png")
+    print(f"\nwrote {out / 'default_run.json'}, fidelity_curve.png, eval_samples.png")
 
 
 def print_evaluation_cost(results: dict) -> None:
@@ -61,7 +96,8 @@ def print_evaluation_cost(results: dict) -> None:
     curve = m.get("curve_seconds", 0.0)
     print(f"\nfinal evaluation {final_eval:.0f} s + fidelity curve during training {curve:.0f} s = "
           f"{100 * (final_eval + curve) / wall['total']:.1f}% of the run's {wall['total']:.0f} s")
-    generated = m["eval_images"] * 5  # base alone + four prompt settings
+    settings = len(m["prompt_settings"])
+    generated = m["eval_images"] * (settings + 1)  # base alone + each prompt setting
     counts = {"generation": generated, "oracle": generated, "fidelity": generated - m["eval_images"]}
     print("| part | seconds | images | images/s |\n|---|---|---|---|")
     for part, seconds in m["seconds"].items():

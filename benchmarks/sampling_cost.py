@@ -7,10 +7,14 @@ default's tiny base (conf/model/tiny.yaml) and ControlNetModel.from_unet copies 
 
     python benchmarks/sampling_cost.py                      # CPU, 32 px, batch 64, 20 DDIM steps
     python benchmarks/sampling_cost.py --device cuda --batch 256
+
+Writes the figures, the commit, the machine and the CPU time other programs took
+meanwhile to ``--out`` (experiments/sampling_cost/sampling_cost.json).
 """
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -19,6 +23,7 @@ from omegaconf import OmegaConf
 from controlnet_lab.base import build_base
 from controlnet_lab.blocks import build_trainable_copy
 from controlnet_lab.data.colors import make_prompt
+from provenance import OtherLoad, commit, machine
 from step_cost import measure  # benchmarks/: warm-up, repeats, CUDA sync and peak memory
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +37,7 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "sampling_cost" / "sampling_cost.json")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -63,13 +69,19 @@ def main() -> None:
     ]
     print(f"device {device}, {args.resolution} px, batch {args.batch}, {args.steps} DDIM steps, {args.repeats} repeats")
     print(f"{'case':<48} {'guidance':>8} {'s/batch':>8} {'images/s':>9} {'x base alone':>13} {'peak MiB':>9}")
-    baseline = {}
-    with torch.no_grad():
+    baseline, rows = {}, []
+    with torch.no_grad(), OtherLoad() as load:
         for name, controlnets, guidance, weighting in cases:
             cost, memory = measure(sampler(controlnets, guidance, weighting), args.repeats, device)
             baseline.setdefault(guidance, cost)
             peak = f"{memory:9.0f}" if memory is not None else f"{'-':>9}"
             print(f"{name:<48} {guidance:>8.1f} {cost:>8.3f} {args.batch / cost:>9.1f} {cost / baseline[guidance]:>13.2f} {peak}")
+            rows.append({"case": name, "guidance_scale": guidance, "resolution_weighting": weighting, "s_per_batch": round(cost, 4),
+                         "images_per_s": round(args.batch / cost, 2), "ratio_to_base_alone": round(cost / baseline[guidance], 3), "peak_mib": memory})
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({**commit(), "machine": machine(), "device": str(device), "other_load": load.result,
+                                    "settings": {k: v for k, v in vars(args).items() if k != "out"}, "cases": rows}, indent=2))
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -3,10 +3,10 @@
 The run's own composed config (``<run>/.hydra/config.yaml``) supplies the data and
 sampling settings; these overrides change only the evaluation, and ``sampling.*``
 (guidance scale, CFG resolution weighting) the sampling, e.g. as a sweep:
-`python eval/evaluate.py -m ckpt=... sampling.guidance_scale=1,3 sampling.resolution_weighting=off,paper,code`.
+`python eval/evaluate.py -m ckpt=... sampling.guidance_scale=2,3 sampling.resolution_weighting=off,paper,code`.
 Writes eval.json and eval_samples.png into its own output directory, with every metric
 ``eval`` enables (conf/eval/default.yaml): oracle scores and re-detection fidelity under
-the four prompt settings, FID (domain features; Inception and CLIP score when enabled).
+the prompt settings (evaluation.PROMPT_SETTINGS), FID (domain features; Inception and CLIP score when enabled).
 With the run's own sampling it also writes ``eval.json`` beside the checkpoint (what
 ``eval/tables.py rescored=true`` reads) and adds the scores to the run's own W&B run.
 """
@@ -18,6 +18,7 @@ import hydra
 import wandb
 from omegaconf import DictConfig, OmegaConf
 
+from controlnet_lab.config_checks import check_sampling_config
 from controlnet_lab.export import checkpoint_path
 from controlnet_lab.module import ControlNetModule
 from controlnet_lab.task import wandb_mode
@@ -38,6 +39,7 @@ def main(cfg: DictConfig) -> None:
         {"model": {"sampling": {"resolution_weighting": "off"}}},  # runs configured before resolution weighting sampled without it
         OmegaConf.load(run_config), {"eval": cfg.eval, "paths": {"cache_dir": cfg.paths.cache_dir}}, {"model": {"sampling": sampling}},
     )
+    check_sampling_config(run_cfg.model.sampling, "sampling")
     data = build_datamodule(run_cfg, dataset_root(run_cfg))
     module = ControlNetModule.load_from_checkpoint(ckpt, map_location="cpu")
     metrics = held_out_scores(run_cfg, module, data)

@@ -1,12 +1,14 @@
 import numpy as np
 import pytest
+from matplotlib.colors import CSS4_COLORS
 
 from conftest import PALETTE, compose_train
+from controlnet_lab.base import load_base
 from controlnet_lab.config_checks import ConfigError, check_train_config
 from controlnet_lab.data.colors import parse_prompt
 from controlnet_lab.data.conditions import SEG_COLORS, condition_maker
 from controlnet_lab.data.fill50k import Fill50kDataset, load_rgb, read_index
-from controlnet_lab.evaluation import INSUFFICIENT_PROMPT, PROMPT_SETTINGS, setting_prompts
+from controlnet_lab.evaluation import INSUFFICIENT_PROMPT, OUT_OF_VOCABULARY_PROMPT, PROMPT_SETTINGS, setting_prompts
 from controlnet_lab.metrics.oracle import condition_mask
 
 
@@ -76,4 +78,14 @@ def test_prompt_settings(tiny_data):
     for true, other in zip(true_prompts, conflicting):
         named, other_named = parse_prompt(true), parse_prompt(other)
         assert other_named is not None and not set(named) & set(other_named)
-    assert len(PROMPT_SETTINGS) == 4
+    assert setting_prompts("out_of_vocabulary", true_prompts, palette, 0) == [OUT_OF_VOCABULARY_PROMPT] * len(true_prompts)
+    assert PROMPT_SETTINGS == ("none", "insufficient", "out_of_vocabulary", "conflicting", "perfect")
+
+
+def test_the_insufficient_prompt_is_known_to_the_base_and_names_no_color(tiny_base):
+    tokenizer = load_base(tiny_base).tokenizer
+    ids = tokenizer(INSUFFICIENT_PROMPT)["input_ids"]
+    assert tokenizer.unk_token_id not in ids and len(ids) == len(INSUFFICIENT_PROMPT.split()) + 2  # + <bos>, <eos>
+    assert not set(INSUFFICIENT_PROMPT.split()) & set(CSS4_COLORS)
+    # The paper's literal sentence is out of this base's vocabulary: reported as its own setting.
+    assert tokenizer(OUT_OF_VOCABULARY_PROMPT)["input_ids"].count(tokenizer.unk_token_id) == 6

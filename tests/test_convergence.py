@@ -1,6 +1,6 @@
 import numpy as np
 
-from controlnet_lab.metrics.convergence import sudden_convergence_step
+from controlnet_lab.metrics.convergence import rise, sudden_convergence_step
 
 STEPS = list(range(0, 2100, 100))
 
@@ -27,3 +27,29 @@ def test_flat_and_falling_curves_have_no_jump():
     assert sudden_convergence_step(STEPS, [0.3] * len(STEPS)) is None
     assert sudden_convergence_step(STEPS, np.linspace(0.8, 0.2, len(STEPS))) is None
     assert sudden_convergence_step(STEPS, 0.3 + 0.05 * np.sin(np.arange(len(STEPS)))) is None
+
+
+def test_a_linear_ramp_rises_but_not_suddenly():
+    steps = list(range(0, 1550, 50))
+    values = np.linspace(0.2, 0.8, len(steps))
+    found = rise(steps, values)
+    assert found["start_step"] == 150 and found["end_step"] == 1350 and found["rise_fraction"] == 0.8
+    assert not found["sudden"]
+    assert sudden_convergence_step(steps, values) is None
+
+
+def test_a_step_curve_rises_suddenly_at_the_jump():
+    steps = list(range(0, 1550, 50))
+    values = [0.22 if s < 550 else 0.83 for s in steps]
+    found = rise(steps, values)
+    assert found["start_step"] == found["half_step"] == found["end_step"] == 550 and found["sudden"]
+    assert sudden_convergence_step(steps, values) == 550
+
+
+def test_a_rise_just_over_the_threshold_is_gradual():
+    steps = list(range(0, 1550, 50))
+    # a ramp from step 250 to 700: 10% reached at 300, 90% at 700, 400 / 1500 = 0.267 > 0.2
+    values = np.interp(steps, [0, 250, 700, 1500], [0.2, 0.2, 0.8, 0.8])
+    found = rise(steps, values)
+    assert (found["start_step"], found["end_step"]) == (300, 700) and not found["sudden"]
+    assert rise(steps, values, max_rise_fraction=0.3)["sudden"]

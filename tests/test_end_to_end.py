@@ -1,26 +1,65 @@
-"""Slow: the default run itself must meet its targets (CI runs it when time allows; `pytest -m slow`).
+"""Slow: the default run itself must meet its targets, on held-out conditions it never saw (`pytest -m slow`).
 
-This is `make train` with a fresh cache (about 19 minutes on 2 CPU cores). The README's
-measured figures are mask IoU 0.822 and color accuracy 0.922; the thresholds leave a
-little room for arithmetic differences between machines.
+This is `make train` with a fresh cache (about 20 minutes on 2 CPU cores). The committed
+figures (experiments/embedded_default/default_run.json) are above these thresholds; the
+thresholds leave a little room for arithmetic differences between machines. The same run's
+data is then checked to be content-disjoint across the split, for the default and for
+smaller `data.size` subsets.
 """
+import hashlib
 import json
 
+import numpy as np
 import pytest
+import torch
+from omegaconf import OmegaConf
 
 from conftest import run_train
+from controlnet_lab.data.fill50k import load_rgb, read_index
+from controlnet_lab.training import build_datamodule
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("default")
+    result = run_train(["logger=csv"], tmp, timeout=3000)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = (tmp / "outputs" / "train" / "runs").iterdir()
+    return run_dir
 
 
 @pytest.mark.slow
-def test_default_run_learns_control_and_keeps_colors(tmp_path):
-    result = run_train(["logger=csv"], tmp_path, timeout=3000)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (run_dir,) = (tmp_path / "outputs" / "train" / "runs").iterdir()
-    metrics = json.loads((run_dir / "results.json").read_text())["metrics"]
+def test_default_run_learns_control_and_keeps_colors(default_run):
+    metrics = json.loads((default_run / "results.json").read_text())["metrics"]
     assert metrics["mask_iou"] >= 0.75, metrics
     assert metrics["mask_iou"] > metrics["base_mask_iou"] + 0.4, metrics
     assert metrics["base_mask_iou"] < metrics["random_placement_mask_iou"] + 0.1, metrics
     assert metrics["color_accuracy"] >= 0.8, metrics
-    # Re-detected edges follow the condition, and the fidelity curve jumps (sudden convergence).
+    # Re-detected edges follow the condition, and the fidelity curve (64 conditions every 50 steps) rises.
     assert metrics["edge_f1"] >= 0.75, metrics
-    assert metrics["sudden_convergence_step"] is not None and metrics["curve"][-1]["edge_f1"] > metrics["curve"][0]["edge_f1"] + 0.4, metrics["curve"]
+    assert [p["step"] for p in metrics["curve"]] == list(range(0, 1550, 50)) and metrics["curve_images"] == 64
+    assert metrics["rise"] is not None and metrics["rise"]["final"] > metrics["rise"]["initial"] + 0.4, metrics["rise"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size", [None, 1000, 5000])
+def test_the_default_split_is_content_disjoint(default_run, size):
+    """No two of the 20,000 sources are byte-identical, and no held-out source lies within 0.2 (data/held_out.py's
+    distance) of a training source, computed here independently of the harness's own check."""
+    cfg = OmegaConf.load(default_run / ".hydra" / "config.yaml")
+    root = json.loads((default_run / "results.json").read_text())["data_root"]
+    if size is None:
+        sources = [r.source.read_bytes() for r in read_index(root)]
+        assert len(sources) == 20000 and len({hashlib.sha256(s).digest() for s in sources}) == 20000
+    cfg.data.size = size
+    data = build_datamodule(cfg, root)
+    assert data.split_report["source_hash_duplicates"] == 0 and len(data.val_records) == 256
+    assert not {r.source for r in data.val_records} & {r.source for r in data.train_records}
+
+    def ink(records):
+        return torch.tensor(np.stack([load_rgb(r.source, 32).max(-1).reshape(-1) for r in records]), dtype=torch.float64) / 255
+
+    held_out, train = ink(data.val_records), ink(data.train_records)
+    nearest = min(float(((held_out[:, None, :] - chunk[None]).abs().sum(-1) / (held_out.sum(1)[:, None] + chunk.sum(1)[None])).min())
+                  for chunk in train.split(50))
+    assert nearest >= 0.2, nearest

@@ -1,4 +1,5 @@
 import numpy as np
+import torch
 import pytest
 from cleanfid.fid import fid_from_feats
 from scipy import linalg
@@ -57,3 +58,22 @@ def test_missing_inception_weights_name_the_file(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="inception-2015-12-05.pt"):
         inception_extractor(tmp_path / "weights")
     assert not (tmp_path / "weights" / "inception-2015-12-05.pt").exists()
+
+
+def test_fids_run_on_the_suites_device(monkeypatch):
+    """Inception (and domain) FID go to clean-fid on the device the suite's extractors were moved to, not always the CPU."""
+    import controlnet_lab.metrics.fid as fid_module
+    from controlnet_lab.evaluation import MetricSuite, extra_scores
+
+    devices = []
+
+    def compute_fid(*args, device, **kwargs):
+        devices.append(device)
+        return 1.0
+
+    monkeypatch.setattr(fid_module.cleanfid_fid, "compute_fid", compute_fid)
+    images = np.zeros((2, 16, 16, 3), np.uint8)
+    suite = MetricSuite(domain_features=lambda batch: batch, inception_features=lambda batch: batch, device="cuda:1")
+    scores = extra_scores(suite, {"perfect": images, "targets": images}, ["", ""], {})
+    assert scores["fid"] == scores["fid_domain"] == 1.0
+    assert devices == [torch.device("cuda:1")] * 2

@@ -19,7 +19,7 @@ def test_edge_f1_is_one_on_own_edges_and_drops_as_they_shift(tiny_data):
     assert edge_f1(edges, edges, tolerance=0) == 1.0
     scores = [edge_f1(np.roll(edges, shift, axis=1), edges, tolerance=1) for shift in range(5)]
     assert scores[0] == 1.0 and scores[1] == 1.0  # within the 1-pixel tolerance
-    assert scores[2] < 1.0 and all(a >= b for a, b in zip(scores[1:], scores[2:])) and scores[4] < 0.5
+    assert scores[2] < 1.0 and all(a >= b for a, b in zip(scores[1:], scores[2:])) and scores[4] < 0.7
 
 
 @pytest.mark.parametrize("condition", ["outline", "canny", "seg"])

@@ -26,7 +26,7 @@ def _acting(pipeline, block, seed):
     """A ControlNet whose connection convs are no longer zero, as after training."""
     torch.manual_seed(seed)
     copy = build_trainable_copy(pipeline.unet, block, (16,), std=0.02)
-    for conv in connection_convs(copy):
+    for _, conv in connection_convs(copy):
         torch.nn.init.normal_(conv.weight, std=0.1)
     return copy.eval()
 
@@ -62,7 +62,7 @@ def test_resolution_weights_on_sd15_shaped_blocks_match_the_paper_and_diffusers_
                                 cross_attention_dim=8, attention_head_dim=2, in_channels=3, out_channels=3)
     heights = residual_heights(unet.config)
     controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 4, 4, 4))
-    for conv in connection_convs(controlnet):
+    for _, conv in connection_convs(controlnet):
         torch.nn.init.normal_(conv.weight, std=0.1)
     assert heights == _residual_heights_of(controlnet, unet, condition_size=512) == [64] * 3 + [32] * 3 + [16] * 3 + [8] * 4
     assert resolution_weights("paper", heights) == [1] * 3 + [2] * 3 + [4] * 3 + [8] * 4
@@ -101,6 +101,14 @@ def test_without_resolution_weighting_both_branches_see_the_condition(pipeline):
     hidden, pooled = pipeline.encode_prompt([PROMPTS[0], PROMPTS[0]])
     down, mid = pipeline.control_residuals(controlnet, sample, 500, hidden, pooled, _conditions(1), 1.0, "off", guided=True)
     assert all(torch.equal(r[0], r[1]) and r[0].abs().sum() > 0 for r in [*down, mid])
+
+
+def test_resolution_weighting_without_guidance_is_refused(pipeline):
+    """With guidance_scale=1 there is no unconditional branch to keep the condition from; `paper` would only
+    multiply the deep residuals of the single branch (x4 here)."""
+    with pytest.raises(ValueError, match="resolution_weighting=paper needs classifier-free guidance"):
+        pipeline(PROMPTS, condition=_conditions(len(PROMPTS)), controlnet=_acting(pipeline, "zero", 1), num_inference_steps=2,
+                 guidance_scale=1.0, resolution_weighting="paper")
 
 
 def _generate(pipeline, controlnet, condition, scale, mode="paper"):
@@ -171,7 +179,7 @@ def test_sample_entry_point_composes_two_controlnets_under_the_four_prompt_setti
                         f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, script="src/sample.py")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "run" / "samples.json").read_text())
-    assert sorted(report["grids"]) == ["conflicting", "insufficient", "none", "perfect"]
+    assert sorted(report["grids"]) == ["conflicting", "insufficient", "none", "out_of_vocabulary", "perfect"]
     assert all((tmp_path / "run" / grid).is_file() for grid in report["grids"].values())
     prompts = {r["setting"]: r["prompt"] for r in report["images"]}
     assert prompts["none"] == "" and prompts["perfect"] == PROMPTS[0] and prompts["conflicting"] not in ("", PROMPTS[0])
@@ -186,6 +194,7 @@ def test_sample_entry_point_composes_two_controlnets_under_the_four_prompt_setti
     ("detector=hed", "set detector_weights"),
     ("scheduler=NoSuchScheduler", "scheduler='NoSuchScheduler'"),
     ("resolution_weighting=loud", "resolution_weighting='loud'"),
+    ("resolution_weighting=paper", "resolution_weighting=paper needs classifier-free guidance"),  # guidance_scale=1 by default
     ("conditioning_scale=[1,2,3]", "conditioning_scale has 3 entries"),
     ("prompt=[a,b]", "prompt has 2 entries for 3 conditions"),
 ])

@@ -3,13 +3,19 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from conftest import ROOT, compose_train, run_train
 from controlnet_lab.base import base_cache_key
 from controlnet_lab.config_checks import ConfigError, check_train_config
+from controlnet_lab.data.fill50k import load_rgb
+from controlnet_lab.metrics.convergence import rise, sudden_convergence_step
+from controlnet_lab.metrics.oracle import random_placement_iou
+from controlnet_lab.training import build_datamodule, dataset_root, metric_suite
 
 
 @pytest.fixture(scope="module")
@@ -24,15 +30,25 @@ def smoke_run(tmp_path_factory):
 def test_smoke_writes_results_and_checkpoint(smoke_run):
     _, run_dir = smoke_run
     results = json.loads((run_dir / "results.json").read_text())
+    metrics = results["metrics"]
     assert results["block"] == "zero" and results["seed"] == 0
     assert results["data"]["prompt_dropout"] == 0.5 and results["data"]["size"] == 64
-    for key in ("mask_iou", "color_accuracy", "base_mask_iou", "base_color_accuracy", "trainable_params"):
-        assert key in results["metrics"]
-    assert 0.0 <= results["metrics"]["mask_iou"] <= 1.0
+    assert results["split"]["held_out"] == 16 and results["split"]["train"] == 64 and results["split"]["source_hash_duplicates"] == 0
     assert results["global_step"] == 6
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["global_step"] == 6
     assert not any(k.startswith(("locked_unet.", "text_encoder.")) for k in checkpoint["state_dict"])
+    # The top-level scores are the perfect prompt's; 8 images make color accuracy a multiple of 1/8.
+    assert metrics["mask_iou"] == metrics["prompt_settings"]["perfect"]["mask_iou"] and metrics["eval_images"] == 8
+    assert (8 * metrics["color_accuracy"]).is_integer() and (8 * metrics["base_color_accuracy"]).is_integer()
+    # The trainable parameters are exactly the ControlNet's, and its connection convs started at zero.
+    assert metrics["trainable_params"] == sum(v.numel() for k, v in checkpoint["state_dict"].items() if k.startswith("controlnet."))
+    assert set(metrics["block_init_std"].values()) == {0.0} and "controlnet_mid_block" in metrics["block_init_std"]
+    # The random-placement IoU is that of the run's own held-out outlines, read here again.
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    data = build_datamodule(cfg, dataset_root(cfg))
+    outlines = np.stack([load_rgb(r.source, 16) for r in data.val_records[:8]])
+    assert metrics["random_placement_mask_iou"] == pytest.approx(random_placement_iou(outlines))
     assert (run_dir / "eval_samples.png").is_file()
 
 
@@ -43,7 +59,9 @@ def test_smoke_reports_fidelity_fid_and_the_curve(smoke_run):
     assert all("edge_f1" in scores for scores in metrics["prompt_settings"].values())
     assert metrics["fid_domain"] >= 0.0 and metrics["fid_domain_info"]["label"] == "FID (domain features)" and metrics["fid_domain_info"]["images"] == 8
     assert [point["step"] for point in metrics["curve"]] == [0, 3, 6] and metrics["curve_metric"] == "edge_f1"
-    assert "sudden_convergence_step" in metrics
+    steps, values = [p["step"] for p in metrics["curve"]], [p["edge_f1"] for p in metrics["curve"]]
+    assert metrics["rise"] == rise(steps, values)
+    assert metrics["sudden_convergence_step"] == sudden_convergence_step(steps, values)
 
 
 def test_the_fidelity_curve_does_not_change_training(smoke_run, tmp_path):
@@ -82,10 +100,14 @@ def test_base_is_pretrained_once_and_reused(smoke_run):
         ("data.prompt_dropout=1.5", "data.prompt_dropout"),
         ("trainer.max_steps=0", "trainer.max_steps"),
         ("model.sampling.resolution_weighting=loud", "model.sampling.resolution_weighting"),
+        ("model.sampling.resolution_weighting=paper", "model.sampling.resolution_weighting=paper needs classifier-free guidance"),
+        ("eval.num_images=0", "eval.num_images"),
+        ("data.held_out.max_distance=1.5", "data.held_out.max_distance"),
+        ("block=gauss block.std=-1", "block.std"),
     ],
 )
 def test_bad_config_values_name_their_key(override, key):
-    cfg = compose_train([override])
+    cfg = compose_train(override.split())
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         check_train_config(cfg)
 
@@ -111,11 +133,14 @@ def test_block_sweep_gives_one_result_per_block(tmp_path):
     assert sorted(r["block"] for r in records) == ["gauss", "single", "zero"]
     params = {r["block"]: r["metrics"]["trainable_params"] for r in records}
     assert params["single"] < params["zero"] == params["gauss"]
+    init = {r["block"]: r["metrics"]["block_init_std"] for r in records}
+    assert init["gauss"]["controlnet_down_blocks.0"] == pytest.approx(1 / (3 * 16) ** 0.5)  # standard init of a 1x1 conv on 16 channels
+    assert set(init["zero"].values()) == set(init["single"].values()) == {0.0}
     # One W&B run per job, grouped by the sweep.
     runs = list(sweep.glob("*/wandb/offline-run-*"))
     assert len(runs) == 3
-    # Every model is scored under the paper's four prompt settings.
-    assert all(set(r["metrics"]["prompt_settings"]) == {"none", "insufficient", "conflicting", "perfect"} for r in records)
+    # Every model is scored under the paper's prompt settings and the out-of-vocabulary one.
+    assert all(set(r["metrics"]["prompt_settings"]) == {"none", "insufficient", "out_of_vocabulary", "conflicting", "perfect"} for r in records)
 
     tables = subprocess.run([sys.executable, str(ROOT / "eval" / "tables.py"), f"sweep={sweep}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert tables.returncode == 0, tables.stderr[-3000:]
@@ -179,3 +204,12 @@ def test_an_evaluation_sweep_over_resolution_weighting_tabulates(smoke_run):
     assert table.returncode == 0, table.stderr[-3000:]
     rows = (sweep / "table.csv").read_text().splitlines()
     assert rows[0].split(",")[0] == "sampling.resolution_weighting" and [row.split(",")[0] for row in rows[1:]] == ["off", "paper"]
+
+
+def test_the_domain_feature_net_does_not_depend_on_the_training_size(tiny_data, tmp_path):
+    """One FID feature space per dataset, so fid_domain compares across a dataset-size sweep."""
+    for size in (10, 30):
+        cfg = compose_train(["data=fill50k", f"data.root={tiny_data}", "data.resolution=16", "data.val_size=8", f"data.size={size}",
+                             "eval.fid_domain.steps=2", "eval.fid_domain.count=16", f"paths.cache_dir={tmp_path}"])
+        metric_suite(cfg, build_datamodule(cfg, tiny_data))
+    assert len(list((tmp_path / "fid_domain").glob("*.safetensors"))) == 1

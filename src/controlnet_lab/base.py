@@ -110,7 +110,8 @@ def pretrained_base(model_cfg: DictConfig, data_root: Path, resolution: int, cac
     pretrain = model_cfg.pretrain
     L.seed_everything(pretrain.seed, workers=True)
     data = Fill50kDataModule(
-        data_root, resolution, batch_size=pretrain.batch_size, val_size=pretrain.val_size, prompt_dropout=pretrain.empty_prompt_rate, split_seed=pretrain.split_seed
+        data_root, resolution, batch_size=pretrain.batch_size, val_size=pretrain.val_size, prompt_dropout=pretrain.empty_prompt_rate, split_seed=pretrain.split_seed,
+        exclude_near_duplicates=pretrain.held_out.exclude_near_duplicates, max_distance=pretrain.held_out.max_distance,
     )
     data.setup()  # reads the index once; the tokenizer's vocabulary comes from every prompt
     pipeline = build_base(model_cfg, resolution, [r.prompt for r in data.train_records + data.val_records])

@@ -4,14 +4,20 @@
   block outputs, the middle-block conv, and the hint encoder's last conv) starts at
   weight 0 and bias 0, so at step 0 base + ControlNet computes exactly what the
   locked base computes, while gradients into those convs are non-zero.
-- ``gauss``: the same architecture, the connection convs initialised with Gaussian
-  weights (``block.std``) as standard layers are: random noise reaches the locked
-  model from the first step.
+- ``gauss``: the same architecture, the connection convs made standard conv layers
+  initialised with Gaussian weights (paper Sec. 4.2, Fig. 8b): random noise reaches
+  the locked model from the first step. ``block.std: standard`` gives each conv the
+  std of PyTorch's default init of that layer: ``Conv2d`` draws its weight from
+  U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kaiming_uniform with a=sqrt(5)), whose std is
+  1/sqrt(3 fan_in), fan_in = in_channels x kernel height x kernel width (0.144, 0.102,
+  0.072 for the tiny base's 16/32/64-channel 1x1 convs; 0.048 for its hint encoder's
+  3x3 conv_out on 16 channels). A number sets one std for all. Biases start at 0.
 - ``single`` (ControlNet-lite): each block of the trainable copy is one convolution
   (``ControlNetLiteModel``), joined by the same zero convs.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
@@ -22,27 +28,51 @@ from controlnet_lab.controlnet_lite import ControlNetLiteModel
 BLOCKS = ("zero", "gauss", "single")
 
 
-def connection_convs(controlnet: ControlNetModel | ControlNetLiteModel) -> Iterator[torch.nn.Conv2d]:
-    """The convs that join the trainable copy to the locked model."""
-    yield from controlnet.controlnet_down_blocks
-    yield controlnet.controlnet_mid_block
-    yield controlnet.controlnet_cond_embedding.conv_out
+STANDARD_STD = "standard"
 
 
-def build_trainable_copy(unet: UNet2DConditionModel, block: str, hint_channels: tuple[int, ...], std: float | None = None):
+def connection_convs(controlnet: ControlNetModel | ControlNetLiteModel) -> Iterator[tuple[str, torch.nn.Conv2d]]:
+    """The convs that join the trainable copy to the locked model, by parameter name."""
+    for i, conv in enumerate(controlnet.controlnet_down_blocks):
+        yield f"controlnet_down_blocks.{i}", conv
+    yield "controlnet_mid_block", controlnet.controlnet_mid_block
+    yield "controlnet_cond_embedding.conv_out", controlnet.controlnet_cond_embedding.conv_out
+
+
+def standard_init_std(conv: torch.nn.Conv2d) -> float:
+    """The std of PyTorch's default weight init of this conv: 1/sqrt(3 fan_in)."""
+    fan_in = conv.in_channels // conv.groups * math.prod(conv.kernel_size)
+    return 1.0 / math.sqrt(3 * fan_in)
+
+
+def connection_init_stds(controlnet, block: str, std: float | str | None) -> dict[str, float]:
+    """The std each connection conv's weight is drawn with (0: zero-initialised)."""
+    check_block_std(block, std)
+    if block != "gauss":
+        return {name: 0.0 for name, _ in connection_convs(controlnet)}
+    if std == STANDARD_STD:
+        return {name: standard_init_std(conv) for name, conv in connection_convs(controlnet)}
+    return {name: float(std) for name, _ in connection_convs(controlnet)}
+
+
+def check_block_std(block: str, std: float | str | None) -> None:
+    if block == "gauss" and std != STANDARD_STD and (isinstance(std, str) or not (std and std > 0)):
+        raise ValueError(f"block.std must be '{STANDARD_STD}' or a number > 0 for block=gauss, got {std!r}")
+
+
+def build_trainable_copy(unet: UNet2DConditionModel, block: str, hint_channels: tuple[int, ...], std: float | str | None = STANDARD_STD):
     """The trainable copy for the named block variant, its connection convs initialised accordingly."""
     if block not in BLOCKS:
         raise ValueError(f"block={block!r} is not one of {', '.join(BLOCKS)}")
-    if block == "gauss" and not (std and std > 0):
-        raise ValueError(f"block.std must be > 0 for block=gauss, got {std}")
     hint_channels = tuple(hint_channels)
     if block == "single":
         copy = ControlNetLiteModel.from_unet(unet, conditioning_embedding_out_channels=hint_channels)
     else:
         copy = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=hint_channels)
-    for conv in connection_convs(copy):
-        if block == "gauss":
-            torch.nn.init.normal_(conv.weight, mean=0.0, std=std)
+    stds = connection_init_stds(copy, block, std)
+    for name, conv in connection_convs(copy):
+        if stds[name]:
+            torch.nn.init.normal_(conv.weight, mean=0.0, std=stds[name])
         else:
             torch.nn.init.zeros_(conv.weight)
         torch.nn.init.zeros_(conv.bias)

@@ -10,7 +10,7 @@ import torch
 
 from controlnet_lab.evaluation import generate
 from controlnet_lab.images import to_uint8
-from controlnet_lab.metrics.convergence import sudden_convergence_step
+from controlnet_lab.metrics.convergence import rise, sudden_step
 from controlnet_lab.metrics.fidelity import ConditionFidelity
 from controlnet_lab.metrics.oracle import mean_mask_iou
 
@@ -88,15 +88,16 @@ class FidelityCurve(L.Callback):
             logger.log_metrics({f"curve/{k}": v for k, v in point.items() if k != "step"}, step=trainer.global_step)
 
     def summary(self) -> dict:
-        """The curve, and the sudden-convergence step of its fidelity metric (None without a jump)."""
+        """The curve, its fidelity metric's 10-90% rise, and the sudden-convergence step (None without a sudden rise)."""
         curve = sorted(self.curve, key=lambda point: point["step"])
-        steps = [point["step"] for point in curve]
+        found = rise([point["step"] for point in curve], [point[self.metric] for point in curve])
         return {
             "curve": curve,
             "curve_metric": self.metric,
             "curve_images": self.num_images,
             "curve_seconds": round(self.seconds, 2),
-            "sudden_convergence_step": sudden_convergence_step(steps, [point[self.metric] for point in curve]),
+            "rise": found,
+            "sudden_convergence_step": sudden_step(found),
         }
 
     def state_dict(self) -> dict:

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from controlnet_lab.blocks import BLOCKS
+from controlnet_lab.blocks import BLOCKS, check_block_std
 from controlnet_lab.data.conditions import CONDITIONS, DETECTORS
-from controlnet_lab.sampling import RESOLUTION_WEIGHTINGS
+from controlnet_lab.sampling import check_resolution_weighting
 
 
 class ConfigError(ValueError):
@@ -15,6 +15,10 @@ class ConfigError(ValueError):
 def check_train_config(cfg: DictConfig) -> None:
     if cfg.block.name not in BLOCKS:
         raise ConfigError(f"block.name={cfg.block.name!r} is unknown; choose one of {', '.join(BLOCKS)}")
+    try:
+        check_block_std(cfg.block.name, cfg.block.get("std"))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     data = cfg.data
     if data.size is not None and data.size < 1:
         raise ConfigError(f"data.size must be a positive number of training samples (or null for all), got {data.size}")
@@ -22,6 +26,8 @@ def check_train_config(cfg: DictConfig) -> None:
         raise ConfigError(f"data.prompt_dropout must be in [0, 1], got {data.prompt_dropout}")
     if data.batch_size < 1:
         raise ConfigError(f"data.batch_size must be >= 1, got {data.batch_size}")
+    if data.held_out.exclude_near_duplicates and not 0.0 < data.held_out.max_distance <= 1.0:
+        raise ConfigError(f"data.held_out.max_distance must be in (0, 1] (the fraction of two outlines' ink that differs), got {data.held_out.max_distance}")
     if data.condition not in CONDITIONS:
         raise ConfigError(f"data.condition={data.condition!r} is unknown; choose one of {', '.join(CONDITIONS)}")
     if DETECTORS.get(data.condition, (None, False))[1] and not data.detector_weights:
@@ -37,8 +43,14 @@ def check_train_config(cfg: DictConfig) -> None:
         )
     if cfg.trainer.max_steps is None or cfg.trainer.max_steps < 1:
         raise ConfigError(f"trainer.max_steps must be >= 1, got {cfg.trainer.max_steps}")
-    weighting = cfg.model.sampling.resolution_weighting
-    if weighting is not False and weighting not in RESOLUTION_WEIGHTINGS:
-        raise ConfigError(f"model.sampling.resolution_weighting={weighting!r} is not one of {', '.join(RESOLUTION_WEIGHTINGS)}")
-    if cfg.eval.num_images < 0:
-        raise ConfigError(f"eval.num_images must be >= 0, got {cfg.eval.num_images}")
+    check_sampling_config(cfg.model.sampling, "model.sampling")
+    if cfg.eval.num_images < 1:
+        raise ConfigError(f"eval.num_images must be >= 1 (the final evaluation scores that many held-out conditions), got {cfg.eval.num_images}")
+
+
+def check_sampling_config(sampling: DictConfig, key: str) -> None:
+    """Resolution weighting and guidance scale (``<key>.resolution_weighting``, ``<key>.guidance_scale``) that can sample."""
+    try:
+        check_resolution_weighting(sampling.resolution_weighting, sampling.guidance_scale)
+    except ValueError as err:
+        raise ConfigError(f"{key}.{err}") from None

@@ -1,4 +1,4 @@
-"""Evaluation on held-out conditions: the locked base alone vs base + ControlNet under the paper's four prompt settings, same noise; oracle scores, condition fidelity, FID and CLIP score."""
+"""Evaluation on held-out conditions: the locked base alone vs base + ControlNet under the paper's prompt settings, same noise; oracle scores, condition fidelity, FID and CLIP score."""
 from __future__ import annotations
 
 import time
@@ -18,8 +18,12 @@ from controlnet_lab.metrics.fidelity import ConditionFidelity
 from controlnet_lab.metrics.oracle import random_placement_iou, score_images
 from controlnet_lab.pipeline import TinyTextToImagePipeline
 
-PROMPT_SETTINGS = ("none", "insufficient", "conflicting", "perfect")
-INSUFFICIENT_PROMPT = "a high-quality, detailed, and professional image"
+PROMPT_SETTINGS = ("none", "insufficient", "out_of_vocabulary", "conflicting", "perfect")
+# Uninformative but known: every word is in the fill50k tokenizer's vocabulary, and it names no color.
+INSUFFICIENT_PROMPT = "circle with background"
+# The paper's literal insufficient prompt; the tiny base's word tokenizer knows none of its words
+# (six <unk>), so it tests an out-of-vocabulary input and is reported as a setting of its own.
+OUT_OF_VOCABULARY_PROMPT = "a high-quality, detailed, and professional image"
 
 
 def palette_of(prompts: list[str]) -> list[str]:
@@ -52,16 +56,19 @@ def generate(pipeline: TinyTextToImagePipeline, controlnet, conditions: torch.Te
 
 
 def setting_prompts(setting: str, true_prompts: list[str], palette: list[str], seed: int) -> list[str]:
-    """The prompts of one of the paper's four prompt settings (Sec. 4.2, Fig. 8) for these samples.
+    """The prompts of one of the paper's prompt settings (Sec. 4.2, Fig. 8) for these samples.
 
-    none: ""; insufficient: the paper's generic sentence; conflicting: a fill50k prompt
-    whose circle and background colors both differ from the true ones (seeded);
-    perfect: the true prompt.
+    none: ""; insufficient: a known but uninformative prompt (INSUFFICIENT_PROMPT);
+    out_of_vocabulary: the paper's generic sentence, unknown words to the tiny base;
+    conflicting: a fill50k prompt whose circle and background colors both differ from
+    the true ones (seeded); perfect: the true prompt.
     """
     if setting == "none":
         return [""] * len(true_prompts)
     if setting == "insufficient":
         return [INSUFFICIENT_PROMPT] * len(true_prompts)
+    if setting == "out_of_vocabulary":
+        return [OUT_OF_VOCABULARY_PROMPT] * len(true_prompts)
     if setting == "perfect":
         return list(true_prompts)
     if setting == "conflicting":
@@ -85,6 +92,7 @@ class MetricSuite:
     inception_features: FeatureExtractor | None = None
     clip: object | None = None  # a torchmetrics CLIPScore
     clip_model: str | None = None
+    device: str = "cpu"  # where the feature extractors live: clean-fid moves each batch there
 
 
 def evaluate_held_out(pipeline: TinyTextToImagePipeline, controlnet, dataset: Fill50kDataset, palette: list[str],
@@ -157,12 +165,12 @@ def extra_scores(suite: MetricSuite, samples: dict, true_prompts: list[str], sec
         scores["condition_fidelity"] = suite.fidelity.describe(count)
     if suite.domain_features is not None:
         with timed(seconds, "fid_domain"):
-            scores["fid_domain"] = fid(images, samples["targets"], suite.domain_features)
+            scores["fid_domain"] = fid(images, samples["targets"], suite.domain_features, device=suite.device)
         scores["fid_domain_info"] = {"label": "FID (domain features)", "backbone": "domain CNN trained on the data (metrics/domain_features.py)",
                                      "images": count, "reference": "held-out targets of the same conditions"}
     if suite.inception_features is not None:
         with timed(seconds, "fid_inception"):
-            scores["fid"] = fid(images, samples["targets"], suite.inception_features)
+            scores["fid"] = fid(images, samples["targets"], suite.inception_features, device=suite.device)
         scores["fid_info"] = {"label": "FID (Inception, clean-fid clean mode)", "backbone": "inception-2015-12-05", "images": count}
     if suite.clip is not None:
         with timed(seconds, "clip_score"):

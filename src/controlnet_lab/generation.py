@@ -94,7 +94,7 @@ def control_inputs(cfg: DictConfig) -> list[ControlInput]:
 
 
 def check_sampling(cfg: DictConfig) -> None:
-    check_resolution_weighting(cfg.resolution_weighting)
+    check_resolution_weighting(cfg.resolution_weighting, cfg.guidance_scale)
     if cfg.num_inference_steps < 1:
         raise ValueError(f"num_inference_steps={cfg.num_inference_steps} must be >= 1")
     if cfg.guidance_scale < 0:
@@ -114,7 +114,7 @@ def scheduler_class(name: str) -> type:
 
 
 def prompt_sets(cfg: DictConfig, count: int, palette: list[str]) -> dict[str, list[str]]:
-    """The prompts per setting: ``{"given": prompts}``, or the paper's four settings with ``prompt`` as the perfect one."""
+    """The prompts per setting: ``{"given": prompts}``, or the paper's prompt settings with ``prompt`` as the perfect one."""
     prompts = [str(p) for p in as_list(cfg.prompt)] or [""]
     if len(prompts) == 1:
         prompts *= count

@@ -26,7 +26,7 @@ class ControlNetModule(L.LightningModule):
         self,
         base_path: str,
         block: str = "zero",
-        block_std: float | None = None,
+        block_std: float | str | None = "standard",
         hint_channels: tuple[int, ...] = (16,),
         lr: float = 1e-5,
         noise_offset: float = 0.0,

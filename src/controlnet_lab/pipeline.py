@@ -121,7 +121,7 @@ class TinyTextToImagePipeline(DiffusionPipeline):
         batch = len(prompt)
         size = self.unet.config.sample_size
         device = self.unet.device
-        resolution_weighting = check_resolution_weighting(resolution_weighting)
+        resolution_weighting = check_resolution_weighting(resolution_weighting, guidance_scale)
         if isinstance(controlnet, (list, tuple)):
             controlnet, condition, conditioning_scale = compose(controlnet, condition, conditioning_scale)
         scheduler = scheduler or DDIMScheduler.from_config(self.scheduler.config)

@@ -27,12 +27,21 @@ RESOLUTION_WEIGHTINGS = ("off", "paper", "code")
 CODE_RATIO = 0.825
 
 
-def check_resolution_weighting(mode) -> str:
-    """The mode's name; YAML reads an unquoted ``off`` as false, which means ``off``."""
+def check_resolution_weighting(mode, guidance_scale: float | None = None) -> str:
+    """The mode's name; YAML reads an unquoted ``off`` as false, which means ``off``.
+
+    Resolution weighting is a classifier-free guidance technique: it puts the condition
+    on the conditional branch only. Without guidance (``guidance_scale`` 1) there is one
+    branch, and weighting it would only rescale the residuals (``paper`` x4 on the
+    deepest ones here), so a mode other than ``off`` is refused there.
+    """
     if mode is False:
-        return "off"
+        mode = "off"
     if mode not in RESOLUTION_WEIGHTINGS:
         raise ValueError(f"resolution_weighting={mode!r} is not one of {', '.join(RESOLUTION_WEIGHTINGS)}")
+    if mode != "off" and guidance_scale == 1.0:
+        raise ValueError(f"resolution_weighting={mode} needs classifier-free guidance (guidance_scale other than 1, e.g. 2): "
+                         "it applies the condition to the conditional branch only; with guidance_scale=1 use resolution_weighting=off")
     return mode
 
 

@@ -20,11 +20,11 @@ import pandas as pd  # noqa: E402
 import wandb  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from controlnet_lab.evaluation import PROMPT_SETTINGS  # noqa: E402
 from controlnet_lab.task import wandb_mode  # noqa: E402
 
 METHOD_KEYS = ("block", "data.size", "data.prompt_dropout", "data.condition", "sampling.guidance_scale", "sampling.resolution_weighting")
 RECORD_FILES = ("results.json", "eval.json")  # what a job of src/train.py, or of eval/evaluate.py, leaves
-PROMPT_SETTINGS = ("none", "insufficient", "conflicting", "perfect")
 # (column of the flattened results, label in the tables)
 METRICS = (
     *[(f"metrics.prompt_settings.{s}.mask_iou", f"mask IoU ({s} prompt)") for s in PROMPT_SETTINGS],
@@ -36,6 +36,7 @@ METRICS = (
     ("metrics.fid", "FID (Inception)"),
     ("metrics.clip_score", "CLIP score"),
     ("metrics.sudden_convergence_step", "sudden-convergence step"),
+    ("metrics.rise.rise_fraction", "10-90% rise / training"),
     ("metrics.base_mask_iou", "base alone mask IoU"),
     ("metrics.trainable_params", "trainable params"),
 )
@@ -172,7 +173,8 @@ def paper_note(summary: pd.DataFrame) -> str:
 
 
 def plot_curves(frame: pd.DataFrame, path: Path) -> Path:
-    """Condition fidelity against the training step, one line per job, the sudden-convergence step marked."""
+    """Condition fidelity against the training step, one line per job; each job's 10%-to-90% rise shaded between
+    dashed lines at its 10% and 90% levels, the sudden-convergence step dotted (convergence.py)."""
     methods = method_columns(frame)
     figure, axis = plt.subplots(figsize=(7, 3.8))
     colors = {}
@@ -185,12 +187,18 @@ def plot_curves(frame: pd.DataFrame, path: Path) -> Path:
         color = colors.setdefault(label, f"C{len(colors)}")
         steps = [point["step"] for point in curve]
         axis.plot(steps, [point[metric] for point in curve], color=color, alpha=0.8, label=label if label not in axis.get_legend_handles_labels()[1] else None)
+        start, end = row.get("metrics.rise.start_step"), row.get("metrics.rise.end_step")
+        if start is not None and not pd.isna(start):
+            initial, final = row["metrics.rise.initial"], row["metrics.rise.final"]
+            axis.axvspan(start, end, color=color, alpha=0.12)
+            for fraction in (0.1, 0.9):
+                axis.hlines(initial + fraction * (final - initial), steps[0], steps[-1], color=color, linestyle="--", linewidth=0.8, alpha=0.6)
         jump = row.get("metrics.sudden_convergence_step")
         if jump is not None and not pd.isna(jump):
             axis.axvline(jump, color=color, linestyle=":", alpha=0.8)
     axis.set_xlabel("training step")
     axis.set_ylabel(f"{frame['metrics.curve_metric'].iloc[0]} ({int(frame['metrics.curve_images'].iloc[0])} held-out conditions)")
-    axis.set_title("condition fidelity during training (dotted: sudden-convergence step)", fontsize=9)
+    axis.set_title("condition fidelity during training (shaded: 10-90% rise; dotted: sudden-convergence step)", fontsize=9)
     axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -223,7 +231,7 @@ def plot_mask_iou(summary: pd.DataFrame, path: Path) -> Path:
 
 
 def sample_sheet(frame: pd.DataFrame, path: Path) -> Path:
-    """Each method's evaluation grid (its lowest seed): condition, target, base alone, then the four prompt settings."""
+    """Each method's evaluation grid (its lowest seed): condition, target, base alone, then each prompt setting."""
     methods = method_columns(frame)
     firsts = frame.sort_values("seed").groupby(methods, sort=False, dropna=False).head(1)
     grids = [(row, Path(row["job_dir"]) / "eval_samples.png") for _, row in firsts.iterrows()]

@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from controlnet_lab.base import pretrained_base
+from controlnet_lab.blocks import connection_init_stds
 from controlnet_lab.callbacks import FidelityCurve
 from controlnet_lab.config_checks import check_train_config
 from controlnet_lab.data.conditions import condition_maker
@@ -47,6 +48,7 @@ def build_datamodule(cfg: DictConfig, root: Path) -> Fill50kDataModule:
         root, cfg.data.resolution, cfg.data.batch_size, cfg.data.val_size, cfg.data.size,
         cfg.data.prompt_dropout, cfg.data.split_seed, cfg.data.num_workers,
         condition_maker(cfg.data.condition, cfg.data.resolution, cfg.data.detector_weights, tuple(cfg.data.canny_thresholds)),
+        cfg.data.held_out.exclude_near_duplicates, cfg.data.held_out.max_distance,
     )
     data.setup()
     return data
@@ -71,7 +73,7 @@ def metric_suite(cfg: DictConfig, data: Fill50kDataModule) -> MetricSuite:
     so training calls this before any training."""
     metrics = cfg.eval
     device = "cuda" if cfg.trainer.accelerator == "gpu" else "cpu"
-    suite = MetricSuite()
+    suite = MetricSuite(device=device)
     if cfg.data.condition in FIDELITY_CONDITIONS:
         suite.fidelity = ConditionFidelity(cfg.data.condition, cfg.data.resolution, metrics.edge_tolerance,
                                            cfg.data.detector_weights, tuple(cfg.data.canny_thresholds))
@@ -80,9 +82,9 @@ def metric_suite(cfg: DictConfig, data: Fill50kDataModule) -> MetricSuite:
     if metrics.clip.enabled:
         suite.clip, suite.clip_model = clip_scorer(metrics.clip.model, device), metrics.clip.model
     if metrics.fid_domain.enabled:
-        net = domain_net(data.train_records, cfg.data.resolution, dataset_palette(data), Path(cfg.paths.cache_dir) / "fid_domain",
+        net = domain_net(data.train_pool, cfg.data.resolution, dataset_palette(data), Path(cfg.paths.cache_dir) / "fid_domain",
                          steps=metrics.fid_domain.steps, count=metrics.fid_domain.count)
-        suite.domain_features = net.clean_fid_extractor()
+        suite.domain_features = net.to(device).clean_fid_extractor()
     return suite
 
 
@@ -165,7 +167,8 @@ def train(cfg: DictConfig) -> dict:
     evaluation = held_out_scores(cfg, module, data, suite)
     samples = evaluation.pop("samples")
     grid = save_eval_grid(samples, output_dir / "eval_samples.png")
-    metrics = {**evaluation, "trainable_params": trainable}
+    metrics = {**evaluation, "trainable_params": trainable,
+               "block_init_std": connection_init_stds(module.controlnet, cfg.block.name, cfg.block.get("std"))}
     curves = [c for c in callbacks if isinstance(c, FidelityCurve)]
     if curves:
         metrics.update(curves[0].summary())
@@ -178,6 +181,7 @@ def train(cfg: DictConfig) -> dict:
         "global_step": trainer.global_step,
         "base_path": str(base_path),
         "data_root": str(root),
+        "split": data.split_report,
         "wall_time_s": {"total": round(time.time() - started, 1), "until_trained": round(train_seconds, 1)},
         "peak_rss_mb": peak_rss_mb(),
     })

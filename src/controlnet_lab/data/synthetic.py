@@ -26,7 +26,7 @@ class SyntheticFill50kSpec:
     count: int
     resolution: int
     palette: tuple[str, ...]
-    radius_range: tuple[float, float]  # as fractions of the resolution
+    radius_range: tuple[float, float]  # as fractions of the resolution, drawn uniformly as real numbers
     outline_thickness: int
     seed: int
 
@@ -47,20 +47,43 @@ class SyntheticFill50kSpec:
             raise ValueError(f"data.generator.radius_range must satisfy 0 < low <= high < 0.5, got {self.radius_range}")
 
 
+SUPERSAMPLE = 8  # drawn at 8x the resolution, then area-averaged: sub-pixel geometry, anti-aliased edges
+SHIFT = 8        # cv2's fixed-point fraction bits for centre and radius at the supersampled size (1/256 px)
+
+
 def draw_sample(rng: np.random.Generator, spec: SyntheticFill50kSpec) -> tuple[np.ndarray, np.ndarray, str]:
-    """One (source, target, prompt); images are RGB uint8, the circle lies wholly inside."""
+    """One (source, target, prompt); images are RGB uint8, the circle lies wholly inside.
+
+    Centre and radius are real numbers (in pixels of the final image), so two samples
+    practically never share an outline. The outline is a ring ``outline_thickness`` px
+    wide whose outer edge is the circle's edge, so the region it encloses (the oracle's
+    ``condition_mask``) is the filled circle of the target.
+    """
     size = spec.resolution
-    radius = int(round(rng.uniform(*spec.radius_range) * size))
-    center = tuple(int(c) for c in rng.integers(radius + 1, size - radius - 1, size=2, endpoint=True))
+    radius = rng.uniform(*spec.radius_range) * size
+    center = rng.uniform(radius + 1, size - radius - 1, size=2)
     circle_name, background_name = rng.choice(len(spec.palette), size=2, replace=False)
     circle_name, background_name = spec.palette[circle_name], spec.palette[background_name]
 
-    source = np.zeros((size, size, 3), np.uint8)
-    cv2.circle(source, center, radius, (255, 255, 255), spec.outline_thickness, lineType=cv2.LINE_8)
-    target = np.empty((size, size, 3), np.uint8)
-    target[:] = rgb_of(background_name)
-    cv2.circle(target, center, radius, rgb_of(circle_name), -1, lineType=cv2.LINE_8)
+    ring = spec.outline_thickness * SUPERSAMPLE
+    source = _supersampled(size, (0, 0, 0), lambda big: cv2.circle(
+        big, _fixed(center * SUPERSAMPLE - 0.5), _fixed(radius * SUPERSAMPLE - ring / 2), (255, 255, 255), ring, cv2.LINE_8, SHIFT))
+    target = _supersampled(size, rgb_of(background_name), lambda big: cv2.circle(
+        big, _fixed(center * SUPERSAMPLE - 0.5), _fixed(radius * SUPERSAMPLE), rgb_of(circle_name), -1, cv2.LINE_8, SHIFT))
     return source, target, make_prompt(circle_name, background_name)
+
+
+def _fixed(value) -> int | tuple[int, ...]:
+    """A coordinate (or several) in cv2's fixed-point form with SHIFT fraction bits."""
+    scaled = np.round(np.asarray(value, dtype=np.float64) * (1 << SHIFT)).astype(int)
+    return tuple(int(v) for v in scaled) if scaled.ndim else int(scaled)
+
+
+def _supersampled(size: int, fill: tuple[int, int, int], draw) -> np.ndarray:
+    big = np.empty((size * SUPERSAMPLE, size * SUPERSAMPLE, 3), np.uint8)
+    big[:] = fill
+    draw(big)
+    return cv2.resize(big, (size, size), interpolation=cv2.INTER_AREA)
 
 
 def write_fill50k(spec: SyntheticFill50kSpec, root: Path) -> Path:

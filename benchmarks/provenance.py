@@ -1,0 +1,56 @@
+"""What a benchmark's result file must say: the commit, the machine, and what else used its CPU meanwhile.
+
+``OtherLoad`` measures the CPU time the whole machine spent (``/proc/stat``) minus what
+this process and its waited-for children spent (``getrusage``): the CPU other programs
+took while the benchmark ran, as a fraction of all cores' time.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def commit() -> dict:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return {"commit": git("rev-parse", "HEAD"), "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def machine() -> dict:
+    import diffusers
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            "gpu": gpu, "python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__}
+
+
+def _busy_cpu_seconds() -> float:
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_seconds() -> float:
+    """CPU time of this process and of its children that have exited."""
+    return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
+class OtherLoad:
+    """Context manager: ``.result`` is the CPU other programs used while it was open (run children to their end inside it)."""
+
+    def __enter__(self) -> "OtherLoad":
+        self.started, self.busy, self.own = time.time(), _busy_cpu_seconds(), _own_cpu_seconds()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall = time.time() - self.started
+        other = (_busy_cpu_seconds() - self.busy) - (_own_cpu_seconds() - self.own)
+        self.result = {"other_cpu_s": round(max(other, 0.0), 1), "other_cpu_fraction_of_all_cores": round(max(other, 0.0) / (wall * os.cpu_count()), 4)}

@@ -1,0 +1,91 @@
+"""Held-out means unseen: continuous geometry, and a split that is disjoint by content, not only by index."""
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from controlnet_lab.data.datamodule import Fill50kDataModule
+from controlnet_lab.data.fill50k import load_rgb
+from controlnet_lab.data.synthetic import SyntheticFill50kSpec, draw_sample, write_fill50k
+from controlnet_lab.metrics.oracle import condition_mask, mask_iou, segment_circle
+
+DEFAULT_LIKE = dict(resolution=32, palette=("red", "green", "blue", "yellow", "cyan", "magenta", "white", "black"),
+                    radius_range=(0.15, 0.35), outline_thickness=1)
+
+
+def ink(records, resolution=32):
+    """Each source's brightest channel in [0, 1], computed here independently of held_out.py."""
+    return torch.tensor(np.stack([load_rgb(r.source, resolution).max(-1).reshape(-1) for r in records]), dtype=torch.float64) / 255
+
+
+def min_distance(a, b):
+    """The smallest fraction of differing ink between any row of a and any row of b."""
+    diff = (a[:, None, :] - b[None, :, :]).abs().sum(-1)
+    return float((diff / (a.sum(1)[:, None] + b.sum(1)[None, :])).min())
+
+
+@pytest.fixture(scope="module")
+def dense_data(tmp_path_factory):
+    """2,000 samples at the default's resolution: dense enough that near-duplicates occur."""
+    return write_fill50k(SyntheticFill50kSpec(count=2000, seed=1, **DEFAULT_LIKE), tmp_path_factory.mktemp("dense") / "fill")
+
+
+def test_no_two_generated_outlines_are_the_same():
+    spec = SyntheticFill50kSpec(count=3000, seed=0, **DEFAULT_LIKE)
+    rng = np.random.default_rng(0)
+    sources = [draw_sample(rng, spec)[0] for _ in range(spec.count)]
+    assert len({hashlib.sha256(s.tobytes()).hexdigest() for s in sources}) == spec.count
+
+
+def test_the_outline_encloses_exactly_the_targets_circle():
+    spec = SyntheticFill50kSpec(count=300, seed=2, **DEFAULT_LIKE)
+    rng = np.random.default_rng(2)
+    ious = [mask_iou(condition_mask(source), segment_circle(target)[0]) for source, target, _ in (draw_sample(rng, spec) for _ in range(spec.count))]
+    assert np.mean(ious) > 0.99 and np.min(ious) > 0.9, (np.mean(ious), np.min(ious))
+
+
+@pytest.mark.parametrize("size", [None, 300, 1000])
+def test_held_out_sources_are_far_from_every_training_source(dense_data, size):
+    data = Fill50kDataModule(dense_data, 32, batch_size=8, val_size=64, size=size, exclude_near_duplicates=True, max_distance=0.2)
+    data.setup()
+    assert min_distance(ink(data.val_records), ink(data.train_records)) >= 0.2
+    report = data.split_report
+    assert report["near_duplicates_excluded"] > 0 and report["source_hash_duplicates"] == 0
+    assert report["train"] == len(data.train_records) == (size or 2000 - 64 - report["near_duplicates_excluded"])
+
+
+def test_without_exclusion_the_same_split_has_near_duplicates(dense_data):
+    data = Fill50kDataModule(dense_data, 32, batch_size=8, val_size=64, exclude_near_duplicates=False)
+    data.setup()
+    assert min_distance(ink(data.val_records), ink(data.train_records)) < 0.2
+    assert data.split_report["near_duplicates_excluded"] is None
+
+
+def test_subsets_stay_nested_after_exclusion(dense_data):
+    def train(size):
+        data = Fill50kDataModule(dense_data, 32, batch_size=8, val_size=64, size=size, exclude_near_duplicates=True)
+        data.setup()
+        return data
+    small, large = train(300), train(1000)
+    assert [r.source for r in small.train_records] == [r.source for r in large.train_records[:300]]
+    assert small.train_pool == large.train_pool  # what the FID domain net learns from does not depend on data.size
+    available = len(large.train_pool)
+    assert available < 2000 - 64
+    with pytest.raises(ValueError, match=rf"data\.size={available + 1} exceeds the {available} .* near-duplicates of held-out samples"):
+        train(available + 1)
+
+
+def test_a_users_folder_reports_byte_identical_sources_and_keeps_them(tiny_data, tmp_path):
+    folder = shutil.copytree(tiny_data, tmp_path / "copy")
+    data = Fill50kDataModule(folder, 16, batch_size=8, val_size=8)
+    data.setup()
+    # Overwrite three training sources with held-out ones: they are counted, not dropped.
+    for record, held_out in zip(data.train_records[:3], data.val_records[:3]):
+        shutil.copyfile(held_out.source, record.source)
+    again = Fill50kDataModule(folder, 16, batch_size=8, val_size=8)
+    again.setup()
+    assert again.split_report["source_hash_duplicates"] == 3
+    assert len(again.train_records) == 40 and again.split_report["near_duplicates_excluded"] is None
