@@ -36,7 +36,9 @@ def main(cfg: DictConfig) -> None:
         raise FileNotFoundError(f"ckpt={cfg.ckpt}: the run's config {run_config} is missing")
     sampling = {key: value for key, value in cfg.sampling.items() if value is not None}
     run_cfg = OmegaConf.merge(
-        {"model": {"sampling": {"resolution_weighting": "off"}}},  # runs configured before resolution weighting sampled without it
+        # Runs configured before these keys existed sampled without resolution weighting and trained
+        # without dropping near-duplicates of held-out samples (the held-out set itself is the same).
+        {"model": {"sampling": {"resolution_weighting": "off"}}, "data": {"held_out": {"exclude_near_duplicates": False, "max_distance": 0.2}}},
         OmegaConf.load(run_config), {"eval": cfg.eval, "paths": {"cache_dir": cfg.paths.cache_dir}}, {"model": {"sampling": sampling}},
     )
     check_sampling_config(run_cfg.model.sampling, "sampling")
