@@ -9,6 +9,7 @@ import torch
 
 from controlnet_lab.data.datamodule import Fill50kDataModule
 from controlnet_lab.data.fill50k import load_rgb
+from controlnet_lab.data.held_out import outline_distance
 from controlnet_lab.data.synthetic import SyntheticFill50kSpec, draw_sample, write_fill50k
 from controlnet_lab.metrics.oracle import condition_mask, mask_iou, segment_circle
 
@@ -89,3 +90,32 @@ def test_a_users_folder_reports_byte_identical_sources_and_keeps_them(tiny_data,
     again.setup()
     assert again.split_report["source_hash_duplicates"] == 3
     assert len(again.train_records) == 40 and again.split_report["near_duplicates_excluded"] is None
+
+
+class FixedGeometry:
+    """Stands in for the generator's RNG: a circle of a given centre and radius (pixels at 32 px)."""
+
+    def __init__(self, center, radius):
+        self.center, self.radius = np.array(center), radius
+
+    def uniform(self, low, high, size=None):
+        return self.center if size == 2 else self.radius / 32
+
+    def choice(self, n, size, replace):
+        return np.array([0, 1])
+
+
+def test_the_distance_scale_a_shift_of_half_a_pixel_is_not_a_near_duplicate():
+    """The figures of data/held_out.py's docstring: 0.2 lies between a 0.25 and a 0.5 px shift of a radius-7.2 circle."""
+    spec = SyntheticFill50kSpec(count=1, seed=0, **DEFAULT_LIKE)
+
+    def ink_of(center, radius):
+        source = draw_sample(FixedGeometry(center, radius), spec)[0]
+        return torch.from_numpy(source.max(-1).reshape(1, -1).astype(np.float32) / 255)
+
+    reference = ink_of((15.3, 16.1), 7.2)
+    distance = {shift: float(outline_distance(reference, ink_of((15.3 + shift, 16.1), 7.2))) for shift in (0.0, 0.25, 0.5, 1.0)}
+    assert distance[0.0] == 0.0
+    assert distance[0.25] == pytest.approx(0.14, abs=0.01) and distance[0.5] == pytest.approx(0.27, abs=0.01)
+    assert distance[1.0] == pytest.approx(0.49, abs=0.01)
+    assert float(outline_distance(reference, ink_of((15.3, 16.1), 7.7))) == pytest.approx(0.42, abs=0.01)

@@ -9,8 +9,8 @@ that differs:
 0 for identical images, 1 for outlines that share no pixel. On the synthetic 32 px
 outlines (1 px ring, radius 7.2 px), moving the centre by 0.1 / 0.25 / 0.5 / 1 / 2 px
 gives 0.06 / 0.14 / 0.27 / 0.49 / 0.75; changing the radius by the same amounts gives
-0.09 / 0.21 / 0.42 / 0.74 / 0.99. Two sources closer than ``max_distance`` (default
-0.2: about a 0.4 px shift) are near-duplicates.
+0.09 / 0.21 / 0.42 / 0.74 / 0.99 (several of these are tested). Two sources closer than
+``max_distance`` (default 0.2: about a 0.4 px shift) are near-duplicates.
 
 For folders the harness did not make, exact duplicates are also counted by a hash of
 the source file's bytes, and reported (not dropped).

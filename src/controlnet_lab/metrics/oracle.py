@@ -24,7 +24,7 @@ def condition_mask(outline: np.ndarray, threshold: int = 32, half_ink: int = 128
     downscaled) outline inks the pixels on its outer edge in proportion to how much of
     them it covers, so such an edge pixel (one touching the outside) belongs to the
     circle only when it is at least half inked (``half_ink``). On the synthetic data
-    this mask matches the target's filled circle to a mean IoU of 0.997 (1,000 samples).
+    this mask matches the target's filled circle to a mean IoU above 0.99 (tests/test_held_out.py).
     """
     ink = outline.max(axis=-1)
     lines = ink > threshold
