@@ -5,9 +5,9 @@
 
 Each run is a child process (src/train.py through Hydra); its peak RSS and scores come
 from the run's results.json. Writes ``default_run.json`` (both runs, the commit, the
-machine, and the CPU time other programs took meanwhile), the warm run's fidelity curve
-with its 10-90% rise marked (``fidelity_curve.png``) and its evaluation grid
-(``eval_samples.png``) into ``--out``.
+machine, and the CPU time other programs took meanwhile), the warm run's own
+``results.json``, its fidelity curve with the 10-90% rise marked (``fidelity_curve.png``)
+and its evaluation grid (``eval_samples.png``) into ``--out``.
 """
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def report(runs: dict) -> None:
 
 
 def write_record(runs: dict, provenance: dict, out: Path) -> None:
-    """default_run.json (small: the scores, not the curve's images), the warm run's curve plot and evaluation grid."""
+    """default_run.json (both runs, with provenance), the warm run's results.json, curve plot and evaluation grid."""
     out.mkdir(parents=True, exist_ok=True)
     record = {**provenance, "runs": {name: {
         "wall_s": row["wall_s"], "peak_rss_mb": row["peak_rss_mb"], "other_load": row["other_load"],
@@ -85,8 +85,9 @@ def write_record(runs: dict, provenance: dict, out: Path) -> None:
     (out / "default_run.json").write_text(json.dumps(record, indent=2))
     warm = runs["warm"]
     plot_curves(pd.DataFrame([pd.json_normalize(warm["results"]).iloc[0]]), out / "fidelity_curve.png")
-    shutil.copyfile(Path(warm["run_dir"]) / "eval_samples.png", out / "eval_samples.png")
-    print(f"\nwrote {out / 'default_run.json'}, fidelity_curve.png, eval_samples.png")
+    for name in ("results.json", "eval_samples.png"):
+        shutil.copyfile(Path(warm["run_dir"]) / name, out / name)
+    print(f"\nwrote {out / 'default_run.json'}, results.json, fidelity_curve.png, eval_samples.png")
 
 
 def print_evaluation_cost(results: dict) -> None:
