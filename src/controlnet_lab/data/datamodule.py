@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 
 from controlnet_lab.data.conditions import ConditionMaker, outline
 from controlnet_lab.data.fill50k import Fill50kDataset, Record, read_index
-from controlnet_lab.data.held_out import exact_duplicate_count, near_duplicates, nearest_distances, source_ink
+from controlnet_lab.data.held_out import exact_duplicate_count, near_duplicates, source_ink
 
 
 def permutation(total: int, val_size: int, split_seed: int) -> np.ndarray:
@@ -107,8 +107,8 @@ class Fill50kDataModule(L.LightningDataModule):
         each held-out source's distance to the nearest remaining one); distances as in held_out.py."""
         others = np.setdiff1d(np.arange(len(records)), val)
         inks = source_ink(records, self.resolution)
-        near = near_duplicates(inks[val], inks[others], self.max_distance)
-        return others[near], nearest_distances(inks[val], inks[others[~near]])
+        near, nearest = near_duplicates(inks[val], inks[others], self.max_distance)
+        return others[near], nearest
 
     def train_dataset(self) -> Fill50kDataset:
         return Fill50kDataset(self.train_records, self.resolution, self.prompt_dropout, self.make_condition)

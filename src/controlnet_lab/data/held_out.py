@@ -39,18 +39,18 @@ def outline_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.cdist(a, b, p=1) / totals.clamp_min(1e-8)
 
 
-def near_duplicates(held_out: torch.Tensor, candidates: torch.Tensor, max_distance: float, chunk: int = 4096) -> np.ndarray:
-    """Boolean mask over ``candidates``: True where the candidate lies within ``max_distance`` of any held-out source."""
-    found = [(outline_distance(held_out, candidates[start : start + chunk]) < max_distance).any(0)
-             for start in range(0, len(candidates), chunk)]
-    return torch.cat(found).numpy() if found else np.zeros(0, bool)
-
-
-def nearest_distances(held_out: torch.Tensor, candidates: torch.Tensor, chunk: int = 4096) -> np.ndarray:
-    """For each held-out source, the distance to its nearest candidate."""
-    nearest = torch.stack([outline_distance(held_out, candidates[start : start + chunk]).min(1).values
-                           for start in range(0, len(candidates), chunk)]).min(0).values
-    return nearest.numpy()
+def near_duplicates(held_out: torch.Tensor, candidates: torch.Tensor, max_distance: float,
+                    chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """(boolean mask over ``candidates``: True where the candidate lies within ``max_distance`` of any held-out
+    source; each held-out source's distance to its nearest candidate outside that mask), in one pass."""
+    near, nearest = [], torch.full((len(held_out),), float("inf"))
+    for start in range(0, len(candidates), chunk):
+        distance = outline_distance(held_out, candidates[start : start + chunk])
+        near.append((distance < max_distance).any(0))
+        kept = distance[:, ~near[-1]]
+        if kept.numel():
+            nearest = torch.minimum(nearest, kept.min(1).values)
+    return (torch.cat(near).numpy() if near else np.zeros(0, bool)), nearest.numpy()
 
 
 def file_hash(record: Record) -> str:
