@@ -79,6 +79,7 @@ def write_record(runs: dict, provenance: dict, out: Path) -> None:
     record = {**provenance, "runs": {name: {
         "wall_s": row["wall_s"], "peak_rss_mb": row["peak_rss_mb"], "other_load": row["other_load"],
         "wall_time_s": row["results"]["wall_time_s"], "split": row["results"]["split"], "global_step": row["results"]["global_step"],
+        "base": row["results"].get("base"),
         "metrics": {k: row["results"]["metrics"][k] for k in SUMMARY_KEYS if k in row["results"]["metrics"]},
         "curve": row["results"]["metrics"].get("curve"),
     } for name, row in runs.items()}}

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from controlnet_lab.base import build_base
+from controlnet_lab.bases import build_pixel_base
 from controlnet_lab.blocks import build_trainable_copy
 from controlnet_lab.data.colors import make_prompt
 from provenance import OtherLoad, commit, machine
@@ -45,7 +45,7 @@ def main() -> None:
     model_cfg = OmegaConf.load(ROOT / "conf" / "model" / "tiny.yaml").base
     colors = ["red", "green", "blue", "yellow"]
     prompts = [make_prompt(colors[i % 4], colors[(i + 1) % 4]) for i in range(args.batch)]
-    pipeline = build_base(model_cfg, args.resolution, prompts).to(device)
+    pipeline = build_pixel_base(OmegaConf.to_container(model_cfg), args.resolution, prompts).to(device)
     pipeline.set_progress_bar_config(disable=True)
     nets = [build_trainable_copy(pipeline.unet, "gauss", (16,), std=0.02).to(device).eval() for _ in range(2)]
     condition = torch.rand(args.batch, 3, args.resolution, args.resolution, device=device)

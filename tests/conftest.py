@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from controlnet_lab.base import build_base
+from controlnet_lab.bases import build_pixel_base
 from controlnet_lab.data.fill50k import read_index
 from controlnet_lab.data.synthetic import SyntheticFill50kSpec, write_fill50k
 
@@ -42,7 +42,7 @@ def tiny_data(tmp_path_factory) -> Path:
 def tiny_base(tmp_path_factory, tiny_data) -> Path:
     """An untrained tiny base saved with save_pretrained (the real loading path, no training cost)."""
     cfg = compose_train(["data.resolution=16"])
-    pipeline = build_base(cfg.model.base, 16, [record.prompt for record in read_index(tiny_data)])
+    pipeline = build_pixel_base(OmegaConf.to_container(cfg.model.base, resolve=True), 16, [record.prompt for record in read_index(tiny_data)])
     folder = tmp_path_factory.mktemp("base") / "tiny"
     pipeline.save_pretrained(folder)
     return folder

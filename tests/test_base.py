@@ -1,7 +1,7 @@
 import torch
 from transformers import AutoTokenizer
 
-from controlnet_lab.base import load_base
+from controlnet_lab.bases import load_base
 
 
 def test_tokenizer_saves_and_loads_offline(tiny_base):

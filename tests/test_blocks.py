@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from controlnet_lab.base import load_base
+from controlnet_lab.bases import load_base
 from controlnet_lab.blocks import build_trainable_copy, connection_convs, connection_init_stds
 from controlnet_lab.controlnet_lite import ControlNetLiteModel
 

@@ -3,7 +3,7 @@ import pytest
 from matplotlib.colors import CSS4_COLORS
 
 from conftest import PALETTE, compose_train
-from controlnet_lab.base import load_base
+from controlnet_lab.bases import load_base
 from controlnet_lab.config_checks import ConfigError, check_train_config
 from controlnet_lab.data.colors import parse_prompt
 from controlnet_lab.data.conditions import SEG_COLORS, condition_maker

@@ -3,12 +3,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline, UNet2DConditionModel
 from PIL import Image
 from transformers import AutoTokenizer, CLIPTextModel
 
 from conftest import compose_train, run_train, train_checkpoint
-from controlnet_lab.base import build_base, load_base
+from controlnet_lab.bases import build_pixel_base, load_base
 from controlnet_lab.controlnet_lite import ControlNetLiteModel
 from controlnet_lab.data.fill50k import read_index
 from controlnet_lab.export import base_fingerprint, export
@@ -36,10 +37,10 @@ def test_export_then_load_gives_bitwise_the_same_noise_prediction(trained_checkp
     pipeline = load_base(tmp_path / "export" / "base")
 
     sample, t, hidden, pooled, condition = _inputs(pipeline)
-    expected = trained.pipeline.predict_noise(sample, t, hidden, pooled, trained.controlnet, condition)
+    expected = trained.base.predict_noise(sample, t, hidden, pooled, trained.controlnet, condition)
     exported = pipeline.predict_noise(sample, t, hidden, pooled, controlnet, condition)
     assert torch.equal(expected, exported)
-    assert not torch.equal(expected, trained.pipeline.predict_noise(sample, t, hidden, pooled))  # the ControlNet acts
+    assert not torch.equal(expected, trained.base.predict_noise(sample, t, hidden, pooled))  # the ControlNet acts
     assert info["controlnet_class"] == diffusers_class.__name__ and info["block"] == block
     assert info["base_fingerprint"] == base_fingerprint(tmp_path / "export" / "base")
     weights = {p.suffix for p in (tmp_path / "export").rglob("*") if p.is_file() and p.suffix not in (".json", ".txt")}
@@ -73,7 +74,7 @@ def test_stable_diffusion_controlnet_pipeline_runs_the_exported_parts(tmp_path, 
     """
     cfg = compose_train(["data.resolution=16", "model.base.unet.class_embed_type=null"])
     base = tmp_path / "base"
-    build_base(cfg.model.base, 16, [r.prompt for r in read_index(tiny_data)]).save_pretrained(base)
+    build_pixel_base(OmegaConf.to_container(cfg.model.base, resolve=True), 16, [r.prompt for r in read_index(tiny_data)]).save_pretrained(base)
     out = tmp_path / "export"
     export(train_checkpoint(base, tiny_data, "gauss", tmp_path), out)
 

@@ -13,7 +13,7 @@ def _inputs(module, batch=3, size=16):
     sample = torch.randn(batch, 3, size, size, generator=generator)
     condition = torch.rand(batch, 3, size, size, generator=generator)
     timesteps = torch.randint(0, 1000, (batch,), generator=generator)
-    hidden, pooled = module.pipeline.encode_prompt(["red circle with blue background", "", "green circle with yellow background"][:batch])
+    hidden, pooled = module.base.encode_prompt(["red circle with blue background", "", "green circle with yellow background"][:batch])
     return sample, timesteps, hidden, pooled, condition
 
 
@@ -33,8 +33,8 @@ def test_zero_block_at_init_equals_the_locked_base(tiny_base):
     # Rebuild the copy from the perturbed UNet so its encoder weights are the locked ones.
     module.controlnet = build_trainable_copy(module.locked_unet, "zero", (16,))
     sample, t, hidden, pooled, condition = _inputs(module)
-    base = module.pipeline.predict_noise(sample, t, hidden, pooled)
-    controlled = module.pipeline.predict_noise(sample, t, hidden, pooled, module.controlnet, condition)
+    base = module.base.predict_noise(sample, t, hidden, pooled)
+    controlled = module.base.predict_noise(sample, t, hidden, pooled, module.controlnet, condition)
     assert torch.equal(base, controlled)
     assert base.abs().mean() > 0.01  # a real prediction, not zeros
 
@@ -42,7 +42,7 @@ def test_zero_block_at_init_equals_the_locked_base(tiny_base):
 def test_zero_block_receives_gradients(tiny_base):
     module = ControlNetModule(str(tiny_base), block="zero")
     sample, t, hidden, pooled, condition = _inputs(module)
-    out = module.pipeline.predict_noise(sample, t, hidden, pooled, module.controlnet, condition)
+    out = module.base.predict_noise(sample, t, hidden, pooled, module.controlnet, condition)
     out.pow(2).mean().backward()
     assert module.controlnet.controlnet_mid_block.weight.grad.abs().sum() > 0
 

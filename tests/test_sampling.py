@@ -3,16 +3,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from diffusers import ControlNetModel, UNet2DConditionModel
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from conftest import ROOT, run_train
-from controlnet_lab.base import load_base
+from controlnet_lab.bases import load_base
 from controlnet_lab.blocks import build_trainable_copy, connection_convs
 from controlnet_lab.data.fill50k import read_index
 from controlnet_lab.generation import sample
-from controlnet_lab.sampling import resolution_weights, residual_heights
+from controlnet_lab.sampling import control_residuals, resolution_weights, residual_heights
 
 PROMPTS = ["red circle with blue background", "green circle with yellow background"]
 
@@ -84,7 +85,7 @@ def test_with_cfg_resolution_weighting_conditions_only_the_conditional_branch(pi
     sample = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     hidden, pooled = pipeline.encode_prompt(["", PROMPTS[0]])
     condition = _conditions(1)
-    down, mid = pipeline.control_residuals(controlnet, sample, 500, hidden, pooled, condition, 1.0, mode, guided=True)
+    down, mid = control_residuals(controlnet, sample, 500, hidden, pooled, condition, 1.0, mode, guided=True)
     plain_down, plain_mid = controlnet(sample[1:], 500, encoder_hidden_states=hidden[1:], controlnet_cond=condition,
                                        class_labels=pooled[1:], return_dict=False)
     weights = resolution_weights(mode, residual_heights(pipeline.unet.config))
@@ -99,7 +100,7 @@ def test_without_resolution_weighting_both_branches_see_the_condition(pipeline):
     controlnet = _acting(pipeline, "zero", 1)
     sample = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)).repeat(2, 1, 1, 1)
     hidden, pooled = pipeline.encode_prompt([PROMPTS[0], PROMPTS[0]])
-    down, mid = pipeline.control_residuals(controlnet, sample, 500, hidden, pooled, _conditions(1), 1.0, "off", guided=True)
+    down, mid = control_residuals(controlnet, sample, 500, hidden, pooled, _conditions(1), 1.0, "off", guided=True)
     assert all(torch.equal(r[0], r[1]) and r[0].abs().sum() > 0 for r in [*down, mid])
 
 
@@ -207,12 +208,12 @@ def test_bad_sampling_input_names_its_key(trained_checkpoints, condition_folder,
 
 def test_controlnets_of_different_bases_are_not_composed(trained_checkpoints, tiny_data, condition_folder, tmp_path):
     from conftest import compose_train, train_checkpoint
-    from controlnet_lab.base import build_base
+    from controlnet_lab.bases import build_pixel_base
 
     other_base = tmp_path / "other_base"
     torch.manual_seed(123)  # other random weights than the session's tiny base
-    build_base(compose_train(["data.resolution=16"]).model.base, 16,
-               [r.prompt for r in read_index(tiny_data)]).save_pretrained(other_base)
+    build_pixel_base(OmegaConf.to_container(compose_train(["data.resolution=16"]).model.base, resolve=True), 16,
+                     [r.prompt for r in read_index(tiny_data)]).save_pretrained(other_base)
     other = train_checkpoint(other_base, tiny_data, "zero", tmp_path, steps=1)
     cfg = compose_sample([f"ckpt=[{trained_checkpoints['zero']},{other}]", f"condition={condition_folder}", f"paths.output_dir={tmp_path / 'out'}"])
     with pytest.raises(ValueError, match="different locked bases"):

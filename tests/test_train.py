@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import ROOT, compose_train, run_train
-from controlnet_lab.base import base_cache_key
+from controlnet_lab.bases.pretraining import cache_key
 from controlnet_lab.config_checks import ConfigError, check_train_config
 from controlnet_lab.data.fill50k import load_rgb
 from controlnet_lab.metrics.convergence import rise, sudden_convergence_step
@@ -172,9 +172,9 @@ def test_ablation_experiments_sweep_their_axis_over_three_seeds(name, swept):
 
 
 def test_run_seeds_share_one_locked_base(tiny_data):
-    keys = {base_cache_key(compose_train([f"seed={seed}"]).model.base, tiny_data, 16) for seed in (0, 1)}
+    keys = {cache_key(OmegaConf.to_container(compose_train([f"seed={seed}"]).model.base, resolve=True), tiny_data, 16) for seed in (0, 1)}
     assert len(keys) == 1
-    other = base_cache_key(compose_train(["model.base.pretrain.seed=1"]).model.base, tiny_data, 16)
+    other = cache_key(OmegaConf.to_container(compose_train(["model.base.pretrain.seed=1"]).model.base, resolve=True), tiny_data, 16)
     assert other not in keys
 
 

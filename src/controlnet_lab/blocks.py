@@ -60,10 +60,38 @@ def check_block_std(block: str, std: float | str | None) -> None:
         raise ValueError(f"block.std must be '{STANDARD_STD}' or a number > 0 for block=gauss, got {std!r}")
 
 
-def build_trainable_copy(unet: UNet2DConditionModel, block: str, hint_channels: tuple[int, ...], std: float | str | None = STANDARD_STD):
-    """The trainable copy for the named block variant, its connection convs initialised accordingly."""
+def check_hint_channels(hint_channels, vae_scale_factor: int) -> None:
+    """The condition encoder must bring the full-resolution condition to the denoiser's resolution:
+    its stride-2 stages (one fewer than its channel entries) must halve it log2(VAE factor) times."""
+    if 2 ** (len(hint_channels) - 1) != vae_scale_factor:
+        stages = vae_scale_factor.bit_length()
+        raise ValueError(f"model.controlnet.hint_channels={list(hint_channels)} downsamples the condition {2 ** (len(hint_channels) - 1)}x, "
+                         f"but the base's latents are {vae_scale_factor}x smaller than its images: give {stages} entries "
+                         f"(e.g. {[16, 32, 96, 256][:stages] if stages <= 4 else '...'})")
+
+
+def load_pretrained_copy(name_or_path: str, block: str, unet: UNet2DConditionModel):
+    """An existing ControlNet (folder or Hub id) to train on from, instead of a fresh copy of the UNet's encoder."""
+    key = "model.controlnet.pretrained_model_name_or_path"
+    cls = ControlNetLiteModel if block == "single" else ControlNetModel
+    try:
+        copy = cls.from_pretrained(str(name_or_path))
+    except Exception as err:  # the hub client raises many types (offline, not found, network)
+        raise FileNotFoundError(f"{key}={name_or_path}: cannot load a {cls.__name__} from it ({type(err).__name__}: {err})") from None
+    if tuple(copy.config.block_out_channels) != tuple(unet.config.block_out_channels):
+        raise ValueError(f"{key}={name_or_path}: its block_out_channels {list(copy.config.block_out_channels)} do not match "
+                         f"the base UNet's {list(unet.config.block_out_channels)}: it was trained for another base")
+    return copy
+
+
+def build_trainable_copy(unet: UNet2DConditionModel, block: str, hint_channels: tuple[int, ...], std: float | str | None = STANDARD_STD,
+                         pretrained: str | None = None):
+    """The trainable copy for the named block variant, its connection convs initialised accordingly; or, with
+    ``pretrained``, an existing ControlNet of the block's class, its trained connections kept."""
     if block not in BLOCKS:
         raise ValueError(f"block={block!r} is not one of {', '.join(BLOCKS)}")
+    if pretrained:
+        return load_pretrained_copy(pretrained, block, unet)
     hint_channels = tuple(hint_channels)
     if block == "single":
         copy = ControlNetLiteModel.from_unet(unet, conditioning_embedding_out_channels=hint_channels)

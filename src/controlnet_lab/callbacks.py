@@ -74,7 +74,7 @@ class FidelityCurve(L.Callback):
         conditions, condition_images, outlines, prompts = self.held_out(trainer)
         was_training = pl_module.controlnet.training
         pl_module.controlnet.eval()
-        images = generate(pl_module.pipeline, pl_module.controlnet, conditions, prompts,
+        images = generate(pl_module.base, pl_module.controlnet, conditions, prompts,
                           batch_size=len(prompts), seed=self.seed, desc="fidelity curve", **self.sampling)
         pl_module.controlnet.train(was_training)
         point = {

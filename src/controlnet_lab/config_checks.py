@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from controlnet_lab.blocks import BLOCKS, check_block_std
+from controlnet_lab.blocks import BLOCKS, check_block_std, check_hint_channels
 from controlnet_lab.data.conditions import CONDITIONS, DETECTORS
 from controlnet_lab.sampling import check_resolution_weighting
 
@@ -35,17 +35,31 @@ def check_train_config(cfg: DictConfig) -> None:
                           "holding the lllyasviel/Annotators files")
     if data.generator is None and data.root is None:
         raise ConfigError("data.root must name a fill50k-format folder when data.generator is null")
-    levels = len(cfg.model.base.unet.block_out_channels) - 1
-    if data.resolution < 8 or data.resolution % (2**levels):
-        raise ConfigError(
-            f"data.resolution={data.resolution} is not supported by the model: it must be a multiple of {2**levels} "
-            f"(2 to the number of downsamplings of model.base.unet.block_out_channels={list(cfg.model.base.unet.block_out_channels)})"
-        )
+    check_model_shape(cfg.model, data.resolution)
     if cfg.trainer.max_steps is None or cfg.trainer.max_steps < 1:
         raise ConfigError(f"trainer.max_steps must be >= 1, got {cfg.trainer.max_steps}")
     check_sampling_config(cfg.model.sampling, "model.sampling")
     if cfg.eval.num_images < 1:
         raise ConfigError(f"eval.num_images must be >= 1 (the final evaluation scores that many held-out conditions), got {cfg.eval.num_images}")
+
+
+def check_model_shape(model: DictConfig, resolution: int) -> None:
+    """For a base built from its config: the resolution its UNet and VAE can halve, and a condition encoder that
+    reaches the latent resolution (a base loaded from a folder or id is checked when it is loaded)."""
+    base = model.base
+    if not base.get("unet"):
+        return
+    factor = 2 ** (len(base.vae.block_out_channels) - 1) if base.get("vae") else 1
+    try:
+        check_hint_channels(model.controlnet.hint_channels, factor)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    multiple = factor * 2 ** (len(base.unet.block_out_channels) - 1)
+    if resolution < 8 or resolution % multiple:
+        raise ConfigError(
+            f"data.resolution={resolution} is not supported by the model: it must be a multiple of {multiple} (the VAE's factor "
+            f"{factor} times 2 to the number of downsamplings of model.base.unet.block_out_channels={list(base.unet.block_out_channels)})"
+        )
 
 
 def check_sampling_config(sampling: DictConfig, key: str) -> None:

@@ -25,6 +25,7 @@ class ControlNetLiteModel(ModelMixin, ConfigMixin):
         in_channels: int = 3,
         conditioning_channels: int = 3,
         conditioning_embedding_out_channels: tuple[int, ...] = (16,),
+        global_pool_conditions: bool = False,  # read by diffusers' ControlNet pipelines; always off here
     ):
         super().__init__()
         width = block_out_channels[0]

@@ -16,7 +16,7 @@ from controlnet_lab.metrics.clip_score import clip_score
 from controlnet_lab.metrics.fid import FeatureExtractor, fid
 from controlnet_lab.metrics.fidelity import ConditionFidelity
 from controlnet_lab.metrics.oracle import random_placement_iou, score_images
-from controlnet_lab.pipeline import TinyTextToImagePipeline
+from controlnet_lab.bases.pixel import TinyTextToImagePipeline
 
 PROMPT_SETTINGS = ("none", "insufficient", "out_of_vocabulary", "conflicting", "perfect")
 # Uninformative but known: every word is in the fill50k tokenizer's vocabulary, and it names no color.

@@ -4,14 +4,16 @@ An export is a folder with
 - ``controlnet/``: ``save_pretrained`` of the trained ControlNet (safetensors). The zero
   and gauss variants are diffusers ``ControlNetModel``s; the single-conv variant is a
   ``ControlNetLiteModel`` with the same ``save_pretrained``/``from_pretrained`` pair.
-- ``base/``: the locked base it was trained on, ``save_pretrained`` of the harness's
-  tiny pipeline (UNet, CLIP text encoder, tokenizer, scheduler).
+- ``base/``: the locked base it was trained on, when the harness pretrained it (``tiny``:
+  its pixel pipeline; ``tiny_sd``: a ``StableDiffusionPipeline`` folder). A base that
+  came from a folder or Hub id (SD 1.5) is named, not copied.
+- ``README.md``: a model card as diffusers' training script writes one (``base_model``,
+  ``library_name: diffusers``, tags), with the training config and the run's sample grid.
 - ``export.json``: where it came from and how to load it.
 Loading reads safetensors only (``use_safetensors=True``): nothing is unpickled.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,7 +23,10 @@ from pathlib import Path
 
 import torch
 from diffusers import ControlNetModel
+from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_card
+from huggingface_hub import ModelCard, ModelCardData
 
+from controlnet_lab.bases import base_fingerprint
 from controlnet_lab.controlnet_lite import ControlNetLiteModel
 from controlnet_lab.module import ControlNetModule
 
@@ -61,49 +66,73 @@ def load_controlnet(folder: str | Path) -> torch.nn.Module:
 def load_trained(path: str | Path, key: str = "ckpt") -> TrainedControlNet:
     """A trained ControlNet from an export folder, a .ckpt file or a run directory."""
     if is_export(path):
-        return TrainedControlNet(load_controlnet(Path(path) / "controlnet").eval(), Path(path) / "base", Path(path))
+        base = Path(path) / "base"
+        if not base.is_dir():
+            base = Path(json.loads((Path(path) / "export.json").read_text())["base_source"])
+        return TrainedControlNet(load_controlnet(Path(path) / "controlnet").eval(), base, Path(path))
     ckpt = checkpoint_path(path, key)
     module = ControlNetModule.load_from_checkpoint(ckpt, map_location="cpu")
     return TrainedControlNet(module.controlnet.eval(), Path(module.hparams.base_path), ckpt)
 
 
-def base_fingerprint(folder: Path) -> str:
-    """sha256 over the base's UNet and text-encoder weights: the same locked model wherever it is stored."""
-    digest = hashlib.sha256()
-    files = sorted(p for sub in ("unet", "text_encoder") for p in (Path(folder) / sub).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{folder}: no unet/ or text_encoder/ safetensors weights (not a saved base)")
-    for path in files:
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
+def pretrained_here(base: Path) -> bool:
+    """A base the harness pretrained (bases/pretraining.py writes the report): small, and found nowhere else."""
+    return (Path(base) / "pretrain_config.json").is_file()
+
+
+def model_card(module: ControlNetModule, base_model: str, run_dir: Path, out: Path, staging: Path) -> ModelCard:
+    """diffusers' training model card for the export, with the run's config and evaluation grid when the run has them."""
+    config = run_dir / ".hydra" / "config.yaml"
+    grid = run_dir / "eval_samples.png"
+    description = [f"# ControlNet ({module.hparams.block} connection) trained with controlnet-lab\n",
+                   f"A `{type(module.controlnet).__name__}` trained on the locked base `{base_model}`.\n",
+                   "```python\nfrom diffusers import ControlNetModel, StableDiffusionControlNetPipeline\n"
+                   f"controlnet = ControlNetModel.from_pretrained('{out}/controlnet')\n"
+                   f"pipe = StableDiffusionControlNetPipeline.from_pretrained('{base_model}', controlnet=controlnet)\n```\n"]
+    if grid.is_file():
+        shutil.copyfile(grid, staging / "eval_samples.png")
+        description.append("Held-out samples (rows: condition, target, base alone, then base + ControlNet under each prompt setting):\n\n"
+                           "![held-out samples](./eval_samples.png)\n")
+    if config.is_file():
+        description.append(f"## Training config\n\n```yaml\n{config.read_text()}```\n")
+    card = ModelCard.from_template(
+        ModelCardData(library_name="diffusers", base_model=base_model, inference=True),
+        template_path=MODEL_CARD_TEMPLATE_PATH, model_description="\n".join(description),
+    )
+    return populate_model_card(card, tags=["controlnet", "diffusers", "controlnet-lab", f"block-{module.hparams.block}", "diffusers-training"])
 
 
 def export(ckpt: Path, out: Path) -> dict:
-    """Write the checkpoint's ControlNet and its base into ``out`` (which must not exist or be empty); returns export.json's content."""
+    """Write the checkpoint's ControlNet (and its base, when pretrained here) into ``out`` (which must not exist or be
+    empty); returns export.json's content."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"out={out} exists and is not an empty folder: choose a new one (an export never overwrites)")
     module = ControlNetModule.load_from_checkpoint(ckpt, map_location="cpu")
     global_step = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]
+    base_path = Path(module.hparams.base_path)
+    copy_base = pretrained_here(base_path)
+    base_model = f"{out}/base" if copy_base else str(module.hparams.get("base_name") or base_path)
     info = {
         "source_checkpoint": str(Path(ckpt).resolve()),
         "global_step": global_step,
         "block": module.hparams.block,
         "controlnet_class": type(module.controlnet).__name__,
-        "base_source": module.hparams.base_path,
-        "base_fingerprint": base_fingerprint(Path(module.hparams.base_path)),
+        "base_source": str(base_path),
+        "base_fingerprint": base_fingerprint(base_path),
+        "base_copied": copy_base,
         "load": {
             "controlnet": f"{type(module.controlnet).__name__}.from_pretrained('{out}/controlnet')",
-            "base": f"controlnet_lab.pipeline.TinyTextToImagePipeline.from_pretrained('{out}/base')",
+            "base": f"controlnet_lab.bases.load_base('{base_model}')",
         },
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         module.controlnet.save_pretrained(staging / "controlnet", safe_serialization=True)
-        module.pipeline.save_pretrained(staging / "base", safe_serialization=True)
+        if copy_base:
+            module.base.save_pretrained(staging / "base", safe_serialization=True)
+        model_card(module, base_model, Path(ckpt).resolve().parent.parent, out, staging).save(staging / "README.md")
         (staging / "export.json").write_text(json.dumps(info, indent=2))
         if out.exists():
             out.rmdir()  # empty, checked above

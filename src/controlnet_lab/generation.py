@@ -19,14 +19,15 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
-from controlnet_lab.base import load_base
+from controlnet_lab.bases import load_base
 from controlnet_lab.data.colors import parse_prompt
 from controlnet_lab.data.conditions import DETECTORS, condition_maker
 from controlnet_lab.data.fill50k import load_rgb
 from controlnet_lab.evaluation import PROMPT_SETTINGS, setting_prompts
-from controlnet_lab.export import TrainedControlNet, base_fingerprint, load_trained
+from controlnet_lab.bases import base_fingerprint
+from controlnet_lab.export import TrainedControlNet, load_trained
 from controlnet_lab.images import save_grid, to_uint8
-from controlnet_lab.pipeline import TinyTextToImagePipeline
+from controlnet_lab.bases.pixel import TinyTextToImagePipeline
 from controlnet_lab.sampling import check_resolution_weighting, residual_heights, resolution_weights
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -186,7 +187,7 @@ def sample(cfg: DictConfig) -> dict:
     base, fingerprint = shared_base(nets)
     pipeline = load_base(base).to(device)
     pipeline.set_progress_bar_config(disable=True)
-    resolution = pipeline.unet.config.sample_size
+    resolution = pipeline.resolution
     conditions = [load_conditions(control, resolution, cfg) for control in controls]
     count = len(conditions[0])
     sets = prompt_sets(cfg, count, vocabulary_palette(pipeline))

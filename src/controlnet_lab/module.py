@@ -1,9 +1,13 @@
-"""The LightningModule: a locked base and its trainable copy, trained with the base's epsilon objective.
+"""The LightningModule: a locked base and its trainable copy, trained with the base's own objective.
 
-The locked UNet and text encoder are frozen (``requires_grad=False``), kept in
-``eval()`` even while Lightning switches the module to training, left out of the
-optimizer, and left out of checkpoints: a checkpoint holds the ControlNet and the
-path of the base it was trained on, and the base is loaded from that folder.
+The same module trains on every base (bases/: pixel or latent). The locked UNet, text
+encoder and VAE are frozen (``requires_grad=False``), kept in ``eval()`` even while
+Lightning switches the module to training, left out of the optimizer, and left out
+of checkpoints: a checkpoint holds the ControlNet and the path of the base it was
+trained on, and the base is loaded from that folder. A batch may carry what the
+locked parts compute, cached (data/encoded.py); otherwise the module computes it.
+The loss is the MSE against the base's ``prediction_type`` target (epsilon or v), in
+the denoiser's space (latents scaled by the VAE's ``scaling_factor`` on a latent base).
 """
 from __future__ import annotations
 
@@ -13,12 +17,12 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from controlnet_lab.base import load_base
-from controlnet_lab.blocks import build_trainable_copy
+from controlnet_lab.bases import load_base
+from controlnet_lab.blocks import build_trainable_copy, check_hint_channels
 from controlnet_lab.objective import noisy_batch
 from controlnet_lab.images import save_grid, to_uint8
 
-LOCKED_PREFIXES = ("locked_unet.", "text_encoder.")
+LOCKED_PREFIXES = ("locked_unet.", "text_encoder.", "vae.")
 
 
 class ControlNetModule(L.LightningModule):
@@ -35,30 +39,48 @@ class ControlNetModule(L.LightningModule):
         resolution_weighting: str = "off",
         num_val_images: int = 8,
         sample_dir: str | None = None,
+        base_dtype: str = "float32",
+        controlnet_path: str | None = None,
+        base_name: str | None = None,  # the configured folder or Hub id of the base (None: pretrained here)
+        resolution: int | None = None,  # of the training images, which the base then generates (None: its own)
+        gradient_checkpointing: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.pipeline = load_base(Path(base_path))
-        self.pipeline.set_progress_bar_config(disable=True)  # Lightning's bar and the eval bar report progress
-        self.locked_unet = self.pipeline.unet.requires_grad_(False).eval()
-        self.text_encoder = self.pipeline.text_encoder.requires_grad_(False).eval()
-        self.controlnet = build_trainable_copy(self.locked_unet, block, hint_channels, block_std)
+        self.base = load_base(Path(base_path), getattr(torch, base_dtype))
+        if resolution:
+            self.base.resolution = resolution
+        self.base.set_progress_bar_config(disable=True)  # Lightning's bar and the eval bar report progress
+        self.locked = list(self.base.locked_modules())
+        for name, locked in self.base.locked_modules().items():
+            setattr(self, name, locked.requires_grad_(False).eval())
+        check_hint_channels(hint_channels, self.base.vae_scale_factor)
+        self.controlnet = build_trainable_copy(self.base.unet, block, hint_channels, block_std, controlnet_path)
+        if gradient_checkpointing:
+            if not self.controlnet._supports_gradient_checkpointing:
+                raise ValueError(f"model.controlnet.gradient_checkpointing=true: {type(self.controlnet).__name__} (block={block}) does not support it")
+            self.controlnet.enable_gradient_checkpointing()
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.locked_unet.eval()
-        self.text_encoder.eval()
+        for name in self.locked:
+            getattr(self, name).eval()
         return self
 
     def trainable_parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     def diffusion_loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
-        noisy, timesteps, target = noisy_batch(self.pipeline.scheduler, batch["target"], self.hparams.noise_offset, generator)
         with torch.no_grad():
-            hidden, pooled = self.pipeline.encode_prompt(batch["prompt"])
-        prediction = self.pipeline.predict_noise(noisy, timesteps, hidden, pooled, self.controlnet, batch["condition"])
-        return F.mse_loss(prediction, target)
+            encoding = batch["image_encoding"] if "image_encoding" in batch else self.base.image_encoding(batch["target"])
+            latents = self.base.latents(encoding.float(), generator).float()
+            if "text_hidden" in batch:
+                hidden, pooled = batch["text_hidden"], batch.get("text_pooled")
+            else:
+                hidden, pooled = self.base.encode_prompt(batch["prompt"])
+        noisy, timesteps, target = noisy_batch(self.base.noise_scheduler, latents, self.hparams.noise_offset, generator)
+        prediction = self.base.predict_noise(noisy, timesteps, hidden, pooled, self.controlnet, batch["condition"])
+        return F.mse_loss(prediction.float(), target.float())
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.diffusion_loss(batch)
@@ -75,7 +97,7 @@ class ControlNetModule(L.LightningModule):
     def log_sample_grid(self, batch: dict) -> None:
         """Condition | generated | target rows for the first held-out conditions, saved and sent to the loggers."""
         count = min(self.hparams.num_val_images, len(batch["prompt"]))
-        generated = self.pipeline(
+        generated = self.base(
             batch["prompt"][:count],
             condition=batch["condition"][:count],
             controlnet=self.controlnet,

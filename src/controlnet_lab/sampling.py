@@ -90,3 +90,61 @@ def residual_heights(unet_config) -> list[int]:
             height //= 2
             heights.append(height)
     return heights + [height]
+
+
+def control_residuals(controlnet, sample, timestep, hidden_states, class_labels, condition, conditioning_scale,
+                      resolution_weighting: str, guided: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """A ControlNet's (or a ``MultiControlNetModel``'s) weighted residuals for a denoiser input.
+
+    ``guided``: the batch is classifier-free guidance's [unconditional; conditional]; with
+    resolution weighting on, the condition then reaches only the conditional half and the
+    unconditional half gets zero residuals (as diffusers' guess mode).
+    """
+    conditional_only = guided and resolution_weighting != "off"
+    if conditional_only:
+        half = sample.shape[0] // 2
+        sample, hidden_states = sample[half:], hidden_states[half:]
+        class_labels = None if class_labels is None else class_labels[half:]
+    elif guided:
+        condition = [torch.cat([c, c]) for c in condition] if isinstance(condition, list) else torch.cat([condition, condition])
+    down, mid = controlnet(
+        sample,
+        timestep,
+        encoder_hidden_states=hidden_states,
+        controlnet_cond=condition,
+        conditioning_scale=conditioning_scale,
+        class_labels=class_labels,
+        return_dict=False,
+    )
+    if conditional_only:
+        down = [torch.cat([torch.zeros_like(r), r]) for r in down]
+        mid = torch.cat([torch.zeros_like(mid), mid])
+    return weighted_residuals(down, mid, resolution_weighting)
+
+
+class WeightedControlNets(MultiControlNetModel):
+    """diffusers' ``MultiControlNetModel`` (one net or several, summed) with CFG resolution weighting,
+    for ``StableDiffusionControlNetPipeline``.
+
+    The pipeline, called with ``guess_mode=True``, already runs the nets on the conditional
+    half only and gives the unconditional half zero residuals; this forward then applies
+    the resolution weights of ``resolution_weighting`` instead of guess mode's own scales.
+    The nets run in their own dtype (fp32 ControlNets on a bf16/fp16 base); their residuals
+    are returned in the dtype of the denoiser's input.
+    """
+
+    def __init__(self, controlnets: Sequence, resolution_weighting: str = "off"):
+        super().__init__(list(controlnets))
+        self.resolution_weighting = check_resolution_weighting(resolution_weighting)
+
+    def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale, class_labels=None,
+                timestep_cond=None, attention_mask=None, added_cond_kwargs=None, cross_attention_kwargs=None,
+                guess_mode: bool = False, return_dict: bool = True):
+        dtype, net_dtype = sample.dtype, self.nets[0].dtype
+        down, mid = super().forward(
+            sample.to(net_dtype), timestep, encoder_hidden_states.to(net_dtype), [c.to(net_dtype) for c in controlnet_cond],
+            conditioning_scale, class_labels, timestep_cond, attention_mask, added_cond_kwargs, cross_attention_kwargs,
+            guess_mode=False, return_dict=False,
+        )
+        down, mid = weighted_residuals(down, mid, self.resolution_weighting)
+        return [r.to(dtype) for r in down], mid.to(dtype)

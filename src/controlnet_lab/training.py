@@ -15,7 +15,7 @@ from hydra.types import RunMode
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from controlnet_lab.base import pretrained_base
+from controlnet_lab.bases import base_fingerprint
 from controlnet_lab.blocks import connection_init_stds
 from controlnet_lab.callbacks import FidelityCurve
 from controlnet_lab.config_checks import check_train_config
@@ -28,6 +28,7 @@ from controlnet_lab.metrics.domain_features import domain_net
 from controlnet_lab.metrics.fid import inception_extractor
 from controlnet_lab.metrics.fidelity import FIDELITY_CONDITIONS, ConditionFidelity
 from controlnet_lab.images import save_grid
+from controlnet_lab.locked_encodings import cached_encodings
 from controlnet_lab.module import ControlNetModule
 
 
@@ -57,7 +58,7 @@ def build_datamodule(cfg: DictConfig, root: Path) -> Fill50kDataModule:
 def held_out_scores(cfg: DictConfig, module: ControlNetModule, data: Fill50kDataModule, suite: MetricSuite | None = None) -> dict:
     """The final evaluation on the held-out split, with the run's sampling and eval settings and every enabled metric."""
     return evaluate_held_out(
-        module.pipeline, module.controlnet, data.val_dataset(), dataset_palette(data),
+        module.base, module.controlnet, data.val_dataset(), dataset_palette(data),
         count=cfg.eval.num_images, batch_size=cfg.eval.batch_size, seed=cfg.eval.seed,
         num_inference_steps=cfg.model.sampling.num_inference_steps, guidance_scale=cfg.model.sampling.guidance_scale,
         resolution_weighting=cfg.model.sampling.resolution_weighting, suite=suite or metric_suite(cfg, data),
@@ -88,11 +89,48 @@ def metric_suite(cfg: DictConfig, data: Fill50kDataModule) -> MetricSuite:
     return suite
 
 
-def base_folder(cfg: DictConfig, root: Path) -> Path:
-    if cfg.model.base.pretrained_path:
-        return Path(cfg.model.base.pretrained_path)
+def base_source(cfg: DictConfig):
+    """The ``model.base`` config instantiated from its ``_target_`` (bases/sources.py)."""
+    return hydra.utils.instantiate(OmegaConf.to_container(cfg.model.base, resolve=True), _convert_="all")
+
+
+def base_folder(cfg: DictConfig, source, root: Path) -> Path:
+    """The locked base's folder: saved, fetched, or pretrained here (and cached)."""
     accelerator = {"accelerator": cfg.trainer.accelerator, "devices": cfg.trainer.devices}
-    return pretrained_base(cfg.model.base, root, cfg.data.resolution, Path(cfg.paths.cache_dir) / "base", accelerator)
+    return source.folder(root, cfg.data.resolution, Path(cfg.paths.cache_dir) / "base", accelerator)
+
+
+MIXED_PRECISION_DTYPES = {"bf16-mixed": "bfloat16", "16-mixed": "float16"}
+
+
+def locked_dtype(setting: str, precision) -> str:
+    """``model.base.dtype``; ``auto`` follows the trainer's mixed precision (bf16-mixed: the locked parts in bfloat16, as
+    diffusers' script keeps them in its weight_dtype), float32 otherwise. The ControlNet always stays float32."""
+    if setting == "auto":
+        return MIXED_PRECISION_DTYPES.get(str(precision), "float32")
+    return setting
+
+
+def base_report(base_path: Path) -> dict:
+    """What results.json says of the locked base: its folder, fingerprint and, for a base pretrained here, its pretraining report."""
+    report = {"path": str(base_path), "fingerprint": base_fingerprint(base_path)}
+    pretraining = base_path / "pretrain_config.json"
+    if pretraining.is_file():
+        recorded = json.loads(pretraining.read_text())
+        report["pretraining"] = {k: v for k, v in recorded.items() if k not in ("model", "data_root")}
+    return report
+
+
+def attach_locked_encodings(cfg: DictConfig, module: ControlNetModule, data: Fill50kDataModule, base_path: Path) -> None:
+    """Serve the training and held-out batches with cached VAE and text encodings (``model.base.cache_encodings``)."""
+    if not cfg.model.base.cache_encodings:
+        return
+    fingerprint = base_fingerprint(base_path)
+    cache = Path(cfg.paths.cache_dir) / "encodings"
+    base = module.base.to("cuda" if cfg.trainer.accelerator == "gpu" else "cpu")
+    data.train_encodings = cached_encodings(base, fingerprint, data.train_dataset(), cache)
+    data.val_encodings = cached_encodings(base, fingerprint, data.val_dataset(), cache)
+    base.to("cpu")
 
 
 def wandb_identity() -> dict:
@@ -133,13 +171,15 @@ def results_record(cfg: DictConfig, metrics: dict, extra: dict) -> dict:
 def train(cfg: DictConfig) -> dict:
     started = time.time()
     check_train_config(cfg)
+    source = base_source(cfg)
+    source.check()
     output_dir = Path(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True)
 
     root = dataset_root(cfg)
     data = build_datamodule(cfg, root)
     suite = metric_suite(cfg, data)
-    base_path = base_folder(cfg, root)
+    base_path = base_folder(cfg, source, root)
 
     L.seed_everything(cfg.seed, workers=True)
     module = ControlNetModule(
@@ -153,7 +193,13 @@ def train(cfg: DictConfig) -> dict:
         guidance_scale=cfg.model.sampling.guidance_scale,
         resolution_weighting=cfg.model.sampling.resolution_weighting,
         sample_dir=str(output_dir / "samples"),
+        base_dtype=locked_dtype(cfg.model.base.dtype, cfg.trainer.get("precision")),
+        gradient_checkpointing=cfg.model.controlnet.get("gradient_checkpointing", False),
+        controlnet_path=cfg.model.controlnet.pretrained_model_name_or_path,
+        base_name=cfg.model.base.pretrained_model_name_or_path,
+        resolution=cfg.data.resolution,
     )
+    attach_locked_encodings(cfg, module, data, base_path)
     loggers = [instantiate_logger(c) for c in (cfg.get("logger") or {}).values()]
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
@@ -180,6 +226,7 @@ def train(cfg: DictConfig) -> dict:
     record = results_record(cfg, metrics, {
         "global_step": trainer.global_step,
         "base_path": str(base_path),
+        "base": base_report(base_path),
         "data_root": str(root),
         "split": data.split_report,
         "wall_time_s": {"total": round(time.time() - started, 1), "until_trained": round(train_seconds, 1)},

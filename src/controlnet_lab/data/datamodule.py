@@ -8,6 +8,7 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from controlnet_lab.data.conditions import ConditionMaker, outline
+from controlnet_lab.data.encoded import EncodedDataset, LockedEncodings
 from controlnet_lab.data.fill50k import Fill50kDataset, Record, read_index
 from controlnet_lab.data.held_out import exact_duplicate_count, near_duplicates, source_ink
 
@@ -79,6 +80,9 @@ class Fill50kDataModule(L.LightningDataModule):
         self.val_records: list[Record] = []
         self.train_pool: list[Record] = []  # every training candidate, whatever data.size: fixed per dataset and split
         self.split_report: dict = {}
+        # What the locked base computes for the training / held-out samples, when cached (locked_encodings.py).
+        self.train_encodings: LockedEncodings | None = None
+        self.val_encodings: LockedEncodings | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_records:
@@ -117,8 +121,9 @@ class Fill50kDataModule(L.LightningDataModule):
         return Fill50kDataset(self.val_records, self.resolution, 0.0, self.make_condition)
 
     def train_dataloader(self) -> DataLoader:
+        dataset = self.train_dataset()
         return DataLoader(
-            self.train_dataset(),
+            EncodedDataset(dataset, self.train_encodings) if self.train_encodings is not None else dataset,
             batch_size=self.batch_size,
             shuffle=True,
             drop_last=len(self.train_records) >= self.batch_size,
@@ -127,4 +132,6 @@ class Fill50kDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_dataset(), batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+        dataset = self.val_dataset()
+        dataset = EncodedDataset(dataset, self.val_encodings) if self.val_encodings is not None else dataset
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)

@@ -17,7 +17,7 @@ from diffusers import DDIMScheduler, DiffusionPipeline, SchedulerMixin, UNet2DCo
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, PreTrainedTokenizerFast
 
-from controlnet_lab.sampling import check_resolution_weighting, compose, weighted_residuals
+from controlnet_lab.sampling import check_resolution_weighting, compose, control_residuals
 
 
 class TinyTextToImagePipeline(DiffusionPipeline):
@@ -26,6 +26,34 @@ class TinyTextToImagePipeline(DiffusionPipeline):
     def __init__(self, unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer: PreTrainedTokenizerFast, scheduler):
         super().__init__()
         self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+
+    caches_images = False  # the denoiser works on the images themselves: nothing to cache
+    vae_scale_factor = 1
+
+    @property
+    def resolution(self) -> int:
+        return self.unet.config.sample_size
+
+    @resolution.setter
+    def resolution(self, value: int) -> None:
+        if value != self.unet.config.sample_size:
+            raise ValueError(f"this pixel base generates {self.unet.config.sample_size} px images only; data.resolution={value} "
+                             "needs a base pretrained at that resolution")
+
+    @property
+    def noise_scheduler(self):
+        return self.scheduler
+
+    def locked_modules(self) -> dict[str, torch.nn.Module]:
+        return {"locked_unet": self.unet, "text_encoder": self.text_encoder}
+
+    def image_encoding(self, images: torch.Tensor) -> torch.Tensor:
+        """Pixel space: the images in [-1, 1] themselves."""
+        return images
+
+    def latents(self, encoding: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The denoiser's input: the images (pixel space)."""
+        return encoding
 
     @property
     def uses_pooled_text(self) -> bool:
@@ -60,7 +88,7 @@ class TinyTextToImagePipeline(DiffusionPipeline):
         class_labels = pooled if self.uses_pooled_text else None
         down_residuals = mid_residual = None
         if controlnet is not None:
-            down_residuals, mid_residual = self.control_residuals(
+            down_residuals, mid_residual = control_residuals(
                 controlnet, sample, timestep, hidden_states, class_labels, condition, conditioning_scale, resolution_weighting, guided
             )
         return self.unet(
@@ -72,30 +100,6 @@ class TinyTextToImagePipeline(DiffusionPipeline):
             mid_block_additional_residual=mid_residual,
             return_dict=False,
         )[0]
-
-    @staticmethod
-    def control_residuals(controlnet, sample, timestep, hidden_states, class_labels, condition, conditioning_scale,
-                          resolution_weighting: str, guided: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
-        conditional_only = guided and resolution_weighting != "off"
-        if conditional_only:  # as diffusers' guess mode: the unconditional half gets zero residuals
-            half = sample.shape[0] // 2
-            sample, hidden_states = sample[half:], hidden_states[half:]
-            class_labels = None if class_labels is None else class_labels[half:]
-        elif guided:
-            condition = [torch.cat([c, c]) for c in condition] if isinstance(condition, list) else torch.cat([condition, condition])
-        down, mid = controlnet(
-            sample,
-            timestep,
-            encoder_hidden_states=hidden_states,
-            controlnet_cond=condition,
-            conditioning_scale=conditioning_scale,
-            class_labels=class_labels,
-            return_dict=False,
-        )
-        if conditional_only:
-            down = [torch.cat([torch.zeros_like(r), r]) for r in down]
-            mid = torch.cat([torch.zeros_like(mid), mid])
-        return weighted_residuals(down, mid, resolution_weighting)
 
     @torch.no_grad()
     def __call__(

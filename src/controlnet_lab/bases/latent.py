@@ -1,0 +1,127 @@
+"""A Stable Diffusion-family base: VAE, 4-channel UNet with cross-attention, CLIP text encoder, scheduler.
+
+Loaded from a Hub id or a folder written by ``StableDiffusionPipeline.save_pretrained``
+(SD 1.x, SD 2.x, the harness's own ``tiny_sd``), with diffusers' own classes; it
+generates with diffusers' ``StableDiffusionPipeline`` (base alone) and
+``StableDiffusionControlNetPipeline`` (base + ControlNets), built from the same
+components. Training works in latent space as diffusers' ControlNet script does:
+latents are ``vae.encode(images).latent_dist.sample() * scaling_factor``, the noise
+schedule is ``DDPMScheduler`` from the base's scheduler config and the regression
+target follows its ``prediction_type``.
+"""
+from __future__ import annotations
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, SchedulerMixin, StableDiffusionControlNetPipeline, StableDiffusionPipeline
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+from controlnet_lab.sampling import WeightedControlNets, check_resolution_weighting, control_residuals
+
+
+class LatentBase:
+    """The locked parts of a latent text-to-image model, with the interface the harness trains and samples through."""
+
+    caches_images = True  # the VAE's encoding of a target is worth caching
+
+    def __init__(self, pipeline: StableDiffusionPipeline):
+        self.vae = pipeline.vae
+        self.unet = pipeline.unet
+        self.text_encoder = pipeline.text_encoder
+        self.tokenizer = pipeline.tokenizer
+        self.scheduler = pipeline.scheduler
+        self.noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        # The image size it generates: the UNet's native size unless set (an SD base trained at 256 px, say).
+        self.resolution = self.unet.config.sample_size * self.vae_scale_factor
+        self.progress_bar_config: dict = {}
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, dtype: torch.dtype | None = None) -> "LatentBase":
+        pipeline = StableDiffusionPipeline.from_pretrained(
+            str(name_or_path), safety_checker=None, feature_extractor=None, requires_safety_checker=False, dtype=dtype
+        )
+        return cls(pipeline)
+
+    def components(self) -> dict:
+        return {"vae": self.vae, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer, "unet": self.unet,
+                "scheduler": self.scheduler, "safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
+    def locked_modules(self) -> dict[str, torch.nn.Module]:
+        return {"locked_unet": self.unet, "text_encoder": self.text_encoder, "vae": self.vae}
+
+    def save_pretrained(self, folder, **kwargs) -> None:
+        StableDiffusionPipeline(**self.components()).save_pretrained(folder, **kwargs)
+
+    def to(self, device) -> "LatentBase":
+        for module in (self.vae, self.unet, self.text_encoder):
+            module.to(device)
+        return self
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        self.progress_bar_config = kwargs
+
+    def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, None]:
+        """(per-token hidden states, None): SD's UNet takes no pooled embedding."""
+        pipeline = StableDiffusionPipeline(**self.components())
+        hidden, _ = pipeline.encode_prompt(list(prompts), self.text_encoder.device, 1, do_classifier_free_guidance=False)
+        return hidden, None
+
+    def image_encoding(self, images: torch.Tensor) -> torch.Tensor:
+        """The VAE posterior's parameters (mean and log-variance, channels concatenated) of images in [-1, 1]:
+        what the latent cache stores, so that each use still draws its own latent sample."""
+        images = images.to(self.vae.device, self.vae.dtype)
+        return self.vae.encode(images).latent_dist.parameters
+
+    def latents(self, encoding: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A scaled latent drawn from the posterior ``encoding`` (from ``image_encoding``)."""
+        latents = DiagonalGaussianDistribution(encoding).sample(generator)
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * self.vae.config.scaling_factor
+
+    def predict_noise(self, sample, timestep, hidden_states, pooled=None, controlnet=None, condition=None,
+                      conditioning_scale=1.0, resolution_weighting: str = "off", guided: bool = False) -> torch.Tensor:
+        """The locked UNet's prediction, with the residuals of ``controlnet`` added (computed in the ControlNet's dtype,
+        added in the UNet's)."""
+        down = mid = None
+        if controlnet is not None:
+            dtype = controlnet.dtype  # the trainable copy stays float32 on a bf16/fp16 base
+            down, mid = control_residuals(controlnet, sample.to(dtype), timestep, hidden_states.to(dtype), None, condition,
+                                          conditioning_scale, resolution_weighting, guided)
+            down, mid = [r.to(self.unet.dtype) for r in down], mid.to(self.unet.dtype)
+        return self.unet(sample.to(self.unet.dtype), timestep, encoder_hidden_states=hidden_states.to(self.unet.dtype),
+                         down_block_additional_residuals=down, mid_block_additional_residual=mid, return_dict=False)[0]
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: list[str],
+        condition: torch.Tensor | list[torch.Tensor] | None = None,
+        controlnet=None,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 4.0,
+        conditioning_scale: float | list[float] = 1.0,
+        resolution_weighting: str = "off",
+        scheduler: SchedulerMixin | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+    ) -> torch.Tensor:
+        """Images in [-1, 1], shape (len(prompt), 3, H, W), from diffusers' pipelines: ``StableDiffusionPipeline`` for the
+        base alone, ``StableDiffusionControlNetPipeline`` with ``WeightedControlNets`` for one ControlNet or several
+        (``condition`` and ``conditioning_scale`` one per net), DDIM from the base's config unless ``scheduler``."""
+        resolution_weighting = check_resolution_weighting(resolution_weighting, guidance_scale)
+        components = {**self.components(), "scheduler": scheduler or DDIMScheduler.from_config(self.scheduler.config)}
+        arguments = {"prompt": list(prompt), "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
+                     "generator": generator, "output_type": "pt", "height": self.resolution, "width": self.resolution}
+        if controlnet is None:
+            pipeline = StableDiffusionPipeline(**components)
+        else:
+            nets = list(controlnet) if isinstance(controlnet, (list, tuple)) else [controlnet]
+            conditions = list(condition) if isinstance(condition, (list, tuple)) else [condition]
+            scales = list(conditioning_scale) if isinstance(conditioning_scale, (list, tuple)) else [conditioning_scale] * len(nets)
+            if not len(nets) == len(conditions) == len(scales):
+                raise ValueError(f"{len(nets)} ControlNets need as many conditions and scales (got {len(conditions)}, {len(scales)})")
+            pipeline = StableDiffusionControlNetPipeline(**components, controlnet=WeightedControlNets(nets, resolution_weighting))
+            arguments.update(image=[c.to(self.unet.device) for c in conditions], controlnet_conditioning_scale=[float(s) for s in scales],
+                             guess_mode=resolution_weighting != "off")
+        pipeline.set_progress_bar_config(**self.progress_bar_config)
+        images = pipeline(**arguments).images
+        return (images * 2.0 - 1.0).clamp(-1, 1)

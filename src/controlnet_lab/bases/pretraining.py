@@ -1,0 +1,117 @@
+"""What pretraining a locked base needs, whatever the base: its data, the denoiser objective, the cache.
+
+Locking an untrained model would make every ablation meaningless, so the embedded
+bases (``tiny``, ``tiny_sd``) are pretrained by the harness on the training data
+(targets and prompts; never the held-out samples or their near-duplicates) and cached
+under a key derived from the base's settings, the dataset's content and the
+resolution: a second run with the same settings reuses the folder.
+
+The denoiser is pretrained with the Min-SNR-gamma loss weighting (Hang et al. 2023,
+diffusers' ``compute_snr``), which shifts effort toward the high-noise steps where
+the image's global colors are decided; with plain epsilon MSE the colors are learned
+far more slowly.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from diffusers.training_utils import compute_snr
+from lightning.pytorch.callbacks import TQDMProgressBar
+
+from controlnet_lab.data.datamodule import Fill50kDataModule
+from controlnet_lab.objective import noisy_batch
+
+# Settings of model.base that do not change the pretrained weights.
+NOT_IN_KEY = ("_target_", "pretrained_model_name_or_path", "dtype", "cache_encodings")
+
+
+def cache_key(settings: dict, data_root: Path, resolution: int) -> str:
+    """Hash of everything that determines a pretrained base: its settings (seed included), the dataset's content, the resolution."""
+    dataset_hash = hashlib.sha256((Path(data_root) / "prompt.json").read_bytes()).hexdigest()
+    relevant = {k: v for k, v in settings.items() if k not in NOT_IN_KEY}
+    payload = json.dumps({"model": relevant, "data": dataset_hash, "resolution": resolution}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def build_once(folder: Path, build: Callable[[Path], dict]) -> Path:
+    """``folder`` if it holds a saved pipeline; otherwise ``build(staging)`` writes one into a staging folder, which is
+    renamed to ``folder`` only when complete (an interrupted pretraining leaves no half-written base)."""
+    if (folder / "model_index.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        report = build(staging)
+        (staging / "pretrain_config.json").write_text(json.dumps(report, indent=2))
+        os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder
+
+
+def pretraining_data(pretrain: dict, data_root: Path, resolution: int) -> Fill50kDataModule:
+    """The training split of the run's data (same held-out set and exclusions), prompts dropped at ``empty_prompt_rate``
+    so that classifier-free guidance has an unconditional model; set up."""
+    held_out = pretrain["held_out"]
+    data = Fill50kDataModule(
+        data_root, resolution, batch_size=pretrain["batch_size"], val_size=pretrain["val_size"],
+        prompt_dropout=pretrain["empty_prompt_rate"], split_seed=pretrain["split_seed"],
+        exclude_near_duplicates=held_out["exclude_near_duplicates"], max_distance=held_out["max_distance"],
+    )
+    data.setup()
+    return data
+
+
+def pretraining_trainer(max_steps: int, cache_dir: Path, trainer_kwargs: dict | None) -> L.Trainer:
+    return L.Trainer(
+        max_steps=max_steps, logger=False, enable_checkpointing=False, limit_val_batches=0, default_root_dir=str(cache_dir),
+        callbacks=[TQDMProgressBar(refresh_rate=10)], **(trainer_kwargs or {}),
+    )
+
+
+class DenoiserPretraining(L.LightningModule):
+    """Trains a base's UNet and text encoder jointly on (target, prompt) pairs with its diffusion objective.
+
+    ``base`` is a pixel or latent base: its ``image_encoding``/``latents`` map a batch's
+    targets (or their cached encodings, ``batch["image_encoding"]``) to the denoiser's input.
+    """
+
+    def __init__(self, base, lr: float, snr_gamma: float | None, warmup_steps: int, noise_offset: float):
+        super().__init__()
+        self.base = base
+        self.unet = base.unet
+        self.text_encoder = base.text_encoder
+        self.lr = lr
+        self.snr_gamma = snr_gamma
+        self.warmup_steps = warmup_steps
+        self.noise_offset = noise_offset
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        scheduler = self.base.noise_scheduler
+        encoding = batch["image_encoding"] if "image_encoding" in batch else self.base.image_encoding(batch["target"])
+        noisy, timesteps, target = noisy_batch(scheduler, self.base.latents(encoding), self.noise_offset)
+        hidden, pooled = self.base.encode_prompt(batch["prompt"])
+        prediction = self.base.predict_noise(noisy, timesteps, hidden, pooled)
+        loss = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
+        if self.snr_gamma:
+            snr = compute_snr(scheduler, timesteps)
+            weight = torch.clamp(snr, max=self.snr_gamma)
+            loss = loss * (weight / snr if scheduler.config.prediction_type == "epsilon" else weight / (snr + 1))
+        loss = loss.mean()
+        self.log("base/loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(list(self.unet.parameters()) + list(self.text_encoder.parameters()), lr=self.lr)
+        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, self.warmup_steps)))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}

@@ -1,0 +1,107 @@
+"""The embedded latent base ``tiny_sd``: Stable Diffusion's architecture at toy size, pretrained here.
+
+Built from diffusers/transformers configs: an ``AutoencoderKL`` (downsampling factor
+2^(levels-1)), a ``UNet2DConditionModel`` on its latents with cross-attention and no
+class embedding, a ``CLIPTextModel`` with the offline word tokenizer, a DDPM schedule.
+Pretrained in two stages as latent diffusion is: the autoencoder first (L1
+reconstruction summed per image + a small KL term, the LDM recipe without the
+perceptual and adversarial terms), its ``scaling_factor`` set to 1 / std of the
+training latents (as SD's 0.18215 was), then the UNet and text encoder on latents of
+the frozen autoencoder (pretraining.py). Saved with ``StableDiffusionPipeline.save_pretrained``,
+so it loads exactly as SD 1.5 does.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from torch.utils.data import DataLoader
+
+from controlnet_lab.bases.latent import LatentBase
+from controlnet_lab.bases.pretraining import DenoiserPretraining, build_once, cache_key, pretraining_data, pretraining_trainer
+from controlnet_lab.bases.tiny import text_encoder_and_tokenizer
+from controlnet_lab.locked_encodings import compute_encodings
+
+
+def vae_scale_factor(vae_settings: dict) -> int:
+    return 2 ** (len(vae_settings["block_out_channels"]) - 1)
+
+
+def build_tiny_sd(settings: dict, resolution: int, prompts: list[str]) -> LatentBase:
+    """An untrained tiny SD-shaped base from the ``model.base`` settings, its tokenizer built from ``prompts``."""
+    text_encoder, tokenizer = text_encoder_and_tokenizer(dict(settings["text_encoder"]), prompts)
+    vae_settings = dict(settings["vae"])
+    levels = len(vae_settings["block_out_channels"])
+    vae = AutoencoderKL(in_channels=3, out_channels=3, sample_size=resolution, down_block_types=["DownEncoderBlock2D"] * levels,
+                        up_block_types=["UpDecoderBlock2D"] * levels, **vae_settings)
+    unet = UNet2DConditionModel(sample_size=resolution // vae_scale_factor(vae_settings), in_channels=vae.config.latent_channels,
+                                out_channels=vae.config.latent_channels, cross_attention_dim=text_encoder.config.hidden_size,
+                                **settings["unet"])
+    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                       scheduler=DDPMScheduler(**settings["scheduler"]), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+    return LatentBase(pipeline)
+
+
+class AutoencoderPretraining(L.LightningModule):
+    def __init__(self, vae: AutoencoderKL, lr: float, kl_weight: float):
+        super().__init__()
+        self.vae = vae
+        self.lr = lr
+        self.kl_weight = kl_weight
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        images = batch["target"]
+        posterior = self.vae.encode(images).latent_dist
+        reconstruction = self.vae.decode(posterior.sample()).sample
+        l1 = (reconstruction - images).abs().sum(dim=(1, 2, 3)).mean()
+        kl = posterior.kl().mean()
+        self.log("vae/l1_per_pixel", l1.detach() / images[0].numel(), prog_bar=True)
+        return l1 + self.kl_weight * kl
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.vae.parameters(), lr=self.lr)
+
+
+@torch.no_grad()
+def reconstruction_mae(vae: AutoencoderKL, loader: DataLoader) -> float:
+    """Mean absolute error of the posterior mean's reconstruction, in 0-255 RGB units."""
+    errors = [(vae.decode(vae.encode(b["target"]).latent_dist.mode()).sample.clamp(-1, 1) - b["target"]).abs().mean() for b in loader]
+    return float(torch.stack(errors).mean() * 127.5)
+
+
+@torch.no_grad()
+def latent_scaling_factor(vae: AutoencoderKL, loader: DataLoader, batches: int = 16) -> float:
+    """1 / std of the autoencoder's latents over training images, so the diffusion model sees unit-variance inputs."""
+    latents = [vae.encode(b["target"]).latent_dist.sample() for _, b in zip(range(batches), loader)]
+    return float(1.0 / torch.cat(latents).std())
+
+
+def pretrained_tiny_sd(settings: dict, data_root: Path, resolution: int, cache_dir: Path, trainer_kwargs: dict | None = None) -> Path:
+    """The folder of the pretrained tiny SD base for these settings, pretraining it first if the cache lacks it."""
+    def build(staging: Path) -> dict:
+        pretrain = settings["pretrain"]
+        L.seed_everything(pretrain["seed"], workers=True)
+        data = pretraining_data(pretrain, data_root, resolution)
+        base = build_tiny_sd(settings, resolution, [r.prompt for r in data.train_records + data.val_records])
+
+        vae = pretrain["vae"]
+        autoencoder = AutoencoderPretraining(base.vae, lr=vae["lr"], kl_weight=vae["kl_weight"])
+        pretraining_trainer(vae["max_steps"], cache_dir, trainer_kwargs).fit(autoencoder, datamodule=data)
+        base.vae.eval().requires_grad_(False)
+        base.vae.register_to_config(scaling_factor=latent_scaling_factor(base.vae, data.train_dataloader()))
+        mae = reconstruction_mae(base.vae, data.val_dataloader())
+
+        data.train_encodings = compute_encodings(base, data.train_dataset(), images=True, text=False)
+        denoiser = DenoiserPretraining(base, lr=pretrain["lr"], snr_gamma=pretrain["snr_gamma"], warmup_steps=pretrain["warmup_steps"],
+                                       noise_offset=settings["noise_offset"])
+        trainer = pretraining_trainer(pretrain["max_steps"], cache_dir, trainer_kwargs)
+        trainer.fit(denoiser, datamodule=data)
+        base.save_pretrained(staging)
+        return {"steps": {"vae": vae["max_steps"], "unet": trainer.global_step}, "data_root": str(data_root),
+                "resolution": resolution, "vae_reconstruction_mae_255": round(mae, 2),
+                "vae_scaling_factor": base.vae.config.scaling_factor, "model": settings}
+
+    return build_once(Path(cache_dir) / f"base-{cache_key(settings, data_root, resolution)}", build)

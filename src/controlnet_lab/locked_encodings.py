@@ -1,0 +1,70 @@
+"""Computing and caching what the locked base computes for a dataset (data/encoded.py serves it).
+
+The cache file is keyed by the base's locked weights (a fingerprint of the saved VAE and
+text encoder), the samples (target files and prompts, in order), the resolution and
+which parts are cached; a different base, dataset, subset or resolution gets its own
+file. Files are written to a temporary name and renamed, so an interrupted run never
+leaves a partial cache behind.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from controlnet_lab.data.encoded import LockedEncodings
+from controlnet_lab.data.fill50k import Fill50kDataset
+
+
+@torch.no_grad()
+def compute_encodings(base, dataset: Fill50kDataset, images: bool, text: bool, batch_size: int = 64) -> LockedEncodings:
+    """The base's image encodings of ``dataset``'s targets (when ``images`` and the base has an encoder worth caching)
+    and text encodings of its prompts and of "" (when ``text``)."""
+    encodings = LockedEncodings()
+    if images and base.caches_images:
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+        device = base.unet.device
+        parts = [base.image_encoding(batch["target"].to(device)).float().cpu()
+                 for batch in tqdm(loader, desc="caching image encodings", unit="batch")]
+        encodings.images = torch.cat(parts)
+    if text:
+        prompts = sorted({record.prompt for record in dataset.records} | {""})
+        hidden, pooled = [], []
+        for start in tqdm(range(0, len(prompts), batch_size), desc="caching text encodings", unit="batch"):
+            h, p = base.encode_prompt(prompts[start : start + batch_size])
+            hidden.append(h.float().cpu())
+            pooled.append(None if p is None else p.float().cpu())
+        encodings.text_hidden = torch.cat(hidden)
+        encodings.text_pooled = None if pooled[0] is None else torch.cat(pooled)
+        encodings.prompt_rows = {prompt: row for row, prompt in enumerate(prompts)}
+    return encodings
+
+
+def encodings_key(base_fingerprint: str, dataset: Fill50kDataset, images: bool, text: bool) -> str:
+    samples = [(str(r.target), r.prompt) for r in dataset.records]
+    payload = json.dumps({"base": base_fingerprint, "samples": samples, "resolution": dataset.resolution,
+                          "images": images, "text": text}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def cached_encodings(base, base_fingerprint: str, dataset: Fill50kDataset, cache_dir: Path, images: bool = True,
+                     text: bool = True) -> LockedEncodings:
+    """``compute_encodings`` through the disk cache: read when present, computed and stored otherwise."""
+    path = Path(cache_dir) / f"encodings-{encodings_key(base_fingerprint, dataset, images, text)}.safetensors"
+    if path.is_file():
+        tensors = load_file(str(path))
+        prompts = json.loads(path.with_suffix(".json").read_text())
+        return LockedEncodings(tensors.get("images"), tensors.get("text_hidden"), tensors.get("text_pooled"), prompts)
+    encodings = compute_encodings(base, dataset, images, text)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in encodings.tensors().items()}, str(partial))
+    path.with_suffix(".json").write_text(json.dumps(encodings.prompt_rows))
+    os.replace(partial, path)  # the tensors last: their presence means the pair is complete
+    return encodings
