@@ -46,12 +46,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--warm-only", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "embedded_default")
+    parser.add_argument("--cache", type=Path, help="an empty folder for the cold run's cache, kept afterwards (default: a temporary one)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides passed to src/train.py")
     args = parser.parse_args()
     runs = {}
     provenance = {**commit(), "machine": machine(), "overrides": args.overrides}
     with tempfile.TemporaryDirectory() as tmp:
-        cache = ROOT / ".cache" if args.warm_only else Path(tmp) / "cache"
+        cache = ROOT / ".cache" if args.warm_only else args.cache or Path(tmp) / "cache"
+        if not args.warm_only and cache.exists() and any(cache.iterdir()):
+            raise SystemExit(f"--cache {cache} is not empty: a cold run needs an empty cache")
         logs = ROOT / "outputs" / "benchmark"
         if not args.warm_only:
             runs["cold"] = run_once(cache, logs, args.overrides)

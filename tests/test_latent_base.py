@@ -201,6 +201,20 @@ def test_smoke_trains_on_a_saved_sd_folder(sd_folder, tmp_path):
     assert results["base"]["path"] == str(sd_folder) and "mask_iou" in results["metrics"]
     assert len(list((tmp_path / "cache" / "encodings").glob("encodings-*.safetensors"))) == 2  # training and held-out samples
 
+    # The run's checkpoint through the other entry points, unchanged for the user.
+    run_dir = next((tmp_path / "outputs").rglob("results.json")).parent
+    source = next((tmp_path / "cache" / "data").rglob("source/*.png"))
+    sampled = run_train([f"ckpt={run_dir}", f"condition={source}", "prompt=red circle with blue background", "num_inference_steps=2",
+                         "guidance_scale=2.0", "resolution_weighting=paper"], tmp_path, script="src/sample.py")
+    assert sampled.returncode == 0, sampled.stderr[-3000:]
+    report = json.loads(next((tmp_path / "outputs" / "sample").rglob("samples.json")).read_text())
+    assert report["sampling"]["resolution"] == 32 and len(report["sampling"]["resolution_weights"]) == 5  # SD-shaped: 4x4 and 2x2 latents
+    rescored = run_train([f"ckpt={run_dir}", "eval.num_images=4"], tmp_path, script="eval/evaluate.py")
+    assert rescored.returncode == 0, rescored.stderr[-3000:]
+    exported = run_train([f"ckpt={run_dir}", f"out={tmp_path / 'export'}"], tmp_path, script="src/export.py")
+    assert exported.returncode == 0 and (tmp_path / "export" / "controlnet" / "config.json").is_file()
+    assert (tmp_path / "export" / "eval_samples.png").is_file() and "## Training config" in (tmp_path / "export" / "README.md").read_text()
+
 
 @pytest.mark.parametrize("model", ["tiny", "tiny_sd", "sd15"])
 @pytest.mark.parametrize("experiment", ["smoke", "ablation_block", "ablation_prompt_dropout", "ablation_dataset_size", "ablation_condition"])
@@ -250,3 +264,45 @@ def test_a_bf16_locked_base_trains_and_samples_an_fp32_controlnet(sd_folder, sd_
     images = module.base(batch["prompt"], condition=batch["condition"], controlnet=module.controlnet, num_inference_steps=2,
                          guidance_scale=2.0, resolution_weighting="paper")
     assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+
+
+def test_the_regression_target_follows_the_base_prediction_type(sd_folder, sd_data, tmp_path):
+    """SD 2.x (768-v) bases predict v: the loss regresses the scheduler's velocity, read from the base's scheduler config."""
+    import shutil
+
+    folder = tmp_path / "sd_v"
+    shutil.copytree(sd_folder, folder)
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "prediction_type": "v_prediction"}))
+    batch = batch_of(sd_data, 2)
+    losses = {}
+    for name, base_folder in (("epsilon", sd_folder), ("v_prediction", folder)):
+        module = sd_module(base_folder)
+        assert module.base.noise_scheduler.config.prediction_type == name
+        losses[name] = module.diffusion_loss(batch, torch.Generator().manual_seed(0))
+    # Same weights, draws and prediction: only the target differs (epsilon vs sqrt(a) eps - sqrt(1-a) x0).
+    assert not torch.isclose(losses["epsilon"], losses["v_prediction"])
+    generator = torch.Generator().manual_seed(0)
+    latents = module.base.latents(module.base.image_encoding(batch["target"]), generator)
+    noise = torch.randn(latents.shape, generator=generator)
+    steps = torch.randint(0, 1000, (2,), generator=generator)
+    hidden, _ = module.base.encode_prompt(batch["prompt"])
+    noisy = module.base.noise_scheduler.add_noise(latents, noise, steps)
+    prediction = module.base.predict_noise(noisy, steps, hidden, None, module.controlnet, batch["condition"])
+    expected = torch.nn.functional.mse_loss(prediction, module.base.noise_scheduler.get_velocity(latents, noise, steps))
+    torch.testing.assert_close(losses["v_prediction"], expected)
+
+
+def test_computing_the_cache_draws_nothing_from_the_run_random_state(sd_folder, sd_data):
+    """A run that computes its cache and one that reads it must train alike: computing it (over a dataset with
+    prompt dropout) leaves Python's and torch's random state untouched."""
+    import random
+
+    base = load_base(sd_folder)
+    random.seed(0)
+    torch.manual_seed(0)
+    compute_encodings(base, Fill50kDataset(read_index(sd_data), 32, prompt_dropout=0.5), images=True, text=True)
+    after = (random.random(), torch.rand(1))
+    random.seed(0)
+    torch.manual_seed(0)
+    assert after == (random.random(), torch.rand(1))

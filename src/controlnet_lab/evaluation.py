@@ -16,7 +16,6 @@ from controlnet_lab.metrics.clip_score import clip_score
 from controlnet_lab.metrics.fid import FeatureExtractor, fid
 from controlnet_lab.metrics.fidelity import ConditionFidelity
 from controlnet_lab.metrics.oracle import random_placement_iou, score_images
-from controlnet_lab.bases.pixel import TinyTextToImagePipeline
 
 PROMPT_SETTINGS = ("none", "insufficient", "out_of_vocabulary", "conflicting", "perfect")
 # Uninformative but known: every word is in the fill50k tokenizer's vocabulary, and it names no color.
@@ -37,14 +36,14 @@ def palette_of(prompts: list[str]) -> list[str]:
 
 
 @torch.no_grad()
-def generate(pipeline: TinyTextToImagePipeline, controlnet, conditions: torch.Tensor, prompts: list[str], batch_size: int,
+def generate(base, controlnet, conditions: torch.Tensor, prompts: list[str], batch_size: int,
              seed: int, num_inference_steps: int, guidance_scale: float, desc: str, resolution_weighting: str = "off") -> np.ndarray:
     """uint8 images, one per (condition, prompt); batch b always gets the same noise."""
     images = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
-        generated = pipeline(
+        generated = base(
             prompts[start : start + batch_size],
-            condition=conditions[start : start + batch_size].to(pipeline.unet.device) if controlnet is not None else None,
+            condition=conditions[start : start + batch_size].to(base.unet.device) if controlnet is not None else None,
             controlnet=controlnet,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
@@ -95,7 +94,7 @@ class MetricSuite:
     device: str = "cpu"  # where the feature extractors live: clean-fid moves each batch there
 
 
-def evaluate_held_out(pipeline: TinyTextToImagePipeline, controlnet, dataset: Fill50kDataset, palette: list[str],
+def evaluate_held_out(base, controlnet, dataset: Fill50kDataset, palette: list[str],
                     count: int, batch_size: int, seed: int, num_inference_steps: int, guidance_scale: float,
                     suite: MetricSuite | None = None, resolution_weighting: str = "off") -> dict:
     """Scores of base + ControlNet under each prompt setting, of the base alone, and the random-placement IoU.
@@ -118,9 +117,9 @@ def evaluate_held_out(pipeline: TinyTextToImagePipeline, controlnet, dataset: Fi
                     resolution_weighting=resolution_weighting)
 
     with timed(seconds, "generation"):
-        base_images = generate(pipeline, None, condition_tensor, true_prompts, desc="evaluating base alone", **settings)
+        base_images = generate(base, None, condition_tensor, true_prompts, desc="evaluating base alone", **settings)
     with timed(seconds, "oracle"):
-        base = score_images(base_images, outlines, true_prompts, palette)
+        base_scores = score_images(base_images, outlines, true_prompts, palette)
     samples = {
         "conditions": to_uint8(condition_tensor, 0.0, 1.0),
         "targets": to_uint8(torch.stack([item["target"] for item in items]), -1.0, 1.0),
@@ -130,7 +129,7 @@ def evaluate_held_out(pipeline: TinyTextToImagePipeline, controlnet, dataset: Fi
     for setting in PROMPT_SETTINGS:
         prompts = setting_prompts(setting, true_prompts, palette, seed)
         with timed(seconds, "generation"):
-            images = generate(pipeline, controlnet, condition_tensor, prompts, desc=f"evaluating base + ControlNet, {setting} prompt", **settings)
+            images = generate(base, controlnet, condition_tensor, prompts, desc=f"evaluating base + ControlNet, {setting} prompt", **settings)
         names_colors = setting in ("conflicting", "perfect")
         with timed(seconds, "oracle"):
             scores = score_images(images, outlines, prompts if names_colors else true_prompts, palette)
@@ -142,8 +141,8 @@ def evaluate_held_out(pipeline: TinyTextToImagePipeline, controlnet, dataset: Fi
     results = {
         "mask_iou": per_setting["perfect"]["mask_iou"],
         "color_accuracy": per_setting["perfect"]["color_accuracy"],
-        "base_mask_iou": base["mask_iou"],
-        "base_color_accuracy": base["color_accuracy"],
+        "base_mask_iou": base_scores["mask_iou"],
+        "base_color_accuracy": base_scores["color_accuracy"],
         "random_placement_mask_iou": random_placement_iou(outlines),
         "prompt_settings": per_setting,
         "eval_images": len(items),

@@ -13,13 +13,13 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from controlnet_lab.data.encoded import LockedEncodings
-from controlnet_lab.data.fill50k import Fill50kDataset
+from controlnet_lab.data.fill50k import Fill50kDataset, load_rgb
 
 
 @torch.no_grad()
@@ -28,10 +28,14 @@ def compute_encodings(base, dataset: Fill50kDataset, images: bool, text: bool, b
     and text encodings of its prompts and of "" (when ``text``)."""
     encodings = LockedEncodings()
     if images and base.caches_images:
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-        device = base.unet.device
-        parts = [base.image_encoding(batch["target"].to(device)).float().cpu()
-                 for batch in tqdm(loader, desc="caching image encodings", unit="batch")]
+        # The targets are read directly, not through the dataset or a DataLoader: computing the cache must not draw
+        # from the run's random state (prompt dropout, loader seeds), so a run that computes it and one that reads it train alike.
+        records, device = dataset.records, base.unet.device
+        parts = []
+        for start in tqdm(range(0, len(records), batch_size), desc="caching image encodings", unit="batch"):
+            targets = np.stack([load_rgb(r.target, dataset.resolution) for r in records[start : start + batch_size]])
+            targets = torch.from_numpy(targets).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+            parts.append(base.image_encoding(targets.to(device)).float().cpu())
         encodings.images = torch.cat(parts)
     if text:
         prompts = sorted({record.prompt for record in dataset.records} | {""})

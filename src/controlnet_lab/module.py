@@ -51,9 +51,10 @@ class ControlNetModule(L.LightningModule):
         if resolution:
             self.base.resolution = resolution
         self.base.set_progress_bar_config(disable=True)  # Lightning's bar and the eval bar report progress
-        self.locked = list(self.base.locked_modules())
-        for name, locked in self.base.locked_modules().items():
-            setattr(self, name, locked.requires_grad_(False).eval())
+        locked = self.base.locked_modules()
+        self.locked_names = list(locked)
+        for name, part in locked.items():
+            setattr(self, name, part.requires_grad_(False).eval())
         check_hint_channels(hint_channels, self.base.vae_scale_factor)
         self.controlnet = build_trainable_copy(self.base.unet, block, hint_channels, block_std, controlnet_path)
         if gradient_checkpointing:
@@ -63,7 +64,7 @@ class ControlNetModule(L.LightningModule):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        for name in self.locked:
+        for name in self.locked_names:
             getattr(self, name).eval()
         return self
 

@@ -69,11 +69,15 @@ def dataset_palette(data: Fill50kDataModule) -> list[str]:
     return palette_of([r.prompt for r in data.train_records + data.val_records])
 
 
+def run_device(cfg: DictConfig) -> str:
+    return "cuda" if cfg.trainer.accelerator == "gpu" else "cpu"
+
+
 def metric_suite(cfg: DictConfig, data: Fill50kDataModule) -> MetricSuite:
     """The metrics ``cfg.eval`` enables, loaded now: missing weights fail here, with the file they need,
     so training calls this before any training."""
     metrics = cfg.eval
-    device = "cuda" if cfg.trainer.accelerator == "gpu" else "cpu"
+    device = run_device(cfg)
     suite = MetricSuite(device=device)
     if cfg.data.condition in FIDELITY_CONDITIONS:
         suite.fidelity = ConditionFidelity(cfg.data.condition, cfg.data.resolution, metrics.edge_tolerance,
@@ -111,9 +115,9 @@ def locked_dtype(setting: str, precision) -> str:
     return setting
 
 
-def base_report(base_path: Path) -> dict:
+def base_report(base_path: Path, fingerprint: str) -> dict:
     """What results.json says of the locked base: its folder, fingerprint and, for a base pretrained here, its pretraining report."""
-    report = {"path": str(base_path), "fingerprint": base_fingerprint(base_path)}
+    report = {"path": str(base_path), "fingerprint": fingerprint}
     pretraining = base_path / "pretrain_config.json"
     if pretraining.is_file():
         recorded = json.loads(pretraining.read_text())
@@ -121,13 +125,12 @@ def base_report(base_path: Path) -> dict:
     return report
 
 
-def attach_locked_encodings(cfg: DictConfig, module: ControlNetModule, data: Fill50kDataModule, base_path: Path) -> None:
+def attach_locked_encodings(cfg: DictConfig, module: ControlNetModule, data: Fill50kDataModule, fingerprint: str) -> None:
     """Serve the training and held-out batches with cached VAE and text encodings (``model.base.cache_encodings``)."""
     if not cfg.model.base.cache_encodings:
         return
-    fingerprint = base_fingerprint(base_path)
     cache = Path(cfg.paths.cache_dir) / "encodings"
-    base = module.base.to("cuda" if cfg.trainer.accelerator == "gpu" else "cpu")
+    base = module.base.to(run_device(cfg))
     data.train_encodings = cached_encodings(base, fingerprint, data.train_dataset(), cache)
     data.val_encodings = cached_encodings(base, fingerprint, data.val_dataset(), cache)
     base.to("cpu")
@@ -180,6 +183,7 @@ def train(cfg: DictConfig) -> dict:
     data = build_datamodule(cfg, root)
     suite = metric_suite(cfg, data)
     base_path = base_folder(cfg, source, root)
+    fingerprint = base_fingerprint(base_path)
 
     L.seed_everything(cfg.seed, workers=True)
     module = ControlNetModule(
@@ -199,7 +203,7 @@ def train(cfg: DictConfig) -> dict:
         base_name=cfg.model.base.pretrained_model_name_or_path,
         resolution=cfg.data.resolution,
     )
-    attach_locked_encodings(cfg, module, data, base_path)
+    attach_locked_encodings(cfg, module, data, fingerprint)
     loggers = [instantiate_logger(c) for c in (cfg.get("logger") or {}).values()]
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
@@ -226,7 +230,7 @@ def train(cfg: DictConfig) -> dict:
     record = results_record(cfg, metrics, {
         "global_step": trainer.global_step,
         "base_path": str(base_path),
-        "base": base_report(base_path),
+        "base": base_report(base_path, fingerprint),
         "data_root": str(root),
         "split": data.split_report,
         "wall_time_s": {"total": round(time.time() - started, 1), "until_trained": round(train_seconds, 1)},

@@ -9,6 +9,7 @@ reachable, and fails with the key and the id when it is neither there nor reacha
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from diffusers import StableDiffusionPipeline
@@ -33,10 +34,14 @@ class BaseSource:
     def name_or_path(self) -> str | None:
         return self.settings.get("pretrained_model_name_or_path")
 
+    @functools.cached_property
+    def saved(self) -> Path | None:
+        """The local folder of the named base (fetched once), None when none is named."""
+        return saved_folder(self.name_or_path) if self.name_or_path else None
+
     def check(self) -> None:
         """Fail now, before any data or training work, if a named base cannot be had."""
-        if self.name_or_path:
-            saved_folder(self.name_or_path)
+        self.saved
 
     def folder(self, data_root: Path, resolution: int, cache_dir: Path, trainer_kwargs: dict | None = None) -> Path:
         raise NotImplementedError
@@ -48,9 +53,9 @@ class EmbeddedBase(BaseSource):
     pretrain = None
 
     def folder(self, data_root, resolution, cache_dir, trainer_kwargs=None) -> Path:
-        if self.name_or_path:
-            return saved_folder(self.name_or_path)
-        return type(self).pretrain(self.settings, Path(data_root), resolution, Path(cache_dir), trainer_kwargs)
+        if self.saved:
+            return self.saved
+        return self.pretrain(self.settings, Path(data_root), resolution, Path(cache_dir), trainer_kwargs)
 
 
 class PixelBase(EmbeddedBase):
@@ -72,7 +77,7 @@ class PretrainedBase(BaseSource):
 
     def folder(self, data_root=None, resolution=None, cache_dir=None, trainer_kwargs=None) -> Path:
         self.check()
-        return saved_folder(self.name_or_path)
+        return self.saved
 
 
 def saved_folder(name_or_path: str) -> Path:
