@@ -139,7 +139,7 @@ def test_export_generates_the_same_images_in_diffusers_own_controlnet_pipeline(s
     """The export loads with ControlNetModel.from_pretrained, and StableDiffusionControlNetPipeline over the base folder
     gives the harness's own images (same DDIM scheduler, seeds and steps, with classifier-free guidance)."""
     L.seed_everything(0)
-    module = sd_module(sd_folder, block="gauss", block_std=0.05)
+    module = sd_module(sd_folder, block="gauss", block_std=0.05, base_name=str(sd_folder))  # as model=sd15 with a folder
     trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=str(tmp_path))
     trainer.fit(module, train_dataloaders=DataLoader(Fill50kDataset(read_index(sd_data), 32), batch_size=4))

@@ -4,9 +4,9 @@ An export is a folder with
 - ``controlnet/``: ``save_pretrained`` of the trained ControlNet (safetensors). The zero
   and gauss variants are diffusers ``ControlNetModel``s; the single-conv variant is a
   ``ControlNetLiteModel`` with the same ``save_pretrained``/``from_pretrained`` pair.
-- ``base/``: the locked base it was trained on, when the harness pretrained it (``tiny``:
-  its pixel pipeline; ``tiny_sd``: a ``StableDiffusionPipeline`` folder). A base that
-  came from a folder or Hub id (SD 1.5) is named, not copied.
+- ``base/``: the locked base it was trained on, unless the run named it
+  (``model.base.pretrained_model_name_or_path``: SD 1.5's id, a folder), which is then
+  named, not copied (``tiny``: the pixel pipeline; ``tiny_sd``: a ``StableDiffusionPipeline`` folder).
 - ``README.md``: a model card as diffusers' training script writes one (``base_model``,
   ``library_name: diffusers``, tags), with the training config and the run's sample grid.
 - ``export.json``: where it came from and how to load it.
@@ -75,11 +75,6 @@ def load_trained(path: str | Path, key: str = "ckpt") -> TrainedControlNet:
     return TrainedControlNet(module.controlnet.eval(), Path(module.hparams.base_path), ckpt)
 
 
-def pretrained_here(base: Path) -> bool:
-    """A base the harness pretrained (bases/pretraining.py writes the report): small, and found nowhere else."""
-    return (Path(base) / "pretrain_config.json").is_file()
-
-
 def model_card(module: ControlNetModule, base_model: str, run_dir: Path, out: Path, staging: Path) -> ModelCard:
     """diffusers' training model card for the export, with the run's config and evaluation grid when the run has them."""
     config = run_dir / ".hydra" / "config.yaml"
@@ -111,8 +106,11 @@ def export(ckpt: Path, out: Path) -> dict:
     module = ControlNetModule.load_from_checkpoint(ckpt, map_location="cpu")
     global_step = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]
     base_path = Path(module.hparams.base_path)
-    copy_base = pretrained_here(base_path)
-    base_model = f"{out}/base" if copy_base else str(module.hparams.get("base_name") or base_path)
+    # A base the run was given by name (model.base.pretrained_model_name_or_path: SD 1.5's id, a folder) is named;
+    # one the harness pretrained (small, and found nowhere else) is copied.
+    base_name = module.hparams.get("base_name")
+    copy_base = not base_name
+    base_model = f"{out}/base" if copy_base else str(base_name)
     info = {
         "source_checkpoint": str(Path(ckpt).resolve()),
         "global_step": global_step,
