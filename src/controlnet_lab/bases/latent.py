@@ -24,6 +24,7 @@ class LatentBase:
     caches_images = True  # the VAE's encoding of a target is worth caching
 
     def __init__(self, pipeline: StableDiffusionPipeline):
+        self.pipeline = pipeline  # holds the same modules: encodes prompts and saves
         self.vae = pipeline.vae
         self.unet = pipeline.unet
         self.text_encoder = pipeline.text_encoder
@@ -50,7 +51,7 @@ class LatentBase:
         return {"locked_unet": self.unet, "text_encoder": self.text_encoder, "vae": self.vae}
 
     def save_pretrained(self, folder, **kwargs) -> None:
-        StableDiffusionPipeline(**self.components()).save_pretrained(folder, **kwargs)
+        self.pipeline.save_pretrained(folder, **kwargs)
 
     def to(self, device) -> "LatentBase":
         for module in (self.vae, self.unet, self.text_encoder):
@@ -62,8 +63,7 @@ class LatentBase:
 
     def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, None]:
         """(per-token hidden states, None): SD's UNet takes no pooled embedding."""
-        pipeline = StableDiffusionPipeline(**self.components())
-        hidden, _ = pipeline.encode_prompt(list(prompts), self.text_encoder.device, 1, do_classifier_free_guidance=False)
+        hidden, _ = self.pipeline.encode_prompt(list(prompts), self.text_encoder.device, 1, do_classifier_free_guidance=False)
         return hidden, None
 
     def image_encoding(self, images: torch.Tensor) -> torch.Tensor:
