@@ -57,16 +57,22 @@ def resolution_weights(mode: str, heights: Sequence[int]) -> list[float]:
     return [1.0] * count
 
 
-def compose(controlnets: Sequence, conditions: Sequence[torch.Tensor], scales: float | Sequence[float]):
-    """(model, condition, scale) for a list of ControlNets with one condition each and one scale each (or one
-    for all): a single net as is, several as diffusers' ``MultiControlNetModel`` with lists."""
+def per_net(controlnets: Sequence, conditions: Sequence[torch.Tensor], scales: float | Sequence[float]):
+    """(nets, conditions, scales) as lists of one per ControlNet; one scale may apply to all."""
     scales = list(scales) if isinstance(scales, (list, tuple)) else [scales] * len(controlnets)
     if not isinstance(conditions, (list, tuple)) or not len(controlnets) == len(conditions) == len(scales):
         raise ValueError("several ControlNets need a list of conditions and of scales, one per net "
                          f"(got {len(controlnets)} nets, {len(conditions) if isinstance(conditions, (list, tuple)) else 'a single'} condition(s), {len(scales)} scale(s))")
+    return list(controlnets), list(conditions), scales
+
+
+def compose(controlnets: Sequence, conditions: Sequence[torch.Tensor], scales: float | Sequence[float]):
+    """(model, condition, scale) for a list of ControlNets with one condition each and one scale each (or one
+    for all): a single net as is, several as diffusers' ``MultiControlNetModel`` with lists."""
+    controlnets, conditions, scales = per_net(controlnets, conditions, scales)
     if len(controlnets) == 1:
         return controlnets[0], conditions[0], scales[0]
-    return MultiControlNetModel(list(controlnets)), list(conditions), scales
+    return MultiControlNetModel(controlnets), conditions, scales
 
 
 def weighted_residuals(down: list[torch.Tensor], mid: torch.Tensor, mode: str) -> tuple[list[torch.Tensor], torch.Tensor]:

@@ -15,7 +15,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, SchedulerMixin, StableDiffusionControlNetPipeline, StableDiffusionPipeline
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-from controlnet_lab.sampling import WeightedControlNets, check_resolution_weighting, control_residuals
+from controlnet_lab.sampling import WeightedControlNets, check_resolution_weighting, control_residuals, per_net
 
 
 class LatentBase:
@@ -114,11 +114,9 @@ class LatentBase:
         if controlnet is None:
             pipeline = StableDiffusionPipeline(**components)
         else:
-            nets = list(controlnet) if isinstance(controlnet, (list, tuple)) else [controlnet]
-            conditions = list(condition) if isinstance(condition, (list, tuple)) else [condition]
-            scales = list(conditioning_scale) if isinstance(conditioning_scale, (list, tuple)) else [conditioning_scale] * len(nets)
-            if not len(nets) == len(conditions) == len(scales):
-                raise ValueError(f"{len(nets)} ControlNets need as many conditions and scales (got {len(conditions)}, {len(scales)})")
+            if not isinstance(controlnet, (list, tuple)):
+                controlnet, condition = [controlnet], [condition]
+            nets, conditions, scales = per_net(controlnet, condition, conditioning_scale)
             pipeline = StableDiffusionControlNetPipeline(**components, controlnet=WeightedControlNets(nets, resolution_weighting))
             arguments.update(image=[c.to(self.unet.device) for c in conditions], controlnet_conditioning_scale=[float(s) for s in scales],
                              guess_mode=resolution_weighting != "off")
