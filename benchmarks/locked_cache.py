@@ -73,10 +73,11 @@ def run_case(name: str, case: dict, steps: int, rounds: int, tmp: Path) -> dict:
     spec = SyntheticFill50kSpec(count=max(256, 4 * batch * (steps + 1)), resolution=resolution, palette=tuple(cfg.data.generator.palette),
                                 radius_range=(0.15, 0.35), outline_thickness=max(1, resolution // 32), seed=0)
     root = write_fill50k(spec, tmp / name / "data")
-    data = Fill50kDataModule(root, resolution, batch, val_size=16, prompt_dropout=0.5)
+    data = Fill50kDataModule(root=root, name=name, resolution=resolution, batch_size=batch, val_size=16, prompt_dropout=0.5,
+                             condition="outline", cache_dir=tmp / name / "cache")
     data.setup()
     torch.manual_seed(0)
-    base = build_tiny_sd(OmegaConf.to_container(cfg.model.base, resolve=True), resolution, [r.prompt for r in data.train_records + data.val_records])
+    base = build_tiny_sd(OmegaConf.to_container(cfg.model.base, resolve=True), resolution, data.prompts())
     base.save_pretrained(tmp / name / "base")
     module = ControlNetModule(str(tmp / name / "base"), hint_channels=tuple(cfg.model.controlnet.hint_channels), lr=1e-4,
                               num_val_images=0, resolution=resolution)
@@ -90,12 +91,12 @@ def run_case(name: str, case: dict, steps: int, rounds: int, tmp: Path) -> dict:
             times[mode].append(train_steps(module, data, steps, tmp / name))
     cached, computed = statistics.median(times["cached"]), statistics.median(times["computed"])
     row = {"resolution": resolution, "batch": batch, "latent_size": resolution // base.vae_scale_factor,
-           "train_samples": len(data.train_records), "one_time_encoding_s": round(encode_seconds, 2),
+           "train_samples": len(data.train_rows), "one_time_encoding_s": round(encode_seconds, 2),
            "s_per_step": {"cached": round(cached, 4), "computed": round(computed, 4)},
            "rounds_s_per_step": {k: [round(v, 4) for v in vs] for k, vs in times.items()},
            "speedup_cached_over_computed": round(computed / cached, 3)}
     print(f"{name:<16} {resolution:>4} px batch {batch:>3}: cached {cached:.3f} s/step, computed {computed:.3f} s/step, "
-          f"speed-up {computed / cached:.2f}x (one-time encoding of {len(data.train_records)} samples {encode_seconds:.1f} s)")
+          f"speed-up {computed / cached:.2f}x (one-time encoding of {len(data.train_rows)} samples {encode_seconds:.1f} s)")
     return row
 
 

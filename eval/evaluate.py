@@ -22,7 +22,7 @@ from controlnet_lab.config_checks import check_sampling_config
 from controlnet_lab.export import checkpoint_path
 from controlnet_lab.module import ControlNetModule
 from controlnet_lab.task import wandb_mode
-from controlnet_lab.training import build_datamodule, dataset_root, flat_metrics, held_out_scores, save_eval_grid
+from controlnet_lab.training import build_datamodule, flat_metrics, held_out_scores, save_eval_grid
 
 
 os.environ.setdefault("CONTROLNET_LAB_ROOT", str(Path(__file__).resolve().parents[1]))  # conf/paths: root_dir
@@ -36,13 +36,14 @@ def main(cfg: DictConfig) -> None:
         raise FileNotFoundError(f"ckpt={cfg.ckpt}: the run's config {run_config} is missing")
     sampling = {key: value for key, value in cfg.sampling.items() if value is not None}
     run_cfg = OmegaConf.merge(
-        # Runs configured before these keys existed sampled without resolution weighting and trained
-        # without dropping near-duplicates of held-out samples (the held-out set itself is the same).
-        {"model": {"sampling": {"resolution_weighting": "off"}}, "data": {"held_out": {"exclude_near_duplicates": False, "max_distance": 0.2}}},
+        # Runs configured before these keys existed sampled without resolution weighting, trained without dropping
+        # near-duplicates of held-out samples (the held-out set itself is the same), and read fill50k-format data.
+        {"model": {"sampling": {"resolution_weighting": "off"}},
+         "data": {"held_out": {"exclude_near_duplicates": False, "max_distance": 0.2}, "_target_": "controlnet_lab.data.datamodule.Fill50kDataModule"}},
         OmegaConf.load(run_config), {"eval": cfg.eval, "paths": {"cache_dir": cfg.paths.cache_dir}}, {"model": {"sampling": sampling}},
     )
     check_sampling_config(run_cfg.model.sampling, "sampling")
-    data = build_datamodule(run_cfg, dataset_root(run_cfg))
+    data = build_datamodule(run_data_config(run_cfg))
     module = ControlNetModule.load_from_checkpoint(ckpt, map_location="cpu")
     metrics = held_out_scores(run_cfg, module, data)
     out = Path(cfg.paths.output_dir)
@@ -57,6 +58,13 @@ def main(cfg: DictConfig) -> None:
         (ckpt.parent / "eval.json").write_text(record)
         log_to_run_wandb(ckpt.parent.parent, run_cfg, metrics)
     print(record)
+
+
+def run_data_config(run_cfg: DictConfig) -> DictConfig:
+    """The run's data settings as this version's data modules take them (older runs' configs lack a few keys)."""
+    data = OmegaConf.to_container(run_cfg.data, resolve=True)
+    data.setdefault("cache_dir", run_cfg.paths.cache_dir)
+    return OmegaConf.create(data)
 
 
 def log_to_run_wandb(run_dir: Path, run_cfg: DictConfig, metrics: dict) -> None:

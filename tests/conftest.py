@@ -11,7 +11,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from controlnet_lab.bases import build_pixel_base
-from controlnet_lab.data.fill50k import read_index
+from controlnet_lab.data.dataset import ControlDataset
+from controlnet_lab.data.fill50k import fill50k_samples, read_index
 from controlnet_lab.data.synthetic import SyntheticFill50kSpec, write_fill50k
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +49,18 @@ def tiny_base(tmp_path_factory, tiny_data) -> Path:
     return folder
 
 
+def fill50k_dataset(root: Path, resolution: int, count: int | None = None, **settings) -> ControlDataset:
+    """The first ``count`` samples (all with None) of a fill50k-format folder, as training reads them."""
+    samples = fill50k_samples(root)
+    return ControlDataset(samples, range(len(samples) if count is None else count), resolution, **settings)
+
+
+def stored_paths(data, part: str) -> list[str]:
+    """The stored condition files (fill50k sources) of a set-up data module's training or held-out rows."""
+    samples, rows = (data.train_samples, data.train_rows) if part == "train" else (data.val_samples, data.val_rows)
+    return [samples.conditions.paths[int(row)] for row in rows]
+
+
 def run_train(args: list[str], tmp: Path, timeout: int = 300, script: str = "src/train.py") -> subprocess.CompletedProcess:
     """An entry point (src/train.py by default) through Hydra, with outputs and caches under ``tmp``."""
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1"}
@@ -62,12 +75,11 @@ def train_checkpoint(base: Path, data: Path, block: str, folder: Path, steps: in
     import lightning as L
     from torch.utils.data import DataLoader
 
-    from controlnet_lab.data.fill50k import Fill50kDataset
     from controlnet_lab.module import ControlNetModule
 
     L.seed_everything(0)
     module = ControlNetModule(str(base), block=block, block_std=0.02, lr=1e-2, num_val_images=0)
-    loader = DataLoader(Fill50kDataset(read_index(data), 16), batch_size=8)
+    loader = DataLoader(fill50k_dataset(data, 16), batch_size=8)
     trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=str(folder))
     trainer.fit(module, train_dataloaders=loader)

@@ -2,14 +2,15 @@ import numpy as np
 import pytest
 from matplotlib.colors import CSS4_COLORS
 
-from conftest import PALETTE, compose_train
+from conftest import PALETTE, compose_train, fill50k_dataset
 from controlnet_lab.bases import load_base
 from controlnet_lab.config_checks import ConfigError, check_train_config
 from controlnet_lab.data.colors import parse_prompt
 from controlnet_lab.data.conditions import SEG_COLORS, condition_maker
-from controlnet_lab.data.fill50k import Fill50kDataset, load_rgb, read_index
+from controlnet_lab.data.fill50k import read_index
+from controlnet_lab.data.samples import load_rgb
 from controlnet_lab.evaluation import INSUFFICIENT_PROMPT, OUT_OF_VOCABULARY_PROMPT, PROMPT_SETTINGS, setting_prompts
-from controlnet_lab.metrics.oracle import condition_mask
+from controlnet_lab.data.outlines import condition_mask
 
 
 def _sample(tiny_data, index: int = 0, resolution: int = 32):
@@ -53,9 +54,8 @@ def test_sketch_is_fixed_per_sample_and_differs_between_samples(tiny_data):
 
 
 def test_dataset_serves_the_condition_and_keeps_the_outline_for_scoring(tiny_data):
-    records = read_index(tiny_data)
-    outline_item = Fill50kDataset(records, 16)[2]
-    seg_item = Fill50kDataset(records, 16, make_condition=condition_maker("seg", 16))[2]
+    outline_item = fill50k_dataset(tiny_data, 16)[2]
+    seg_item = fill50k_dataset(tiny_data, 16, make_condition=condition_maker("seg", 16))[2]
     assert np.array_equal(seg_item["source"], outline_item["condition"])
     assert not np.array_equal(seg_item["condition"], outline_item["condition"])
 

@@ -8,10 +8,17 @@ import numpy as np
 import pytest
 
 from controlnet_lab.data.colors import parse_prompt, rgb_of
-from controlnet_lab.data.datamodule import split_indices
-from controlnet_lab.data.fill50k import DatasetFormatError, Fill50kDataset, read_index
+from controlnet_lab.data.datamodule import permutation, training_subset
+from conftest import fill50k_dataset
+from controlnet_lab.data.fill50k import DatasetFormatError, read_index
 from controlnet_lab.data.synthetic import SyntheticFill50kSpec, write_fill50k
-from controlnet_lab.metrics.oracle import condition_mask
+from controlnet_lab.data.outlines import condition_mask
+
+
+def split_indices(total: int, val_size: int, size: int | None, split_seed: int):
+    """(train, held-out) rows as ControlDataModule.setup draws them, without duplicates to exclude."""
+    order = permutation(total, val_size, split_seed)
+    return training_subset(order[val_size:], size, "test"), order[:val_size]
 
 
 def test_reader_reads_what_the_generator_writes(tiny_data):
@@ -24,8 +31,7 @@ def test_reader_reads_what_the_generator_writes(tiny_data):
 
 
 def test_fill50k_conventions_ranges_and_rgb_order(tiny_data):
-    records = read_index(tiny_data)
-    sample = Fill50kDataset(records, resolution=16)[0]
+    sample = fill50k_dataset(tiny_data, 16)[0]
     condition, target = sample["condition"], sample["target"]
     assert condition.shape == target.shape == (3, 16, 16)
     assert condition.min() == 0 and 0.8 < condition.max() <= 1.0  # anti-aliased: a sub-pixel ring need not fill a pixel
@@ -45,7 +51,7 @@ def test_fill50k_conventions_ranges_and_rgb_order(tiny_data):
 
 
 def test_reader_resizes_to_the_configured_resolution(tiny_data):
-    sample = Fill50kDataset(read_index(tiny_data), resolution=8)[3]
+    sample = fill50k_dataset(tiny_data, 8)[3]
     assert sample["condition"].shape == (3, 8, 8)
 
 
@@ -107,7 +113,7 @@ def test_size_larger_than_dataset_names_the_key():
 
 @pytest.mark.parametrize("rate", [0.0, 0.5, 1.0])
 def test_prompt_dropout_rate_is_respected(tiny_data, rate):
-    dataset = Fill50kDataset(read_index(tiny_data), resolution=8, prompt_dropout=rate)
+    dataset = fill50k_dataset(tiny_data, 8, prompt_dropout=rate)
     draws = 2000
     random.seed(0)
     empty = sum(dataset[i % len(dataset)]["prompt"] == "" for i in range(draws))
@@ -116,7 +122,7 @@ def test_prompt_dropout_rate_is_respected(tiny_data, rate):
 
 
 def test_prompt_dropout_is_redrawn_and_seeded(tiny_data):
-    dataset = Fill50kDataset(read_index(tiny_data), resolution=8, prompt_dropout=0.5)
+    dataset = fill50k_dataset(tiny_data, 8, prompt_dropout=0.5)
     random.seed(1)
     first = [dataset[0]["prompt"] for _ in range(40)]
     random.seed(1)
@@ -125,6 +131,6 @@ def test_prompt_dropout_is_redrawn_and_seeded(tiny_data):
 
 
 def test_subsets_are_the_same_in_another_process():
-    code = "from controlnet_lab.data.datamodule import split_indices; print(split_indices(500, 50, 20, 7)[0].tolist())"
+    code = "from controlnet_lab.data.datamodule import permutation; print(permutation(500, 50, 7)[50:70].tolist())"
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert other == str([int(i) for i in split_indices(500, 50, 20, 7)[0]])

@@ -14,8 +14,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import run_train
-from controlnet_lab.data.fill50k import load_rgb, read_index
+from conftest import run_train, stored_paths
+from controlnet_lab.data.fill50k import read_index
+from controlnet_lab.data.samples import load_rgb
 from controlnet_lab.training import build_datamodule
 
 
@@ -52,14 +53,15 @@ def test_the_default_split_is_content_disjoint(default_run, size):
         sources = [r.source.read_bytes() for r in read_index(root)]
         assert len(sources) == 20000 and len({hashlib.sha256(s).digest() for s in sources}) == 20000
     cfg.data.size = size
-    data = build_datamodule(cfg, root)
-    assert data.split_report["source_hash_duplicates"] == 0 and len(data.val_records) == 256
-    assert not {r.source for r in data.val_records} & {r.source for r in data.train_records}
+    data = build_datamodule(cfg.data)
+    assert data.split_report["exact_duplicates_excluded"] == 0 and len(data.val_rows) == 256
+    held_out_paths, train_paths = stored_paths(data, "val"), stored_paths(data, "train")
+    assert not set(held_out_paths) & set(train_paths)
 
-    def ink(records):
-        return torch.tensor(np.stack([load_rgb(r.source, 32).max(-1).reshape(-1) for r in records]), dtype=torch.float64) / 255
+    def ink(paths):
+        return torch.tensor(np.stack([load_rgb(path, 32).max(-1).reshape(-1) for path in paths]), dtype=torch.float64) / 255
 
-    held_out, train = ink(data.val_records), ink(data.train_records)
+    held_out, train = ink(held_out_paths), ink(train_paths)
     nearest = min(float(((held_out[:, None, :] - chunk[None]).abs().sum(-1) / (held_out.sum(1)[:, None] + chunk.sum(1)[None])).min())
                   for chunk in train.split(50))
     assert nearest >= 0.2, nearest

@@ -4,8 +4,9 @@ import pytest
 from cleanfid.fid import fid_from_feats
 from scipy import linalg
 
-from conftest import PALETTE
-from controlnet_lab.data.fill50k import load_rgb, read_index
+from conftest import PALETTE, fill50k_dataset
+from controlnet_lab.data.fill50k import read_index
+from controlnet_lab.data.samples import load_rgb
 from controlnet_lab.metrics.domain_features import domain_net
 from controlnet_lab.metrics.fid import fid, inception_extractor
 
@@ -32,9 +33,9 @@ def test_frechet_distance_matches_the_closed_form_on_gaussians():
 
 
 def test_domain_fid_is_zero_on_itself_and_grows_with_distortion(tiny_data, tmp_path):
-    records = read_index(tiny_data)
-    net = domain_net(records, 16, list(PALETTE), tmp_path, steps=60)
-    images = np.stack([load_rgb(r.target, 16) for r in records])
+    dataset = fill50k_dataset(tiny_data, 16)
+    net = domain_net(dataset, list(PALETTE), tmp_path, steps=60)
+    images = np.stack([load_rgb(r.target, 16) for r in read_index(tiny_data)])
     extractor = net.clean_fid_extractor()
     assert fid(images, images, extractor) == pytest.approx(0.0, abs=1e-3)
     rng = np.random.default_rng(0)
@@ -44,7 +45,7 @@ def test_domain_fid_is_zero_on_itself_and_grows_with_distortion(tiny_data, tmp_p
         scores.append(fid(noisy, images, extractor))
     assert 1e-3 < scores[0] < scores[1], scores
     # Cached: the second call loads the same weights.
-    again = domain_net(records, 16, list(PALETTE), tmp_path, steps=60)
+    again = domain_net(dataset, list(PALETTE), tmp_path, steps=60)
     assert all((p == q).all() for p, q in zip(net.state_dict().values(), again.state_dict().values()))
 
 

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from controlnet_lab.data.conditions import condition_maker
-from controlnet_lab.data.fill50k import load_rgb, read_index
+from controlnet_lab.data.fill50k import read_index
+from controlnet_lab.data.samples import load_rgb
 from controlnet_lab.metrics.fidelity import ConditionFidelity, edge_f1, edges_of
 
 

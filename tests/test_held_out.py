@@ -7,19 +7,26 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import stored_paths
 from controlnet_lab.data.datamodule import Fill50kDataModule
-from controlnet_lab.data.fill50k import load_rgb
+from controlnet_lab.data.samples import load_rgb
 from controlnet_lab.data.held_out import outline_distance
 from controlnet_lab.data.synthetic import SyntheticFill50kSpec, draw_sample, write_fill50k
-from controlnet_lab.metrics.oracle import condition_mask, mask_iou, segment_circle
+from controlnet_lab.data.outlines import condition_mask
+from controlnet_lab.metrics.oracle import mask_iou, segment_circle
 
 DEFAULT_LIKE = dict(resolution=32, palette=("red", "green", "blue", "yellow", "cyan", "magenta", "white", "black"),
                     radius_range=(0.15, 0.35), outline_thickness=1)
 
 
-def ink(records, resolution=32):
+def ink(paths, resolution=32):
     """Each source's brightest channel in [0, 1], computed here independently of held_out.py."""
-    return torch.tensor(np.stack([load_rgb(r.source, resolution).max(-1).reshape(-1) for r in records]), dtype=torch.float64) / 255
+    return torch.tensor(np.stack([load_rgb(path, resolution).max(-1).reshape(-1) for path in paths]), dtype=torch.float64) / 255
+
+
+def dense_module(root, size=None, exclude=True, resolution=32, val_size=64):
+    return Fill50kDataModule(root=str(root), name="dense", resolution=resolution, batch_size=8, val_size=val_size, size=size,
+                             condition="outline", held_out={"exclude_near_duplicates": exclude, "max_distance": 0.2})
 
 
 def min_distance(a, b):
@@ -50,46 +57,47 @@ def test_the_outline_encloses_exactly_the_targets_circle():
 
 @pytest.mark.parametrize("size", [None, 300, 1000])
 def test_held_out_sources_are_far_from_every_training_source(dense_data, size):
-    data = Fill50kDataModule(dense_data, 32, batch_size=8, val_size=64, size=size, exclude_near_duplicates=True, max_distance=0.2)
+    data = dense_module(dense_data, size)
     data.setup()
-    assert min_distance(ink(data.val_records), ink(data.train_records)) >= 0.2
+    assert min_distance(ink(stored_paths(data, "val")), ink(stored_paths(data, "train"))) >= 0.2
     report = data.split_report
-    assert report["near_duplicates_excluded"] > 0 and report["source_hash_duplicates"] == 0
-    assert report["train"] == len(data.train_records) == (size or 2000 - 64 - report["near_duplicates_excluded"])
+    assert report["near_duplicates_excluded"] > 0 and report["exact_duplicates_excluded"] == 0
+    assert report["train"] == len(data.train_rows) == (size or 2000 - 64 - report["near_duplicates_excluded"])
 
 
 def test_without_exclusion_the_same_split_has_near_duplicates(dense_data):
-    data = Fill50kDataModule(dense_data, 32, batch_size=8, val_size=64, exclude_near_duplicates=False)
+    data = dense_module(dense_data, exclude=False)
     data.setup()
-    assert min_distance(ink(data.val_records), ink(data.train_records)) < 0.2
+    assert min_distance(ink(stored_paths(data, "val")), ink(stored_paths(data, "train"))) < 0.2
     assert data.split_report["near_duplicates_excluded"] is None
 
 
 def test_subsets_stay_nested_after_exclusion(dense_data):
     def train(size):
-        data = Fill50kDataModule(dense_data, 32, batch_size=8, val_size=64, size=size, exclude_near_duplicates=True)
+        data = dense_module(dense_data, size)
         data.setup()
         return data
     small, large = train(300), train(1000)
-    assert [r.source for r in small.train_records] == [r.source for r in large.train_records[:300]]
-    assert small.train_pool == large.train_pool  # what the FID domain net learns from does not depend on data.size
-    available = len(large.train_pool)
+    assert stored_paths(small, "train") == stored_paths(large, "train")[:300]
+    assert np.array_equal(small.pool_rows, large.pool_rows)  # what the FID domain net learns from does not depend on data.size
+    available = len(large.pool_rows)
     assert available < 2000 - 64
     with pytest.raises(ValueError, match=rf"data\.size={available + 1} exceeds the {available} .* near-duplicates of held-out samples"):
         train(available + 1)
 
 
-def test_a_users_folder_reports_byte_identical_sources_and_keeps_them(tiny_data, tmp_path):
+def test_a_users_folder_drops_byte_identical_sources_from_training(tiny_data, tmp_path):
     folder = shutil.copytree(tiny_data, tmp_path / "copy")
-    data = Fill50kDataModule(folder, 16, batch_size=8, val_size=8)
+    data = dense_module(folder, exclude=False, resolution=16, val_size=8)
     data.setup()
-    # Overwrite three training sources with held-out ones: they are counted, not dropped.
-    for record, held_out in zip(data.train_records[:3], data.val_records[:3]):
-        shutil.copyfile(held_out.source, record.source)
-    again = Fill50kDataModule(folder, 16, batch_size=8, val_size=8)
+    # Overwrite three training sources with held-out ones: those samples leave training, and are counted.
+    copied = stored_paths(data, "train")[:3]
+    for path, held_out in zip(copied, stored_paths(data, "val")[:3]):
+        shutil.copyfile(held_out, path)
+    again = dense_module(folder, exclude=False, resolution=16, val_size=8)
     again.setup()
-    assert again.split_report["source_hash_duplicates"] == 3
-    assert len(again.train_records) == 40 and again.split_report["near_duplicates_excluded"] is None
+    assert again.split_report["exact_duplicates_excluded"] == 3 and not set(copied) & set(stored_paths(again, "train"))
+    assert len(again.train_rows) == 37 and again.split_report["near_duplicates_excluded"] is None
 
 
 class FixedGeometry:

@@ -13,12 +13,11 @@ from diffusers import (AutoencoderKL, ControlNetModel, DDIMScheduler, PNDMSchedu
 from torch.utils.data import DataLoader
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from conftest import compose_train, run_train
+from conftest import compose_train, fill50k_dataset, run_train
 from controlnet_lab.config_checks import check_train_config
 from controlnet_lab.bases import LatentBase, load_base
 from controlnet_lab.bases.sources import BaseNotFoundError, PretrainedBase
 from controlnet_lab.data.encoded import EncodedDataset
-from controlnet_lab.data.fill50k import Fill50kDataset, read_index
 from controlnet_lab.export import export
 from controlnet_lab.locked_encodings import cached_encodings, compute_encodings
 from controlnet_lab.module import ControlNetModule
@@ -70,7 +69,7 @@ def sd_module(sd_folder: Path, **kwargs) -> ControlNetModule:
 
 
 def batch_of(data: Path, size: int = 4) -> dict:
-    return next(iter(DataLoader(Fill50kDataset(read_index(data)[:size], 32), batch_size=size)))
+    return next(iter(DataLoader(fill50k_dataset(data, 32, count=size), batch_size=size)))
 
 
 def test_loads_as_a_latent_base_with_the_scheduler_and_prediction_type_of_its_config(sd_folder):
@@ -104,7 +103,7 @@ def test_training_leaves_the_locked_vae_unet_and_text_encoder_bitwise_unchanged(
     copy_before = {k: v.clone() for k, v in module.controlnet.state_dict().items()}
     trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=str(tmp_path))
-    trainer.fit(module, train_dataloaders=DataLoader(Fill50kDataset(read_index(sd_data), 32, prompt_dropout=0.5), batch_size=4))
+    trainer.fit(module, train_dataloaders=DataLoader(fill50k_dataset(sd_data, 32, prompt_dropout=0.5), batch_size=4))
     for name, part in module.base.locked_modules().items():
         assert all(torch.equal(before[name][k], v) for k, v in part.state_dict().items()), name
     assert any(not torch.equal(copy_before[k], v) for k, v in module.controlnet.state_dict().items())
@@ -112,10 +111,10 @@ def test_training_leaves_the_locked_vae_unet_and_text_encoder_bitwise_unchanged(
 
 def test_cached_and_computed_encodings_give_the_same_loss(sd_folder, sd_data, tmp_path):
     module = sd_module(sd_folder, block="gauss", block_std=0.05)
-    dataset = Fill50kDataset(read_index(sd_data)[:6], 32)
+    dataset = fill50k_dataset(sd_data, 32, count=6)
     encodings = cached_encodings(module.base, "fingerprint", dataset, tmp_path)
     assert encodings.images.shape == (6, 8, 4, 4)  # posterior mean and log-variance of 4 latent channels at 32/8
-    assert set(encodings.prompt_rows) == {r.prompt for r in dataset.records} | {""}
+    assert set(encodings.prompt_rows) == set(dataset.prompts) | {""}
     reread = cached_encodings(module.base, "fingerprint", dataset, tmp_path)  # from the file this time
     assert torch.equal(reread.images, encodings.images) and torch.equal(reread.text_hidden, encodings.text_hidden)
     computed = next(iter(DataLoader(dataset, batch_size=6)))
@@ -127,12 +126,11 @@ def test_cached_and_computed_encodings_give_the_same_loss(sd_folder, sd_data, tm
 
 def test_encodings_are_keyed_by_base_and_samples(sd_folder, sd_data, tmp_path):
     base = load_base(sd_folder)
-    records = read_index(sd_data)
-    cached_encodings(base, "a", Fill50kDataset(records[:4], 32), tmp_path)
-    cached_encodings(base, "b", Fill50kDataset(records[:4], 32), tmp_path)
-    cached_encodings(base, "a", Fill50kDataset(records[:5], 32), tmp_path)
+    cached_encodings(base, "a", fill50k_dataset(sd_data, 32, count=4), tmp_path)
+    cached_encodings(base, "b", fill50k_dataset(sd_data, 32, count=4), tmp_path)
+    cached_encodings(base, "a", fill50k_dataset(sd_data, 32, count=5), tmp_path)
     assert len(list(tmp_path.glob("encodings-*.safetensors"))) == 3
-    assert compute_encodings(base, Fill50kDataset(records[:4], 32), images=False, text=True).images is None
+    assert compute_encodings(base, fill50k_dataset(sd_data, 32, count=4), images=False, text=True).images is None
 
 
 def test_export_generates_the_same_images_in_diffusers_own_controlnet_pipeline(sd_folder, sd_data, tmp_path):
@@ -142,7 +140,7 @@ def test_export_generates_the_same_images_in_diffusers_own_controlnet_pipeline(s
     module = sd_module(sd_folder, block="gauss", block_std=0.05, base_name=str(sd_folder))  # as model=sd15 with a folder
     trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=str(tmp_path))
-    trainer.fit(module, train_dataloaders=DataLoader(Fill50kDataset(read_index(sd_data), 32), batch_size=4))
+    trainer.fit(module, train_dataloaders=DataLoader(fill50k_dataset(sd_data, 32), batch_size=4))
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     ckpt.parent.mkdir(parents=True)
     trainer.save_checkpoint(ckpt)
@@ -301,7 +299,7 @@ def test_computing_the_cache_draws_nothing_from_the_run_random_state(sd_folder, 
     base = load_base(sd_folder)
     random.seed(0)
     torch.manual_seed(0)
-    compute_encodings(base, Fill50kDataset(read_index(sd_data), 32, prompt_dropout=0.5), images=True, text=True)
+    compute_encodings(base, fill50k_dataset(sd_data, 32, prompt_dropout=0.5), images=True, text=True)
     after = (random.random(), torch.rand(1))
     random.seed(0)
     torch.manual_seed(0)

@@ -4,7 +4,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from controlnet_lab.blocks import build_trainable_copy
-from controlnet_lab.data.fill50k import Fill50kDataset, read_index
+from conftest import fill50k_dataset
 from controlnet_lab.module import LOCKED_PREFIXES, ControlNetModule
 
 
@@ -52,7 +52,7 @@ def test_training_changes_only_the_trainable_copy(tiny_base, tiny_data):
     module = ControlNetModule(str(tiny_base), block="zero", lr=1e-2, num_val_images=0)
     locked_before = {k: v.clone() for k, v in module.state_dict().items() if k.startswith(LOCKED_PREFIXES)}
     copy_before = {k: v.clone() for k, v in module.controlnet.state_dict().items()}
-    loader = DataLoader(Fill50kDataset(read_index(tiny_data), 16, prompt_dropout=0.5), batch_size=8)
+    loader = DataLoader(fill50k_dataset(tiny_data, 16, prompt_dropout=0.5), batch_size=8)
     trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, train_dataloaders=loader)
 

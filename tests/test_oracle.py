@@ -1,8 +1,10 @@
 import numpy as np
 
 from conftest import PALETTE
-from controlnet_lab.data.fill50k import load_rgb, read_index
-from controlnet_lab.metrics.oracle import condition_mask, mask_iou, random_placement_iou, score_images
+from controlnet_lab.data.fill50k import read_index
+from controlnet_lab.data.samples import load_rgb
+from controlnet_lab.data.outlines import condition_mask
+from controlnet_lab.metrics.oracle import mask_iou, random_placement_iou, score_images
 
 
 def _load(tiny_data):

@@ -12,10 +12,10 @@ from omegaconf import OmegaConf
 from conftest import ROOT, compose_train, run_train
 from controlnet_lab.bases.pretraining import cache_key
 from controlnet_lab.config_checks import ConfigError, check_train_config
-from controlnet_lab.data.fill50k import load_rgb
 from controlnet_lab.metrics.convergence import rise, sudden_convergence_step
 from controlnet_lab.metrics.oracle import random_placement_iou
-from controlnet_lab.training import build_datamodule, dataset_root, metric_suite
+from controlnet_lab.images import to_uint8
+from controlnet_lab.training import build_datamodule, metric_suite
 
 
 @pytest.fixture(scope="module")
@@ -28,12 +28,12 @@ def smoke_run(tmp_path_factory):
 
 
 def test_smoke_writes_results_and_checkpoint(smoke_run):
-    _, run_dir = smoke_run
+    tmp, run_dir = smoke_run
     results = json.loads((run_dir / "results.json").read_text())
     metrics = results["metrics"]
     assert results["block"] == "zero" and results["seed"] == 0
     assert results["data"]["prompt_dropout"] == 0.5 and results["data"]["size"] == 64
-    assert results["split"]["held_out"] == 16 and results["split"]["train"] == 64 and results["split"]["source_hash_duplicates"] == 0
+    assert results["split"]["held_out"] == 16 and results["split"]["train"] == 64 and results["split"]["exact_duplicates_excluded"] == 0
     assert results["global_step"] == 6
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["global_step"] == 6
@@ -46,8 +46,8 @@ def test_smoke_writes_results_and_checkpoint(smoke_run):
     assert set(metrics["block_init_std"].values()) == {0.0} and "controlnet_mid_block" in metrics["block_init_std"]
     # The random-placement IoU is that of the run's own held-out outlines, read here again.
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    data = build_datamodule(cfg, dataset_root(cfg))
-    outlines = np.stack([load_rgb(r.source, 16) for r in data.val_records[:8]])
+    dataset = build_datamodule(cfg.data).val_dataset()
+    outlines = to_uint8(torch.stack([dataset[i]["source"] for i in range(8)]), 0.0, 1.0)
     assert metrics["random_placement_mask_iou"] == pytest.approx(random_placement_iou(outlines))
     assert (run_dir / "eval_samples.png").is_file()
 
@@ -172,9 +172,9 @@ def test_ablation_experiments_sweep_their_axis_over_three_seeds(name, swept):
 
 
 def test_run_seeds_share_one_locked_base(tiny_data):
-    keys = {cache_key(OmegaConf.to_container(compose_train([f"seed={seed}"]).model.base, resolve=True), tiny_data, 16) for seed in (0, 1)}
+    keys = {cache_key(OmegaConf.to_container(compose_train([f"seed={seed}"]).model.base, resolve=True), "split", 16) for seed in (0, 1)}
     assert len(keys) == 1
-    other = cache_key(OmegaConf.to_container(compose_train(["model.base.pretrain.seed=1"]).model.base, resolve=True), tiny_data, 16)
+    other = cache_key(OmegaConf.to_container(compose_train(["model.base.pretrain.seed=1"]).model.base, resolve=True), "split", 16)
     assert other not in keys
 
 
@@ -211,5 +211,5 @@ def test_the_domain_feature_net_does_not_depend_on_the_training_size(tiny_data, 
     for size in (10, 30):
         cfg = compose_train(["data=fill50k", f"data.root={tiny_data}", "data.resolution=16", "data.val_size=8", f"data.size={size}",
                              "eval.fid_domain.steps=2", "eval.fid_domain.count=16", f"paths.cache_dir={tmp_path}"])
-        metric_suite(cfg, build_datamodule(cfg, tiny_data))
+        metric_suite(cfg, build_datamodule(cfg.data))
     assert len(list((tmp_path / "fid_domain").glob("*.safetensors"))) == 1

@@ -1,24 +1,40 @@
-"""The fidelity curve: cheap condition-fidelity scores during training, for the sudden-convergence plot."""
+"""Callbacks that sample during training: the fidelity curve (for the sudden-convergence plot) and the user's validation images."""
 from __future__ import annotations
 
 import random
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
 
-from controlnet_lab.evaluation import generate
-from controlnet_lab.images import to_uint8
+from controlnet_lab.data.samples import load_rgb
+from controlnet_lab.evaluation import generate, oracle_applies
+from controlnet_lab.images import save_grid, to_uint8
 from controlnet_lab.metrics.convergence import rise, sudden_step
 from controlnet_lab.metrics.fidelity import ConditionFidelity
 from controlnet_lab.metrics.oracle import mean_mask_iou
 
 
+@contextmanager
+def preserved_rng():
+    """Every global RNG as it was: sampling inside leaves training's random draws unchanged."""
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+
+
 class FidelityCurve(L.Callback):
     """At step 0 and every ``every_n_steps``, samples the first ``num_images`` held-out conditions
-    (true prompts, fixed noise) and logs ``curve/<fidelity metric>`` and ``curve/mask_iou`` against
-    the global step. The curve is kept in the callback's state, so a resumed run continues it.
+    (true prompts, fixed noise) and logs ``curve/<fidelity metric>`` and, on fill50k-format data,
+    ``curve/mask_iou`` against the global step. The curve is kept in the callback's state, so a
+    resumed run continues it.
     """
 
     def __init__(self, every_n_steps: int, num_images: int, condition: str, resolution: int, edge_tolerance: int = 1,
@@ -49,23 +65,18 @@ class FidelityCurve(L.Callback):
         """One point of the curve. Reading held-out samples draws from Python's ``random`` (the
         prompt-dropout draw), so every global RNG is restored afterwards: a run with the curve
         trains exactly as one without it."""
-        states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-        try:
+        with preserved_rng():
             self._measure(trainer, pl_module)
-        finally:
-            random.setstate(states[0])
-            np.random.set_state(states[1])
-            torch.set_rng_state(states[2])
 
-    def held_out(self, trainer: L.Trainer) -> tuple[torch.Tensor, np.ndarray, np.ndarray, list[str]]:
-        """(conditions, the same as uint8 images, outlines, true prompts) of the fixed held-out samples, read once."""
+    def held_out(self, trainer: L.Trainer) -> tuple[torch.Tensor, np.ndarray, np.ndarray | None, list[str]]:
+        """(conditions, the same as uint8 images, outlines where the oracle applies, true prompts) of the fixed
+        held-out samples, read once."""
         if self._held_out is None:
             dataset = trainer.datamodule.val_dataset()
             items = [dataset[i] for i in range(min(self.num_images, len(dataset)))]
             conditions = torch.stack([item["condition"] for item in items])
-            self._held_out = (conditions, to_uint8(conditions, 0.0, 1.0),
-                              to_uint8(torch.stack([item["source"] for item in items]), 0.0, 1.0),
-                              [item["true_prompt"] for item in items])
+            outlines = None if oracle_applies(items) else to_uint8(torch.stack([item["source"] for item in items]), 0.0, 1.0)
+            self._held_out = (conditions, to_uint8(conditions, 0.0, 1.0), outlines, [item["true_prompt"] for item in items])
         return self._held_out
 
     @torch.no_grad()
@@ -77,11 +88,9 @@ class FidelityCurve(L.Callback):
         images = generate(pl_module.base, pl_module.controlnet, conditions, prompts,
                           batch_size=len(prompts), seed=self.seed, desc="fidelity curve", **self.sampling)
         pl_module.controlnet.train(was_training)
-        point = {
-            "step": trainer.global_step,
-            self.metric: self.fidelity.score(images, condition_images)["value"],
-            "mask_iou": mean_mask_iou(images, outlines),
-        }
+        point = {"step": trainer.global_step, self.metric: self.fidelity.score(images, condition_images)["value"]}
+        if outlines is not None:
+            point["mask_iou"] = mean_mask_iou(images, outlines)
         self.curve.append(point)
         self.seconds += time.perf_counter() - started
         for logger in trainer.loggers:
@@ -105,3 +114,56 @@ class FidelityCurve(L.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.curve = list(state_dict["curve"])
+
+
+class ValidationImages(L.Callback):
+    """The user's own conditions and prompts sampled during training (diffusers' ``--validation_image`` /
+    ``--validation_prompt``): at step 0, every ``every_n_steps`` and at the end, one image per condition with a
+    fixed seed, saved as ``<output>/validation/step_NNNNNN.png`` (condition row, generated row) and sent to
+    the loggers that take images (W&B). ``images`` are condition images, used as given (fitted to the resolution);
+    ``prompts``: one for all, or one per image. Both are checked when the callback is made, before any training.
+    """
+
+    def __init__(self, images: list[str], prompts: list[str], every_n_steps: int, resolution: int, output_dir: str,
+                 seed: int = 1234, num_inference_steps: int = 20, guidance_scale: float = 1.0, resolution_weighting: str = "off"):
+        images, prompts = [str(i) for i in images or []], [str(p) for p in prompts or []]
+        missing = [path for path in images if not Path(path).is_file()]
+        if missing:
+            raise FileNotFoundError(f"eval.validation.images: {missing[0]} does not exist")
+        if images and len(prompts) not in (1, len(images)):
+            raise ValueError(f"eval.validation.prompts has {len(prompts)} entries for {len(images)} eval.validation.images: give one for all or one per image")
+        if prompts and not images:
+            raise ValueError("eval.validation.prompts needs eval.validation.images (the conditions to sample them with)")
+        if every_n_steps < 1:
+            raise ValueError(f"eval.validation.every_n_steps must be >= 1, got {every_n_steps}")
+        self.conditions = (torch.from_numpy(np.stack([load_rgb(path, resolution) for path in images]).astype(np.float32) / 255.0)
+                           .permute(0, 3, 1, 2) if images else None)
+        self.prompts = prompts * len(images) if len(prompts) == 1 else prompts
+        self.every_n_steps, self.seed, self.folder = every_n_steps, seed, Path(output_dir) / "validation"
+        self.sampling = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "resolution_weighting": resolution_weighting}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.sample(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % self.every_n_steps == 0:
+            self.sample(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if not (self.folder / f"step_{trainer.global_step:06d}.png").is_file():
+            self.sample(trainer, pl_module)
+
+    @torch.no_grad()
+    def sample(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.conditions is None or not trainer.is_global_zero:
+            return
+        was_training = pl_module.controlnet.training
+        pl_module.controlnet.eval()
+        with preserved_rng():
+            images = generate(pl_module.base, pl_module.controlnet, self.conditions, self.prompts, batch_size=len(self.prompts),
+                              seed=self.seed, desc="validation images", **self.sampling)
+        pl_module.controlnet.train(was_training)
+        path = save_grid([to_uint8(self.conditions, 0.0, 1.0), images], self.folder / f"step_{trainer.global_step:06d}.png")
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image("validation/images", images=[str(path)], step=trainer.global_step, caption=[" | ".join(self.prompts)])

@@ -33,8 +33,6 @@ def check_train_config(cfg: DictConfig) -> None:
     if DETECTORS.get(data.condition, (None, False))[1] and not data.detector_weights:
         raise ConfigError(f"data.condition={data.condition} needs detector weights: set data.detector_weights to a local folder "
                           "holding the lllyasviel/Annotators files")
-    if data.generator is None and data.root is None:
-        raise ConfigError("data.root must name a fill50k-format folder when data.generator is null")
     check_model_shape(cfg.model, data.resolution)
     if cfg.trainer.max_steps is None or cfg.trainer.max_steps < 1:
         raise ConfigError(f"trainer.max_steps must be >= 1, got {cfg.trainer.max_steps}")

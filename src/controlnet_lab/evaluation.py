@@ -1,23 +1,32 @@
-"""Evaluation on held-out conditions: the locked base alone vs base + ControlNet under the paper's prompt settings, same noise; oracle scores, condition fidelity, FID and CLIP score."""
+"""Evaluation on held-out conditions: the locked base alone vs base + ControlNet under the paper's prompt settings, same noise; oracle scores, condition fidelity, FID and CLIP score.
+
+Each metric is measured only where it means what its name says; the others are listed
+in ``skipped`` with the reason: the fill50k oracle scores need fill50k-format data
+(stored outlines, every held-out prompt in the fill50k grammar); the rest depend on the
+condition's detector and the weights at hand (training.metric_suite decides those).
+"""
 from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from controlnet_lab.data.colors import make_prompt, parse_prompt
-from controlnet_lab.data.fill50k import Fill50kDataset
+from controlnet_lab.data.dataset import ControlDataset
 from controlnet_lab.images import to_uint8
 from controlnet_lab.metrics.clip_score import clip_score
 from controlnet_lab.metrics.fid import FeatureExtractor, fid
 from controlnet_lab.metrics.fidelity import ConditionFidelity
 from controlnet_lab.metrics.oracle import random_placement_iou, score_images
 
+ORACLE_METRICS = ("mask_iou", "color_accuracy", "base_mask_iou", "base_color_accuracy", "random_placement_mask_iou")
 PROMPT_SETTINGS = ("none", "insufficient", "out_of_vocabulary", "conflicting", "perfect")
+# On free-form captions: the paper's four settings, the insufficient prompt being the paper's sentence.
+FREE_FORM_SETTINGS = ("none", "insufficient", "conflicting", "perfect")
 # Uninformative but known: every word is in the fill50k tokenizer's vocabulary, and it names no color.
 INSUFFICIENT_PROMPT = "circle with background"
 # The paper's literal insufficient prompt; the tiny base's word tokenizer knows none of its words
@@ -54,18 +63,32 @@ def generate(base, controlnet, conditions: torch.Tensor, prompts: list[str], bat
     return np.concatenate(images)
 
 
-def setting_prompts(setting: str, true_prompts: list[str], palette: list[str], seed: int) -> list[str]:
+def oracle_applies(items: list[dict]) -> str | None:
+    """None where the fill50k oracle scores apply to these held-out items, else why they do not."""
+    unparsed = next((item["true_prompt"] for item in items if parse_prompt(item["true_prompt"]) is None), None)
+    if unparsed is not None:
+        return f"held-out prompt {unparsed!r} is not in the fill50k grammar '<color> circle with <color> background'"
+    if "source" not in items[0]:
+        return "the dataset stores no condition images, so no fill50k circle outline to score against"
+    return None
+
+
+def setting_prompts(setting: str, true_prompts: list[str], palette: list[str], seed: int, fill50k: bool = True) -> list[str]:
     """The prompts of one of the paper's prompt settings (Sec. 4.2, Fig. 8) for these samples.
 
-    none: ""; insufficient: a known but uninformative prompt (INSUFFICIENT_PROMPT);
-    out_of_vocabulary: the paper's generic sentence, unknown words to the tiny base;
-    conflicting: a fill50k prompt whose circle and background colors both differ from
-    the true ones (seeded); perfect: the true prompt.
+    none: ""; insufficient: a known but uninformative prompt (INSUFFICIENT_PROMPT; on
+    free-form captions the paper's sentence); out_of_vocabulary (fill50k only): the
+    paper's generic sentence, unknown words to the tiny base; conflicting: on fill50k, a
+    prompt whose circle and background colors both differ from the true ones, on free-form
+    captions the caption of another held-out sample that differs from the true one (both
+    seeded); perfect: the true prompt.
     """
     if setting == "none":
         return [""] * len(true_prompts)
     if setting == "insufficient":
-        return [INSUFFICIENT_PROMPT] * len(true_prompts)
+        return [INSUFFICIENT_PROMPT if fill50k else OUT_OF_VOCABULARY_PROMPT] * len(true_prompts)
+    if setting == "conflicting" and not fill50k:
+        return other_captions(true_prompts, seed)
     if setting == "out_of_vocabulary":
         return [OUT_OF_VOCABULARY_PROMPT] * len(true_prompts)
     if setting == "perfect":
@@ -82,6 +105,18 @@ def setting_prompts(setting: str, true_prompts: list[str], palette: list[str], s
     raise ValueError(f"unknown prompt setting {setting!r}; choose one of {', '.join(PROMPT_SETTINGS)}")
 
 
+def other_captions(true_prompts: list[str], seed: int) -> list[str]:
+    """For each sample, the caption of another sample drawn at random (seeded) among those whose caption differs."""
+    rng = np.random.default_rng(seed)
+    captions = []
+    for caption in true_prompts:
+        others = [other for other in true_prompts if other != caption]
+        if not others:
+            raise ValueError("the conflicting setting takes another held-out sample's caption; every held-out caption is the same")
+        captions.append(others[int(rng.integers(len(others)))])
+    return captions
+
+
 @dataclass
 class MetricSuite:
     """The scores beyond the oracle's, each optional: what a run's config enables."""
@@ -92,65 +127,71 @@ class MetricSuite:
     clip: object | None = None  # a torchmetrics CLIPScore
     clip_model: str | None = None
     device: str = "cpu"  # where the feature extractors live: clean-fid moves each batch there
+    skipped: dict[str, str] = field(default_factory=dict)  # the metrics left out, with the reason
 
 
-def evaluate_held_out(base, controlnet, dataset: Fill50kDataset, palette: list[str],
-                    count: int, batch_size: int, seed: int, num_inference_steps: int, guidance_scale: float,
-                    suite: MetricSuite | None = None, resolution_weighting: str = "off") -> dict:
-    """Scores of base + ControlNet under each prompt setting, of the base alone, and the random-placement IoU.
+def evaluate_held_out(base, controlnet, dataset: ControlDataset, palette: list[str],
+                      count: int, batch_size: int, seed: int, num_inference_steps: int, guidance_scale: float,
+                      suite: MetricSuite | None = None, resolution_weighting: str = "off") -> dict:
+    """Scores of base + ControlNet under each prompt setting and of the base alone, and what was skipped.
 
-    Top-level ``mask_iou``, ``color_accuracy`` and the condition fidelity (``edge_f1`` or
-    ``seg_miou``) are those of the perfect prompt. Per setting, ``color_accuracy`` checks
-    the colors the given prompt names (the true ones for perfect, the other ones for
-    conflicting: does the model follow the text?); it is null where the prompt names no
-    colors. FID (domain features / Inception) and CLIP score are measured on the perfect
-    prompt's images, FID against the same held-out conditions' real targets.
+    On fill50k-format data: the oracle scores, top-level ``mask_iou`` and ``color_accuracy``
+    those of the perfect prompt, and the random-placement IoU; per setting,
+    ``color_accuracy`` checks the colors the given prompt names (the true ones for
+    perfect, the other ones for conflicting: does the model follow the text?), null where
+    the prompt names no colors. On any data: the condition fidelity (``edge_f1`` or
+    ``seg_miou``) per setting where the condition has a detector; FID (domain features /
+    Inception) and CLIP score of the perfect prompt's images, FID against the same
+    held-out conditions' real targets. ``skipped`` names each metric left out and why;
     ``seconds`` holds the time each part took, for images/s figures.
     """
     suite = suite or MetricSuite()
-    seconds = {"generation": 0.0, "oracle": 0.0}
+    seconds = {"generation": 0.0}
     items = [dataset[i] for i in range(min(count, len(dataset)))]  # read once, used by every generation
     condition_tensor = torch.stack([item["condition"] for item in items])
-    outlines = to_uint8(torch.stack([item["source"] for item in items]), 0.0, 1.0)
     true_prompts = [item["true_prompt"] for item in items]
+    not_oracle = oracle_applies(items)
+    skipped = dict(suite.skipped)
+    if not_oracle:
+        skipped.update({name: not_oracle for name in ORACLE_METRICS})
+    outlines = None if not_oracle else to_uint8(torch.stack([item["source"] for item in items]), 0.0, 1.0)
     settings = dict(batch_size=batch_size, seed=seed, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                     resolution_weighting=resolution_weighting)
 
     with timed(seconds, "generation"):
         base_images = generate(base, None, condition_tensor, true_prompts, desc="evaluating base alone", **settings)
-    with timed(seconds, "oracle"):
-        base_scores = score_images(base_images, outlines, true_prompts, palette)
     samples = {
         "conditions": to_uint8(condition_tensor, 0.0, 1.0),
         "targets": to_uint8(torch.stack([item["target"] for item in items]), -1.0, 1.0),
         "base": base_images,
     }
+    results = {}
+    if outlines is not None:
+        with timed(seconds, "oracle"):
+            base_scores = score_images(base_images, outlines, true_prompts, palette)
+        results.update({"base_mask_iou": base_scores["mask_iou"], "base_color_accuracy": base_scores["color_accuracy"],
+                        "random_placement_mask_iou": random_placement_iou(outlines), "palette_size": len(palette)})
     per_setting = {}
-    for setting in PROMPT_SETTINGS:
-        prompts = setting_prompts(setting, true_prompts, palette, seed)
+    for setting in PROMPT_SETTINGS if outlines is not None else FREE_FORM_SETTINGS:
+        prompts = setting_prompts(setting, true_prompts, palette, seed, fill50k=outlines is not None)
         with timed(seconds, "generation"):
             images = generate(base, controlnet, condition_tensor, prompts, desc=f"evaluating base + ControlNet, {setting} prompt", **settings)
-        names_colors = setting in ("conflicting", "perfect")
-        with timed(seconds, "oracle"):
-            scores = score_images(images, outlines, prompts if names_colors else true_prompts, palette)
-        per_setting[setting] = {"mask_iou": scores["mask_iou"], "color_accuracy": scores["color_accuracy"] if names_colors else None}
+        per_setting[setting] = {}
+        if outlines is not None:
+            names_colors = setting in ("conflicting", "perfect")
+            with timed(seconds, "oracle"):
+                scores = score_images(images, outlines, prompts if names_colors else true_prompts, palette)
+            per_setting[setting] = {"mask_iou": scores["mask_iou"], "color_accuracy": scores["color_accuracy"] if names_colors else None}
         if suite.fidelity is not None:
             with timed(seconds, "fidelity"):
                 per_setting[setting][suite.fidelity.metric] = suite.fidelity.score(images, samples["conditions"])["value"]
         samples[setting] = images
-    results = {
-        "mask_iou": per_setting["perfect"]["mask_iou"],
-        "color_accuracy": per_setting["perfect"]["color_accuracy"],
-        "base_mask_iou": base_scores["mask_iou"],
-        "base_color_accuracy": base_scores["color_accuracy"],
-        "random_placement_mask_iou": random_placement_iou(outlines),
-        "prompt_settings": per_setting,
-        "eval_images": len(items),
-        "palette_size": len(palette),
-    }
+    results.update({key: per_setting["perfect"][key] for key in ("mask_iou", "color_accuracy") if outlines is not None})
+    results.update({"prompt_settings": per_setting, "settings_evaluated": list(per_setting), "eval_images": len(items)})
     results.update(extra_scores(suite, samples, true_prompts, seconds))
     if suite.fidelity is not None:
         results[suite.fidelity.metric] = per_setting["perfect"][suite.fidelity.metric]
+    results["skipped"] = skipped
     results["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
     results["samples"] = samples
     return results

@@ -1,7 +1,7 @@
 """Computing and caching what the locked base computes for a dataset (data/encoded.py serves it).
 
 The cache file is keyed by the base's locked weights (a fingerprint of the saved VAE and
-text encoder), the samples (target files and prompts, in order), the resolution and
+text encoder), the samples (the content of targets, conditions and prompts, in order), the resolution and
 which parts are cached; a different base, dataset, subset or resolution gets its own
 file. Files are written to a temporary name and renamed, so an interrupted run never
 leaves a partial cache behind.
@@ -19,26 +19,26 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from controlnet_lab.data.encoded import LockedEncodings
-from controlnet_lab.data.fill50k import Fill50kDataset, load_rgb
+from controlnet_lab.data.dataset import ControlDataset
 
 
 @torch.no_grad()
-def compute_encodings(base, dataset: Fill50kDataset, images: bool, text: bool, batch_size: int = 64) -> LockedEncodings:
+def compute_encodings(base, dataset: ControlDataset, images: bool, text: bool, batch_size: int = 64) -> LockedEncodings:
     """The base's image encodings of ``dataset``'s targets (when ``images`` and the base has an encoder worth caching)
     and text encodings of its prompts and of "" (when ``text``)."""
     encodings = LockedEncodings()
     if images and base.caches_images:
         # The targets are read directly, not through the dataset or a DataLoader: computing the cache must not draw
         # from the run's random state (prompt dropout, loader seeds), so a run that computes it and one that reads it train alike.
-        records, device = dataset.records, base.unet.device
+        device = base.unet.device
         parts = []
-        for start in tqdm(range(0, len(records), batch_size), desc="caching image encodings", unit="batch"):
-            targets = np.stack([load_rgb(r.target, dataset.resolution) for r in records[start : start + batch_size]])
+        for start in tqdm(range(0, len(dataset), batch_size), desc="caching image encodings", unit="batch"):
+            targets = np.stack([dataset.target(i) for i in range(start, min(start + batch_size, len(dataset)))])
             targets = torch.from_numpy(targets).permute(0, 3, 1, 2).float() / 127.5 - 1.0
             parts.append(base.image_encoding(targets.to(device)).float().cpu())
         encodings.images = torch.cat(parts)
     if text:
-        prompts = sorted({record.prompt for record in dataset.records} | {""})
+        prompts = sorted(set(dataset.prompts) | {""})
         hidden, pooled = [], []
         for start in tqdm(range(0, len(prompts), batch_size), desc="caching text encodings", unit="batch"):
             h, p = base.encode_prompt(prompts[start : start + batch_size])
@@ -50,14 +50,13 @@ def compute_encodings(base, dataset: Fill50kDataset, images: bool, text: bool, b
     return encodings
 
 
-def encodings_key(base_fingerprint: str, dataset: Fill50kDataset, images: bool, text: bool) -> str:
-    samples = [(str(r.target), r.prompt) for r in dataset.records]
-    payload = json.dumps({"base": base_fingerprint, "samples": samples, "resolution": dataset.resolution,
+def encodings_key(base_fingerprint: str, dataset: ControlDataset, images: bool, text: bool) -> str:
+    payload = json.dumps({"base": base_fingerprint, "samples": dataset.fingerprint(), "resolution": dataset.resolution,
                           "images": images, "text": text}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def cached_encodings(base, base_fingerprint: str, dataset: Fill50kDataset, cache_dir: Path, images: bool = True,
+def cached_encodings(base, base_fingerprint: str, dataset: ControlDataset, cache_dir: Path, images: bool = True,
                      text: bool = True) -> LockedEncodings:
     """``compute_encodings`` through the disk cache: read when present, computed and stored otherwise."""
     path = Path(cache_dir) / f"encodings-{encodings_key(base_fingerprint, dataset, images, text)}.safetensors"

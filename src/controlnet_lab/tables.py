@@ -30,7 +30,8 @@ METRICS = (
     *[(f"metrics.prompt_settings.{s}.mask_iou", f"mask IoU ({s} prompt)") for s in PROMPT_SETTINGS],
     ("metrics.prompt_settings.perfect.color_accuracy", "color acc. (perfect)"),
     ("metrics.prompt_settings.conflicting.color_accuracy", "color acc. (conflicting: prompt's colors)"),
-    ("metrics.edge_f1", "edge F1 (perfect; canny re-detection, 1 px)"),
+    ("metrics.edge_f1", "edge F1 (perfect; re-detection, 1 px)"),
+    *[(f"metrics.prompt_settings.{s}.edge_f1", f"edge F1 ({s} prompt)") for s in PROMPT_SETTINGS if s != "perfect"],
     ("metrics.seg_miou", "seg mIoU (perfect; re-segmented)"),
     ("metrics.fid_domain", "FID (domain features)"),
     ("metrics.fid", "FID (Inception)"),
@@ -129,7 +130,7 @@ def display_table(summary: pd.DataFrame) -> pd.DataFrame:
 
 def _mean_std(mean: float, std: float) -> str:
     if np.isnan(mean):
-        return "-"
+        return ""  # the jobs of this method have no such metric (e.g. the fill50k oracle scores on other data)
     return f"{mean:.3f}" if np.isnan(std) else f"{mean:.3f} ± {std:.3f}"
 
 
@@ -148,7 +149,8 @@ def write_tables(sweep_dir: Path, out_dir: Path | None = None, rescored: bool = 
     paths["markdown"].write_text(table.to_markdown(index=False, disable_numparse=True) + note + paper_note(summary))
     summary.to_csv(paths["csv"], index=False)
     paths["latex"].write_text(table.to_latex(index=False, escape=True))
-    paths["mask_iou_plot"] = plot_mask_iou(summary, out_dir / "mask_iou_by_prompt.png")
+    if any(f"metrics.prompt_settings.{s}.mask_iou:mean" in summary for s in PROMPT_SETTINGS):
+        paths["mask_iou_plot"] = plot_mask_iou(summary, out_dir / "mask_iou_by_prompt.png")
     paths["samples"] = sample_sheet(frame, out_dir / "samples.png")
     if "metrics.curve" in frame:
         paths["curves"] = plot_curves(frame, out_dir / "fidelity_curves.png")
@@ -236,7 +238,8 @@ def sample_sheet(frame: pd.DataFrame, path: Path) -> Path:
     firsts = frame.sort_values("seed").groupby(methods, sort=False, dropna=False).head(1)
     grids = [(row, Path(row["job_dir"]) / "eval_samples.png") for _, row in firsts.iterrows()]
     grids = [(row, grid) for row, grid in grids if grid.is_file()]
-    row_names = ["condition", "target", "base alone", *[f"{s} prompt" for s in PROMPT_SETTINGS]]
+    evaluated = frame["metrics.settings_evaluated"].iloc[0] if "metrics.settings_evaluated" in frame else PROMPT_SETTINGS
+    row_names = ["condition", "target", "base alone", *[f"{s} prompt" for s in evaluated]]
     figure, axes = plt.subplots(len(grids), 1, figsize=(12, 4.2 * len(grids)), squeeze=False)
     for axis, (row, grid) in zip(axes[:, 0], grids):
         image = Image.open(grid)

@@ -1,8 +1,6 @@
 """The training task behind src/train.py: data, locked base, ControlNet, fit, held-out evaluation, results.json."""
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import resource
 import time
@@ -19,9 +17,7 @@ from controlnet_lab.bases import base_fingerprint
 from controlnet_lab.blocks import connection_init_stds
 from controlnet_lab.callbacks import FidelityCurve
 from controlnet_lab.config_checks import check_train_config
-from controlnet_lab.data.conditions import condition_maker
-from controlnet_lab.data.datamodule import Fill50kDataModule
-from controlnet_lab.data.synthetic import SyntheticFill50kSpec, write_fill50k
+from controlnet_lab.data.datamodule import ControlDataModule
 from controlnet_lab.evaluation import PROMPT_SETTINGS, MetricSuite, evaluate_held_out, palette_of
 from controlnet_lab.metrics.clip_score import clip_scorer
 from controlnet_lab.metrics.domain_features import domain_net
@@ -32,30 +28,14 @@ from controlnet_lab.locked_encodings import cached_encodings
 from controlnet_lab.module import ControlNetModule
 
 
-def dataset_root(cfg: DictConfig) -> Path:
-    """The fill50k-format folder to read: ``data.root``, or the synthetic one generated into the cache."""
-    if cfg.data.generator is None:
-        return Path(cfg.data.root)
-    generator = OmegaConf.to_container(cfg.data.generator, resolve=True)
-    spec = SyntheticFill50kSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in generator.items()})
-    spec.validate()
-    key = hashlib.sha256(json.dumps(dataclasses.asdict(spec), sort_keys=True).encode()).hexdigest()[:16]
-    return write_fill50k(spec, Path(cfg.paths.cache_dir) / "data" / f"synthetic-{key}")
-
-
-def build_datamodule(cfg: DictConfig, root: Path) -> Fill50kDataModule:
-    """The run's DataModule, set up: every record is read and checked now, before any training."""
-    data = Fill50kDataModule(
-        root, cfg.data.resolution, cfg.data.batch_size, cfg.data.val_size, cfg.data.size,
-        cfg.data.prompt_dropout, cfg.data.split_seed, cfg.data.num_workers,
-        condition_maker(cfg.data.condition, cfg.data.resolution, cfg.data.detector_weights, tuple(cfg.data.canny_thresholds)),
-        cfg.data.held_out.exclude_near_duplicates, cfg.data.held_out.max_distance,
-    )
+def build_datamodule(data_cfg: DictConfig) -> ControlDataModule:
+    """The run's DataModule from ``data._target_``, set up: every sample is read and checked now, before any training."""
+    data = hydra.utils.instantiate(data_cfg, _convert_="all")
     data.setup()
     return data
 
 
-def held_out_scores(cfg: DictConfig, module: ControlNetModule, data: Fill50kDataModule, suite: MetricSuite | None = None) -> dict:
+def held_out_scores(cfg: DictConfig, module: ControlNetModule, data: ControlDataModule, suite: MetricSuite | None = None) -> dict:
     """The final evaluation on the held-out split, with the run's sampling and eval settings and every enabled metric."""
     return evaluate_held_out(
         module.base, module.controlnet, data.val_dataset(), dataset_palette(data),
@@ -65,32 +45,51 @@ def held_out_scores(cfg: DictConfig, module: ControlNetModule, data: Fill50kData
     )
 
 
-def dataset_palette(data: Fill50kDataModule) -> list[str]:
-    return palette_of([r.prompt for r in data.train_records + data.val_records])
+def dataset_palette(data: ControlDataModule) -> list[str]:
+    return palette_of(data.prompts())
 
 
 def run_device(cfg: DictConfig) -> str:
     return "cuda" if cfg.trainer.accelerator == "gpu" else "cpu"
 
 
-def metric_suite(cfg: DictConfig, data: Fill50kDataModule) -> MetricSuite:
-    """The metrics ``cfg.eval`` enables, loaded now: missing weights fail here, with the file they need,
-    so training calls this before any training."""
+def metric_suite(cfg: DictConfig, data: ControlDataModule) -> MetricSuite:
+    """The metrics ``cfg.eval`` enables and the data allows, loaded now: missing weights fail here, with the file
+    they need, so training calls this before any training. Each one left out is in ``suite.skipped`` with the reason."""
     metrics = cfg.eval
     device = run_device(cfg)
     suite = MetricSuite(device=device)
-    if cfg.data.condition in FIDELITY_CONDITIONS:
+    skip = fidelity_skip_reason(cfg.data.condition)
+    if skip:
+        suite.skipped["condition_fidelity"] = skip
+    else:
         suite.fidelity = ConditionFidelity(cfg.data.condition, cfg.data.resolution, metrics.edge_tolerance,
                                            cfg.data.detector_weights, tuple(cfg.data.canny_thresholds))
     if metrics.fid.inception:
         suite.inception_features = inception_extractor(metrics.fid.inception_dir, device, metrics.fid.download)
+    else:
+        suite.skipped["fid"] = "eval.fid.inception=false (Inception FID needs inception-2015-12-05.pt in eval.fid.inception_dir)"
     if metrics.clip.enabled:
         suite.clip, suite.clip_model = clip_scorer(metrics.clip.model, device), metrics.clip.model
-    if metrics.fid_domain.enabled:
-        net = domain_net(data.train_pool, cfg.data.resolution, dataset_palette(data), Path(cfg.paths.cache_dir) / "fid_domain",
+    else:
+        suite.skipped["clip_score"] = "eval.clip.enabled=false (CLIP score needs a local CLIP model, eval.clip.model)"
+    if not metrics.fid_domain.enabled:
+        suite.skipped["fid_domain"] = "eval.fid_domain.enabled=false"
+    elif not data.fill50k_style:
+        suite.skipped["fid_domain"] = "its feature net learns fill50k attributes (colors named by the prompt, the outline's circle); this data is not fill50k-format"
+    else:
+        net = domain_net(data.pool_dataset(0.0), dataset_palette(data), Path(cfg.paths.cache_dir) / "fid_domain",
                          steps=metrics.fid_domain.steps, count=metrics.fid_domain.count)
         suite.domain_features = net.to(device).clean_fid_extractor()
     return suite
+
+
+def fidelity_skip_reason(condition: str) -> str | None:
+    """Why condition fidelity cannot be measured for ``data.condition`` (None when it can)."""
+    if condition in FIDELITY_CONDITIONS:
+        return None
+    return (f"data.condition={condition}: no detector re-detects this condition type (edge F1 covers "
+            f"{', '.join(c for c in FIDELITY_CONDITIONS if c != 'seg')}; seg has mIoU)")
 
 
 def base_source(cfg: DictConfig):
@@ -98,10 +97,10 @@ def base_source(cfg: DictConfig):
     return hydra.utils.instantiate(OmegaConf.to_container(cfg.model.base, resolve=True), _convert_="all")
 
 
-def base_folder(cfg: DictConfig, source, root: Path) -> Path:
-    """The locked base's folder: saved, fetched, or pretrained here (and cached)."""
+def base_folder(cfg: DictConfig, source, data: ControlDataModule) -> Path:
+    """The locked base's folder: saved, fetched, or pretrained here on the run's training pool (and cached)."""
     accelerator = {"accelerator": cfg.trainer.accelerator, "devices": cfg.trainer.devices}
-    return source.folder(root, cfg.data.resolution, Path(cfg.paths.cache_dir) / "base", accelerator)
+    return source.folder(data, cfg.data.resolution, Path(cfg.paths.cache_dir) / "base", accelerator)
 
 
 MIXED_PRECISION_DTYPES = {"bf16-mixed": "bfloat16", "16-mixed": "float16"}
@@ -125,7 +124,7 @@ def base_report(base_path: Path, fingerprint: str) -> dict:
     return report
 
 
-def attach_locked_encodings(cfg: DictConfig, module: ControlNetModule, data: Fill50kDataModule, fingerprint: str) -> None:
+def attach_locked_encodings(cfg: DictConfig, module: ControlNetModule, data: ControlDataModule, fingerprint: str) -> None:
     """Serve the training and held-out batches with cached VAE and text encodings (``model.base.cache_encodings``)."""
     if not cfg.model.base.cache_encodings:
         return
@@ -177,12 +176,12 @@ def train(cfg: DictConfig) -> dict:
     source = base_source(cfg)
     source.check()
     output_dir = Path(cfg.paths.output_dir)
+    callbacks = training_callbacks(cfg)
     L.seed_everything(cfg.seed, workers=True)
 
-    root = dataset_root(cfg)
-    data = build_datamodule(cfg, root)
+    data = build_datamodule(cfg.data)
     suite = metric_suite(cfg, data)
-    base_path = base_folder(cfg, source, root)
+    base_path = base_folder(cfg, source, data)
     fingerprint = base_fingerprint(base_path)
 
     L.seed_everything(cfg.seed, workers=True)
@@ -205,7 +204,6 @@ def train(cfg: DictConfig) -> dict:
     )
     attach_locked_encodings(cfg, module, data, fingerprint)
     loggers = [instantiate_logger(c) for c in (cfg.get("logger") or {}).values()]
-    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     trainable = module.trainable_parameter_count()
     for logger in loggers:
@@ -217,6 +215,8 @@ def train(cfg: DictConfig) -> dict:
     evaluation = held_out_scores(cfg, module, data, suite)
     samples = evaluation.pop("samples")
     grid = save_eval_grid(samples, output_dir / "eval_samples.png")
+    if "fidelity_curve" in (cfg.get("callbacks") or {}) and fidelity_skip_reason(cfg.data.condition):
+        evaluation["skipped"]["curve"] = fidelity_skip_reason(cfg.data.condition)
     metrics = {**evaluation, "trainable_params": trainable,
                "block_init_std": connection_init_stds(module.controlnet, cfg.block.name, cfg.block.get("std"))}
     curves = [c for c in callbacks if isinstance(c, FidelityCurve)]
@@ -231,7 +231,7 @@ def train(cfg: DictConfig) -> dict:
         "global_step": trainer.global_step,
         "base_path": str(base_path),
         "base": base_report(base_path, fingerprint),
-        "data_root": str(root),
+        "data_root": data.origin,
         "split": data.split_report,
         "wall_time_s": {"total": round(time.time() - started, 1), "until_trained": round(train_seconds, 1)},
         "peak_rss_mb": peak_rss_mb(),
@@ -245,14 +245,23 @@ def log_wandb_summary(logger: WandbLogger, metrics: dict, grid: Path) -> None:
     columns = ["prompt setting", *sorted({k for scores in metrics["prompt_settings"].values() for k in scores})]
     rows = [[setting, *[scores.get(c) for c in columns[1:]]] for setting, scores in metrics["prompt_settings"].items()]
     logger.log_table("eval/prompt_settings", columns=columns, data=rows)
-    logger.log_image("eval/samples", images=[str(grid)], caption=["condition | target | base alone | " + " | ".join(PROMPT_SETTINGS)])
+    logger.log_image("eval/samples", images=[str(grid)], caption=["condition | target | base alone | " + " | ".join(metrics["prompt_settings"])])
     logger.experiment.summary.update(flat_metrics(metrics, "final"))
 
 
 def save_eval_grid(samples: dict, path: Path, columns: int = 16) -> Path:
-    """Rows: condition, target, base alone (perfect prompt), then base + ControlNet under each prompt setting."""
-    rows = ["conditions", "targets", "base", *PROMPT_SETTINGS]
+    """Rows: condition, target, base alone (perfect prompt), then base + ControlNet under each prompt setting evaluated."""
+    rows = ["conditions", "targets", "base", *[s for s in PROMPT_SETTINGS if s in samples]]
     return save_grid([samples[row][:columns] for row in rows], path)
+
+
+def training_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """The configured callbacks, made before any data or training work (their inputs are checked as they are made);
+    the fidelity curve only where the condition has a re-detection fidelity (``metrics.skipped.curve`` otherwise)."""
+    configured = dict(cfg.get("callbacks") or {})
+    if fidelity_skip_reason(cfg.data.condition):
+        configured.pop("fidelity_curve", None)
+    return [hydra.utils.instantiate(c) for c in configured.values()]
 
 
 def flat_metrics(metrics: dict, prefix: str) -> dict:

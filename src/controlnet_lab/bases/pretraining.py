@@ -2,9 +2,9 @@
 
 Locking an untrained model would make every ablation meaningless, so the embedded
 bases (``tiny``, ``tiny_sd``) are pretrained by the harness on the training data
-(targets and prompts; never the held-out samples or their near-duplicates) and cached
-under a key derived from the base's settings, the dataset's content and the
-resolution: a second run with the same settings reuses the folder.
+(targets and prompts of the training pool: never the held-out samples or their
+duplicates) and cached under a key derived from the base's settings, the content of
+the split and the resolution: a second run with the same settings reuses the folder.
 
 The denoiser is pretrained with the Min-SNR-gamma loss weighting (Hang et al. 2023,
 diffusers' ``compute_snr``), which shifts effort toward the high-noise steps where
@@ -27,18 +27,21 @@ import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
 from lightning.pytorch.callbacks import TQDMProgressBar
 
-from controlnet_lab.data.datamodule import Fill50kDataModule
+from torch.utils.data import DataLoader
+
+from controlnet_lab.data.datamodule import ControlDataModule
+from controlnet_lab.data.encoded import EncodedDataset, LockedEncodings
 from controlnet_lab.objective import noisy_batch
 
 # Settings of model.base that do not change the pretrained weights.
 NOT_IN_KEY = ("_target_", "pretrained_model_name_or_path", "dtype", "cache_encodings")
 
 
-def cache_key(settings: dict, data_root: Path, resolution: int) -> str:
-    """Hash of everything that determines a pretrained base: its settings (seed included), the dataset's content, the resolution."""
-    dataset_hash = hashlib.sha256((Path(data_root) / "prompt.json").read_bytes()).hexdigest()
+def cache_key(settings: dict, data_fingerprint: str, resolution: int) -> str:
+    """Hash of everything that determines a pretrained base: its settings (seed included), the split's content
+    (``ControlDataModule.fingerprint``), the resolution."""
     relevant = {k: v for k, v in settings.items() if k not in NOT_IN_KEY}
-    payload = json.dumps({"model": relevant, "data": dataset_hash, "resolution": resolution}, sort_keys=True)
+    payload = json.dumps({"model": relevant, "data": data_fingerprint, "resolution": resolution}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -59,17 +62,28 @@ def build_once(folder: Path, build: Callable[[Path], dict]) -> Path:
     return folder
 
 
-def pretraining_data(pretrain: dict, data_root: Path, resolution: int) -> Fill50kDataModule:
-    """The training split of the run's data (same held-out set and exclusions), prompts dropped at ``empty_prompt_rate``
-    so that classifier-free guidance has an unconditional model; set up."""
-    held_out = pretrain["held_out"]
-    data = Fill50kDataModule(
-        data_root, resolution, batch_size=pretrain["batch_size"], val_size=pretrain["val_size"],
-        prompt_dropout=pretrain["empty_prompt_rate"], split_seed=pretrain["split_seed"],
-        exclude_near_duplicates=held_out["exclude_near_duplicates"], max_distance=held_out["max_distance"],
-    )
-    data.setup()
-    return data
+class PretrainingData(L.LightningDataModule):
+    """The run's training pool (whatever ``data.size``; the held-out set stays unseen), prompts dropped at
+    ``empty_prompt_rate`` so that classifier-free guidance has an unconditional model."""
+
+    def __init__(self, data: ControlDataModule, batch_size: int, empty_prompt_rate: float):
+        super().__init__()
+        self.data, self.batch_size, self.empty_prompt_rate = data, batch_size, empty_prompt_rate
+        self.train_encodings: LockedEncodings | None = None
+
+    def prompts(self) -> list[str]:
+        return self.data.prompts()
+
+    def train_dataset(self):
+        return self.data.pool_dataset(self.empty_prompt_rate)
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self.train_dataset()
+        return DataLoader(EncodedDataset(dataset, self.train_encodings) if self.train_encodings is not None else dataset,
+                          batch_size=self.batch_size, shuffle=True, drop_last=len(dataset) >= self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.data.val_dataset(), batch_size=self.batch_size)
 
 
 def pretraining_trainer(max_steps: int, cache_dir: Path, trainer_kwargs: dict | None) -> L.Trainer:

@@ -43,7 +43,8 @@ class BaseSource:
         """Fail now, before any data or training work, if a named base cannot be had."""
         self.saved
 
-    def folder(self, data_root: Path, resolution: int, cache_dir: Path, trainer_kwargs: dict | None = None) -> Path:
+    def folder(self, data, resolution: int, cache_dir: Path, trainer_kwargs: dict | None = None) -> Path:
+        """The base's folder; ``data`` is the run's set-up ControlDataModule (an embedded base pretrains on its training pool)."""
         raise NotImplementedError
 
 
@@ -52,10 +53,10 @@ class EmbeddedBase(BaseSource):
 
     pretrain = None
 
-    def folder(self, data_root, resolution, cache_dir, trainer_kwargs=None) -> Path:
+    def folder(self, data, resolution, cache_dir, trainer_kwargs=None) -> Path:
         if self.saved:
             return self.saved
-        return self.pretrain(self.settings, Path(data_root), resolution, Path(cache_dir), trainer_kwargs)
+        return self.pretrain(self.settings, data, resolution, Path(cache_dir), trainer_kwargs)
 
 
 class PixelBase(EmbeddedBase):
@@ -75,7 +76,7 @@ class PretrainedBase(BaseSource):
                                     "saved with StableDiffusionPipeline.save_pretrained")
         super().check()
 
-    def folder(self, data_root=None, resolution=None, cache_dir=None, trainer_kwargs=None) -> Path:
+    def folder(self, data=None, resolution=None, cache_dir=None, trainer_kwargs=None) -> Path:
         self.check()
         return self.saved
 

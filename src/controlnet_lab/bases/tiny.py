@@ -8,7 +8,8 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from controlnet_lab.bases.pixel import TinyTextToImagePipeline
-from controlnet_lab.bases.pretraining import DenoiserPretraining, build_once, cache_key, pretraining_data, pretraining_trainer
+from controlnet_lab.bases.pretraining import DenoiserPretraining, build_once, cache_key, PretrainingData, pretraining_trainer
+from controlnet_lab.data.datamodule import ControlDataModule
 from controlnet_lab.tokenizer import build_word_tokenizer
 
 
@@ -32,7 +33,7 @@ def build_pixel_base(settings: dict, resolution: int, prompts: list[str]) -> Tin
     return TinyTextToImagePipeline(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
 
 
-def pretrained_pixel_base(settings: dict, data_root: Path, resolution: int, cache_dir: Path, trainer_kwargs: dict | None = None) -> Path:
+def pretrained_pixel_base(settings: dict, data: ControlDataModule, resolution: int, cache_dir: Path, trainer_kwargs: dict | None = None) -> Path:
     """The folder of the pretrained pixel base for these settings, pretraining it first if the cache lacks it.
 
     Its seed is ``model.base.pretrain.seed``, not the run's: runs that differ only in
@@ -41,13 +42,13 @@ def pretrained_pixel_base(settings: dict, data_root: Path, resolution: int, cach
     def build(staging: Path) -> dict:
         pretrain = settings["pretrain"]
         L.seed_everything(pretrain["seed"], workers=True)
-        data = pretraining_data(pretrain, data_root, resolution)
-        pipeline = build_pixel_base(settings, resolution, [r.prompt for r in data.train_records + data.val_records])
+        pool = PretrainingData(data, pretrain["batch_size"], pretrain["empty_prompt_rate"])
+        pipeline = build_pixel_base(settings, resolution, pool.prompts())
         module = DenoiserPretraining(pipeline, lr=pretrain["lr"], snr_gamma=pretrain["snr_gamma"],
                                      warmup_steps=pretrain["warmup_steps"], noise_offset=settings["noise_offset"])
         trainer = pretraining_trainer(pretrain["max_steps"], cache_dir, trainer_kwargs)
-        trainer.fit(module, datamodule=data)
+        trainer.fit(module, train_dataloaders=pool.train_dataloader())
         pipeline.save_pretrained(staging)
-        return {"steps": trainer.global_step, "data_root": str(data_root), "resolution": resolution, "model": settings}
+        return {"steps": trainer.global_step, "data_root": data.origin, "resolution": resolution, "model": settings}
 
-    return build_once(Path(cache_dir) / f"base-{cache_key(settings, data_root, resolution)}", build)
+    return build_once(Path(cache_dir) / f"base-{cache_key(settings, data.fingerprint(), resolution)}", build)

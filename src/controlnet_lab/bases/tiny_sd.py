@@ -20,7 +20,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNe
 from torch.utils.data import DataLoader
 
 from controlnet_lab.bases.latent import LatentBase
-from controlnet_lab.bases.pretraining import DenoiserPretraining, build_once, cache_key, pretraining_data, pretraining_trainer
+from controlnet_lab.bases.pretraining import DenoiserPretraining, build_once, cache_key, PretrainingData, pretraining_trainer
 from controlnet_lab.bases.tiny import text_encoder_and_tokenizer
 from controlnet_lab.locked_encodings import compute_encodings
 
@@ -79,13 +79,13 @@ def latent_scaling_factor(vae: AutoencoderKL, loader: DataLoader, batches: int =
     return float(1.0 / torch.cat(latents).std())
 
 
-def pretrained_tiny_sd(settings: dict, data_root: Path, resolution: int, cache_dir: Path, trainer_kwargs: dict | None = None) -> Path:
+def pretrained_tiny_sd(settings: dict, run_data: ControlDataModule, resolution: int, cache_dir: Path, trainer_kwargs: dict | None = None) -> Path:
     """The folder of the pretrained tiny SD base for these settings, pretraining it first if the cache lacks it."""
     def build(staging: Path) -> dict:
         pretrain = settings["pretrain"]
         L.seed_everything(pretrain["seed"], workers=True)
-        data = pretraining_data(pretrain, data_root, resolution)
-        base = build_tiny_sd(settings, resolution, [r.prompt for r in data.train_records + data.val_records])
+        data = PretrainingData(run_data, pretrain["batch_size"], pretrain["empty_prompt_rate"])
+        base = build_tiny_sd(settings, resolution, data.prompts())
 
         vae = pretrain["vae"]
         autoencoder = AutoencoderPretraining(base.vae, lr=vae["lr"], kl_weight=vae["kl_weight"])
@@ -100,8 +100,8 @@ def pretrained_tiny_sd(settings: dict, data_root: Path, resolution: int, cache_d
         trainer = pretraining_trainer(pretrain["max_steps"], cache_dir, trainer_kwargs)
         trainer.fit(denoiser, datamodule=data)
         base.save_pretrained(staging)
-        return {"steps": {"vae": vae["max_steps"], "unet": trainer.global_step}, "data_root": str(data_root),
+        return {"steps": {"vae": vae["max_steps"], "unet": trainer.global_step}, "data_root": run_data.origin,
                 "resolution": resolution, "vae_reconstruction_mae_255": round(mae, 2),
                 "vae_scaling_factor": base.vae.config.scaling_factor, "model": settings}
 
-    return build_once(Path(cache_dir) / f"base-{cache_key(settings, data_root, resolution)}", build)
+    return build_once(Path(cache_dir) / f"base-{cache_key(settings, run_data.fingerprint(), resolution)}", build)

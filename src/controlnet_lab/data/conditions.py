@@ -1,16 +1,19 @@
-"""The condition image a ControlNet sees (``data.condition``), made from a fill50k-format sample.
+"""The condition image a ControlNet sees (``data.condition``).
 
-- ``outline``: the sample's source image as stored (fill50k's circle outline).
+- ``stored``: the dataset's own condition image (``conditioning_image``); ``outline`` is
+  its name on fill50k-format data, whose stored condition is the circle outline.
 - ``seg``: a segmentation map, one flat color per class (circle, background); the
   circle is the region the outline encloses (the oracle segmenter of the synthetic data).
 - ``sketch``: a hand-drawn-looking outline of the same circle: wobbly radius, uneven
   pen pressure and width, and one or two gaps; fixed per sample (seeded by the file name).
 - any controlnet-aux detector by name (``canny``, ``lineart_standard``, ``hed``, ...),
-  run on the target image. Detectors that need weights load them from
-  ``data.detector_weights`` (a local folder holding lllyasviel/Annotators files).
+  run on the target image, on any dataset. Detectors that need weights load them from
+  ``data.detector_weights`` (a local folder holding lllyasviel/Annotators files). The
+  data module runs them once per image and caches the maps (condition_cache.py).
 
-Every maker maps (source, target, record name) as RGB uint8 (H, W, 3) arrays to an
-RGB uint8 condition of the same size.
+Every maker maps (stored condition, target, record name) as RGB uint8 (H, W, 3) arrays
+to an RGB uint8 condition of the same size. ``seg`` and ``sketch`` are drawn from the
+circle a fill50k outline encloses, so they need fill50k-format data.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from controlnet_lab.metrics.oracle import condition_mask
+from controlnet_lab.data.outlines import condition_mask
 
 ConditionMaker = Callable[[np.ndarray, np.ndarray, str], np.ndarray]
 
@@ -39,11 +42,13 @@ DETECTORS = {
     "normalbae": ("NormalBaeDetector", True),
     "openpose": ("OpenposeDetector", True),
 }
-SYNTHETIC = ("outline", "seg", "sketch")
-CONDITIONS = SYNTHETIC + tuple(DETECTORS)
+STORED = ("stored", "outline")
+SYNTHETIC = ("outline", "seg", "sketch")  # need the fill50k outline as the stored condition
+CONDITIONS = ("stored", *SYNTHETIC, *DETECTORS)
 
 
 def outline(source: np.ndarray, target: np.ndarray, name: str) -> np.ndarray:
+    """The stored condition as it is."""
     return source
 
 
@@ -121,10 +126,16 @@ def detector_maker(name: str, resolution: int, weights: str | None, canny_thresh
     return detect
 
 
+def detector_settings(name: str, resolution: int, weights: str | None, canny_thresholds: tuple[int, int]) -> dict:
+    """Everything that determines a detector's maps at this resolution: what their cache is keyed by."""
+    return {"detector": name, "class": DETECTORS[name][0], "weights": weights, "resolution": resolution,
+            "canny_thresholds": list(canny_thresholds) if name == "canny" else None}
+
+
 def condition_maker(name: str, resolution: int, weights: str | None = None, canny_thresholds: tuple[int, int] = (100, 200)) -> ConditionMaker:
     """The maker for ``data.condition=name``; an unknown name is an error that lists the known ones."""
     if name not in CONDITIONS:
         raise ValueError(f"data.condition={name!r} is unknown; choose one of {', '.join(CONDITIONS)}")
-    if name in SYNTHETIC:
-        return {"outline": outline, "seg": segmentation, "sketch": sketch}[name]
+    if name in STORED + SYNTHETIC:
+        return {"stored": outline, "outline": outline, "seg": segmentation, "sketch": sketch}[name]
     return detector_maker(name, resolution, weights, canny_thresholds)

@@ -1,16 +1,32 @@
-"""Lightning DataModule over a fill50k-format folder: a fixed held-out split and nested training subsets."""
+"""Lightning DataModules: a fixed, content-disjoint held-out split of any dataset, nested training subsets, loaders.
+
+``ControlDataModule`` holds everything that does not depend on where the data lives;
+each ``data=`` option instantiates one of its subclasses from its ``_target_``:
+``Fill50kDataModule`` (the synthetic default and any fill50k-format folder),
+``FolderDataModule`` (an image folder with ``metadata.jsonl``) and ``HubDataModule``
+(a Hugging Face dataset id or a ``save_to_disk`` folder).
+"""
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 from torch.utils.data import DataLoader
 
-from controlnet_lab.data.conditions import ConditionMaker, outline
+from controlnet_lab.data.colors import parse_prompt
+from controlnet_lab.data.condition_cache import CachedConditions, cached_conditions
+from controlnet_lab.data.conditions import CONDITIONS, DETECTORS, STORED, SYNTHETIC, condition_maker, detector_settings
+from controlnet_lab.data.dataset import ControlDataset
 from controlnet_lab.data.encoded import EncodedDataset, LockedEncodings
-from controlnet_lab.data.fill50k import Fill50kDataset, Record, read_index
-from controlnet_lab.data.held_out import exact_duplicate_count, near_duplicates, source_ink
+from controlnet_lab.data.fill50k import fill50k_samples
+from controlnet_lab.data.held_out import exact_duplicates, near_duplicates, source_ink
+from controlnet_lab.data.readers import folder_samples, hub_samples
+from controlnet_lab.data.samples import CONDITION, IMAGE, TEXT, DatasetFormatError, Samples
+from controlnet_lab.data.synthetic import SyntheticFill50kSpec, write_fill50k
 
 
 def permutation(total: int, val_size: int, split_seed: int) -> np.ndarray:
@@ -20,105 +36,141 @@ def permutation(total: int, val_size: int, split_seed: int) -> np.ndarray:
     return np.random.default_rng(split_seed).permutation(total)
 
 
-def split_indices(total: int, val_size: int, size: int | None, split_seed: int,
-                  excluded: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(train, val) indices from one seeded permutation.
-
-    The validation set is the permutation's first ``val_size`` items, the same for
-    every training size; the training pool is the rest, less the indices in
-    ``excluded`` (near-duplicates of held-out samples); training takes the first
-    ``size`` of the pool, so smaller subsets are nested inside larger ones.
-    """
-    order = permutation(total, val_size, split_seed)
-    pool = order[val_size:]
-    if excluded is not None and len(excluded):
-        pool = pool[~np.isin(pool, excluded)]
-    available = len(pool)
+def training_subset(pool: np.ndarray, size: int | None, dropped: str) -> np.ndarray:
+    """The first ``size`` rows of the training pool (all with None): smaller subsets nest inside larger ones."""
     if size is None:
-        size = available
+        return pool
     if size < 1:
         raise ValueError(f"data.size must be >= 1, got {size}")
-    if size > available:
-        dropped = total - val_size - available
-        raise ValueError(f"data.size={size} exceeds the {available} training samples available ({total} in the dataset minus "
-                         f"data.val_size={val_size}" + (f" minus {dropped} near-duplicates of held-out samples)" if dropped else ")"))
-    return pool[:size], order[:val_size]
+    if size > len(pool):
+        raise ValueError(f"data.size={size} exceeds the {len(pool)} training samples available ({dropped})")
+    return pool[:size]
 
 
-class Fill50kDataModule(L.LightningDataModule):
-    def __init__(
-        self,
-        root: str | Path,
-        resolution: int,
-        batch_size: int,
-        val_size: int,
-        size: int | None = None,
-        prompt_dropout: float = 0.5,
-        split_seed: int = 0,
-        num_workers: int = 0,
-        make_condition: ConditionMaker = outline,
-        exclude_near_duplicates: bool = False,
-        max_distance: float = 0.2,
-    ):
+class ControlDataModule(L.LightningDataModule):
+    """The split, the datasets and the loaders; subclasses say where the samples come from (``read_samples``)."""
+
+    def __init__(self, name: str, resolution: int, batch_size: int, val_size: int, size: int | None = None,
+                 prompt_dropout: float = 0.5, split_seed: int = 0, num_workers: int = 0, condition: str = "stored",
+                 detector_weights: str | None = None, canny_thresholds: tuple[int, int] = (100, 200),
+                 held_out: dict | None = None, split: str = "train", val_split: str | None = None, cache_dir: str | Path = ".cache"):
         super().__init__()
         if not 0.0 <= prompt_dropout <= 1.0:
             raise ValueError(f"data.prompt_dropout must be in [0, 1], got {prompt_dropout}")
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
-        self.root = Path(root)
-        self.resolution = resolution
-        self.batch_size = batch_size
-        self.val_size = val_size
-        self.size = size
-        self.prompt_dropout = prompt_dropout
-        self.split_seed = split_seed
-        self.num_workers = num_workers
-        self.make_condition = make_condition
-        self.exclude_near_duplicates = exclude_near_duplicates
-        self.max_distance = max_distance
-        self.train_records: list[Record] = []
-        self.val_records: list[Record] = []
-        self.train_pool: list[Record] = []  # every training candidate, whatever data.size: fixed per dataset and split
+        if condition not in CONDITIONS:
+            raise ValueError(f"data.condition={condition!r} is unknown; choose one of {', '.join(CONDITIONS)}")
+        held_out = {"exclude_near_duplicates": False, "max_distance": 0.2, **(held_out or {})}
+        self.name, self.resolution, self.batch_size, self.val_size, self.size = name, resolution, batch_size, val_size, size
+        self.prompt_dropout, self.split_seed, self.num_workers = prompt_dropout, split_seed, num_workers
+        self.condition, self.detector_weights, self.canny_thresholds = condition, detector_weights, tuple(canny_thresholds)
+        self.exclude_near_duplicates, self.max_distance = held_out["exclude_near_duplicates"], held_out["max_distance"]
+        self.split, self.val_split, self.cache_dir = split, val_split, Path(cache_dir)
+        self.train_samples: Samples | None = None
+        self.val_samples: Samples | None = None
+        self.train_rows = self.val_rows = self.pool_rows = np.zeros(0, np.int64)
         self.split_report: dict = {}
+        self.detected: dict[str, CachedConditions] = {}
         # What the locked base computes for the training / held-out samples, when cached (locked_encodings.py).
         self.train_encodings: LockedEncodings | None = None
         self.val_encodings: LockedEncodings | None = None
 
+    def read(self, split: str) -> Samples:
+        """The samples of one split of the dataset: where the data comes from, in each subclass."""
+        raise NotImplementedError
+
+    @property
+    def origin(self) -> str:
+        return self.train_samples.origin if self.train_samples else ""
+
     def setup(self, stage: str | None = None) -> None:
-        if self.train_records:
+        """Read and check every sample, split, and make the detector conditions the split uses (once, cached)."""
+        if self.train_samples is not None:
             return
-        records = read_index(self.root)
-        val = permutation(len(records), self.val_size, self.split_seed)[: self.val_size]
-        excluded, nearest = self.near_duplicates_of(records, val) if self.exclude_near_duplicates else (None, None)
-        train, _ = split_indices(len(records), self.val_size, self.size, self.split_seed, excluded)
-        pool, _ = split_indices(len(records), self.val_size, None, self.split_seed, excluded)
-        self.train_pool = [records[i] for i in pool]
-        self.train_records = [records[i] for i in train]
-        self.val_records = [records[i] for i in val]
+        samples = self.read(self.split)
+        self.check_condition(samples)
+        if self.val_split:
+            val_samples = self.read(self.val_split)
+            if self.val_size < 1 or self.val_size > len(val_samples):
+                raise ValueError(f"data.val_size must be in [1, {len(val_samples)}] for data.val_split={self.val_split}, got {self.val_size}")
+            val = np.sort(np.random.default_rng(self.split_seed).permutation(len(val_samples))[: self.val_size])
+            candidates = np.arange(len(samples))
+        else:
+            val_samples = samples
+            order = permutation(len(samples), self.val_size, self.split_seed)
+            val, candidates = order[: self.val_size], order[self.val_size :]
+        self.train_samples, self.val_samples, self.val_rows = samples, val_samples, val
+        duplicate = exact_duplicates(val_samples, val, samples, candidates)
+        near, nearest = None, None
+        if self.exclude_near_duplicates:
+            if not (samples.has_conditions and val_samples.has_conditions):
+                raise ValueError("data.held_out.exclude_near_duplicates=true compares stored conditions; this dataset stores none")
+            kept = candidates[~duplicate]
+            near_mask, nearest = near_duplicates(source_ink(val_samples, val, self.resolution),
+                                                 source_ink(samples, kept, self.resolution), self.max_distance)
+            near = kept[near_mask]
+        pool = candidates[~duplicate]
+        if near is not None:
+            pool = pool[~np.isin(pool, near)]
+        dropped = f"{len(samples)} in the dataset" + ("" if self.val_split else f" minus data.val_size={self.val_size}")
+        excluded = int(duplicate.sum()) + (0 if near is None else len(near))
+        self.pool_rows = pool
+        self.train_rows = training_subset(pool, self.size, dropped + (f" minus {excluded} duplicates and near-duplicates of held-out samples" if excluded else ""))
         self.split_report = {
             "held_out": len(val),
-            "train": len(train),
-            "near_duplicates_excluded": None if excluded is None else len(excluded),
+            "train": len(self.train_rows),
+            "val_split": self.val_split,
+            "exact_duplicates_excluded": int(duplicate.sum()),
+            "near_duplicates_excluded": None if near is None else len(near),
             "max_distance": self.max_distance if self.exclude_near_duplicates else None,
             # over the held-out samples: the distance to the nearest source of the training pool, after exclusion
             "nearest_train_distance": None if nearest is None else {"min": round(float(nearest.min()), 4), "median": round(float(np.median(nearest)), 4)},
-            # byte-identical source files on both sides of the split (held-out vs the training samples used)
-            "source_hash_duplicates": exact_duplicate_count(self.val_records, self.train_records),
         }
+        if self.condition in DETECTORS:
+            self.detect_conditions()
 
-    def near_duplicates_of(self, records: list[Record], val: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(indices of the records outside ``val`` whose source lies within ``max_distance`` of a held-out source,
-        each held-out source's distance to the nearest remaining one); distances as in held_out.py."""
-        others = np.setdiff1d(np.arange(len(records)), val)
-        inks = source_ink(records, self.resolution)
-        near, nearest = near_duplicates(inks[val], inks[others], self.max_distance)
-        return others[near], nearest
+    def check_condition(self, samples: Samples) -> None:
+        if self.condition in STORED and not samples.has_conditions:
+            raise ValueError(f"data.condition={self.condition}: {samples.origin} stores no condition images; "
+                             "set data.condition to a controlnet-aux detector that makes them from the images")
+        if self.condition in SYNTHETIC and self.condition != "outline" and not fill50k_style(samples):
+            raise ValueError(f"data.condition={self.condition} is drawn from fill50k circle outlines; {samples.origin} is not fill50k-format data")
 
-    def train_dataset(self) -> Fill50kDataset:
-        return Fill50kDataset(self.train_records, self.resolution, self.prompt_dropout, self.make_condition)
+    def detect_conditions(self) -> None:
+        detect = condition_maker(self.condition, self.resolution, self.detector_weights, self.canny_thresholds)
+        settings = detector_settings(self.condition, self.resolution, self.detector_weights, self.canny_thresholds)
+        self.detected["train"] = cached_conditions(self.train_samples, self.train_rows, detect, settings, self.cache_dir)
+        self.detected["val"] = cached_conditions(self.val_samples, self.val_rows, detect, settings, self.cache_dir)
 
-    def val_dataset(self) -> Fill50kDataset:
-        return Fill50kDataset(self.val_records, self.resolution, 0.0, self.make_condition)
+    @property
+    def fill50k_style(self) -> bool:
+        """Stored outlines and every prompt in the fill50k grammar: what the oracle scores and ``fid_domain`` need."""
+        return fill50k_style(self.train_samples) and (self.val_samples is self.train_samples or fill50k_style(self.val_samples))
+
+    def prompts(self) -> list[str]:
+        """The prompts of the training pool and the held-out set."""
+        return [self.train_samples.prompts[r] for r in self.pool_rows] + [self.val_samples.prompts[r] for r in self.val_rows]
+
+    def fingerprint(self) -> str:
+        """The content of the training pool and the held-out set, in order: what a base pretrained on this split is keyed by."""
+        return hashlib.sha256(f"{self.train_samples.fingerprint(self.pool_rows)}|{self.val_samples.fingerprint(self.val_rows)}".encode()).hexdigest()[:16]
+
+    def dataset(self, part: str, prompt_dropout: float = 0.0) -> ControlDataset:
+        samples, rows = {"train": (self.train_samples, self.train_rows), "val": (self.val_samples, self.val_rows),
+                         "pool": (self.train_samples, self.pool_rows)}[part]
+        make = condition_maker(self.condition, self.resolution) if self.condition not in DETECTORS else None
+        return ControlDataset(samples, rows, self.resolution, prompt_dropout, make, self.detected.get(part), with_condition=part != "pool")
+
+    def train_dataset(self) -> ControlDataset:
+        return self.dataset("train", self.prompt_dropout)
+
+    def val_dataset(self) -> ControlDataset:
+        return self.dataset("val")
+
+    def pool_dataset(self, prompt_dropout: float) -> ControlDataset:
+        """Every training candidate, whatever ``data.size``, without conditions: what a locked base is pretrained on."""
+        return self.dataset("pool", prompt_dropout)
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.train_dataset()
@@ -126,7 +178,7 @@ class Fill50kDataModule(L.LightningDataModule):
             EncodedDataset(dataset, self.train_encodings) if self.train_encodings is not None else dataset,
             batch_size=self.batch_size,
             shuffle=True,
-            drop_last=len(self.train_records) >= self.batch_size,
+            drop_last=len(dataset) >= self.batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
@@ -135,3 +187,63 @@ class Fill50kDataModule(L.LightningDataModule):
         dataset = self.val_dataset()
         dataset = EncodedDataset(dataset, self.val_encodings) if self.val_encodings is not None else dataset
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+
+
+def fill50k_style(samples: Samples) -> bool:
+    return samples.has_conditions and all(parse_prompt(prompt) is not None for prompt in samples.prompts)
+
+
+class Fill50kDataModule(ControlDataModule):
+    """A fill50k-format folder (``root``), or the synthetic one generated into the cache from ``generator``."""
+
+    def __init__(self, root: str | None = None, generator: dict | None = None, **settings):
+        super().__init__(**settings)
+        if root is None and generator is None:
+            raise ValueError("data.root must name a fill50k-format folder when data.generator is null")
+        self.root, self.generator = root, generator
+
+    def dataset_root(self) -> Path:
+        if self.generator is None:
+            return Path(self.root).expanduser()
+        spec = SyntheticFill50kSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.generator.items()})
+        spec.validate()
+        key = hashlib.sha256(json.dumps(dataclasses.asdict(spec), sort_keys=True).encode()).hexdigest()[:16]
+        return write_fill50k(spec, self.cache_dir / "data" / f"synthetic-{key}")
+
+    def read(self, split: str) -> Samples:
+        if split != "train":
+            raise DatasetFormatError(f"data.split/data.val_split={split}: a fill50k-format folder has one split; "
+                                     "its held-out set is drawn by data.split_seed (set data.val_split=null)")
+        return fill50k_samples(self.dataset_root())
+
+
+def columns(image_column: str, conditioning_image_column: str, caption_column: str) -> dict[str, str]:
+    """The configured column names (diffusers' --image_column, ...) by canonical name."""
+    return {IMAGE: image_column, CONDITION: conditioning_image_column, TEXT: caption_column}
+
+
+class FolderDataModule(ControlDataModule):
+    """An image folder in diffusers' layout (readers.py); ``split`` and ``val_split`` name its split subfolders."""
+
+    def __init__(self, root: str, image_column: str = IMAGE, conditioning_image_column: str = CONDITION,
+                 caption_column: str = TEXT, **settings):
+        super().__init__(**settings)
+        if not root:
+            raise ValueError("data.root must name an image folder with metadata.jsonl")
+        self.root, self.columns = root, columns(image_column, conditioning_image_column, caption_column)
+
+    def read(self, split: str) -> Samples:
+        return folder_samples(self.root, self.columns, split, self.condition in STORED, self.cache_dir / "datasets")
+
+
+class HubDataModule(ControlDataModule):
+    """A Hugging Face dataset: ``name`` (an id, read with load_dataset) or ``path`` (a save_to_disk folder)."""
+
+    def __init__(self, name: str | None = None, path: str | None = None, image_column: str = IMAGE,
+                 conditioning_image_column: str = CONDITION, caption_column: str = TEXT, **settings):
+        super().__init__(name=name or (Path(path).name if path else ""), **settings)
+        self.dataset_name, self.path = name, path
+        self.columns = columns(image_column, conditioning_image_column, caption_column)
+
+    def read(self, split: str) -> Samples:
+        return hub_samples(self.dataset_name, self.path, split, self.columns, self.cache_dir / "datasets")

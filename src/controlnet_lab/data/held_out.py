@@ -12,25 +12,24 @@ gives 0.06 / 0.14 / 0.27 / 0.49 / 0.75; changing the radius by the same amounts 
 0.09 / 0.21 / 0.42 / 0.74 / 0.99 (several of these are tested). Two sources closer than
 ``max_distance`` (default 0.2: about a 0.4 px shift) are near-duplicates.
 
-For folders the harness did not make, exact duplicates are also counted by a hash of
-the source file's bytes, and reported (not dropped).
+On any dataset, a training sample whose target or stored condition has the same bytes
+as a held-out sample's (the content keys of samples.py) is dropped from training and
+counted; the distance above needs stored conditions and applies where
+``data.held_out.exclude_near_duplicates`` is on.
 """
 from __future__ import annotations
-
-import hashlib
-from collections.abc import Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from controlnet_lab.data.fill50k import Record, load_rgb
+from controlnet_lab.data.samples import Samples
 
 
-def source_ink(records: Sequence[Record], resolution: int) -> torch.Tensor:
-    """(N, resolution**2) float32: each source's brightest channel in [0, 1], as the training resolution sees it."""
-    inks = [load_rgb(record.source, resolution).max(axis=-1) for record in tqdm(records, desc="reading sources for the held-out check", unit="img", leave=False)]
-    return torch.from_numpy(np.stack(inks).reshape(len(records), -1).astype(np.float32) / 255.0)
+def source_ink(samples: Samples, rows, resolution: int) -> torch.Tensor:
+    """(len(rows), resolution**2) float32: each stored condition's brightest channel in [0, 1], as the training resolution sees it."""
+    inks = [samples.pair(int(row), resolution)[1].max(axis=-1) for row in tqdm(rows, desc="reading conditions for the held-out check", unit="img", leave=False)]
+    return torch.from_numpy(np.stack(inks).reshape(len(inks), -1).astype(np.float32) / 255.0)
 
 
 def outline_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -53,11 +52,12 @@ def near_duplicates(held_out: torch.Tensor, candidates: torch.Tensor, max_distan
     return (torch.cat(near).numpy() if near else np.zeros(0, bool)), nearest.numpy()
 
 
-def file_hash(record: Record) -> str:
-    return hashlib.sha256(record.source.read_bytes()).hexdigest()
+def exact_duplicates(held_out: Samples, held_out_rows, candidates: Samples, candidate_rows) -> np.ndarray:
+    """Boolean mask over ``candidate_rows``: True where the target or the stored condition has a held-out row's bytes."""
+    def keys(samples: Samples, rows) -> list[set[str]]:
+        columns = [samples.targets] + ([samples.conditions] if samples.conditions else [])
+        return [{column.keys[int(row)] for row in rows} for column in columns]
 
-
-def exact_duplicate_count(held_out: Sequence[Record], training: Sequence[Record]) -> int:
-    """How many training samples have a source file byte-identical to a held-out sample's."""
-    held_out_hashes = {file_hash(record) for record in held_out}
-    return sum(file_hash(record) in held_out_hashes for record in training)
+    seen = keys(held_out, held_out_rows)
+    columns = [candidates.targets] + ([candidates.conditions] if candidates.conditions else [])
+    return np.array([any(column.keys[int(row)] in known for column, known in zip(columns, seen)) for row in candidate_rows], bool)

@@ -22,8 +22,8 @@ from torch import nn
 from tqdm import tqdm
 
 from controlnet_lab.data.colors import parse_prompt
-from controlnet_lab.data.fill50k import Record, load_rgb
-from controlnet_lab.metrics.oracle import condition_mask
+from controlnet_lab.data.dataset import ControlDataset
+from controlnet_lab.data.outlines import condition_mask
 
 
 class DomainFeatureNet(nn.Module):
@@ -59,24 +59,26 @@ class DomainFeatureNet(nn.Module):
         return extract
 
 
-def _labels(records: list[Record], resolution: int, palette: list[str]) -> tuple[torch.Tensor, ...]:
+def _labels(dataset: ControlDataset, palette: list[str]) -> tuple[torch.Tensor, ...]:
     images, circle, background, geometry = [], [], [], []
-    for record in records:
-        images.append(load_rgb(record.target, resolution))
-        names = parse_prompt(record.prompt)
+    resolution = dataset.resolution
+    for row, prompt in zip(dataset.rows, dataset.prompts, strict=True):
+        target, outline = dataset.samples.pair(int(row), resolution)
+        images.append(target)
+        names = parse_prompt(prompt)
         circle.append(palette.index(names[0]))
         background.append(palette.index(names[1]))
-        ys, xs = np.nonzero(condition_mask(load_rgb(record.source, resolution)))
+        ys, xs = np.nonzero(condition_mask(outline))
         geometry.append([xs.mean() / resolution, ys.mean() / resolution, np.sqrt(len(xs) / np.pi) / resolution])
     tensor = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     return tensor, torch.tensor(circle), torch.tensor(background), torch.tensor(geometry, dtype=torch.float32)
 
 
-def train_domain_net(records: list[Record], resolution: int, palette: list[str], steps: int, batch_size: int = 128,
+def train_domain_net(dataset: ControlDataset, palette: list[str], steps: int, batch_size: int = 128,
                      lr: float = 2e-3, seed: int = 0) -> DomainFeatureNet:
     torch.manual_seed(seed)
-    images, circle, background, geometry = _labels(records, resolution, palette)
-    net = DomainFeatureNet(resolution, len(palette))
+    images, circle, background, geometry = _labels(dataset, palette)
+    net = DomainFeatureNet(dataset.resolution, len(palette))
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     for _ in tqdm(range(steps), desc="training the FID domain feature net", unit="step"):
@@ -90,18 +92,19 @@ def train_domain_net(records: list[Record], resolution: int, palette: list[str],
     return net.eval()
 
 
-def domain_net(records: list[Record], resolution: int, palette: list[str], cache_dir: Path, steps: int = 600,
+def domain_net(dataset: ControlDataset, palette: list[str], cache_dir: Path, steps: int = 600,
                count: int = 4000, seed: int = 0) -> DomainFeatureNet:
-    """The cached domain feature net for these training records (the first ``count``), training it if absent."""
-    used = records[:count]
-    settings = {"records": [r.prompt + str(r.source) for r in used], "resolution": resolution, "palette": palette, "steps": steps, "seed": seed}
+    """The cached domain feature net for these fill50k-format training samples (the first ``count``), training it if absent."""
+    used = ControlDataset(dataset.samples, dataset.rows[:count], dataset.resolution, with_condition=False)
+    resolution = dataset.resolution
+    settings = {"samples": used.fingerprint(), "resolution": resolution, "palette": palette, "steps": steps, "seed": seed}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"fid-domain-{key}.safetensors"
     net = DomainFeatureNet(resolution, len(palette))
     if path.is_file():
         net.load_state_dict(load_file(path))
         return net.eval()
-    net = train_domain_net(used, resolution, palette, steps, seed=seed)
+    net = train_domain_net(used, palette, steps, seed=seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_suffix(".tmp")
     save_file(net.state_dict(), staging)

@@ -1,0 +1,134 @@
+"""Reading a dataset into ``Samples``: an image folder or any Hugging Face dataset, through ``datasets``.
+
+- ``folder_samples``: a folder in diffusers' layout, read by ``datasets``' imagefolder
+  builder: ``metadata.jsonl`` (in the folder, or in split subfolders such as ``train/``)
+  names each row's target image as ``file_name`` (the ``image`` column), further image
+  columns as ``<column>_file_name`` (``conditioning_image_file_name``), and the caption.
+  Every line is checked first, so a broken folder stops before any work with the file
+  and line that is wrong.
+- ``hub_samples``: a dataset id (``datasets.load_dataset``) or a folder written by
+  ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` (``datasets.load_from_disk``).
+
+The configured column names (diffusers' ``--image_column``, ``--conditioning_image_column``,
+``--caption_column``) are renamed to the canonical ones of samples.py.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import datasets
+from PIL import Image, UnidentifiedImageError
+
+from controlnet_lab.data.samples import CONDITION, IMAGE, TEXT, DatasetFormatError, Samples, json_lines
+
+
+def metadata_key(column: str) -> str:
+    """The metadata.jsonl key of an image column, as datasets' imagefolder reads it."""
+    return "file_name" if column == IMAGE else f"{column}_file_name"
+
+
+def check_metadata(path: Path, columns: dict[str, str], needs_conditions: bool) -> None:
+    """Every line of an imagefolder's ``metadata.jsonl``: a JSON object with the configured columns, existing readable
+    images and a string caption. ``columns`` maps the canonical names to the configured ones."""
+    image_key, caption = metadata_key(columns[IMAGE]), columns[TEXT]
+    condition_key = metadata_key(columns[CONDITION])
+    with_conditions = None
+    for where, row in json_lines(path, f"{image_key}, {caption}"):
+        for key, setting in ((image_key, "data.image_column"), (caption, "data.caption_column")):
+            if key not in row:
+                raise DatasetFormatError(f"{where}: lacks {key!r} ({setting}={columns[IMAGE] if key == image_key else caption}); "
+                                         f"the line has {sorted(row)}")
+        if not isinstance(row[caption], str):
+            raise DatasetFormatError(f"{where}: the caption {caption!r} is {type(row[caption]).__name__} {row[caption]!r}, not a string")
+        check_image(path.parent / str(row[image_key]), where)
+        if with_conditions is None:
+            with_conditions = condition_key in row
+        if (condition_key in row) != with_conditions:
+            raise DatasetFormatError(f"{where}: {'has' if condition_key in row else 'lacks'} {condition_key!r}, "
+                                     f"unlike the lines before it (data.conditioning_image_column={columns[CONDITION]})")
+        if with_conditions:
+            check_image(path.parent / str(row[condition_key]), where)
+    if with_conditions is None:
+        raise DatasetFormatError(f"{path}: holds no rows")
+    if needs_conditions and not with_conditions:
+        raise DatasetFormatError(f"{path}: no line has {condition_key!r} (data.conditioning_image_column={columns[CONDITION]}), and "
+                                 "data.condition=stored trains on stored conditions: add them, or set data.condition to a "
+                                 "controlnet-aux detector that makes them from the images")
+
+
+def check_image(path: Path, where: str) -> None:
+    if not path.is_file():
+        raise DatasetFormatError(f"{where}: image {path} does not exist")
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise DatasetFormatError(f"{where}: image {path} is unreadable ({err})") from None
+
+
+def folder_samples(root: str | Path, columns: dict[str, str], split: str, needs_conditions: bool, cache_dir: Path) -> Samples:
+    """One split of an image folder (module docstring), checked line by line first."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DatasetFormatError(f"data.root={root}: no such folder")
+    metadata = sorted(root.glob("metadata.jsonl")) + sorted(root.glob("*/metadata.jsonl"))
+    if not metadata:
+        raise DatasetFormatError(f"data.root={root}: no metadata.jsonl in the folder or its split subfolders "
+                                 "(one JSON object per line: file_name, conditioning_image_file_name, text)")
+    for path in metadata:
+        check_metadata(path, columns, needs_conditions)
+    table = load("imagefolder", split, "data.root", data_dir=str(root), cache_dir=str(cache_dir))
+    return canonical(table, columns, str(root))
+
+
+def hub_samples(name: str | None, path: str | None, split: str, columns: dict[str, str], cache_dir: Path) -> Samples:
+    """One split of a Hub dataset (``data.name``) or of a ``save_to_disk`` folder (``data.path``)."""
+    if bool(name) == bool(path):
+        raise DatasetFormatError("data=hf reads data.name (a dataset id) or data.path (a save_to_disk folder): set exactly one")
+    if path:
+        if not Path(path).expanduser().is_dir():
+            raise DatasetFormatError(f"data.path={path}: no such folder (a folder written by Dataset.save_to_disk)")
+        try:
+            loaded = datasets.load_from_disk(str(Path(path).expanduser()))
+        except FileNotFoundError as err:
+            raise DatasetFormatError(f"data.path={path}: not a folder written by save_to_disk ({err})") from None
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise DatasetFormatError(f"data.split={split}: data.path={path} has the splits {sorted(loaded)}")
+            loaded = loaded[split]
+        return canonical(loaded, columns, str(path))
+    return canonical(load(name, split, "data.name", cache_dir=str(cache_dir)), columns, name)
+
+
+def load(name: str, split: str, key: str, **kwargs) -> datasets.Dataset:
+    try:
+        return datasets.load_dataset(name, split=split, **kwargs)
+    except ValueError as err:
+        if "split" in str(err).lower():
+            raise DatasetFormatError(f"data.split/data.val_split={split}: {err}") from None
+        raise
+    except (FileNotFoundError, ConnectionError, OSError) as err:
+        raise DatasetFormatError(
+            f"{key}={kwargs.get('data_dir', name)}: the dataset is not on this machine and could not be fetched "
+            f"({type(err).__name__}: {str(err)[:200]}). Without network, save it elsewhere with save_to_disk and set data.path."
+        ) from None
+
+
+def canonical(table: datasets.Dataset, columns: dict[str, str], origin: str) -> Samples:
+    """``table`` with the configured columns checked and renamed to the canonical ones, others dropped."""
+    present = dict(table.features)
+    renames = {}
+    for canonical_name, configured in columns.items():
+        key = {IMAGE: "data.image_column", CONDITION: "data.conditioning_image_column", TEXT: "data.caption_column"}[canonical_name]
+        if configured not in present:
+            if canonical_name == CONDITION:
+                continue
+            raise DatasetFormatError(f"{key}={configured}: {origin} has no such column; its columns are {sorted(present)}")
+        feature = present[configured]
+        if canonical_name == TEXT and not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
+            raise DatasetFormatError(f"{key}={configured}: in {origin} the column holds {feature}, not strings")
+        if canonical_name != TEXT and not isinstance(feature, datasets.Image):
+            raise DatasetFormatError(f"{key}={configured}: in {origin} the column holds {feature}, not images")
+        renames[configured] = canonical_name
+    table = table.select_columns(list(renames)).rename_columns({k: v for k, v in renames.items() if k != v})
+    return Samples(table, origin)
