@@ -6,7 +6,7 @@ import hydra
 from omegaconf import DictConfig
 
 from controlnet_lab.task import task_wrapper
-from controlnet_lab.training import train
+from controlnet_lab.training import optimized_value, train
 
 
 os.environ.setdefault("CONTROLNET_LAB_ROOT", str(Path(__file__).resolve().parents[1]))  # conf/paths: root_dir
@@ -14,8 +14,9 @@ os.environ.setdefault("CONTROLNET_LAB_ROOT", str(Path(__file__).resolve().parent
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 @task_wrapper
-def main(cfg: DictConfig) -> None:
-    train(cfg)
+def main(cfg: DictConfig) -> float | None:
+    """Trains and evaluates; returns the metric named by ``optimized_metric`` (for a sweeper such as Optuna's)."""
+    return optimized_value(train(cfg), cfg.get("optimized_metric"))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Checks of config values that would otherwise fail late or silently; each error names its Hydra key."""
 from __future__ import annotations
 
+import hydra
+from diffusers.optimization import SchedulerType
 from omegaconf import DictConfig
 
 from controlnet_lab.blocks import BLOCKS, check_block_std, check_hint_channels
@@ -37,8 +39,26 @@ def check_train_config(cfg: DictConfig) -> None:
     if cfg.trainer.max_steps is None or cfg.trainer.max_steps < 1:
         raise ConfigError(f"trainer.max_steps must be >= 1, got {cfg.trainer.max_steps}")
     check_sampling_config(cfg.model.sampling, "model.sampling")
+    check_optimization(cfg)
     if cfg.eval.num_images < 1:
         raise ConfigError(f"eval.num_images must be >= 1 (the final evaluation scores that many held-out conditions), got {cfg.eval.num_images}")
+
+
+def check_optimization(cfg: DictConfig) -> None:
+    """An optimizer class that can be imported and a learning-rate schedule diffusers knows."""
+    target = cfg.optimizer._target_
+    try:
+        hydra.utils.get_class(target)
+    except Exception as err:  # Hydra wraps the ImportError
+        cause = err.__cause__ or err
+        raise ConfigError(f"optimizer._target_={target} cannot be imported ({type(cause).__name__}: {cause}); "
+                          + ("install bitsandbytes (pip install bitsandbytes), or " if target.startswith("bitsandbytes") else "")
+                          + "choose optimizer=adamw") from None
+    names = [t.value for t in SchedulerType]
+    if cfg.lr_scheduler.name not in names:
+        raise ConfigError(f"lr_scheduler.name={cfg.lr_scheduler.name!r} is not a diffusers schedule; choose one of {', '.join(names)}")
+    if cfg.lr_scheduler.warmup_steps < 0:
+        raise ConfigError(f"lr_scheduler.warmup_steps must be >= 0, got {cfg.lr_scheduler.warmup_steps}")
 
 
 def check_model_shape(model: DictConfig, resolution: int) -> None:

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import hydra
 import lightning as L
 import torch
 import torch.nn.functional as F
+from diffusers.optimization import get_scheduler
 
 from controlnet_lab.bases import load_base
 from controlnet_lab.blocks import build_trainable_copy, check_hint_channels
@@ -44,6 +46,9 @@ class ControlNetModule(L.LightningModule):
         base_name: str | None = None,  # the configured folder or Hub id of the base (None: pretrained here)
         resolution: int | None = None,  # of the training images, which the base then generates (None: its own)
         gradient_checkpointing: bool = False,
+        optimizer: dict | None = None,  # a Hydra partial config of the optimizer (conf/optimizer); None: AdamW(lr)
+        lr_scheduler: dict | None = None,  # diffusers get_scheduler settings (conf/lr_scheduler); None: constant
+        max_steps: int | None = None,  # the training length a decaying schedule spans
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -91,7 +96,7 @@ class ControlNetModule(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         # Fixed noise and timesteps per batch, so validation losses are comparable across steps.
         loss = self.diffusion_loss(batch, generator=torch.Generator().manual_seed(batch_idx))
-        self.log("val/loss", loss, prog_bar=True, batch_size=len(batch["prompt"]))
+        self.log("val/loss", loss, prog_bar=True, batch_size=len(batch["prompt"]), sync_dist=True)
         if batch_idx == 0 and self.hparams.num_val_images > 0 and self.hparams.sample_dir is not None:
             self.log_sample_grid(batch)
 
@@ -114,7 +119,17 @@ class ControlNetModule(L.LightningModule):
                 logger.log_image("val/samples", images=[str(path)], step=self.global_step, caption=["condition | generated | target"])
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.controlnet.parameters(), lr=self.hparams.lr)
+        """The configured optimizer over the ControlNet's parameters, and diffusers' learning-rate schedule stepped per optimizer step."""
+        parameters = self.controlnet.parameters()
+        if self.hparams.optimizer is None:
+            optimizer = torch.optim.AdamW(parameters, lr=self.hparams.lr)
+        else:
+            optimizer = hydra.utils.instantiate(self.hparams.optimizer)(parameters)
+        schedule = self.hparams.lr_scheduler or {"name": "constant"}
+        scheduler = get_scheduler(schedule["name"], optimizer, num_warmup_steps=schedule.get("warmup_steps", 0),
+                                  num_training_steps=self.hparams.max_steps, num_cycles=schedule.get("num_cycles", 1),
+                                  power=schedule.get("power", 1.0))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint["state_dict"]

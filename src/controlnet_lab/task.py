@@ -1,15 +1,36 @@
-"""Wrapper for Hydra tasks (as in lightning-hydra-template): W&B always finishes, so multirun jobs never share a run; and the W&B mode for runs outside the logger."""
+"""Wrapper for Hydra tasks (as in lightning-hydra-template): the composed config printed as a tree, W&B always
+finishes (so multirun jobs never share a run); and the W&B mode for runs outside the logger."""
 from __future__ import annotations
 
 import functools
 import os
 import sys
 
+import rich
+import rich.syntax
+import rich.tree
+from omegaconf import DictConfig, OmegaConf
+
+
+def print_config_tree(cfg: DictConfig) -> None:
+    """The composed config as a rich tree, one branch per top-level key (``extras.print_config=false`` turns it off)."""
+    tree = rich.tree.Tree("CONFIG", style="dim", guide_style="dim")
+    for key, value in cfg.items():
+        branch = tree.add(str(key), style="bold")
+        try:
+            text = OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
+        except Exception:  # a value that cannot be resolved yet (e.g. ???) is reported by the checks that follow
+            text = OmegaConf.to_yaml(value) if isinstance(value, DictConfig) else str(value)
+        branch.add(rich.syntax.Syntax(text, "yaml"))
+    rich.print(tree)
+
 
 def task_wrapper(task):
     @functools.wraps(task)
     def wrapped(cfg):
         try:
+            if cfg.get("extras", {}).get("print_config", False):
+                print_config_tree(cfg)
             return task(cfg)
         finally:
             if "wandb" in sys.modules:

@@ -201,6 +201,9 @@ def train(cfg: DictConfig) -> dict:
         controlnet_path=cfg.model.controlnet.pretrained_model_name_or_path,
         base_name=cfg.model.base.pretrained_model_name_or_path,
         resolution=cfg.data.resolution,
+        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
+        lr_scheduler=OmegaConf.to_container(cfg.lr_scheduler, resolve=True),
+        max_steps=cfg.trainer.max_steps,
     )
     attach_locked_encodings(cfg, module, data, fingerprint)
     loggers = [instantiate_logger(c) for c in (cfg.get("logger") or {}).values()]
@@ -211,6 +214,8 @@ def train(cfg: DictConfig) -> dict:
 
     trainer.fit(module, datamodule=data, ckpt_path=cfg.ckpt_path)
     train_seconds = time.time() - started
+    if not trainer.is_global_zero:  # the other DDP processes end with training; rank 0 evaluates and writes the results
+        return {}
 
     evaluation = held_out_scores(cfg, module, data, suite)
     samples = evaluation.pop("samples")
@@ -238,6 +243,21 @@ def train(cfg: DictConfig) -> dict:
     })
     (output_dir / "results.json").write_text(json.dumps(record, indent=2))
     return record
+
+
+def optimized_value(record: dict, name: str | None) -> float | None:
+    """``record["metrics"][name]`` (a dotted path, e.g. ``prompt_settings.none.edge_f1``), what a sweeper optimises."""
+    if not name:
+        return None
+    value = record["metrics"]
+    for part in name.split("."):
+        if not isinstance(value, dict) or part not in value:
+            skipped = record["metrics"].get("skipped", {})
+            why = f" (skipped: {skipped[name]})" if name in skipped else ""
+            raise KeyError(f"optimized_metric={name}: results.json has no metrics.{name}{why}; numbers there: "
+                           f"{', '.join(k for k, v in record['metrics'].items() if isinstance(v, (int, float)))}")
+        value = value[part]
+    return float(value)
 
 
 def log_wandb_summary(logger: WandbLogger, metrics: dict, grid: Path) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from torch.utils.data import DataLoader
 
 from controlnet_lab.data.datamodule import ControlDataModule
 from controlnet_lab.data.encoded import EncodedDataset, LockedEncodings
+from controlnet_lab.files import publish
 from controlnet_lab.objective import noisy_batch
 
 # Settings of model.base that do not change the pretrained weights.
@@ -55,7 +55,7 @@ def build_once(folder: Path, build: Callable[[Path], dict]) -> Path:
     try:
         report = build(staging)
         (staging / "pretrain_config.json").write_text(json.dumps(report, indent=2))
-        os.replace(staging, folder)
+        publish(staging, folder, "model_index.json")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -6,7 +6,6 @@ line, ``source/N.png``, ``target/N.png``), so the same reader serves both.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from controlnet_lab.data.colors import make_prompt, rgb_of
+from controlnet_lab.files import publish
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ def write_fill50k(spec: SyntheticFill50kSpec, root: Path) -> Path:
                 cv2.imwrite(str(staging / "source" / f"{i}.png"), source[..., ::-1])
                 cv2.imwrite(str(staging / "target" / f"{i}.png"), target[..., ::-1])
                 index.write(json.dumps({"source": f"source/{i}.png", "target": f"target/{i}.png", "prompt": prompt}) + "\n")
-        os.replace(staging, root)
+        publish(staging, root, "prompt.json")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

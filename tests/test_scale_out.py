@@ -1,0 +1,91 @@
+"""Sweeps on Hydra's launchers and sweepers, and the training knobs: optimizer, learning-rate schedule, config tree."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from omegaconf import OmegaConf
+
+from conftest import ROOT, compose_train, run_train
+from controlnet_lab.config_checks import ConfigError, check_train_config
+from controlnet_lab.module import ControlNetModule
+
+FAST = ["experiment=smoke", "logger=csv", "eval.fid_domain.enabled=false", "~callbacks.fidelity_curve"]
+
+
+def test_an_optuna_search_returns_each_jobs_metric(tmp_path):
+    result = run_train(["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", *FAST], tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (sweep,) = (tmp_path / "outputs" / "smoke" / "multiruns").iterdir()
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    scores = [json.loads(p.read_text())["metrics"]["edge_f1"] for p in sweep.glob("*/results.json")]
+    assert len(scores) == 2 and best["best_value"] == pytest.approx(max(scores))
+    jobs = [yaml.safe_load((p.parent / ".hydra" / "config.yaml").read_text()) for p in sweep.glob("*/results.json")]
+    assert all(job["block"]["name"] == "gauss" and isinstance(job["block"]["std"], float) for job in jobs)
+    assert "CONFIG" in result.stdout and "optimized_metric" in result.stdout  # the config tree, printed by each job
+
+
+def test_a_sweep_runs_on_submitit_local_processes(tmp_path):
+    result = run_train(["-m", "hydra/launcher=submitit_local", "seed=0,1", *FAST], tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (sweep,) = (tmp_path / "outputs" / "smoke" / "multiruns").iterdir()
+    records = sorted((json.loads(p.read_text()) for p in sweep.glob("*/results.json")), key=lambda r: r["seed"])
+    assert [r["seed"] for r in records] == [0, 1] and all(r["global_step"] == 6 for r in records)
+    assert len({r["base"]["fingerprint"] for r in records}) == 1  # two processes, one locked base
+    assert (sweep / ".submitit").is_dir()
+
+
+def test_two_process_ddp_gives_one_result_equal_to_a_one_process_evaluation(tmp_path):
+    result = run_train(["experiment=smoke", "logger=csv", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                        "trainer.precision=32-true", "eval.fid_domain.enabled=false"], tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Starting with 2 processes" in result.stderr
+    (run_dir,) = (tmp_path / "outputs" / "smoke" / "runs").iterdir()
+    assert len(list(tmp_path.glob("outputs/**/results.json"))) == 1 and len(list((tmp_path / "cache" / "base").iterdir())) == 1
+    record = json.loads((run_dir / "results.json").read_text())
+    assert record["global_step"] == 6
+    # Rank 0 evaluated; the same checkpoint evaluated again in one process scores the same.
+    again = run_train([f"ckpt={run_dir}", "eval.num_images=8", "eval.fid_domain.enabled=false"], tmp_path, script="eval/evaluate.py")
+    assert again.returncode == 0, again.stderr[-3000:]
+    scores = json.loads((run_dir / "checkpoints" / "eval.json").read_text())["metrics"]
+    assert scores["edge_f1"] == record["metrics"]["edge_f1"] and scores["mask_iou"] == record["metrics"]["mask_iou"]
+
+
+def test_the_slurm_preset_composes():
+    result = subprocess.run([sys.executable, str(ROOT / "src" / "train.py"), "--cfg", "hydra", "hydra/launcher=slurm",
+                             "hydra.launcher.partition=a100"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    launcher = yaml.safe_load(result.stdout)["hydra"]["launcher"]
+    assert launcher["_target_"].endswith("SlurmLauncher") and launcher["partition"] == "a100"
+    assert launcher["gpus_per_node"] == 1 and launcher["timeout_min"] == 240 and launcher["mem_gb"] == 64
+
+
+def test_an_optimizer_that_cannot_be_imported_names_the_key():
+    try:
+        import bitsandbytes  # noqa: F401
+        pytest.skip("bitsandbytes is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(ConfigError, match=r"optimizer._target_=bitsandbytes.optim.AdamW8bit cannot be imported .*pip install bitsandbytes"):
+        check_train_config(compose_train(["optimizer=adamw8bit"]))
+    with pytest.raises(ConfigError, match="lr_scheduler.name='wobbly'"):
+        check_train_config(compose_train(["lr_scheduler.name=wobbly"]))
+
+
+def test_the_optimizer_and_schedule_follow_the_config(tiny_base):
+    cfg = compose_train(["optimizer.weight_decay=0.5", "lr_scheduler.name=cosine", "lr_scheduler.warmup_steps=2", "model.controlnet.lr=0.01"])
+    module = ControlNetModule(str(tiny_base), num_val_images=0, optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
+                              lr_scheduler=OmegaConf.to_container(cfg.lr_scheduler, resolve=True), max_steps=10)
+    configured = module.configure_optimizers()
+    optimizer, scheduler = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["weight_decay"] == 0.5 and optimizer.defaults["eps"] == 1e-8
+    rates = []
+    for _ in range(10):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    # Linear warmup over 2 steps, then a half cosine from 0.01 to 0 over the remaining 8.
+    assert rates[:3] == pytest.approx([0.0, 0.005, 0.01]) and rates[-1] == pytest.approx(0.01 * 0.5 * (1 + torch.cos(torch.tensor(7 / 8 * torch.pi)).item()))
+    assert configured["lr_scheduler"]["interval"] == "step"
