@@ -98,8 +98,12 @@ def base_source(cfg: DictConfig):
 
 
 def base_folder(cfg: DictConfig, source, data: ControlDataModule) -> Path:
-    """The locked base's folder: saved, fetched, or pretrained here on the run's training pool (and cached)."""
-    accelerator = {"accelerator": cfg.trainer.accelerator, "devices": cfg.trainer.devices}
+    """The locked base's folder: saved, fetched, or pretrained here on the run's training pool (and cached).
+
+    An embedded base is pretrained in this one process on one device of the run's accelerator: under DDP,
+    Lightning would otherwise start the other processes for the pretraining, each of which would build and
+    publish a base of its own (and transformers saves weights only from the main process)."""
+    accelerator = {"accelerator": cfg.trainer.accelerator, "devices": 1}
     return source.folder(data, cfg.data.resolution, Path(cfg.paths.cache_dir) / "base", accelerator)
 
 
