@@ -102,7 +102,7 @@ def base_folder(cfg: DictConfig, source, data: ControlDataModule) -> Path:
 
     An embedded base is pretrained in this one process on one device of the run's accelerator: under DDP,
     Lightning would otherwise start the other processes for the pretraining, each of which would build and
-    publish a base of its own (and transformers saves weights only from the main process)."""
+    publish a base of its own (one such base was published without its text encoder's weights)."""
     accelerator = {"accelerator": cfg.trainer.accelerator, "devices": 1}
     return source.folder(data, cfg.data.resolution, Path(cfg.paths.cache_dir) / "base", accelerator)
 
