@@ -10,6 +10,16 @@ python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_devic
 OUTDIR=${OUT:-/tmp/out}
 echo "== smoke on GPU"
 python3 src/train.py experiment=smoke trainer=gpu logger=csv paths.log_dir=/tmp/runs paths.cache_dir=/tmp/cache 2>&1 | tail -n 5
+GPUS=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)
+echo "== FSDP smoke on one GPU (the ControlNet alone wrapped)"
+python3 src/train.py experiment=smoke trainer=fsdp trainer.devices=1 logger=csv paths.log_dir=/tmp/runs_fsdp paths.cache_dir=/tmp/cache 2>&1 | tail -n 3
+cat /tmp/runs_fsdp/smoke/runs/*/results.json | python3 -c "import json,sys; r=json.load(sys.stdin); print('fsdp', r['global_step'], r['metrics']['edge_f1'])"
+if [ "$GPUS" -ge 2 ]; then
+  echo "== DDP smoke on 2 GPUs"
+  python3 src/train.py experiment=smoke trainer=ddp trainer.devices=2 logger=csv paths.log_dir=/tmp/runs_ddp paths.cache_dir=/tmp/cache 2>&1 | tail -n 3
+else
+  echo "== DDP on 2 GPUs: skipped, this machine has $GPUS GPU"
+fi
 echo "== step cost, tiny base (32 px, batch 32)"
 python3 benchmarks/step_cost.py --repeats 20
 echo "== step cost, larger UNet (64 px, channels 64 128 256, batch 64)"

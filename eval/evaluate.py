@@ -44,7 +44,7 @@ def main(cfg: DictConfig) -> None:
     )
     check_sampling_config(run_cfg.model.sampling, "sampling")
     data = build_datamodule(run_data_config(run_cfg))
-    module = ControlNetModule.load_from_checkpoint(ckpt, map_location="cpu")
+    module = ControlNetModule.for_inference(ckpt)
     metrics = held_out_scores(run_cfg, module, data)
     out = Path(cfg.paths.output_dir)
     save_eval_grid(metrics.pop("samples"), out / "eval_samples.png")

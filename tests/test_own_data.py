@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import run_train
 from controlnet_lab.data import datamodule as datamodule_module
 from controlnet_lab.data.datamodule import FolderDataModule, HubDataModule
-from controlnet_lab.data.samples import DatasetFormatError, fit_square
+from controlnet_lab.data.samples import DatasetFormatError, Samples, fit_square
 from controlnet_lab.evaluation import FREE_FORM_SETTINGS, other_captions
 from controlnet_lab.tables import display_table, summarize
 
@@ -179,6 +179,21 @@ def test_stored_conditions_keep_their_target_geometry(tmp_path):
     assert np.array_equal(condition, 255 - image)
     # Non-square (24x20) images: the shorter side is scaled to 16, then the center is cropped.
     assert fit_square(np.zeros((20, 24, 3), np.uint8), 16).shape == (16, 16, 3)
+
+
+def test_a_condition_of_another_size_is_first_resized_to_its_target(tmp_path):
+    target = np.zeros((20, 40, 3), np.uint8)
+    target[:, 16:] = 255  # a wide image: its center crop starts at column 10
+    condition = np.asarray(Image.fromarray(target).resize((20, 20), Image.NEAREST))  # square: fitted alone, it would keep all columns
+    Image.fromarray(target).save(tmp_path / "t.png")
+    Image.fromarray(condition).save(tmp_path / "c.png")
+    table = datasets.Dataset.from_dict({"image": [str(tmp_path / "t.png")], "conditioning_image": [str(tmp_path / "c.png")], "text": ["x"]},
+                                       features=datasets.Features({"image": datasets.Image(), "conditioning_image": datasets.Image(), "text": datasets.Value("string")}))
+    samples = Samples(table, "test")
+    fitted_target, fitted_condition = samples.pair(0, 16)
+    assert np.array_equal(fitted_condition, fitted_target)  # the target's crop
+    assert not np.array_equal(fit_square(condition, 16), fitted_target)
+    assert np.array_equal(samples.condition(0, 16), fitted_condition)  # read with only the target's header
 
 
 def test_the_dataset_own_validation_split_is_the_held_out_set(tmp_path):

@@ -1,5 +1,7 @@
 """Sweeps on Hydra's launchers and sweepers, and the training knobs: optimizer, learning-rate schedule, config tree."""
+import csv
 import json
+import math
 import subprocess
 import sys
 
@@ -7,9 +9,12 @@ import pytest
 import torch
 import yaml
 from omegaconf import OmegaConf
+from safetensors.torch import load_file
+from torch.distributed.fsdp.wrap import enable_wrap
 
 from conftest import ROOT, compose_train, run_train
 from controlnet_lab.config_checks import ConfigError, check_train_config
+from controlnet_lab.export import export
 from controlnet_lab.module import ControlNetModule
 
 FAST = ["experiment=smoke", "logger=csv", "eval.fid_domain.enabled=false", "~callbacks.fidelity_curve"]
@@ -89,3 +94,73 @@ def test_the_optimizer_and_schedule_follow_the_config(tiny_base):
     # Linear warmup over 2 steps, then a half cosine from 0.01 to 0 over the remaining 8.
     assert rates[:3] == pytest.approx([0.0, 0.005, 0.01]) and rates[-1] == pytest.approx(0.01 * 0.5 * (1 + torch.cos(torch.tensor(7 / 8 * torch.pi)).item()))
     assert configured["lr_scheduler"]["interval"] == "step"
+
+
+KNOBS = ["trainer.precision=bf16-mixed", "model.base.dtype=bfloat16", "trainer.accumulate_grad_batches=2", "trainer.gradient_clip_val=1",
+         "model.controlnet.gradient_checkpointing=true", "lr_scheduler.name=cosine", "lr_scheduler.warmup_steps=2",
+         "model.ema.enabled=true", "model.ema.decay=0.9"]
+
+
+def test_every_training_knob_at_once_trains_the_controlnet_alone_and_exports_its_average(tmp_path):
+    result = run_train([*FAST, *KNOBS], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = (tmp_path / "outputs" / "smoke" / "runs").iterdir()
+    record = json.loads((run_dir / "results.json").read_text())
+    assert record["global_step"] == 6 and record["base"]["dtype"] == "bfloat16"
+    with (run_dir / "csv" / "version_0" / "metrics.csv").open() as log:
+        rates = [(int(row["step"]), float(row["lr-AdamW"])) for row in csv.DictReader(log) if row["lr-AdamW"]]
+    # One rate per optimizer step (two batches each): a 2-step warmup to model.controlnet.lr, then the half cosine.
+    peak = 1e-3
+    assert sorted(set(rates)) == [(i, pytest.approx(r)) for i, r in enumerate(
+        [0.0, peak / 2, peak, *(peak * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in (1, 2, 3))])]
+
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    raw = checkpoint["state_dict"]
+    assert raw and all(key.startswith("controlnet.") for key in raw)
+    # The optimizer holds the ControlNet's parameters and nothing else.
+    assert len(checkpoint["optimizer_states"][0]["param_groups"][0]["params"]) == len(raw)
+    assert checkpoint["controlnet_ema"]["optimization_step"] == 6  # one average step per optimizer step, not per batch
+
+    export(run_dir / "checkpoints" / "last.ckpt", tmp_path / "export")  # what src/export.py runs
+    weights = load_file(tmp_path / "export" / "controlnet" / "diffusion_pytorch_model.safetensors")
+    averaged = dict(zip((key.removeprefix("controlnet.") for key in raw), checkpoint["controlnet_ema"]["shadow_params"]))
+    assert weights.keys() == averaged.keys() and all(torch.equal(weights[k], averaged[k]) for k in weights)
+    assert all(not torch.equal(weights[k], raw[f"controlnet.{k}"]) for k in weights)
+
+
+def test_the_optimizer_holds_only_controlnet_parameters_under_every_knob(tiny_base):
+    cfg = compose_train(["optimizer=adamw", "lr_scheduler.name=cosine_with_restarts", "model.ema.enabled=true"])
+    module = ControlNetModule(str(tiny_base), num_val_images=0, gradient_checkpointing=True, base_dtype="bfloat16",
+                              optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
+                              lr_scheduler=OmegaConf.to_container(cfg.lr_scheduler, resolve=True), max_steps=10,
+                              ema={"decay": 0.9})
+    optimizer = module.configure_optimizers()["optimizer"]
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert held == {id(p) for p in module.controlnet.parameters()}
+    assert not any(p.requires_grad for name in module.locked_names for p in getattr(module, name).parameters())
+    assert module.locked_unet.dtype == torch.bfloat16 and module.controlnet.dtype == torch.float32
+
+
+class RecordedWrap(torch.nn.Module):
+    """Stands in for FullyShardedDataParallel (which Lightning runs on GPUs only) to see what would be sharded."""
+    def __init__(self, module, **settings):
+        super().__init__()
+        self.module, self.settings = module, settings
+
+
+def test_fsdp_would_shard_the_controlnet_alone(tiny_base):
+    module = ControlNetModule(str(tiny_base), num_val_images=0)
+    controlnet = module.controlnet
+    with enable_wrap(wrapper_cls=RecordedWrap, sharding_strategy="FULL_SHARD"):
+        module.configure_model()
+    assert isinstance(module.controlnet, RecordedWrap) and module.controlnet.module is controlnet
+    assert not any(isinstance(m, RecordedWrap) for name in module.locked_names for m in getattr(module, name).modules())
+    module.configure_model()  # outside Lightning's FSDP context (every other strategy): nothing changes
+    assert module.controlnet.module is controlnet
+
+
+def test_the_fsdp_trainer_composes_and_refuses_ema():
+    cfg = compose_train(["trainer=fsdp"])
+    assert cfg.trainer.strategy._target_.endswith("FSDPStrategy") and cfg.trainer.accelerator == "gpu" and cfg.trainer.devices == 2
+    with pytest.raises(ConfigError, match="model.ema.enabled=true cannot be used with trainer=fsdp"):
+        check_train_config(compose_train(["trainer=fsdp", "model.ema.enabled=true"]))

@@ -1,4 +1,5 @@
-"""Callbacks that sample during training: the fidelity curve (for the sudden-convergence plot) and the user's validation images."""
+"""Callbacks that sample during training: the fidelity curve (for the sudden-convergence plot) and the user's validation images;
+and the batch size Lightning's ThroughputMonitor counts."""
 from __future__ import annotations
 
 import random
@@ -16,6 +17,11 @@ from controlnet_lab.images import save_grid, to_uint8
 from controlnet_lab.metrics.convergence import rise, sudden_step
 from controlnet_lab.metrics.fidelity import ConditionFidelity
 from controlnet_lab.metrics.oracle import mean_mask_iou
+
+
+def batch_size(batch: dict) -> int:
+    """The number of samples in a training batch (for Lightning's ThroughputMonitor)."""
+    return len(batch["prompt"])
 
 
 @contextmanager

@@ -59,6 +59,21 @@ def check_optimization(cfg: DictConfig) -> None:
         raise ConfigError(f"lr_scheduler.name={cfg.lr_scheduler.name!r} is not a diffusers schedule; choose one of {', '.join(names)}")
     if cfg.lr_scheduler.warmup_steps < 0:
         raise ConfigError(f"lr_scheduler.warmup_steps must be >= 0, got {cfg.lr_scheduler.warmup_steps}")
+    ema = cfg.model.ema
+    if ema.enabled:
+        if not 0.0 < ema.decay <= 1.0:
+            raise ConfigError(f"model.ema.decay must be in (0, 1], got {ema.decay}")
+        if sharded(cfg.trainer):
+            raise ConfigError("model.ema.enabled=true cannot be used with trainer=fsdp: the average would need the whole "
+                              "ControlNet on every device, which FSDP shards; use trainer=ddp or model.ema.enabled=false")
+
+
+def sharded(trainer: DictConfig) -> bool:
+    """Whether ``trainer.strategy`` is FSDP (by name or as a configured strategy)."""
+    strategy = trainer.get("strategy")
+    if isinstance(strategy, DictConfig):
+        return "FSDP" in strategy.get("_target_", "")
+    return str(strategy).startswith("fsdp")
 
 
 def check_model_shape(model: DictConfig, resolution: int) -> None:

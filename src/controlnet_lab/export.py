@@ -71,7 +71,7 @@ def load_trained(path: str | Path, key: str = "ckpt") -> TrainedControlNet:
             base = Path(json.loads((Path(path) / "export.json").read_text())["base_source"])
         return TrainedControlNet(load_controlnet(Path(path) / "controlnet").eval(), base, Path(path))
     ckpt = checkpoint_path(path, key)
-    module = ControlNetModule.load_from_checkpoint(ckpt, map_location="cpu")
+    module = ControlNetModule.for_inference(ckpt)
     return TrainedControlNet(module.controlnet.eval(), Path(module.hparams.base_path), ckpt)
 
 
@@ -103,7 +103,7 @@ def export(ckpt: Path, out: Path) -> dict:
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"out={out} exists and is not an empty folder: choose a new one (an export never overwrites)")
-    module = ControlNetModule.load_from_checkpoint(ckpt, map_location="cpu")
+    module = ControlNetModule.for_inference(ckpt)
     global_step = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]
     base_path = Path(module.hparams.base_path)
     # A base the run was given by name (model.base.pretrained_model_name_or_path: SD 1.5's id, a folder) is named;

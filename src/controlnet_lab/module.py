@@ -8,6 +8,11 @@ trained on, and the base is loaded from that folder. A batch may carry what the
 locked parts compute, cached (data/encoded.py); otherwise the module computes it.
 The loss is the MSE against the base's ``prediction_type`` target (epsilon or v), in
 the denoiser's space (latents scaled by the VAE's ``scaling_factor`` on a latent base).
+
+With ``ema`` settings the module keeps diffusers' ``EMAModel`` of the ControlNet's weights,
+stepped once per optimizer step and stored in every checkpoint; ``for_inference`` loads a
+checkpoint with those averaged weights in the ControlNet (what evaluation and export use),
+while resuming from it trains on the raw weights.
 """
 from __future__ import annotations
 
@@ -18,6 +23,9 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.distributed.fsdp.wrap import wrap
 
 from controlnet_lab.bases import load_base
 from controlnet_lab.blocks import build_trainable_copy, check_hint_channels
@@ -28,6 +36,8 @@ LOCKED_PREFIXES = ("locked_unet.", "text_encoder.", "vae.")
 
 
 class ControlNetModule(L.LightningModule):
+    flops_per_batch = None  # not counted: Lightning's ThroughputMonitor then reports samples/s without FLOPs
+
     def __init__(
         self,
         base_path: str,
@@ -49,6 +59,7 @@ class ControlNetModule(L.LightningModule):
         optimizer: dict | None = None,  # a Hydra partial config of the optimizer (conf/optimizer); None: AdamW(lr)
         lr_scheduler: dict | None = None,  # diffusers get_scheduler settings (conf/lr_scheduler); None: constant
         max_steps: int | None = None,  # the training length a decaying schedule spans
+        ema: dict | None = None,  # EMAModel settings (decay, ...) for an average of the ControlNet's weights; None: no EMA
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -66,6 +77,43 @@ class ControlNetModule(L.LightningModule):
             if not self.controlnet._supports_gradient_checkpointing:
                 raise ValueError(f"model.controlnet.gradient_checkpointing=true: {type(self.controlnet).__name__} (block={block}) does not support it")
             self.controlnet.enable_gradient_checkpointing()
+        self.ema = EMAModel(self.controlnet.parameters(), **ema) if ema else None
+
+    @classmethod
+    def for_inference(cls, ckpt: str | Path) -> "ControlNetModule":
+        """A checkpoint's module on the CPU for evaluation or export: with EMA on, its ControlNet holds the EMA weights."""
+        module = cls.load_from_checkpoint(ckpt, map_location="cpu")
+        module.use_ema_weights()
+        return module
+
+    def use_ema_weights(self) -> None:
+        """Put the EMA weights into the ControlNet (nothing without EMA); training from here on would lose the raw ones."""
+        if self.ema is not None:
+            self.ema.copy_to(self.controlnet.parameters())
+
+    def configure_model(self) -> None:
+        """Under trainer=fsdp only the ControlNet is sharded: ``wrap`` applies the strategy's FSDP settings inside
+        Lightning's sharded context and returns the module unchanged under every other strategy. The locked parts have no
+        gradients or optimizer state to shard: each device holds them whole, moved there here because FSDP moves only
+        what it wraps."""
+        if isinstance(self.controlnet, FullyShardedDataParallel):
+            return
+        self.controlnet = wrap(self.controlnet)
+        if isinstance(self.controlnet, FullyShardedDataParallel):
+            device = self.trainer.strategy.root_device
+            for name in self.locked_names:
+                getattr(self, name).to(device)
+
+    def on_fit_start(self) -> None:
+        if self.ema is not None:
+            self.ema.to(self.device)
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        # The average follows each optimizer step (not each batch, which gradient accumulation groups), and is
+        # updated before the step's checkpoint is written.
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:
+            self.ema.step(self.controlnet.parameters())
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -135,8 +183,12 @@ class ControlNetModule(L.LightningModule):
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith(LOCKED_PREFIXES)]:
             del state[key]
+        if self.ema is not None:
+            checkpoint["controlnet_ema"] = self.ema.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.ema is not None:
+            self.ema.load_state_dict(checkpoint["controlnet_ema"])
         # The locked weights come from the base folder; put them back so loading stays strict for the rest.
         for key, value in self.state_dict().items():
             if key.startswith(LOCKED_PREFIXES):

@@ -11,6 +11,7 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from controlnet_lab.bases import base_fingerprint
@@ -118,9 +119,17 @@ def locked_dtype(setting: str, precision) -> str:
     return setting
 
 
-def base_report(base_path: Path, fingerprint: str) -> dict:
-    """What results.json says of the locked base: its folder, fingerprint and, for a base pretrained here, its pretraining report."""
-    report = {"path": str(base_path), "fingerprint": fingerprint}
+def ema_settings(ema: DictConfig) -> dict | None:
+    """``model.ema`` as EMAModel's keyword arguments, or None when it is off."""
+    if not ema.enabled:
+        return None
+    return {k: v for k, v in OmegaConf.to_container(ema, resolve=True).items() if k != "enabled"}
+
+
+def base_report(base_path: Path, fingerprint: str, module: ControlNetModule) -> dict:
+    """What results.json says of the locked base: its folder, fingerprint, the dtype its UNet was kept in during
+    training and, for a base pretrained here, its pretraining report."""
+    report = {"path": str(base_path), "fingerprint": fingerprint, "dtype": str(module.locked_unet.dtype).removeprefix("torch.")}
     pretraining = base_path / "pretrain_config.json"
     if pretraining.is_file():
         recorded = json.loads(pretraining.read_text())
@@ -208,6 +217,7 @@ def train(cfg: DictConfig) -> dict:
         optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
         lr_scheduler=OmegaConf.to_container(cfg.lr_scheduler, resolve=True),
         max_steps=cfg.trainer.max_steps,
+        ema=ema_settings(cfg.model.ema),
     )
     attach_locked_encodings(cfg, module, data, fingerprint)
     loggers = [instantiate_logger(c) for c in (cfg.get("logger") or {}).values()]
@@ -218,10 +228,11 @@ def train(cfg: DictConfig) -> dict:
 
     trainer.fit(module, datamodule=data, ckpt_path=cfg.ckpt_path)
     train_seconds = time.time() - started
+    trained = final_module(trainer, module, output_dir)
     if not trainer.is_global_zero:  # the other DDP processes end with training; rank 0 evaluates and writes the results
         return {}
 
-    evaluation = held_out_scores(cfg, module, data, suite)
+    evaluation = held_out_scores(cfg, trained, data, suite)
     samples = evaluation.pop("samples")
     grid = save_eval_grid(samples, output_dir / "eval_samples.png")
     if "fidelity_curve" in (cfg.get("callbacks") or {}) and fidelity_skip_reason(cfg.data.condition):
@@ -239,7 +250,7 @@ def train(cfg: DictConfig) -> dict:
     record = results_record(cfg, metrics, {
         "global_step": trainer.global_step,
         "base_path": str(base_path),
-        "base": base_report(base_path, fingerprint),
+        "base": base_report(base_path, fingerprint, module),
         "data_root": data.origin,
         "split": data.split_report,
         "wall_time_s": {"total": round(time.time() - started, 1), "until_trained": round(train_seconds, 1)},
@@ -247,6 +258,18 @@ def train(cfg: DictConfig) -> dict:
     })
     (output_dir / "results.json").write_text(json.dumps(record, indent=2))
     return record
+
+
+def final_module(trainer: L.Trainer, module: ControlNetModule, output_dir: Path) -> ControlNetModule:
+    """The trained module the final evaluation scores, with the EMA weights when the run kept them. Under FSDP the
+    ControlNet is sharded across the processes: all of them join in writing the full checkpoint
+    ``checkpoints/final.ckpt``, and rank 0 reads it back whole."""
+    if isinstance(trainer.strategy, FSDPStrategy):
+        path = output_dir / "checkpoints" / "final.ckpt"
+        trainer.save_checkpoint(path)
+        return ControlNetModule.for_inference(path) if trainer.is_global_zero else module
+    module.use_ema_weights()
+    return module
 
 
 def optimized_value(record: dict, name: str | None) -> float | None:

@@ -88,14 +88,19 @@ class TinyTextToImagePipeline(DiffusionPipeline):
         class_labels = pooled if self.uses_pooled_text else None
         down_residuals = mid_residual = None
         if controlnet is not None:
+            # Computed in the ControlNet's dtype (float32 beside a bf16/fp16 base, model.base.dtype), added in the UNet's.
+            dtype = controlnet.dtype
             down_residuals, mid_residual = control_residuals(
-                controlnet, sample, timestep, hidden_states, class_labels, condition, conditioning_scale, resolution_weighting, guided
+                controlnet, sample.to(dtype), timestep, hidden_states.to(dtype), cast(class_labels, dtype), condition,
+                conditioning_scale, resolution_weighting, guided,
             )
+            down_residuals, mid_residual = [r.to(self.unet.dtype) for r in down_residuals], mid_residual.to(self.unet.dtype)
+        dtype = self.unet.dtype
         return self.unet(
-            sample,
+            sample.to(dtype),
             timestep,
-            encoder_hidden_states=hidden_states,
-            class_labels=class_labels,
+            encoder_hidden_states=hidden_states.to(dtype),
+            class_labels=cast(class_labels, dtype),
             down_block_additional_residuals=down_residuals,
             mid_block_additional_residual=mid_residual,
             return_dict=False,
@@ -146,3 +151,7 @@ class TinyTextToImagePipeline(DiffusionPipeline):
                 noise = uncond + guidance_scale * (cond - uncond)
             sample = scheduler.step(noise, t, sample, **step_kwargs).prev_sample
         return sample.clamp(-1, 1)
+
+
+def cast(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if tensor is None else tensor.to(dtype)

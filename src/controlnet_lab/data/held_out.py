@@ -28,7 +28,7 @@ from controlnet_lab.data.samples import Samples
 
 def source_ink(samples: Samples, rows, resolution: int) -> torch.Tensor:
     """(len(rows), resolution**2) float32: each stored condition's brightest channel in [0, 1], as the training resolution sees it."""
-    inks = [samples.pair(int(row), resolution)[1].max(axis=-1) for row in tqdm(rows, desc="reading conditions for the held-out check", unit="img", leave=False)]
+    inks = [samples.condition(int(row), resolution).max(axis=-1) for row in tqdm(rows, desc="reading conditions for the held-out check", unit="img", leave=False)]
     return torch.from_numpy(np.stack(inks).reshape(len(inks), -1).astype(np.float32) / 255.0)
 
 

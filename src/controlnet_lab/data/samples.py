@@ -19,6 +19,7 @@ so serving a sample does not go through the Arrow table.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from pathlib import Path
 import cv2
 import datasets
 import numpy as np
+import PIL.Image
 from PIL import UnidentifiedImageError
 from tqdm import tqdm
 
@@ -103,6 +105,17 @@ class ImageColumn:
         encoded = None if path else self.refs[index][self.column]["bytes"]
         return decode_rgb(encoded, path, f"column {self.column!r}, row {index}")
 
+    def size(self, index: int) -> tuple[int, int]:
+        """(height, width) from the image's header, without decoding its pixels."""
+        path = self.paths[index]
+        source = path or io.BytesIO(self.refs[index][self.column]["bytes"])
+        try:
+            with PIL.Image.open(source) as image:
+                width, height = image.size
+        except (UnidentifiedImageError, OSError) as err:
+            raise DatasetFormatError(f"column {self.column!r}, row {index}: image {path or '(stored bytes)'} is unreadable ({err})") from None
+        return height, width
+
 
 def content_key(encoded: bytes | None, path: str | None, where: str) -> str:
     if encoded is None:
@@ -136,10 +149,18 @@ class Samples:
 
     def pair(self, index: int, resolution: int) -> tuple[np.ndarray, np.ndarray]:
         """(target, stored condition), the condition given its target's geometry."""
-        target, condition = self.targets.read(index), self.conditions.read(index)
-        if condition.shape[:2] != target.shape[:2]:
-            condition = cv2.resize(condition, target.shape[1::-1], interpolation=cv2.INTER_AREA)
-        return fit_square(target, resolution), fit_square(condition, resolution)
+        target = self.targets.read(index)
+        return fit_square(target, resolution), self._fit_condition(index, target.shape[:2], resolution)
+
+    def condition(self, index: int, resolution: int) -> np.ndarray:
+        """The stored condition as ``pair`` gives it, with only its target's header read."""
+        return self._fit_condition(index, self.targets.size(index), resolution)
+
+    def _fit_condition(self, index: int, target_size: tuple[int, int], resolution: int) -> np.ndarray:
+        condition = self.conditions.read(index)
+        if condition.shape[:2] != tuple(target_size):
+            condition = cv2.resize(condition, tuple(target_size)[::-1], interpolation=cv2.INTER_AREA)
+        return fit_square(condition, resolution)
 
     def key(self, index: int) -> str:
         """The row's content: its target's and stored condition's bytes, and its caption."""
