@@ -1,7 +1,10 @@
 """src/train.py through its real Hydra entry point, at smoke size."""
+import csv
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -74,16 +77,33 @@ def test_the_fidelity_curve_does_not_change_training(smoke_run, tmp_path):
     assert with_curve.keys() == without.keys() and all(torch.equal(with_curve[k], without[k]) for k in with_curve)
 
 
-def test_resume_continues_the_global_step(smoke_run):
-    tmp, run_dir = smoke_run
-    result = run_train(["experiment=smoke", "logger=csv", "trainer.max_steps=9", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"], tmp)
-    assert result.returncode == 0, result.stderr[-3000:]
-    runs = sorted((tmp / "outputs" / "smoke" / "runs").iterdir())
-    assert len(runs) == 2, "a resumed run gets its own directory; the first is left as it was"
-    resumed = json.loads((runs[1] / "results.json").read_text())
-    assert resumed["global_step"] == 9
-    assert [point["step"] for point in resumed["metrics"]["curve"]] == [0, 3, 6, 9]  # the curve continues
-    assert json.loads((run_dir / "results.json").read_text())["global_step"] == 6
+def loss_column(run_dir: Path) -> list[tuple[int, str]]:
+    with (run_dir / "csv" / "version_0" / "metrics.csv").open() as log:
+        return [(int(row["step"]), row["train/loss"]) for row in csv.DictReader(log) if row["train/loss"]]
+
+
+def test_a_resumed_run_is_bit_identical_to_an_uninterrupted_one(smoke_run, tmp_path):
+    """6 steps (the smoke run), then resumed in its own directory to 12, against 12 steps straight: the same weights,
+    the same loss at every step, the same scores. The smoke data has 8 batches an epoch, so the resume is mid-epoch."""
+    tmp, first = smoke_run
+    straight = run_train(["experiment=smoke", "logger=csv", "trainer.max_steps=12"], tmp)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    straight_dir = max((tmp / "outputs" / "smoke" / "runs").iterdir())
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(first, interrupted)  # the fixture's run stays as it is for the other tests
+    resumed = run_train(["experiment=smoke", "logger=csv", "trainer.max_steps=12", f"paths.run_dir={interrupted}", "ckpt_path=last"], tmp)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert len(list(tmp_path.iterdir())) == 1  # continued in its own directory, no new one
+
+    weights = [torch.load(d / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"] for d in (straight_dir, interrupted)]
+    assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    losses = loss_column(straight_dir)
+    assert [step for step, _ in losses] == list(range(12)) and loss_column(interrupted) == losses
+    records = [json.loads((d / "results.json").read_text()) for d in (straight_dir, interrupted)]
+    assert records[1]["resumed_from"]["global_step"] == 6 and records[1]["global_step"] == 12
+    for key in ("mask_iou", "color_accuracy", "edge_f1", "curve"):
+        assert records[0]["metrics"][key] == records[1]["metrics"][key], key
+    assert [point["step"] for point in records[1]["metrics"]["curve"]] == [0, 3, 6, 9, 12]
 
 
 def test_base_is_pretrained_once_and_reused(smoke_run):

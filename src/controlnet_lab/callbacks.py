@@ -36,6 +36,34 @@ def preserved_rng():
         torch.set_rng_state(states[2])
 
 
+class RandomState(L.Callback):
+    """The global random state (Python, NumPy, torch and CUDA) in every checkpoint, put back when a run resumes from
+    one: the noise and timesteps drawn after the checkpoint are then those of the uninterrupted run. (The data order
+    and prompt dropout do not use it: data/order.py.)"""
+
+    def __init__(self):
+        self.resumed: dict | None = None
+
+    def state_dict(self) -> dict:
+        kind, keys, position, has_gauss, gauss = np.random.get_state()
+        return {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.copy()), position, has_gauss, gauss],
+                "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.resumed = state_dict
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.resumed is None:
+            return
+        state, self.resumed = self.resumed, None
+        random.setstate(state["python"])
+        kind, keys, position, has_gauss, gauss = state["numpy"]
+        np.random.set_state((kind, keys.numpy(), position, has_gauss, gauss))
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
 class FidelityCurve(L.Callback):
     """At step 0 and every ``every_n_steps``, samples the first ``num_images`` held-out conditions
     (true prompts, fixed noise) and logs ``curve/<fidelity metric>`` and, on fill50k-format data,

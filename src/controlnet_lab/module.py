@@ -60,6 +60,7 @@ class ControlNetModule(L.LightningModule):
         lr_scheduler: dict | None = None,  # diffusers get_scheduler settings (conf/lr_scheduler); None: constant
         max_steps: int | None = None,  # the training length a decaying schedule spans
         ema: dict | None = None,  # EMAModel settings (decay, ...) for an average of the ControlNet's weights; None: no EMA
+        base_fingerprint: str | None = None,  # of the locked base's folder, checked when the checkpoint is loaded again
     ):
         super().__init__()
         self.save_hyperparameters()

@@ -27,6 +27,8 @@ from controlnet_lab.metrics.fidelity import FIDELITY_CONDITIONS, ConditionFideli
 from controlnet_lab.images import save_grid
 from controlnet_lab.locked_encodings import cached_encodings
 from controlnet_lab.module import ControlNetModule
+from controlnet_lab.resume import (check_same_base, checkpoint_summary, continue_csv_log, csv_rows_before, remember_wandb_run_id,
+                                   resume_checkpoint, wandb_run_id)
 
 
 def build_datamodule(data_cfg: DictConfig) -> ControlDataModule:
@@ -156,11 +158,21 @@ def wandb_identity() -> dict:
     return {"group": "single-runs", "name": Path(hydra_cfg.runtime.output_dir).name}
 
 
-def instantiate_logger(logger_cfg: DictConfig):
-    """A logger from its config; a WandbLogger without group or name gets them from the Hydra run."""
+def instantiate_logger(logger_cfg: DictConfig, output_dir: Path, resumed_step: int | None):
+    """A logger from its config; a WandbLogger without group or name gets them from the Hydra run. A run resumed in its
+    own directory continues its W&B run and its CSV log (resume.py)."""
     if logger_cfg._target_.endswith("WandbLogger"):
         identity = {k: v for k, v in wandb_identity().items() if logger_cfg.get(k) is None}
-        return hydra.utils.instantiate(logger_cfg, **identity)
+        run_id = wandb_run_id(output_dir) if resumed_step is not None else None
+        resumed = {"id": run_id, "resume": "allow"} if run_id else {}
+        logger = hydra.utils.instantiate(logger_cfg, **identity, **resumed)
+        remember_wandb_run_id(output_dir, logger.experiment.id)
+        return logger
+    if logger_cfg._target_.endswith("CSVLogger") and resumed_step is not None:
+        version, rows = csv_rows_before(output_dir, resumed_step)
+        logger = hydra.utils.instantiate(logger_cfg, version=version)
+        continue_csv_log(logger, rows)
+        return logger
     return hydra.utils.instantiate(logger_cfg)
 
 
@@ -189,6 +201,7 @@ def train(cfg: DictConfig) -> dict:
     source = base_source(cfg)
     source.check()
     output_dir = Path(cfg.paths.output_dir)
+    resumed = resume_checkpoint(cfg.ckpt_path, output_dir)
     callbacks = training_callbacks(cfg)
     L.seed_everything(cfg.seed, workers=True)
 
@@ -196,6 +209,11 @@ def train(cfg: DictConfig) -> dict:
     suite = metric_suite(cfg, data)
     base_path = base_folder(cfg, source, data)
     fingerprint = base_fingerprint(base_path)
+    resumed_step = None
+    if resumed:
+        summary = checkpoint_summary(resumed)
+        check_same_base(resumed, summary["base_fingerprint"], base_path, fingerprint)
+        resumed_step = summary["global_step"]
 
     L.seed_everything(cfg.seed, workers=True)
     module = ControlNetModule(
@@ -218,15 +236,16 @@ def train(cfg: DictConfig) -> dict:
         lr_scheduler=OmegaConf.to_container(cfg.lr_scheduler, resolve=True),
         max_steps=cfg.trainer.max_steps,
         ema=ema_settings(cfg.model.ema),
+        base_fingerprint=fingerprint,
     )
     attach_locked_encodings(cfg, module, data, fingerprint)
-    loggers = [instantiate_logger(c) for c in (cfg.get("logger") or {}).values()]
+    loggers = [instantiate_logger(c, output_dir, resumed_step) for c in (cfg.get("logger") or {}).values()]
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     trainable = module.trainable_parameter_count()
     for logger in loggers:
         logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True), "trainable_params": trainable})
 
-    trainer.fit(module, datamodule=data, ckpt_path=cfg.ckpt_path)
+    trainer.fit(module, datamodule=data, ckpt_path=resumed)
     train_seconds = time.time() - started
     trained = final_module(trainer, module, output_dir)
     if not trainer.is_global_zero:  # the other DDP processes end with training; rank 0 evaluates and writes the results
@@ -249,6 +268,7 @@ def train(cfg: DictConfig) -> dict:
 
     record = results_record(cfg, metrics, {
         "global_step": trainer.global_step,
+        "resumed_from": {"checkpoint": str(resumed), "global_step": resumed_step} if resumed else None,
         "base_path": str(base_path),
         "base": base_report(base_path, fingerprint, module),
         "data_root": data.origin,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+import torch
 from torch.utils.data import DataLoader
 
 from controlnet_lab.data.colors import parse_prompt
@@ -24,6 +25,7 @@ from controlnet_lab.data.dataset import ControlDataset
 from controlnet_lab.data.encoded import EncodedDataset, LockedEncodings
 from controlnet_lab.data.fill50k import fill50k_samples
 from controlnet_lab.data.held_out import exact_duplicates, near_duplicates, source_ink
+from controlnet_lab.data.order import EpochOrder
 from controlnet_lab.data.readers import folder_samples, hub_samples
 from controlnet_lab.data.samples import CONDITION, IMAGE, TEXT, DatasetFormatError, Samples
 from controlnet_lab.data.synthetic import SyntheticFill50kSpec, write_fill50k
@@ -53,7 +55,8 @@ class ControlDataModule(L.LightningDataModule):
     def __init__(self, name: str, resolution: int, batch_size: int, val_size: int, size: int | None = None,
                  prompt_dropout: float = 0.5, split_seed: int = 0, num_workers: int = 0, condition: str = "stored",
                  detector_weights: str | None = None, canny_thresholds: tuple[int, int] = (100, 200),
-                 held_out: dict | None = None, split: str = "train", val_split: str | None = None, cache_dir: str | Path = ".cache"):
+                 held_out: dict | None = None, split: str = "train", val_split: str | None = None, cache_dir: str | Path = ".cache",
+                 seed: int = 0):
         super().__init__()
         if not 0.0 <= prompt_dropout <= 1.0:
             raise ValueError(f"data.prompt_dropout must be in [0, 1], got {prompt_dropout}")
@@ -67,6 +70,7 @@ class ControlDataModule(L.LightningDataModule):
         self.condition, self.detector_weights, self.canny_thresholds = condition, detector_weights, tuple(canny_thresholds)
         self.exclude_near_duplicates, self.max_distance = held_out["exclude_near_duplicates"], held_out["max_distance"]
         self.split, self.val_split, self.cache_dir = split, val_split, Path(cache_dir)
+        self.seed = seed  # of the training order and prompt-dropout draws (data/order.py)
         self.train_samples: Samples | None = None
         self.val_samples: Samples | None = None
         self.train_rows = self.val_rows = self.pool_rows = np.zeros(0, np.int64)
@@ -173,20 +177,32 @@ class ControlDataModule(L.LightningDataModule):
         return self.dataset("pool", prompt_dropout)
 
     def train_dataloader(self) -> DataLoader:
+        """Batches in data/order.py's order; resumed in the middle of an epoch, the rest of that epoch."""
         dataset = self.train_dataset()
+        epoch, skip = self.resume_position()
         return DataLoader(
             EncodedDataset(dataset, self.train_encodings) if self.train_encodings is not None else dataset,
             batch_size=self.batch_size,
-            shuffle=True,
+            sampler=EpochOrder(len(dataset), self.prompt_dropout, self.seed, epoch, skip),
             drop_last=len(dataset) >= self.batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed),  # worker seeds from here, not from the global random state
         )
+
+    def resume_position(self) -> tuple[int, int]:
+        """(epoch, samples of it already trained) where the trainer resumes; (0, 0) for a fresh run."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 0
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return trainer.current_epoch, batches * self.batch_size
 
     def val_dataloader(self) -> DataLoader:
         dataset = self.val_dataset()
         dataset = EncodedDataset(dataset, self.val_encodings) if self.val_encodings is not None else dataset
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+                          generator=torch.Generator().manual_seed(self.seed))
 
 
 def fill50k_style(samples: Samples) -> bool:

@@ -24,10 +24,11 @@ class ControlDataset(Dataset):
 
     ``condition`` is what the ControlNet sees: a detector's cached map (``detected``), or
     ``make_condition`` of the stored condition (the stored one itself by default); with
-    ``with_condition=False`` items carry none (pretraining a base needs none). The prompt
-    is replaced by "" with probability ``prompt_dropout``, re-drawn each time a sample is
-    served, from Python's ``random``, which Lightning's ``seed_everything(workers=True)``
-    seeds in every worker.
+    ``with_condition=False`` items carry none (pretraining a base needs none). An item is
+    asked for by (index, drop the prompt), as the training order draws them (order.py), or
+    by index alone: the prompt is then replaced by "" with probability ``prompt_dropout``,
+    drawn from Python's ``random``, which Lightning's ``seed_everything(workers=True)`` seeds
+    in every worker.
     """
 
     def __init__(self, samples: Samples, rows, resolution: int, prompt_dropout: float = 0.0,
@@ -53,7 +54,8 @@ class ControlDataset(Dataset):
     def target(self, index: int) -> np.ndarray:
         return self.samples.target(int(self.rows[index]), self.resolution)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, bool]) -> dict:
+        index, dropped = key if isinstance(key, tuple) else (key, self.prompt_dropout > 0 and random.random() < self.prompt_dropout)
         row = int(self.rows[index])
         item = {}
         if self.samples.has_conditions:
@@ -67,7 +69,7 @@ class ControlDataset(Dataset):
         true_prompt = self.samples.prompts[row]
         item.update({
             "target": _chw(target.astype(np.float32) / 127.5 - 1.0),
-            "prompt": "" if random.random() < self.prompt_dropout else true_prompt,
+            "prompt": "" if dropped else true_prompt,
             "true_prompt": true_prompt,
             "index": index,
         })

@@ -35,8 +35,8 @@ class EncodedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> dict:
-        item = self.dataset[index]
+    def __getitem__(self, key) -> dict:
+        item = self.dataset[key]
         encodings = self.encodings
         if encodings.images is not None:
             item["image_encoding"] = encodings.images[item["index"]]
