@@ -61,13 +61,19 @@ def stored_paths(data, part: str) -> list[str]:
     return [samples.conditions.paths[int(row)] for row in rows]
 
 
-def run_train(args: list[str], tmp: Path, timeout: int = 300, script: str = "src/train.py") -> subprocess.CompletedProcess:
-    """An entry point (src/train.py by default) through Hydra, with outputs and caches under ``tmp``."""
+def train_command(args: list[str], tmp: Path, script: str = "src/train.py") -> dict:
+    """subprocess keyword arguments that run an entry point (src/train.py by default) through Hydra, with outputs and
+    caches under ``tmp``."""
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1"}
     flags = [a for a in args if a.startswith("-")]  # Hydra's flags (-m) go before the overrides
     overrides = [a for a in args if not a.startswith("-")]
     command = [sys.executable, str(ROOT / script), *flags, f"paths.log_dir={tmp / 'outputs'}", f"paths.cache_dir={tmp / 'cache'}", *overrides]
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return {"args": command, "cwd": ROOT, "env": env}
+
+
+def run_train(args: list[str], tmp: Path, timeout: int = 300, script: str = "src/train.py") -> subprocess.CompletedProcess:
+    """An entry point (src/train.py by default) through Hydra, with outputs and caches under ``tmp``."""
+    return subprocess.run(**train_command(args, tmp, script), capture_output=True, text=True, timeout=timeout)
 
 
 def train_checkpoint(base: Path, data: Path, block: str, folder: Path, steps: int = 2) -> Path:

@@ -78,3 +78,44 @@ def test_checkpoint_leaves_out_the_locked_base(tiny_base, tmp_path):
 def test_unknown_block_is_rejected(tiny_base):
     with pytest.raises(ValueError, match="block='lego'"):
         ControlNetModule(str(tiny_base), block="lego")
+
+
+class PoisonedBatches(torch.utils.data.Dataset):
+    """The samples of ``dataset``, with a NaN target in every batch from ``from_batch`` on (batch size ``batch``)."""
+
+    def __init__(self, dataset, from_batch: int, batch: int):
+        self.dataset, self.first, self.batch = dataset, from_batch * batch, batch
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        item = self.dataset[index]
+        if index >= self.first:
+            item["target"] = torch.full_like(item["target"], float("nan"))
+        return item
+
+
+def fit_poisoned(tiny_base, tiny_data, folder, skip: bool, count: int = 40) -> tuple[ControlNetModule, L.Trainer]:
+    L.seed_everything(0)
+    module = ControlNetModule(str(tiny_base), num_val_images=0, skip_nonfinite=skip)
+    loader = DataLoader(PoisonedBatches(fill50k_dataset(tiny_data, 16, count=count), from_batch=3, batch=8), batch_size=8)
+    checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=folder, every_n_train_steps=2, save_last=True, save_top_k=0)
+    trainer = L.Trainer(max_epochs=1, logger=False, callbacks=[checkpoints], enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=loader)
+    return module, trainer
+
+
+def test_a_nonfinite_loss_stops_training_at_its_step_and_keeps_the_last_good_checkpoint(tiny_base, tiny_data, tmp_path):
+    with pytest.raises(FloatingPointError, match=r"training loss is nan at step 3 \(the last finite loss: [0-9.]+ at step 2\)"):
+        fit_poisoned(tiny_base, tiny_data, tmp_path, skip=False)
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 2
+
+
+def test_nonfinite_steps_can_be_skipped_and_counted(tiny_base, tiny_data, tmp_path):
+    module, trainer = fit_poisoned(tiny_base, tiny_data, tmp_path / "poisoned", skip=True)
+    clean, _ = fit_poisoned(tiny_base, tiny_data, tmp_path / "clean", skip=True, count=24)
+    # 5 batches, the last 2 poisoned: skipped and counted, leaving the weights of the 3 good steps (Lightning still
+    # counts the skipped steps in its global step).
+    assert module.nonfinite_skips == 2 and clean.nonfinite_skips == 0 and trainer.global_step == 5
+    assert all(torch.equal(a, b) for a, b in zip(module.controlnet.parameters(), clean.controlnet.parameters()))

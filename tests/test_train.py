@@ -1,9 +1,12 @@
 """src/train.py through its real Hydra entry point, at smoke size."""
 import csv
 import json
+import random
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +15,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import ROOT, compose_train, run_train
+from conftest import ROOT, compose_train, run_train, train_command
 from controlnet_lab.bases.pretraining import cache_key
 from controlnet_lab.config_checks import ConfigError, check_train_config
 from controlnet_lab.metrics.convergence import rise, sudden_convergence_step
 from controlnet_lab.metrics.oracle import random_placement_iou
 from controlnet_lab.images import to_uint8
+from controlnet_lab.tables import write_tables
 from controlnet_lab.training import build_datamodule, metric_suite
 
 
@@ -82,28 +86,53 @@ def loss_column(run_dir: Path) -> list[tuple[int, str]]:
         return [(int(row["step"]), row["train/loss"]) for row in csv.DictReader(log) if row["train/loss"]]
 
 
-def test_a_resumed_run_is_bit_identical_to_an_uninterrupted_one(smoke_run, tmp_path):
-    """6 steps (the smoke run), then resumed in its own directory to 12, against 12 steps straight: the same weights,
-    the same loss at every step, the same scores. The smoke data has 8 batches an epoch, so the resume is mid-epoch."""
-    tmp, first = smoke_run
-    straight = run_train(["experiment=smoke", "logger=csv", "trainer.max_steps=12"], tmp)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    straight_dir = max((tmp / "outputs" / "smoke" / "runs").iterdir())
-    interrupted = tmp_path / "interrupted"
-    shutil.copytree(first, interrupted)  # the fixture's run stays as it is for the other tests
-    resumed = run_train(["experiment=smoke", "logger=csv", "trainer.max_steps=12", f"paths.run_dir={interrupted}", "ckpt_path=last"], tmp)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert len(list(tmp_path.iterdir())) == 1  # continued in its own directory, no new one
+def killed_after_first_checkpoint(args: list[str], tmp: Path, run_dir: Path, delay: float) -> None:
+    """Start a run in ``run_dir`` and SIGKILL it ``delay`` seconds after its first checkpoint appears."""
+    process = subprocess.Popen(**train_command([*args, f"paths.run_dir={run_dir}"], tmp), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (run_dir / "checkpoints" / "last.ckpt").is_file() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(delay)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
 
-    weights = [torch.load(d / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"] for d in (straight_dir, interrupted)]
+
+def assert_same_run(straight: Path, resumed: Path) -> None:
+    """The same final weights (bitwise), the same loss at every step, the same scores."""
+    weights = [torch.load(d / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"] for d in (straight, resumed)]
     assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
-    losses = loss_column(straight_dir)
-    assert [step for step, _ in losses] == list(range(12)) and loss_column(interrupted) == losses
-    records = [json.loads((d / "results.json").read_text()) for d in (straight_dir, interrupted)]
-    assert records[1]["resumed_from"]["global_step"] == 6 and records[1]["global_step"] == 12
+    losses = loss_column(straight)
+    assert [step for step, _ in losses] == list(range(12)) and loss_column(resumed) == losses
+    records = [json.loads((d / "results.json").read_text()) for d in (straight, resumed)]
+    assert records[1]["global_step"] == 12
     for key in ("mask_iou", "color_accuracy", "edge_f1", "curve"):
         assert records[0]["metrics"][key] == records[1]["metrics"][key], key
-    assert [point["step"] for point in records[1]["metrics"]["curve"]] == [0, 3, 6, 9, 12]
+
+
+def test_a_resumed_run_is_bit_identical_to_an_uninterrupted_one(smoke_run, tmp_path):
+    """12 steps straight, against: 6 steps (the smoke run) resumed in its own directory to 12 (mid-epoch: the smoke data
+    has 8 batches an epoch); and a run SIGKILLed at a random time after its first checkpoint (step 3), then resumed."""
+    tmp, first = smoke_run
+    args = ["experiment=smoke", "logger=csv", "trainer.max_steps=12"]
+    straight = run_train(args, tmp)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    straight_dir = max((tmp / "outputs" / "smoke" / "runs").iterdir())
+
+    stopped = tmp_path / "stopped"
+    shutil.copytree(first, stopped)  # the fixture's run stays as it is for the other tests
+    resumed = run_train([*args, f"paths.run_dir={stopped}", "ckpt_path=last"], tmp)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(straight_dir, stopped)
+    record = json.loads((stopped / "results.json").read_text())
+    assert record["resumed_from"]["global_step"] == 6 and [p["step"] for p in record["metrics"]["curve"]] == [0, 3, 6, 9, 12]
+
+    killed, delay = tmp_path / "killed", random.uniform(0.0, 3.0)
+    killed_after_first_checkpoint(args, tmp, killed, delay)
+    step = torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    resumed = run_train([*args, f"paths.run_dir={killed}", "ckpt_path=last"], tmp)
+    assert resumed.returncode == 0, f"killed {delay:.2f} s after the first checkpoint, at step {step}: {resumed.stderr[-3000:]}"
+    assert_same_run(straight_dir, killed)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["killed", "stopped"]  # each continued in its own directory
 
 
 def test_base_is_pretrained_once_and_reused(smoke_run):
@@ -233,3 +262,19 @@ def test_the_domain_feature_net_does_not_depend_on_the_training_size(tiny_data, 
                              "eval.fid_domain.steps=2", "eval.fid_domain.count=16", f"paths.cache_dir={tmp_path}"])
         metric_suite(cfg, build_datamodule(cfg.data))
     assert len(list((tmp_path / "fid_domain").glob("*.safetensors"))) == 1
+
+
+def test_a_failed_sweep_job_is_recorded_and_the_others_run(tmp_path):
+    result = run_train(["-m", "experiment=smoke", "logger=csv", "eval.fid_domain.enabled=false", "~callbacks.fidelity_curve",
+                        "data.prompt_dropout=7,0.5"], tmp_path, timeout=600)
+    assert result.returncode != 0  # the sweep reports its failure at the end
+    (sweep,) = (tmp_path / "outputs" / "smoke" / "multiruns").iterdir()
+    (failed_dir,) = sweep.glob("0_data.prompt_dropout=7*")
+    failed = json.loads((failed_dir / "failed.json").read_text())
+    assert failed["status"] == "failed" and failed["error"] == "ConfigError: data.prompt_dropout must be in [0, 1], got 7"
+    (finished,) = sweep.glob("1_data.prompt_dropout=0.5*/results.json")
+    assert json.loads(finished.read_text())["global_step"] == 6  # ran after the failure
+    output = result.stdout + result.stderr
+    assert "1 job(s) of this sweep failed so far" in output and f"{failed_dir.name}: ConfigError" in output
+    write_tables(sweep)
+    assert f"{failed_dir.name}: failed (ConfigError: data.prompt_dropout must be in [0, 1], got 7)" in (sweep / "table.md").read_text()

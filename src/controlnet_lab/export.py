@@ -104,7 +104,7 @@ def export(ckpt: Path, out: Path) -> dict:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"out={out} exists and is not an empty folder: choose a new one (an export never overwrites)")
     module = ControlNetModule.for_inference(ckpt)
-    global_step = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]
+    global_step = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
     base_path = Path(module.hparams.base_path)
     # A base the run was given by name (model.base.pretrained_model_name_or_path: SD 1.5's id, a folder) is named;
     # one the harness pretrained (small, and found nowhere else) is copied.

@@ -27,7 +27,7 @@ from diffusers.training_utils import EMAModel
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.fsdp.wrap import wrap
 
-from controlnet_lab.bases import load_base
+from controlnet_lab.bases import base_fingerprint, load_base
 from controlnet_lab.blocks import build_trainable_copy, check_hint_channels
 from controlnet_lab.objective import noisy_batch
 from controlnet_lab.images import save_grid, to_uint8
@@ -61,6 +61,7 @@ class ControlNetModule(L.LightningModule):
         max_steps: int | None = None,  # the training length a decaying schedule spans
         ema: dict | None = None,  # EMAModel settings (decay, ...) for an average of the ControlNet's weights; None: no EMA
         base_fingerprint: str | None = None,  # of the locked base's folder, checked when the checkpoint is loaded again
+        skip_nonfinite: bool = False,  # skip (and count) a step whose loss is not finite, instead of stopping the run
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -79,11 +80,21 @@ class ControlNetModule(L.LightningModule):
                 raise ValueError(f"model.controlnet.gradient_checkpointing=true: {type(self.controlnet).__name__} (block={block}) does not support it")
             self.controlnet.enable_gradient_checkpointing()
         self.ema = EMAModel(self.controlnet.parameters(), **ema) if ema else None
+        self.nonfinite_skips = 0
+        self.last_finite: tuple[int, torch.Tensor] | None = None  # (step, loss) of the last step with a finite loss
 
     @classmethod
     def for_inference(cls, ckpt: str | Path) -> "ControlNetModule":
-        """A checkpoint's module on the CPU for evaluation or export: with EMA on, its ControlNet holds the EMA weights."""
-        module = cls.load_from_checkpoint(ckpt, map_location="cpu")
+        """A checkpoint's module on the CPU for evaluation or export: with EMA on, its ControlNet holds the EMA weights.
+        The file is read with ``weights_only=True`` (nothing is unpickled), and refused when the locked base it was
+        trained on has changed since."""
+        module = cls.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+        recorded = module.hparams.get("base_fingerprint")
+        if recorded:
+            found = base_fingerprint(Path(module.hparams.base_path))
+            if found != recorded:
+                raise ValueError(f"{ckpt} was trained on a locked base with fingerprint {recorded}, but the base at "
+                                 f"{module.hparams.base_path} has fingerprint {found}: the base folder changed since")
         module.use_ema_weights()
         return module
 
@@ -137,8 +148,18 @@ class ControlNetModule(L.LightningModule):
         prediction = self.base.predict_noise(noisy, timesteps, hidden, pooled, self.controlnet, batch["condition"])
         return F.mse_loss(prediction.float(), target.float())
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         loss = self.diffusion_loss(batch)
+        if not torch.isfinite(loss):
+            if self.hparams.skip_nonfinite:  # returning None skips the optimizer step (Lightning's automatic optimization)
+                self.nonfinite_skips += 1
+                self.log("train/nonfinite_skips", float(self.nonfinite_skips), batch_size=len(batch["prompt"]))
+                return None
+            last = "none before it" if self.last_finite is None else f"{self.last_finite[1].item():.6g} at step {self.last_finite[0]}"
+            raise FloatingPointError(f"training loss is {loss.item()} at step {self.global_step} (the last finite loss: {last}); "
+                                     "the run stops here and its last checkpoint is the last good one; lower "
+                                     "model.controlnet.lr, or set skip_nonfinite=true to skip such steps")
+        self.last_finite = (self.global_step, loss.detach())
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["prompt"]))
         return loss
 
@@ -186,8 +207,10 @@ class ControlNetModule(L.LightningModule):
             del state[key]
         if self.ema is not None:
             checkpoint["controlnet_ema"] = self.ema.state_dict()
+        checkpoint["nonfinite_skips"] = self.nonfinite_skips
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.nonfinite_skips = checkpoint.get("nonfinite_skips", 0)
         if self.ema is not None:
             self.ema.load_state_dict(checkpoint["controlnet_ema"])
         # The locked weights come from the base folder; put them back so loading stays strict for the rest.

@@ -17,8 +17,13 @@ WANDB_ID_FILE = "wandb_run_id"
 
 
 def resume_checkpoint(ckpt_path: str | None, output_dir: Path) -> Path | None:
-    """The checkpoint this run resumes from, or None for a fresh run (which must not write over another run's)."""
+    """The checkpoint this run resumes from, or None for a fresh run (which must not write over another run's).
+    A SLURM job requeued by Lightning (which saved ``hpc_ckpt_<n>.ckpt`` in the run directory on the requeue signal)
+    resumes from its newest such checkpoint, as Lightning itself would."""
     if not ckpt_path:
+        requeued = sorted(output_dir.glob("hpc_ckpt_*.ckpt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+        if requeued:
+            return requeued[-1]
         if any((output_dir / "checkpoints").glob("*.ckpt")):
             raise FileExistsError(f"{output_dir} holds another run's checkpoints: resume it with ckpt_path=last, or leave "
                                   "paths.run_dir unset for a new run directory")

@@ -21,6 +21,7 @@ import wandb  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from controlnet_lab.evaluation import PROMPT_SETTINGS  # noqa: E402
+from controlnet_lab.failures import failed_jobs  # noqa: E402
 from controlnet_lab.task import wandb_mode  # noqa: E402
 
 METHOD_KEYS = ("block", "data.size", "data.prompt_dropout", "data.condition", "sampling.guidance_scale", "sampling.resolution_weighting")
@@ -142,7 +143,7 @@ def write_tables(sweep_dir: Path, out_dir: Path | None = None, rescored: bool = 
     summary = summarize(frame)
     table = display_table(summary)
     paths = {"markdown": out_dir / "table.md", "csv": out_dir / "table.csv", "latex": out_dir / "table.tex"}
-    note = f"\n\n{len(unfinished)} job(s) left no results.json or eval.json: {', '.join(p.name for p in unfinished)}\n" if unfinished else "\n"
+    note = unfinished_note(sweep_dir, unfinished)
     if rescored:
         count = sum((Path(job) / "checkpoints" / "eval.json").is_file() for job in frame["job_dir"])
         note += f"\nMetrics of {count} of {len(frame)} jobs re-scored by eval/evaluate.py (their checkpoints/eval.json).\n"
@@ -155,6 +156,16 @@ def write_tables(sweep_dir: Path, out_dir: Path | None = None, rescored: bool = 
     if "metrics.curve" in frame:
         paths["curves"] = plot_curves(frame, out_dir / "fidelity_curves.png")
     return table, paths
+
+
+def unfinished_note(sweep_dir: Path, unfinished: list[Path]) -> str:
+    """The jobs missing from the table: those that failed (with their error, failures.py) and those that never finished."""
+    if not unfinished:
+        return "\n"
+    failed = failed_jobs(sweep_dir)
+    lines = [f"- {job.name}: failed ({failed[job.name]})" if job.name in failed else f"- {job.name}: left no results.json or eval.json"
+             for job in unfinished]
+    return f"\n\n{len(unfinished)} job(s) of the sweep are not in the table:\n\n" + "\n".join(lines) + "\n"
 
 
 def log_to_wandb(table: pd.DataFrame, paths: dict[str, Path], sweep_dir: Path, project: str = "controlnet-lab") -> None:

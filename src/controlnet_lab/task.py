@@ -1,15 +1,20 @@
-"""Wrapper for Hydra tasks (as in lightning-hydra-template): the composed config printed as a tree, W&B always
-finishes (so multirun jobs never share a run); and the W&B mode for runs outside the logger."""
+"""Wrapper for Hydra tasks (as in lightning-hydra-template): the composed config printed as a tree, a failure recorded
+in the job's directory (failures.py), W&B always finishes (so multirun jobs never share a run); and the W&B mode for
+runs outside the logger."""
 from __future__ import annotations
 
 import functools
 import os
 import sys
+from pathlib import Path
 
 import rich
 import rich.syntax
 import rich.tree
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+
+from controlnet_lab.failures import record_failure
 
 
 def print_config_tree(cfg: DictConfig) -> None:
@@ -32,6 +37,11 @@ def task_wrapper(task):
             if cfg.get("extras", {}).get("print_config", False):
                 print_config_tree(cfg)
             return task(cfg)
+        except Exception as error:
+            if HydraConfig.initialized():
+                runtime = HydraConfig.get()
+                record_failure(Path(runtime.runtime.output_dir), error, list(runtime.overrides.task))
+            raise
         finally:
             if "wandb" in sys.modules:
                 import wandb

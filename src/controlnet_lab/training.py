@@ -237,6 +237,7 @@ def train(cfg: DictConfig) -> dict:
         max_steps=cfg.trainer.max_steps,
         ema=ema_settings(cfg.model.ema),
         base_fingerprint=fingerprint,
+        skip_nonfinite=cfg.skip_nonfinite,
     )
     attach_locked_encodings(cfg, module, data, fingerprint)
     loggers = [instantiate_logger(c, output_dir, resumed_step) for c in (cfg.get("logger") or {}).values()]
@@ -245,7 +246,7 @@ def train(cfg: DictConfig) -> dict:
     for logger in loggers:
         logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True), "trainable_params": trainable})
 
-    trainer.fit(module, datamodule=data, ckpt_path=resumed)
+    trainer.fit(module, datamodule=data, ckpt_path=resumed, weights_only=True)
     train_seconds = time.time() - started
     trained = final_module(trainer, module, output_dir)
     if not trainer.is_global_zero:  # the other DDP processes end with training; rank 0 evaluates and writes the results
@@ -256,7 +257,7 @@ def train(cfg: DictConfig) -> dict:
     grid = save_eval_grid(samples, output_dir / "eval_samples.png")
     if "fidelity_curve" in (cfg.get("callbacks") or {}) and fidelity_skip_reason(cfg.data.condition):
         evaluation["skipped"]["curve"] = fidelity_skip_reason(cfg.data.condition)
-    metrics = {**evaluation, "trainable_params": trainable,
+    metrics = {**evaluation, "trainable_params": trainable, "nonfinite_steps_skipped": module.nonfinite_skips,
                "block_init_std": connection_init_stds(module.controlnet, cfg.block.name, cfg.block.get("std"))}
     curves = [c for c in callbacks if isinstance(c, FidelityCurve)]
     if curves:
