@@ -201,7 +201,7 @@ def test_smoke_trains_on_a_saved_sd_folder(sd_folder, tmp_path):
 
     # The run's checkpoint through the other entry points, unchanged for the user.
     run_dir = next((tmp_path / "outputs").rglob("results.json")).parent
-    source = next((tmp_path / "cache" / "data").rglob("source/*.png"))
+    source = next(Path(results["data_root"]).rglob("source/*.png"))
     sampled = run_train([f"ckpt={run_dir}", f"condition={source}", "prompt=red circle with blue background", "num_inference_steps=2",
                          "guidance_scale=2.0", "resolution_weighting=paper"], tmp_path, script="src/sample.py")
     assert sampled.returncode == 0, sampled.stderr[-3000:]
