@@ -164,6 +164,10 @@ def test_a_detector_condition_is_computed_once(photo_folder, tmp_path, monkeypat
     again = FolderDataModule(root=str(photo_folder), condition="canny", cache_dir=tmp_path, **SETTINGS)
     again.setup()
     assert len(calls) == 16  # a second run reads the maps from the cache
+    damaged = again.detected["train"].path(int(again.train_rows[0]))
+    damaged.write_bytes(damaged.read_bytes()[:20])  # cut short
+    FolderDataModule(root=str(photo_folder), condition="canny", cache_dir=tmp_path, **SETTINGS).setup()
+    assert len(calls) == 17  # that one map is made again, the others read
 
 
 def test_stored_conditions_keep_their_target_geometry(tmp_path):

@@ -2,13 +2,19 @@
 import pickle
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from conftest import fill50k_dataset
+from controlnet_lab.bases import base_fingerprint, load_base
+from controlnet_lab.bases.pretraining import build_once
 from controlnet_lab.data.order import EpochOrder
+from controlnet_lab.locked_encodings import cached_encodings, read_encodings
 from controlnet_lab.module import ControlNetModule
-from controlnet_lab.resume import checkpoint_summary, resume_checkpoint
+from controlnet_lab.resume import read_checkpoint, resume_checkpoint
+from controlnet_lab.storage import check_room
 
 
 def test_an_epoch_resumed_after_k_samples_serves_the_rest_of_the_same_epoch():
@@ -38,7 +44,7 @@ def test_a_checkpoint_with_a_pickled_payload_is_refused(tmp_path, trained_checkp
     checkpoint["hyper_parameters"]["note"] = Payload()
     path = tmp_path / "malicious.ckpt"
     torch.save(checkpoint, path)
-    for load in (ControlNetModule.for_inference, checkpoint_summary):
+    for load in (ControlNetModule.for_inference, read_checkpoint):
         with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
             load(path)
     assert not marker.exists()  # the payload never ran
@@ -55,12 +61,59 @@ def test_a_checkpoint_whose_base_changed_is_refused(tmp_path, trained_checkpoint
         ControlNetModule.for_inference(path)
 
 
-def test_a_new_run_never_writes_over_another_runs_checkpoints(tmp_path):
-    (tmp_path / "checkpoints").mkdir()
+def test_resume_finds_the_newest_readable_checkpoint_and_never_writes_over_another_run(tmp_path, trained_checkpoints, caplog):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
     assert resume_checkpoint("last", tmp_path) is None  # a requeued job before its first checkpoint starts afresh
-    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
+    good = trained_checkpoints["zero"].read_bytes()
+    (folder / "step=000002.ckpt").write_bytes(good)
+    (folder / "step=000004.ckpt").write_bytes(good[: len(good) // 2])  # a write cut short
+    (folder / "last.ckpt").write_bytes(good[:100])
     with pytest.raises(FileExistsError, match="holds another run's checkpoints: resume it with ckpt_path=last"):
         resume_checkpoint(None, tmp_path)
-    assert resume_checkpoint("latest", tmp_path) == tmp_path / "checkpoints" / "last.ckpt"
+    resumed = resume_checkpoint("latest", tmp_path)
+    assert resumed.path == folder / "step=000002.ckpt" and resumed.global_step == 2
+    assert [reason.split(":")[0] for reason in resumed.passed_over] == [str(folder / "last.ckpt"), str(folder / "step=000004.ckpt")]
+    assert "passing over an unreadable checkpoint" in caplog.text
+    (folder / "step=000002.ckpt").unlink()
+    with pytest.raises(RuntimeError, match="no readable checkpoint to resume from"):
+        resume_checkpoint("last", tmp_path)
     with pytest.raises(FileNotFoundError, match="ckpt_path=nowhere.ckpt: no checkpoint there"):
         resume_checkpoint("nowhere.ckpt", tmp_path)
+
+
+def test_a_disk_without_room_for_the_checkpoints_stops_the_run_first(tmp_path, monkeypatch):
+    free = 10 * 2**20
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: SimpleNamespace(free=free))
+    check_room(tmp_path / "a", trainable_parameters=100_000, ema=False, kept=3)  # 4 x 1.2 MB fit in 10 MB
+    with pytest.raises(OSError, match=r"need about 0.06 GiB \(4 files of 0.01 GiB: the ControlNet's weights and AdamW state and EMA\), "
+                                      r"but 0.01 GiB are free; .*lower callbacks.checkpoint.save_top_k"):
+        check_room(tmp_path / "b", trainable_parameters=1_000_000, ema=True, kept=3)
+
+
+def test_a_cached_base_cut_short_is_built_again(tiny_base, tmp_path, caplog):
+    builds = []
+
+    def build(staging: Path) -> dict:
+        builds.append(staging)
+        shutil.copytree(tiny_base, staging, dirs_exist_ok=True)
+        return {"steps": 0}
+
+    folder = build_once(tmp_path / "base-key", build)
+    assert build_once(folder, build) == folder and len(builds) == 1  # reused while intact
+    (weights,) = (folder / "unet").glob("*.safetensors")
+    weights.write_bytes(weights.read_bytes()[:-100])
+    assert build_once(folder, build) == folder and len(builds) == 2
+    assert f"the cached base {folder} is corrupt" in caplog.text and base_fingerprint(folder) == base_fingerprint(tiny_base)
+
+
+def test_cached_encodings_cut_short_are_computed_again(tiny_base, tiny_data, tmp_path, caplog):
+    base = load_base(tiny_base)
+    dataset = fill50k_dataset(tiny_data, 16, count=6)
+    first = cached_encodings(base, "fingerprint", dataset, tmp_path)
+    (path,) = tmp_path.glob("encodings-*.safetensors")
+    path.write_bytes(path.read_bytes()[:50])
+    again = cached_encodings(base, "fingerprint", dataset, tmp_path)
+    assert f"the cached encodings {path} are unreadable" in caplog.text
+    assert torch.equal(first.text_hidden, again.text_hidden) and torch.equal(first.images, again.images)
+    assert read_encodings(path, len(dataset)) is not None  # written again, whole

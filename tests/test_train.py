@@ -86,15 +86,15 @@ def loss_column(run_dir: Path) -> list[tuple[int, str]]:
         return [(int(row["step"]), row["train/loss"]) for row in csv.DictReader(log) if row["train/loss"]]
 
 
-def killed_after_first_checkpoint(args: list[str], tmp: Path, run_dir: Path, delay: float) -> None:
-    """Start a run in ``run_dir`` and SIGKILL it ``delay`` seconds after its first checkpoint appears."""
+def signalled_after_first_checkpoint(args: list[str], tmp: Path, run_dir: Path, signum: int, delay: float) -> int:
+    """Start a run in ``run_dir``, send it ``signum`` ``delay`` seconds after its first checkpoint appears; its exit status."""
     process = subprocess.Popen(**train_command([*args, f"paths.run_dir={run_dir}"], tmp), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while not (run_dir / "checkpoints" / "last.ckpt").is_file() and process.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     time.sleep(delay)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    process.send_signal(signum)
+    return process.wait(timeout=240)
 
 
 def assert_same_run(straight: Path, resumed: Path) -> None:
@@ -111,7 +111,8 @@ def assert_same_run(straight: Path, resumed: Path) -> None:
 
 def test_a_resumed_run_is_bit_identical_to_an_uninterrupted_one(smoke_run, tmp_path):
     """12 steps straight, against: 6 steps (the smoke run) resumed in its own directory to 12 (mid-epoch: the smoke data
-    has 8 batches an epoch); and a run SIGKILLed at a random time after its first checkpoint (step 3), then resumed."""
+    has 8 batches an epoch); and runs sent SIGKILL or SIGTERM at a random time after their first checkpoint (step 3),
+    then resumed."""
     tmp, first = smoke_run
     args = ["experiment=smoke", "logger=csv", "trainer.max_steps=12"]
     straight = run_train(args, tmp)
@@ -126,13 +127,16 @@ def test_a_resumed_run_is_bit_identical_to_an_uninterrupted_one(smoke_run, tmp_p
     record = json.loads((stopped / "results.json").read_text())
     assert record["resumed_from"]["global_step"] == 6 and [p["step"] for p in record["metrics"]["curve"]] == [0, 3, 6, 9, 12]
 
-    killed, delay = tmp_path / "killed", random.uniform(0.0, 3.0)
-    killed_after_first_checkpoint(args, tmp, killed, delay)
-    step = torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
-    resumed = run_train([*args, f"paths.run_dir={killed}", "ckpt_path=last"], tmp)
-    assert resumed.returncode == 0, f"killed {delay:.2f} s after the first checkpoint, at step {step}: {resumed.stderr[-3000:]}"
-    assert_same_run(straight_dir, killed)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["killed", "stopped"]  # each continued in its own directory
+    # SIGKILL anywhere up to the end of the run; SIGTERM within the 9 training steps after the first checkpoint.
+    for name, signum, latest in (("killed", signal.SIGKILL, 3.0), ("terminated", signal.SIGTERM, 1.0)):
+        run_dir, delay = tmp_path / name, random.uniform(0.0, latest)
+        status = signalled_after_first_checkpoint(args, tmp, run_dir, signum, delay)
+        if signum == signal.SIGTERM:  # the state after the batch in progress is saved, then the run stops
+            assert status == 143 and (run_dir / "checkpoints" / "interrupted.ckpt").is_file(), f"status {status} after {delay:.2f} s"
+        resumed = run_train([*args, f"paths.run_dir={run_dir}", "ckpt_path=last"], tmp)
+        assert resumed.returncode == 0, f"{name} {delay:.2f} s after the first checkpoint: {resumed.stderr[-3000:]}"
+        assert_same_run(straight_dir, run_dir)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["killed", "stopped", "terminated"]  # each continued in its own directory
 
 
 def test_base_is_pretrained_once_and_reused(smoke_run):

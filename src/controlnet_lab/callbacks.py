@@ -8,6 +8,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import OnExceptionCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 import numpy as np
 import torch
 
@@ -36,13 +38,19 @@ def preserved_rng():
         torch.set_rng_state(states[2])
 
 
-class RandomState(L.Callback):
-    """The global random state (Python, NumPy, torch and CUDA) in every checkpoint, put back when a run resumes from
-    one: the noise and timesteps drawn after the checkpoint are then those of the uninterrupted run. (The data order
-    and prompt dropout do not use it: data/order.py.)"""
+class ResumeState(L.Callback):
+    """What a resumed run needs beyond Lightning's own checkpoint. The global random state (Python, NumPy, torch and
+    CUDA) goes into every checkpoint and is put back when a run resumes from one: the noise and timesteps drawn after
+    the checkpoint are then those of the uninterrupted run (the data order and prompt dropout do not use it:
+    data/order.py). And the loggers are flushed with every checkpoint (the CSV logger otherwise writes every 100 steps),
+    so a run killed after a checkpoint leaves every row logged up to it."""
 
     def __init__(self):
         self.resumed: dict | None = None
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        for logger in trainer.loggers:
+            logger.save()
 
     def state_dict(self) -> dict:
         kind, keys, position, has_gauss, gauss = np.random.get_state()
@@ -62,6 +70,17 @@ class RandomState(L.Callback):
         torch.set_rng_state(state["torch"])
         if state["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class PreemptionCheckpoint(OnExceptionCheckpoint):
+    """Lightning's on-exception checkpoint, written on SIGTERM only (what SLURM and other schedulers send before they
+    stop a job; Lightning stops after the batch in progress and raises ``SIGTERMException``). A crash or a non-finite
+    loss leaves the last periodic checkpoint as the newest, the last good one. ``ckpt_path=last`` resumes from the
+    newer of this and last.ckpt."""
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):
+            super().on_exception(trainer, pl_module, exception)
 
 
 class FidelityCurve(L.Callback):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from tqdm import tqdm
 
 from controlnet_lab.data.encoded import LockedEncodings
 from controlnet_lab.data.dataset import ControlDataset
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -61,9 +64,9 @@ def cached_encodings(base, base_fingerprint: str, dataset: ControlDataset, cache
     """``compute_encodings`` through the disk cache: read when present, computed and stored otherwise."""
     path = Path(cache_dir) / f"encodings-{encodings_key(base_fingerprint, dataset, images, text)}.safetensors"
     if path.is_file():
-        tensors = load_file(str(path))
-        prompts = json.loads(path.with_suffix(".json").read_text())
-        return LockedEncodings(tensors.get("images"), tensors.get("text_hidden"), tensors.get("text_pooled"), prompts)
+        cached = read_encodings(path, len(dataset) if images else None)
+        if cached is not None:
+            return cached
     encodings = compute_encodings(base, dataset, images, text)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}")
@@ -71,3 +74,17 @@ def cached_encodings(base, base_fingerprint: str, dataset: ControlDataset, cache
     path.with_suffix(".json").write_text(json.dumps(encodings.prompt_rows))
     os.replace(partial, path)  # the tensors last: their presence means the pair is complete
     return encodings
+
+
+def read_encodings(path: Path, samples: int | None) -> LockedEncodings | None:
+    """The cached encodings, or None (with a warning naming the file) when the file or its prompt index cannot be read
+    or does not hold one encoding per sample: such a cache is computed again, never trained on."""
+    try:
+        tensors = load_file(str(path))
+        prompts = json.loads(path.with_suffix(".json").read_text())
+        if samples is not None and len(tensors["images"]) != samples:
+            raise ValueError(f"{len(tensors['images'])} image encodings for {samples} samples")
+    except Exception as err:  # safetensors raises its own error type for a file cut short
+        log.warning(f"the cached encodings {path} are unreadable ({type(err).__name__}: {err}): computing them again")
+        return None
+    return LockedEncodings(tensors.get("images"), tensors.get("text_hidden"), tensors.get("text_pooled"), prompts)

@@ -27,7 +27,7 @@ from diffusers.training_utils import EMAModel
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.fsdp.wrap import wrap
 
-from controlnet_lab.bases import base_fingerprint, load_base
+from controlnet_lab.bases import check_same_base, load_base
 from controlnet_lab.blocks import build_trainable_copy, check_hint_channels
 from controlnet_lab.objective import noisy_batch
 from controlnet_lab.images import save_grid, to_uint8
@@ -89,12 +89,7 @@ class ControlNetModule(L.LightningModule):
         The file is read with ``weights_only=True`` (nothing is unpickled), and refused when the locked base it was
         trained on has changed since."""
         module = cls.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
-        recorded = module.hparams.get("base_fingerprint")
-        if recorded:
-            found = base_fingerprint(Path(module.hparams.base_path))
-            if found != recorded:
-                raise ValueError(f"{ckpt} was trained on a locked base with fingerprint {recorded}, but the base at "
-                                 f"{module.hparams.base_path} has fingerprint {found}: the base folder changed since")
+        check_same_base(ckpt, module.hparams.get("base_fingerprint"), module.hparams.base_path)
         module.use_ema_weights()
         return module
 

@@ -1,10 +1,12 @@
 """Wrapper for Hydra tasks (as in lightning-hydra-template): the composed config printed as a tree, a failure recorded
-in the job's directory (failures.py), W&B always finishes (so multirun jobs never share a run); and the W&B mode for
+in the job's directory (failures.py), a stop by SIGTERM reported with how to resume (exit status 143), W&B always finishes (so multirun jobs never share a run); and the W&B mode for
 runs outside the logger."""
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -12,9 +14,12 @@ import rich
 import rich.syntax
 import rich.tree
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from controlnet_lab.failures import record_failure
+
+log = logging.getLogger(__name__)
 
 
 def print_config_tree(cfg: DictConfig) -> None:
@@ -37,6 +42,11 @@ def task_wrapper(task):
             if cfg.get("extras", {}).get("print_config", False):
                 print_config_tree(cfg)
             return task(cfg)
+        except SIGTERMException:
+            where = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else "<run dir>"
+            log.warning(f"stopped by SIGTERM: checkpoints/interrupted.ckpt holds the run after its last finished batch; "
+                        f"resume with paths.run_dir={where} ckpt_path=last")
+            raise SystemExit(128 + signal.SIGTERM) from None
         except Exception as error:
             if HydraConfig.initialized():
                 runtime = HydraConfig.get()

@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
-from controlnet_lab.bases import base_fingerprint
+from controlnet_lab.bases import base_fingerprint, check_same_base
 from controlnet_lab.blocks import connection_init_stds
 from controlnet_lab.callbacks import FidelityCurve
 from controlnet_lab.config_checks import check_train_config
@@ -27,8 +27,8 @@ from controlnet_lab.metrics.fidelity import FIDELITY_CONDITIONS, ConditionFideli
 from controlnet_lab.images import save_grid
 from controlnet_lab.locked_encodings import cached_encodings
 from controlnet_lab.module import ControlNetModule
-from controlnet_lab.resume import (check_same_base, checkpoint_summary, continue_csv_log, csv_rows_before, remember_wandb_run_id,
-                                   resume_checkpoint, wandb_run_id)
+from controlnet_lab.resume import continue_csv_log, csv_rows_before, remember_wandb_run_id, resume_checkpoint, wandb_run_id
+from controlnet_lab.storage import check_room
 
 
 def build_datamodule(data_cfg: DictConfig) -> ControlDataModule:
@@ -209,11 +209,9 @@ def train(cfg: DictConfig) -> dict:
     suite = metric_suite(cfg, data)
     base_path = base_folder(cfg, source, data)
     fingerprint = base_fingerprint(base_path)
-    resumed_step = None
     if resumed:
-        summary = checkpoint_summary(resumed)
-        check_same_base(resumed, summary["base_fingerprint"], base_path, fingerprint)
-        resumed_step = summary["global_step"]
+        check_same_base(resumed.path, resumed.base_fingerprint, base_path, fingerprint)
+    resumed_step = resumed.global_step if resumed else None
 
     L.seed_everything(cfg.seed, workers=True)
     module = ControlNetModule(
@@ -239,6 +237,7 @@ def train(cfg: DictConfig) -> dict:
         base_fingerprint=fingerprint,
         skip_nonfinite=cfg.skip_nonfinite,
     )
+    check_room(output_dir / "checkpoints", module.trainable_parameter_count(), module.ema is not None, checkpoints_kept(cfg))
     attach_locked_encodings(cfg, module, data, fingerprint)
     loggers = [instantiate_logger(c, output_dir, resumed_step) for c in (cfg.get("logger") or {}).values()]
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
@@ -246,7 +245,7 @@ def train(cfg: DictConfig) -> dict:
     for logger in loggers:
         logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True), "trainable_params": trainable})
 
-    trainer.fit(module, datamodule=data, ckpt_path=resumed, weights_only=True)
+    trainer.fit(module, datamodule=data, ckpt_path=resumed.path if resumed else None, weights_only=True)
     train_seconds = time.time() - started
     trained = final_module(trainer, module, output_dir)
     if not trainer.is_global_zero:  # the other DDP processes end with training; rank 0 evaluates and writes the results
@@ -269,7 +268,7 @@ def train(cfg: DictConfig) -> dict:
 
     record = results_record(cfg, metrics, {
         "global_step": trainer.global_step,
-        "resumed_from": {"checkpoint": str(resumed), "global_step": resumed_step} if resumed else None,
+        "resumed_from": {"checkpoint": str(resumed.path), "global_step": resumed_step, "passed_over": resumed.passed_over} if resumed else None,
         "base_path": str(base_path),
         "base": base_report(base_path, fingerprint, module),
         "data_root": data.origin,
@@ -279,6 +278,17 @@ def train(cfg: DictConfig) -> dict:
     })
     (output_dir / "results.json").write_text(json.dumps(record, indent=2))
     return record
+
+
+def checkpoints_kept(cfg: DictConfig) -> int:
+    """How many checkpoints the run keeps at once: the step checkpoints (``save_top_k``; -1 keeps all) and last.ckpt."""
+    checkpoint = (cfg.get("callbacks") or {}).get("checkpoint")
+    if checkpoint is None:
+        return 0
+    top_k = checkpoint.get("save_top_k", 1)
+    if top_k < 0:
+        top_k = cfg.trainer.max_steps // checkpoint.every_n_train_steps
+    return top_k + int(bool(checkpoint.get("save_last")))
 
 
 def final_module(trainer: L.Trainer, module: ControlNetModule, output_dir: Path) -> ControlNetModule:

@@ -8,21 +8,20 @@ generate images in [-1, 1], ``noise_scheduler`` (training) and ``scheduler``
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
 
+from controlnet_lab.bases.fingerprint import base_fingerprint, check_same_base
 from controlnet_lab.bases.latent import LatentBase
 from controlnet_lab.bases.pixel import TinyTextToImagePipeline
 from controlnet_lab.bases.tiny import build_pixel_base
 from controlnet_lab.bases.tiny_sd import build_tiny_sd
 
 PIXEL_PIPELINES = {TinyTextToImagePipeline.__name__: TinyTextToImagePipeline}
-LOCKED_FOLDERS = ("unet", "text_encoder", "vae")
 
-__all__ = ["LatentBase", "TinyTextToImagePipeline", "base_fingerprint", "build_pixel_base", "build_tiny_sd", "load_base"]
+__all__ = ["LatentBase", "TinyTextToImagePipeline", "base_fingerprint", "build_pixel_base", "build_tiny_sd", "check_same_base", "load_base"]
 
 
 def load_base(folder: str | Path, dtype: torch.dtype | None = None):
@@ -31,16 +30,3 @@ def load_base(folder: str | Path, dtype: torch.dtype | None = None):
     if name in PIXEL_PIPELINES:
         return PIXEL_PIPELINES[name].from_pretrained(str(folder), dtype=dtype)
     return LatentBase.from_pretrained(folder, dtype)
-
-
-def base_fingerprint(folder: str | Path) -> str:
-    """sha256 over the base's UNet, text-encoder and VAE weights: the same locked model wherever it is stored."""
-    digest = hashlib.sha256()
-    files = sorted(p for sub in LOCKED_FOLDERS for p in (Path(folder) / sub).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{folder}: no unet/, text_encoder/ or vae/ safetensors weights (not a saved base)")
-    for path in files:
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()

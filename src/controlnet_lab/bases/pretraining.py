@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -28,12 +29,14 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 
 from torch.utils.data import DataLoader
 
+from controlnet_lab.bases.fingerprint import base_fingerprint
 from controlnet_lab.data.datamodule import ControlDataModule
 from controlnet_lab.data.encoded import EncodedDataset, LockedEncodings
 from controlnet_lab.files import publish
 from controlnet_lab.objective import noisy_batch
 
 # Settings of model.base that do not change the pretrained weights.
+log = logging.getLogger(__name__)
 NOT_IN_KEY = ("_target_", "pretrained_model_name_or_path", "dtype", "cache_encodings")
 
 
@@ -47,19 +50,37 @@ def cache_key(settings: dict, data_fingerprint: str, resolution: int) -> str:
 
 def build_once(folder: Path, build: Callable[[Path], dict]) -> Path:
     """``folder`` if it holds a saved pipeline; otherwise ``build(staging)`` writes one into a staging folder, which is
-    renamed to ``folder`` only when complete (an interrupted pretraining leaves no half-written base)."""
+    renamed to ``folder`` only when complete (an interrupted pretraining leaves no half-written base). The weights'
+    fingerprint is recorded at build time; a cached folder whose weights no longer match it (a file cut short or
+    changed on disk) is reported by path, set aside and built again, never trained on."""
     if (folder / "model_index.json").is_file():
-        return folder
+        if intact(folder):
+            return folder
+        shutil.rmtree(folder, ignore_errors=True)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        report = build(staging)
+        report = {**build(staging), "fingerprint": base_fingerprint(staging)}
         (staging / "pretrain_config.json").write_text(json.dumps(report, indent=2))
         publish(staging, folder, "model_index.json")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return folder
+
+
+def intact(folder: Path) -> bool:
+    """Whether a cached base's weights still have the fingerprint recorded when it was built (folders built before
+    fingerprints were recorded are taken as they are)."""
+    recorded = json.loads((folder / "pretrain_config.json").read_text()).get("fingerprint") if (folder / "pretrain_config.json").is_file() else None
+    try:
+        found = base_fingerprint(folder)
+    except FileNotFoundError:
+        found = None
+    if found is not None and recorded in (None, found):
+        return True
+    log.warning(f"the cached base {folder} is corrupt (weights fingerprint {found}, {recorded} when it was built): building it again")
+    return False
 
 
 class PretrainingData(L.LightningDataModule):

@@ -4,12 +4,14 @@ The maps live in ``<cache>/conditions/<key>/<image>.png``: ``key`` hashes the de
 settings (detector_settings: name, class, weights, resolution, thresholds) and
 ``<image>`` is the target's content key (samples.py), so a map is computed once per
 image, detector and resolution, whatever dataset, split or run asks for it. Each map is
-written to a temporary name and renamed, so an interrupted pass leaves only whole maps.
+written to a temporary name and renamed, so an interrupted pass leaves only whole maps;
+one that no longer decodes is made again.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -20,6 +22,8 @@ from tqdm import tqdm
 from controlnet_lab.data.conditions import ConditionMaker
 from controlnet_lab.data.samples import Samples
 
+
+log = logging.getLogger(__name__)
 
 class CachedConditions:
     """The maps of some rows of ``samples``, read from their files."""
@@ -40,7 +44,7 @@ def cached_conditions(samples: Samples, rows, detect: ConditionMaker, settings: 
     cache = CachedConditions(Path(cache_dir) / "conditions" / f"{settings['detector']}-{key}", samples)
     cache.folder.mkdir(parents=True, exist_ok=True)
     (cache.folder / "settings.json").write_text(json.dumps(settings, indent=2))
-    missing = sorted({int(row) for row in rows if not cache.path(int(row)).is_file()})
+    missing = sorted({int(row) for row in rows if not readable(cache.path(int(row)))})
     for row in tqdm(missing, desc=f"making {settings['detector']} conditions (once; cached)", unit="img", disable=not missing):
         target = samples.target(row, settings["resolution"])
         condition = detect(target, target, "")
@@ -48,3 +52,13 @@ def cached_conditions(samples: Samples, rows, detect: ConditionMaker, settings: 
         cv2.imwrite(str(partial), np.ascontiguousarray(condition[..., ::-1]))
         os.replace(partial, cache.path(row))
     return cache
+
+
+def readable(path: Path) -> bool:
+    """Whether a cached map exists and decodes; one that does not (cut short, damaged) is reported and made again."""
+    if not path.is_file():
+        return False
+    if cv2.imread(str(path), cv2.IMREAD_COLOR) is None:
+        log.warning(f"the cached condition map {path} is unreadable: making it again")
+        return False
+    return True
