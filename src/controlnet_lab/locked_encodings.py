@@ -82,7 +82,7 @@ def read_encodings(path: Path, samples: int | None) -> LockedEncodings | None:
     try:
         tensors = load_file(str(path))
         prompts = json.loads(path.with_suffix(".json").read_text())
-        if samples is not None and len(tensors["images"]) != samples:
+        if samples is not None and "images" in tensors and len(tensors["images"]) != samples:
             raise ValueError(f"{len(tensors['images'])} image encodings for {samples} samples")
     except Exception as err:  # safetensors raises its own error type for a file cut short
         log.warning(f"the cached encodings {path} are unreadable ({type(err).__name__}: {err}): computing them again")
