@@ -78,9 +78,22 @@ class PreemptionCheckpoint(OnExceptionCheckpoint):
     loss leaves the last periodic checkpoint as the newest, the last good one. ``ckpt_path=last`` resumes from the
     newer of this and last.ckpt."""
 
+    writing = False
+
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):
-            super().on_exception(trainer, pl_module, exception)
+            self.writing = True
+            try:
+                super().on_exception(trainer, pl_module, exception)
+            finally:
+                self.writing = False
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        # Lightning stores its logging step (_batches_that_stepped) as it was before the last batch's increment, which
+        # is when periodic checkpoints are written, and adds one when it resumes; this checkpoint is written after the
+        # increment, so without this a resumed run would log every later row one step late.
+        if self.writing:
+            checkpoint["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1
 
 
 class FidelityCurve(L.Callback):
