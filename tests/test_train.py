@@ -97,12 +97,18 @@ def signalled_after_first_checkpoint(args: list[str], tmp: Path, run_dir: Path, 
     return process.wait(timeout=240)
 
 
-def assert_same_run(straight: Path, resumed: Path) -> None:
-    """The same final weights (bitwise), the same loss at every step, the same scores."""
+def assert_same_run(straight: Path, resumed: Path, killed: bool = False) -> None:
+    """The same final weights (bitwise), the same loss at every step, the same scores. After a SIGKILL the CSV log may
+    lack one row, that of the checkpoint's own step: Lightning logs it after writing the checkpoint (a known gap)."""
     weights = [torch.load(d / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"] for d in (straight, resumed)]
     assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     losses = loss_column(straight)
-    assert [step for step, _ in losses] == list(range(12)) and loss_column(resumed) == losses
+    assert [step for step, _ in losses] == list(range(12))
+    if killed and loss_column(resumed) != losses:
+        lost = json.loads((resumed / "results.json").read_text())["resumed_from"]["global_step"] - 1
+        assert loss_column(resumed) == [row for row in losses if row[0] != lost]
+    else:
+        assert loss_column(resumed) == losses
     records = [json.loads((d / "results.json").read_text()) for d in (straight, resumed)]
     assert records[1]["global_step"] == 12
     for key in ("mask_iou", "color_accuracy", "edge_f1", "curve"):
@@ -135,7 +141,7 @@ def test_a_resumed_run_is_bit_identical_to_an_uninterrupted_one(smoke_run, tmp_p
             assert status == 143 and (run_dir / "checkpoints" / "interrupted.ckpt").is_file(), f"status {status} after {delay:.2f} s"
         resumed = run_train([*args, f"paths.run_dir={run_dir}", "ckpt_path=last"], tmp)
         assert resumed.returncode == 0, f"{name} {delay:.2f} s after the first checkpoint: {resumed.stderr[-3000:]}"
-        assert_same_run(straight_dir, run_dir)
+        assert_same_run(straight_dir, run_dir, killed=signum == signal.SIGKILL)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["killed", "stopped", "terminated"]  # each continued in its own directory
 
 

@@ -237,11 +237,11 @@ def train(cfg: DictConfig) -> dict:
         base_fingerprint=fingerprint,
         skip_nonfinite=cfg.skip_nonfinite,
     )
-    check_room(output_dir / "checkpoints", module.trainable_parameter_count(), module.ema is not None, checkpoints_kept(cfg))
+    trainable = module.trainable_parameter_count()
+    check_room(output_dir / "checkpoints", trainable, module.ema is not None, checkpoints_kept(cfg))
     attach_locked_encodings(cfg, module, data, fingerprint)
     loggers = [instantiate_logger(c, output_dir, resumed_step) for c in (cfg.get("logger") or {}).values()]
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
-    trainable = module.trainable_parameter_count()
     for logger in loggers:
         logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True), "trainable_params": trainable})
 
