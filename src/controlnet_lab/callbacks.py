@@ -26,16 +26,30 @@ def batch_size(batch: dict) -> int:
     return len(batch["prompt"])
 
 
+def random_state() -> dict:
+    """Every global random state (Python, NumPy, torch, CUDA), as tensors and plain values a checkpoint can hold."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.copy()), position, has_gauss, gauss],
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_random_state(state: dict) -> None:
+    random.setstate(state["python"])
+    kind, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), position, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 @contextmanager
 def preserved_rng():
     """Every global RNG as it was: sampling inside leaves training's random draws unchanged."""
-    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    state = random_state()
     try:
         yield
     finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.set_rng_state(states[2])
+        set_random_state(state)
 
 
 class ResumeState(L.Callback):
@@ -53,9 +67,7 @@ class ResumeState(L.Callback):
             logger.save()
 
     def state_dict(self) -> dict:
-        kind, keys, position, has_gauss, gauss = np.random.get_state()
-        return {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.copy()), position, has_gauss, gauss],
-                "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        return random_state()
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.resumed = state_dict
@@ -64,12 +76,7 @@ class ResumeState(L.Callback):
         if self.resumed is None:
             return
         state, self.resumed = self.resumed, None
-        random.setstate(state["python"])
-        kind, keys, position, has_gauss, gauss = state["numpy"]
-        np.random.set_state((kind, keys.numpy(), position, has_gauss, gauss))
-        torch.set_rng_state(state["torch"])
-        if state["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+        set_random_state(state)
 
 
 class PreemptionCheckpoint(OnExceptionCheckpoint):
