@@ -59,6 +59,7 @@ def test_clip_score_from_a_local_folder_matches_the_definition(tiny_clip):
     assert by_hand(tiny_clip, images, prompts[::-1]) != pytest.approx(expected, rel=1e-3)
 
 
+@pytest.mark.bad_input
 def test_missing_clip_weights_name_the_key(tmp_path):
     with pytest.raises(FileNotFoundError, match="eval.clip.model"):
         clip_scorer(str(tmp_path / "nothing"))

@@ -60,6 +60,7 @@ def test_dataset_serves_the_condition_and_keeps_the_outline_for_scoring(tiny_dat
     assert not np.array_equal(seg_item["condition"], outline_item["condition"])
 
 
+@pytest.mark.bad_input
 def test_condition_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="data.condition='depth'"):
         check_train_config(compose_train(["data.condition=depth"]))

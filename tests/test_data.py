@@ -62,6 +62,7 @@ def test_generator_is_deterministic(tmp_path):
     assert (a / "target" / "4.png").read_bytes() == (b / "target" / "4.png").read_bytes()
 
 
+@pytest.mark.bad_input
 def test_generator_rejects_unknown_color(tmp_path):
     spec = SyntheticFill50kSpec(count=5, resolution=16, palette=("red", "blurple"), radius_range=(0.2, 0.3), outline_thickness=1, seed=0)
     with pytest.raises(ValueError, match="blurple"):
@@ -91,6 +92,7 @@ def _copy(src, dst):
         (lambda d: cv2.imwrite(str(d / "target" / "0.png"), np.zeros((8, 8, 3), np.uint8)), r"line 1: source .*0\.png is 16x16 but target .*0\.png is 8x8"),
     ],
 )
+@pytest.mark.bad_input
 def test_broken_dataset_errors_name_file_and_line(tiny_data, tmp_path, breakage, message):
     broken = _copy(tiny_data, tmp_path / "broken")
     breakage(broken)
@@ -106,6 +108,7 @@ def test_splits_are_nested_and_validation_fixed():
     assert not set(val_a) & set(large)
 
 
+@pytest.mark.bad_input
 def test_size_larger_than_dataset_names_the_key():
     with pytest.raises(ValueError, match=r"data\.size=2000 exceeds the 900"):
         split_indices(1000, 100, 2000, split_seed=0)

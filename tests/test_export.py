@@ -47,6 +47,7 @@ def test_export_then_load_gives_bitwise_the_same_noise_prediction(trained_checkp
     assert weights == {".safetensors"}  # nothing to unpickle
 
 
+@pytest.mark.bad_input
 def test_export_never_overwrites(trained_checkpoints, tmp_path):
     out = tmp_path / "taken"
     out.mkdir()

@@ -49,6 +49,7 @@ def test_domain_fid_is_zero_on_itself_and_grows_with_distortion(tiny_data, tmp_p
     assert all((p == q).all() for p, q in zip(net.state_dict().values(), again.state_dict().values()))
 
 
+@pytest.mark.bad_input
 def test_missing_inception_weights_name_the_file(tmp_path, monkeypatch):
     import urllib.request
 

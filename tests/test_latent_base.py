@@ -92,6 +92,7 @@ def test_zero_blocks_reproduce_the_base_prediction_at_step_zero(sd_folder, sd_da
     assert not torch.equal(alone, gauss.base.predict_noise(latents, torch.tensor([10, 200, 500, 900]), hidden, None, gauss.controlnet, batch["condition"]))
 
 
+@pytest.mark.bad_input
 def test_the_hint_encoder_must_reach_the_latent_resolution(sd_folder):
     with pytest.raises(ValueError, match=r"model\.controlnet\.hint_channels=\[16, 32\].*give 4 entries"):
         ControlNetModule(str(sd_folder), hint_channels=(16, 32), num_val_images=0)
@@ -173,6 +174,7 @@ def test_training_starts_from_an_existing_controlnet(sd_folder, tmp_path):
         sd_module(sd_folder, controlnet_path=str(tmp_path / "missing"))
 
 
+@pytest.mark.bad_input
 def test_a_missing_hub_id_offline_names_the_key_and_the_id():
     with pytest.raises(BaseNotFoundError, match=r"model\.base\.pretrained_model_name_or_path=nobody/no-such-model: .*not in the local"):
         PretrainedBase(pretrained_model_name_or_path="nobody/no-such-model").check()
@@ -180,6 +182,7 @@ def test_a_missing_hub_id_offline_names_the_key_and_the_id():
         PretrainedBase(pretrained_model_name_or_path=str(Path(__file__).parent)).check()
 
 
+@pytest.mark.bad_input
 def test_train_on_sd15_offline_without_weights_stops_before_any_work(tmp_path):
     result = run_train(["model=sd15", "experiment=smoke"], tmp_path, timeout=120)
     assert result.returncode != 0

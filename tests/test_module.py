@@ -75,6 +75,7 @@ def test_checkpoint_leaves_out_the_locked_base(tiny_base, tmp_path):
     module.load_state_dict(checkpoint["state_dict"])  # strict
 
 
+@pytest.mark.bad_input
 def test_unknown_block_is_rejected(tiny_base):
     with pytest.raises(ValueError, match="block='lego'"):
         ControlNetModule(str(tiny_base), block="lego")

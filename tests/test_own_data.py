@@ -231,6 +231,7 @@ BROKEN = {
 
 
 @pytest.mark.parametrize("case", sorted(BROKEN))
+@pytest.mark.bad_input
 def test_a_broken_metadata_line_is_named(photo_folder, tmp_path, case):
     root = tmp_path / "broken"
     root.mkdir()
@@ -243,6 +244,7 @@ def test_a_broken_metadata_line_is_named(photo_folder, tmp_path, case):
         FolderDataModule(root=str(root), condition="canny", cache_dir=tmp_path, **SETTINGS).setup()
 
 
+@pytest.mark.bad_input
 def test_a_corrupt_image_is_named(tmp_path):
     root = write_folder(tmp_path / "corrupt", rows=6)
     (root / "images" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really" * 10)
@@ -250,6 +252,7 @@ def test_a_corrupt_image_is_named(tmp_path):
         FolderDataModule(root=str(root), condition="canny", cache_dir=tmp_path, **SETTINGS).setup()
 
 
+@pytest.mark.bad_input
 def test_an_unknown_column_stops_the_run_before_any_work(photo_folder, tmp_path):
     result = run_train(["experiment=smoke", "logger=csv", "data=folder", f"data.root={photo_folder}", "data.condition=canny",
                         "data.caption_column=caption"], tmp_path)
@@ -258,6 +261,7 @@ def test_an_unknown_column_stops_the_run_before_any_work(photo_folder, tmp_path)
     assert not (tmp_path / "cache" / "base").exists() and not (tmp_path / "cache" / "conditions").exists()
 
 
+@pytest.mark.bad_input
 def test_hub_data_errors_name_the_key(tmp_path, photo_folder):
     with pytest.raises(DatasetFormatError, match="data.name=nobody/no-such-dataset"):
         HubDataModule(name="nobody/no-such-dataset", condition="canny", cache_dir=tmp_path, **{k: v for k, v in SETTINGS.items() if k != "name"}).setup()

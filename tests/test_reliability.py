@@ -37,6 +37,7 @@ class Payload:
         return (shutil.copyfile, (__file__, "/tmp/controlnet_lab_pickle_payload_ran"))
 
 
+@pytest.mark.bad_input
 def test_a_checkpoint_with_a_pickled_payload_is_refused(tmp_path, trained_checkpoints):
     marker = Path("/tmp/controlnet_lab_pickle_payload_ran")
     marker.unlink(missing_ok=True)
@@ -50,6 +51,7 @@ def test_a_checkpoint_with_a_pickled_payload_is_refused(tmp_path, trained_checkp
     assert not marker.exists()  # the payload never ran
 
 
+@pytest.mark.bad_input
 def test_a_checkpoint_whose_base_changed_is_refused(tmp_path, trained_checkpoints):
     checkpoint = torch.load(trained_checkpoints["zero"], weights_only=True)
     base = tmp_path / "base"
@@ -61,6 +63,7 @@ def test_a_checkpoint_whose_base_changed_is_refused(tmp_path, trained_checkpoint
         ControlNetModule.for_inference(path)
 
 
+@pytest.mark.bad_input
 def test_resume_finds_the_newest_readable_checkpoint_and_never_writes_over_another_run(tmp_path, trained_checkpoints, caplog):
     folder = tmp_path / "checkpoints"
     folder.mkdir()
@@ -82,6 +85,17 @@ def test_resume_finds_the_newest_readable_checkpoint_and_never_writes_over_anoth
         resume_checkpoint("nowhere.ckpt", tmp_path)
 
 
+@pytest.mark.bad_input
+def test_a_folder_the_run_cannot_write_stops_it_first():
+    """These tests run as root, which a read-only mode does not stop; sysfs refuses new files even to root."""
+    unwritable = Path("/sys/kernel")
+    if not unwritable.is_dir():
+        pytest.skip("no sysfs on this machine")
+    with pytest.raises(OSError, match=r"^/sys/kernel: the run cannot write its checkpoints there \(.+\); choose another paths.log_dir"):
+        check_room(unwritable, trainable_parameters=1000, ema=False, kept=2)
+
+
+@pytest.mark.bad_input
 def test_a_disk_without_room_for_the_checkpoints_stops_the_run_first(tmp_path, monkeypatch):
     free = 10 * 2**20
     monkeypatch.setattr(shutil, "disk_usage", lambda _: SimpleNamespace(free=free))
@@ -91,6 +105,7 @@ def test_a_disk_without_room_for_the_checkpoints_stops_the_run_first(tmp_path, m
         check_room(tmp_path / "b", trainable_parameters=1_000_000, ema=True, kept=3)
 
 
+@pytest.mark.bad_input
 def test_a_cached_base_cut_short_is_built_again(tiny_base, tmp_path, caplog):
     builds = []
 
@@ -107,6 +122,7 @@ def test_a_cached_base_cut_short_is_built_again(tiny_base, tmp_path, caplog):
     assert f"the cached base {folder} is corrupt" in caplog.text and base_fingerprint(folder) == base_fingerprint(tiny_base)
 
 
+@pytest.mark.bad_input
 def test_cached_encodings_cut_short_are_computed_again(tiny_base, tiny_data, tmp_path, caplog):
     base = load_base(tiny_base)
     dataset = fill50k_dataset(tiny_data, 16, count=6)

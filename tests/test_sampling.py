@@ -104,6 +104,7 @@ def test_without_resolution_weighting_both_branches_see_the_condition(pipeline):
     assert all(torch.equal(r[0], r[1]) and r[0].abs().sum() > 0 for r in [*down, mid])
 
 
+@pytest.mark.bad_input
 def test_resolution_weighting_without_guidance_is_refused(pipeline):
     """With guidance_scale=1 there is no unconditional branch to keep the condition from; `paper` would only
     multiply the deep residuals of the single branch (x4 here)."""
@@ -199,6 +200,7 @@ def test_sample_entry_point_composes_two_controlnets_under_the_prompt_settings(t
     ("conditioning_scale=[1,2,3]", "conditioning_scale has 3 entries"),
     ("prompt=[a,b]", "prompt has 2 entries for 3 conditions"),
 ])
+@pytest.mark.bad_input
 def test_bad_sampling_input_names_its_key(trained_checkpoints, condition_folder, tmp_path, override, message):
     cfg = compose_sample([f"ckpt={trained_checkpoints['zero']}", f"condition={condition_folder}", f"paths.output_dir={tmp_path}", override])
     with pytest.raises((ValueError, FileNotFoundError), match=message.replace("[", r"\[")):
@@ -206,6 +208,7 @@ def test_bad_sampling_input_names_its_key(trained_checkpoints, condition_folder,
     assert not any(tmp_path.iterdir())  # nothing written
 
 
+@pytest.mark.bad_input
 def test_controlnets_of_different_bases_are_not_composed(trained_checkpoints, tiny_data, condition_folder, tmp_path):
     from conftest import compose_train, train_checkpoint
     from controlnet_lab.bases import build_pixel_base

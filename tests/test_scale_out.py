@@ -2,8 +2,12 @@
 import csv
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +16,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from torch.distributed.fsdp.wrap import enable_wrap
 
-from conftest import ROOT, compose_train, run_train
+from conftest import ROOT, compose_train, run_train, train_command
 from controlnet_lab.config_checks import ConfigError, check_train_config
 from controlnet_lab.export import export
 from controlnet_lab.module import ControlNetModule
@@ -32,14 +36,47 @@ def test_an_optuna_search_returns_each_jobs_metric(tmp_path):
     assert "CONFIG" in result.stdout and "optimized_metric" in result.stdout  # the config tree, printed by each job
 
 
-def test_a_sweep_runs_on_submitit_local_processes(tmp_path):
-    result = run_train(["-m", "hydra/launcher=submitit_local", "seed=0,1", *FAST], tmp_path, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (sweep,) = (tmp_path / "outputs" / "smoke" / "multiruns").iterdir()
+def submitit_tasks(sweep_root: Path) -> dict[int, Path]:
+    """The running submitit tasks of a sweep under ``sweep_root``: process id -> the job directory whose train.log it
+    has open."""
+    tasks = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or b"submitit.core._submit" not in (proc / "cmdline").read_bytes():
+                continue
+            logs = [Path(os.readlink(fd)) for fd in (proc / "fd").iterdir()]
+        except OSError:  # the process ended meanwhile
+            continue
+        tasks.update({int(proc.name): log.parent for log in logs if log.name == "train.log" and sweep_root in log.parents})
+    return tasks
+
+
+def test_a_submitit_job_sent_the_time_limit_signal_is_requeued_and_resumes(tmp_path):
+    """hydra/launcher=local: two jobs as local processes, one locked base. Each job is sent submitit's signal (USR2,
+    what SLURM sends before the time limit) after its first checkpoint: it writes interrupted.ckpt after the batch in
+    progress, submitit requeues it, and it continues from that checkpoint in its own directory to the last step."""
+    sweep_root = tmp_path / "outputs" / "smoke" / "multiruns"
+    command = train_command(["-m", "hydra/launcher=local", "seed=0,1", *FAST, "trainer.max_steps=30"], tmp_path)
+    command["env"]["OMP_NUM_THREADS"] = "1"  # two jobs at once on two cores: one thread each (two each run 10x slower)
+    process = subprocess.Popen(**command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    signalled, deadline = set(), time.time() + 300
+    while len(signalled) < 2 and process.poll() is None and time.time() < deadline:
+        for pid, job_dir in submitit_tasks(sweep_root).items():
+            if job_dir not in signalled and (job_dir / "checkpoints" / "last.ckpt").is_file():
+                os.kill(pid, signal.SIGUSR2)
+                signalled.add(job_dir)
+        time.sleep(0.05)
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0 and len(signalled) == 2, stderr[-3000:]
+    (sweep,) = sweep_root.iterdir()
     records = sorted((json.loads(p.read_text()) for p in sweep.glob("*/results.json")), key=lambda r: r["seed"])
-    assert [r["seed"] for r in records] == [0, 1] and all(r["global_step"] == 6 for r in records)
+    assert [r["seed"] for r in records] == [0, 1] and all(r["global_step"] == 30 for r in records)
+    assert all(r["resumed_from"]["checkpoint"].endswith("interrupted.ckpt") and 3 <= r["resumed_from"]["global_step"] < 30 for r in records)
     assert len({r["base"]["fingerprint"] for r in records}) == 1  # two processes, one locked base
-    assert (sweep / ".submitit").is_dir()
+    for job_dir in signalled:  # one log, every step once, in the job's own directory
+        with (job_dir / "csv" / "version_0" / "metrics.csv").open() as log:
+            assert sorted(int(row["step"]) for row in csv.DictReader(log) if row["train/loss"]) == list(range(30))
+    assert len(list(sweep.glob(".submitit/*/*_submitted.pkl"))) == 2
 
 
 def test_two_process_ddp_gives_one_result_equal_to_a_one_process_evaluation(tmp_path):
@@ -67,6 +104,7 @@ def test_the_slurm_preset_composes():
     assert launcher["gpus_per_node"] == 1 and launcher["timeout_min"] == 240 and launcher["mem_gb"] == 64
 
 
+@pytest.mark.bad_input
 def test_an_optimizer_that_cannot_be_imported_names_the_key():
     try:
         import bitsandbytes  # noqa: F401
@@ -159,6 +197,7 @@ def test_fsdp_would_shard_the_controlnet_alone(tiny_base):
     assert module.controlnet.module is controlnet
 
 
+@pytest.mark.bad_input
 def test_the_fsdp_trainer_composes_and_refuses_ema():
     cfg = compose_train(["trainer=fsdp"])
     assert cfg.trainer.strategy._target_.endswith("FSDPStrategy") and cfg.trainer.accelerator == "gpu" and cfg.trainer.devices == 2

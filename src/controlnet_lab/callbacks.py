@@ -2,7 +2,10 @@
 and the batch size Lightning's ThroughputMonitor counts."""
 from __future__ import annotations
 
+import logging
+import os
 import random
+import signal
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +22,10 @@ from controlnet_lab.images import save_grid, to_uint8
 from controlnet_lab.metrics.convergence import rise, sudden_step
 from controlnet_lab.metrics.fidelity import ConditionFidelity
 from controlnet_lab.metrics.oracle import mean_mask_iou
+
+log = logging.getLogger(__name__)
+# The signal submitit sends before a job's time limit and on preemption (its SUBMITIT_PREEMPT_SIGNAL, USR2 by default).
+SUBMITIT_SIGNAL = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))
 
 
 def batch_size(batch: dict) -> int:
@@ -83,9 +90,30 @@ class PreemptionCheckpoint(OnExceptionCheckpoint):
     """Lightning's on-exception checkpoint, written on SIGTERM only (what SLURM and other schedulers send before they
     stop a job; Lightning stops after the batch in progress and raises ``SIGTERMException``). A crash or a non-finite
     loss leaves the last periodic checkpoint as the newest, the last good one. ``ckpt_path=last`` resumes from the
-    newer of this and last.ckpt."""
+    newer of this and last.ckpt.
+
+    In a submitit job (hydra/launcher=slurm or local), submitit's own signal (USR2 before the time limit) would requeue
+    and exit at once, in the middle of a step and without a checkpoint. Here it stops training as SIGTERM does, and
+    submitit's handler runs after the checkpoint is written: the job is requeued with ``ckpt_path=last``
+    (hydra_plugins/controlnet_lab_launchers) and continues from that checkpoint."""
 
     writing = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.submitit_handler = None
+        self.requeue_requested = False
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        handler = signal.getsignal(SUBMITIT_SIGNAL)
+        if type(getattr(handler, "__self__", None)).__module__.startswith("submitit."):
+            self.submitit_handler = handler
+            signal.signal(SUBMITIT_SIGNAL, self.stop_then_requeue)
+
+    def stop_then_requeue(self, signum, frame) -> None:
+        log.warning(f"{signal.Signals(signum).name} from submitit: stopping after the batch in progress, then requeueing")
+        self.requeue_requested = True
+        os.kill(os.getpid(), signal.SIGTERM)  # Lightning's own stop (its handler runs when this one returns)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):
@@ -94,6 +122,20 @@ class PreemptionCheckpoint(OnExceptionCheckpoint):
                 super().on_exception(trainer, pl_module, exception)
             finally:
                 self.writing = False
+            if self.requeue_requested:
+                self.hand_back()(SUBMITIT_SIGNAL, None)  # submitit requeues the job and exits
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        handler = self.hand_back()
+        if handler is not None and self.requeue_requested:  # the signal came as training ended: the evaluation runs requeued
+            handler(SUBMITIT_SIGNAL, None)
+
+    def hand_back(self):
+        """Submitit's handler, put back in place."""
+        handler, self.submitit_handler = self.submitit_handler, None
+        if handler is not None:
+            signal.signal(SUBMITIT_SIGNAL, handler)
+        return handler
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         # Lightning stores its logging step (_batches_that_stepped) as it was before the last batch's increment, which
