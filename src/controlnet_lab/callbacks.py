@@ -12,6 +12,7 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import OnExceptionCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 import numpy as np
 import torch
@@ -97,12 +98,23 @@ class PreemptionCheckpoint(OnExceptionCheckpoint):
     submitit's handler runs after the checkpoint is written: the job is requeued with ``ckpt_path=last``
     (hydra_plugins/controlnet_lab_launchers) and continues from that checkpoint."""
 
-    writing = False
-
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.submitit_handler = None
         self.requeue_requested = False
+        self.writing = False
+        self.validated_at: int | None = None
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.validated_at = trainer.global_step
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        # This checkpoint is written once its batch has completed. Resuming from such a checkpoint, Lightning redoes the
+        # end of that batch when it was one that validated (skipping the validation), and so counts its logging step
+        # (_batches_that_stepped) once more; stored one less, every later row is logged at its own step.
+        if self.writing and self.validated_at == checkpoint["global_step"]:
+            checkpoint["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1
 
     def on_train_start(self, trainer, pl_module) -> None:
         handler = signal.getsignal(SUBMITIT_SIGNAL)
@@ -137,13 +149,6 @@ class PreemptionCheckpoint(OnExceptionCheckpoint):
             signal.signal(SUBMITIT_SIGNAL, handler)
         return handler
 
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        # Lightning stores its logging step (_batches_that_stepped) as it was before the last batch's increment, which
-        # is when periodic checkpoints are written, and adds one when it resumes; this checkpoint is written after the
-        # increment, so without this a resumed run would log every later row one step late.
-        if self.writing:
-            checkpoint["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1
-
 
 class FidelityCurve(L.Callback):
     """At step 0 and every ``every_n_steps``, samples the first ``num_images`` held-out conditions
@@ -169,7 +174,9 @@ class FidelityCurve(L.Callback):
         return self.fidelity.metric
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not any(point["step"] == trainer.global_step for point in self.curve):
+        # Step 0, or a resumed run's first step when it is one of the curve's and not yet measured.
+        step = trainer.global_step
+        if step % self.every_n_steps == 0 and not any(point["step"] == step for point in self.curve):
             self.measure(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

@@ -1,0 +1,211 @@
+"""Training speed of the harness against diffusers' own ControlNet script, on the same work, side by side.
+
+The script is ``../shared/anchors/diffusers_train_controlnet.py`` (diffusers' examples/controlnet/train_controlnet.py,
+unmodified), run from a temporary copy as a researcher would run it (Accelerate, CPU, one process); it needs
+``pip install -e '.[bench]'``. Both train:
+
+- the same locked base: the ``model=tiny_sd`` architecture (conf/model/tiny_sd.yaml) at ``--resolution``, built once and
+  saved with ``save_pretrained`` (untrained weights: speed does not depend on them);
+- the same ControlNet from the same start: copied from that UNet (hint encoder ``model.controlnet.hint_channels``), saved,
+  and given to the script as ``--controlnet_model_name_or_path`` and to the harness as
+  ``model.controlnet.pretrained_model_name_or_path``;
+- the same data: ``--samples`` synthetic fill50k samples written as the imagefolder the script reads (``metadata.jsonl``
+  with ``file_name``, ``conditioning_image_file_name``, ``text``), read by the harness as ``data=folder``;
+- the same objective and settings: batch, learning rate (constant), AdamW, gradient clipping at 1, 50% empty prompts,
+  float32, epsilon MSE without noise offset, the machine's default torch threads, no validation during training.
+
+Training samples/s is measured the same way for every setup, from outside: each runs ``--steps`` and ``2 x --steps``
+steps, and samples/s = steps x batch / (wall time of the longer run - wall time of the shorter). What does not grow
+with the steps (start-up, the harness's one-time encoding of the locked parts, the final save and evaluation) cancels;
+it is reported as ``fixed_s``. The setups alternate within each of ``--rounds`` rounds. Setups: the harness as
+configured (``model.base.cache_encodings=true``: VAE latents and text embeddings computed once), the harness with caching
+off (every target through the VAE and every prompt through the text encoder at every step, as the script does), and
+the script. Peak RSS is each process's own (``wait4``). The loss: each setup's train loss over its last 20 steps of
+the longer runs (they train the same thing when these agree within their spread).
+
+    python benchmarks/vs_diffusers.py [--steps 60 --rounds 2 --batch 32 --resolution 32 --samples 2000]
+
+Writes ``--out`` (experiments/performance/vs_diffusers.json) with the settings, the commit, the machine and the CPU
+time other programs took meanwhile.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from diffusers import ControlNetModel
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from controlnet_lab.bases import build_tiny_sd
+from controlnet_lab.data.fill50k import read_index
+from controlnet_lab.data.synthetic import SyntheticFill50kSpec, write_fill50k
+from provenance import OtherLoad, commit, machine
+
+ROOT = Path(__file__).resolve().parents[1]
+ANCHOR = ROOT.parent / "shared" / "anchors" / "diffusers_train_controlnet.py"
+SETUPS = ("harness", "harness_no_cache", "diffusers_script")
+LAST = 20  # steps whose losses are compared
+
+
+def write_imagefolder(fill50k: Path, folder: Path) -> Path:
+    """The fill50k samples as the imagefolder diffusers' script reads: images/, conditions/, metadata.jsonl."""
+    (folder / "images").mkdir(parents=True)
+    (folder / "conditions").mkdir()
+    with (folder / "metadata.jsonl").open("w") as metadata:
+        for i, record in enumerate(read_index(fill50k)):
+            shutil.copyfile(record.target, folder / "images" / f"{i}.png")
+            shutil.copyfile(record.source, folder / "conditions" / f"{i}.png")
+            metadata.write(json.dumps({"file_name": f"images/{i}.png", "conditioning_image_file_name": f"conditions/{i}.png",
+                                       "text": record.prompt}) + "\n")
+    return folder
+
+
+def build_models(tmp: Path, resolution: int, prompts: list[str]) -> tuple[Path, Path, list[int]]:
+    """The locked base and the ControlNet both start from, saved with save_pretrained."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["model=tiny_sd", f"data.resolution={resolution}"])
+    torch.manual_seed(0)
+    base = build_tiny_sd(OmegaConf.to_container(cfg.model.base, resolve=True), resolution, prompts)
+    base.save_pretrained(tmp / "base")
+    hint_channels = list(cfg.model.controlnet.hint_channels)
+    ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=tuple(hint_channels)).save_pretrained(tmp / "controlnet_init")
+    return tmp / "base", tmp / "controlnet_init", hint_channels
+
+
+def command(setup: str, steps: int, args, tmp: Path, run: Path) -> list[str]:
+    if setup == "diffusers_script":
+        return [sys.executable, str(tmp / "train_controlnet.py"), f"--pretrained_model_name_or_path={tmp / 'base'}",
+                f"--controlnet_model_name_or_path={tmp / 'controlnet_init'}", f"--train_data_dir={tmp / 'folder'}",
+                f"--output_dir={run}", f"--resolution={args.resolution}", f"--train_batch_size={args.batch}",
+                f"--learning_rate={args.lr}", f"--max_train_steps={steps}", "--lr_scheduler=constant", "--lr_warmup_steps=0",
+                "--proportion_empty_prompts=0.5", "--mixed_precision=no", "--report_to=tensorboard", "--seed=0",
+                "--dataloader_num_workers=0", "--image_column=image", "--conditioning_image_column=conditioning_image",
+                "--caption_column=text", f"--cache_dir={tmp / 'hf_cache'}"]
+    return [sys.executable, str(ROOT / "src" / "train.py"), "model=tiny_sd", f"model.base.pretrained_model_name_or_path={tmp / 'base'}",
+            f"model.controlnet.pretrained_model_name_or_path={tmp / 'controlnet_init'}", "data=folder", f"data.root={tmp / 'folder'}",
+            f"data.resolution={args.resolution}", f"data.batch_size={args.batch}", "data.val_size=16", "data.prompt_dropout=0.5",
+            f"data.cache_dir={tmp / 'hf_cache'}", f"paths.cache_dir={run / 'cache'}", f"paths.run_dir={run}",
+            f"model.controlnet.lr={args.lr}", "lr_scheduler.name=constant", "trainer.gradient_clip_val=1.0", "trainer.precision=32-true",
+            "model.base.noise_offset=0", f"model.base.cache_encodings={setup == 'harness'}", f"trainer.max_steps={steps}",
+            "trainer.limit_val_batches=0", "trainer.log_every_n_steps=1", "~callbacks.fidelity_curve", "eval.fid_domain.enabled=false",
+            "eval.num_images=8", "logger=csv", "extras.print_config=false", "seed=0"]
+
+
+def timed(argv: list[str], log: Path) -> tuple[float, float]:
+    """Wall seconds and the process's own peak RSS (MiB) of one run, which must succeed."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    started = time.perf_counter()
+    with log.open("w") as out:
+        process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{argv[1]} failed; see {log}:\n{log.read_text()[-3000:]}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def losses(setup: str, run: Path) -> list[float]:
+    """The train loss at each step, from the harness's CSV log or the script's TensorBoard events."""
+    if setup == "diffusers_script":
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        for events in sorted({p.parent for p in (run / "logs").rglob("events.out.tfevents.*")}):
+            accumulator = EventAccumulator(str(events))
+            accumulator.Reload()
+            if "loss" in accumulator.Tags()["scalars"]:
+                return [event.value for event in accumulator.Scalars("loss")]
+        raise RuntimeError(f"no loss in the TensorBoard events under {run / 'logs'}")
+    with (run / "csv" / "version_0" / "metrics.csv").open() as log:
+        return [float(row["train/loss"]) for row in csv.DictReader(log) if row.get("train/loss")]
+
+
+def run_setup(setup: str, steps: int, args, tmp: Path, name: str) -> dict:
+    run = tmp / "runs" / name
+    run.parent.mkdir(exist_ok=True)
+    wall, rss = timed(command(setup, steps, args, tmp, run), tmp / "runs" / f"{name}.log")
+    values = losses(setup, run)
+    if len(values) != steps:
+        raise RuntimeError(f"{name}: {len(values)} losses logged for {steps} steps")
+    return {"wall_s": round(wall, 2), "peak_rss_mb": round(rss, 1), "last_losses": values[-LAST:]}
+
+
+def summarize(setup: str, rounds: list[dict], steps: int, batch: int) -> dict:
+    rates, fixed = [], []
+    for r in rounds:
+        short, long = r[setup]["short"]["wall_s"], r[setup]["long"]["wall_s"]
+        rates.append(steps * batch / (long - short))
+        fixed.append(short - (long - short))
+    last = [loss for r in rounds for loss in r[setup]["long"]["last_losses"]]
+    return {"samples_per_s": round(statistics.median(rates), 2), "rounds_samples_per_s": [round(v, 2) for v in rates],
+            "fixed_s": round(statistics.median(fixed), 1),
+            "peak_rss_mb": max(r[setup][k]["peak_rss_mb"] for r in rounds for k in ("short", "long")),
+            "loss_last_steps": {"mean": round(statistics.mean(last), 5), "std": round(statistics.stdev(last), 5), "n": len(last)}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=60, help="the shorter run's steps (the longer runs twice as many)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--samples", type=int, default=2000)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--anchor", type=Path, default=ANCHOR, help="diffusers' train_controlnet.py")
+    parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "performance" / "vs_diffusers.json")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder, OtherLoad() as load:
+        tmp = Path(folder)
+        shutil.copyfile(args.anchor, tmp / "train_controlnet.py")
+        spec = SyntheticFill50kSpec(count=args.samples, resolution=args.resolution, palette=("red", "green", "blue", "yellow", "cyan", "magenta", "white", "black"),
+                                    radius_range=(0.15, 0.35), outline_thickness=1, seed=0)
+        fill50k = write_fill50k(spec, tmp / "fill50k")
+        write_imagefolder(fill50k, tmp / "folder")
+        _, _, hint_channels = build_models(tmp, args.resolution, [r.prompt for r in read_index(fill50k)])
+        for setup in ("harness", "diffusers_script"):  # the datasets caches both read, built once and untimed
+            run_setup(setup, 1, args, tmp, f"warmup-{setup}")
+        rounds = []
+        for i in range(args.rounds):
+            rounds.append({setup: {} for setup in SETUPS})
+            for length, steps in (("short", args.steps), ("long", 2 * args.steps)):
+                for setup in SETUPS:
+                    rounds[-1][setup][length] = run_setup(setup, steps, args, tmp, f"{i}-{setup}-{steps}")
+                    print(f"round {i} {setup:<17} {steps:>4} steps: {rounds[-1][setup][length]['wall_s']:.1f} s", flush=True)
+    summary = {setup: summarize(setup, rounds, args.steps, args.batch) for setup in SETUPS}
+    script = summary["diffusers_script"]
+    report = {
+        "what": "training samples/s (marginal: the extra steps of the longer run over its extra wall time), peak RSS and "
+                "the train loss of the last steps, harness vs diffusers' train_controlnet.py on the same base, ControlNet start, data and settings",
+        "harness_samples_per_s": summary["harness"]["samples_per_s"],
+        "diffusers_samples_per_s": script["samples_per_s"],
+        "ratio": round(summary["harness"]["samples_per_s"] / script["samples_per_s"], 3),
+        "ratio_caching_off": round(summary["harness_no_cache"]["samples_per_s"] / script["samples_per_s"], 3),
+        "harness_peak_rss_mb": summary["harness"]["peak_rss_mb"],
+        "diffusers_peak_rss_mb": script["peak_rss_mb"],
+        "setups": summary,
+        "settings": {"resolution": args.resolution, "batch": args.batch, "steps": [args.steps, 2 * args.steps], "rounds": args.rounds,
+                     "samples": args.samples, "lr": args.lr, "lr_scheduler": "constant", "precision": "float32",
+                     "hint_channels": hint_channels, "torch_threads": torch.get_num_threads(), "base": "model=tiny_sd architecture, untrained",
+                     "anchor": "diffusers examples/controlnet/train_controlnet.py at 58eb52c0803ea9af3abec60841c2a093bdf1f951 (../shared/anchors)"},
+        "rounds": rounds,
+        **commit(), "machine": machine(), "other_load": load.result,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(json.dumps({k: report[k] for k in ("harness_samples_per_s", "diffusers_samples_per_s", "ratio", "ratio_caching_off",
+                                             "harness_peak_rss_mb", "diffusers_peak_rss_mb")}, indent=2))
+    print(json.dumps({s: summary[s]["loss_last_steps"] for s in SETUPS}))
+
+
+if __name__ == "__main__":
+    main()
