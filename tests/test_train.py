@@ -1,15 +1,11 @@
 """src/train.py through its real Hydra entry point, at smoke size."""
-import csv
 import json
 import random
 import shutil
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
