@@ -20,10 +20,8 @@ if [ "$GPUS" -ge 2 ]; then
 else
   echo "== DDP on 2 GPUs: skipped, this machine has $GPUS GPU"
 fi
-echo "== step cost, tiny base (32 px, batch 32)"
-python3 benchmarks/step_cost.py --repeats 20
-echo "== step cost, larger UNet (64 px, channels 64 128 256, batch 64)"
-python3 benchmarks/step_cost.py --resolution 64 --channels 64 128 256 --batch 64 --repeats 20
+echo "== step cost: tiny, tiny_sd, and the SD 1.5-shaped UNet at 512 px (latent 64), batch 4"
+python3 benchmarks/step_cost.py --device cuda --sd15-latent 64 --sd15-batch 4 --repeats 10 --out "$OUTDIR/step_cost.json"
 echo "== default run on GPU (cold cache)"
 start=$(date +%s)
 python3 src/train.py trainer=gpu logger=csv paths.log_dir=/tmp/runs paths.cache_dir=/tmp/cache > "$OUTDIR/default_run.log" 2>&1

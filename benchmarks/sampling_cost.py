@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -24,9 +25,23 @@ from controlnet_lab.bases import build_pixel_base
 from controlnet_lab.blocks import build_trainable_copy
 from controlnet_lab.data.colors import make_prompt
 from provenance import OtherLoad, commit, machine
-from step_cost import measure  # benchmarks/: warm-up, repeats, CUDA sync and peak memory
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def measure(run, repeats: int, device: torch.device) -> tuple[float, float | None]:
+    """Seconds per call of ``run`` after a warm-up (and CUDA peak memory)."""
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        run()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return (time.perf_counter() - started) / repeats, torch.cuda.max_memory_allocated() / 2**20
+    return (time.perf_counter() - started) / repeats, None
 
 
 def main() -> None:

@@ -76,8 +76,10 @@ def plain_loop(module: ControlNetModule, loader, steps: int) -> list[float]:
 
 
 def lightning_fit(module: ControlNetModule, loader, steps: int, cfg, folder: Path) -> list[float]:
-    """Batch start times of Trainer.fit with the default config's callbacks and the CSV logger."""
+    """Batch start times of Trainer.fit with the default config's callbacks and the CSV logger, writing into ``folder``
+    (a fresh one per round: a round must not find the previous round's checkpoints)."""
     timer = BatchStarts()
+    cfg.paths.output_dir = str(folder)
     callbacks = [hydra.utils.instantiate(c) for name, c in cfg.callbacks.items() if name not in SAMPLING_CALLBACKS]
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, limit_val_batches=0, logger=CSVLogger(folder),
                         callbacks=[*callbacks, timer], enable_model_summary=False, default_root_dir=str(folder))
@@ -97,7 +99,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder, OtherLoad() as load:
         tmp = Path(folder)
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose(config_name="train", overrides=[f"paths.output_dir={tmp / 'run'}", f"data.resolution={resolution}"])
+            cfg = compose(config_name="train", overrides=[f"data.resolution={resolution}"])
         spec = SyntheticFill50kSpec(count=max(512, args.batch * (args.steps + 1)), resolution=resolution,
                                     palette=tuple(cfg.data.generator.palette), radius_range=(0.15, 0.35), outline_thickness=1, seed=0)
         data = Fill50kDataModule(root=write_fill50k(spec, tmp / "data"), name="bench", resolution=resolution, batch_size=args.batch,

@@ -5,7 +5,10 @@ import sys
 
 import pytest
 
+import scaling
+import step_cost
 import vs_diffusers
+import vs_pipeline_sampling
 import vs_plain_loop
 
 
@@ -28,3 +31,31 @@ def test_the_diffusers_script_benchmark_runs_both_on_the_same_work(tmp_path, mon
     report = json.loads(out.read_text())
     assert set(report["setups"]) == {"harness", "harness_no_cache", "diffusers_script"}
     assert all(len(report["rounds"][0][setup]["long"]["last_losses"]) == 4 for setup in report["setups"])
+
+
+def test_the_step_cost_benchmark_splits_the_controlnet_step(tmp_path, monkeypatch):
+    out = tmp_path / "step_cost.json"
+    monkeypatch.setattr(sys, "argv", ["step_cost.py", "--bases", "tiny", "--batch", "2", "--repeats", "1", "--out", str(out)])
+    step_cost.main()
+    tiny = json.loads(out.read_text())["bases"]["tiny"]
+    assert tiny["finetune"]["unet_params_m"] == tiny["controlnet"]["unet_params_m"] and tiny["controlnet"]["batch"] == 2
+    assert tiny["controlnet"]["controlnet_params_m"] < tiny["controlnet"]["unet_params_m"]
+    parts = tiny["controlnet_step_ms"]
+    assert parts["hint_encoder"] > 0 and parts["locked_unet_forward"] > 0 and parts["backward"] > 0
+    assert tiny["time_ratio"] > 0 and tiny["memory_ratio"] > 0
+
+
+def test_the_scaling_benchmark_writes_its_table_and_plot(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["scaling.py", "--resolutions", "16", "--batches", "2", "--repeats", "1", "--out", str(tmp_path)])
+    scaling.main()
+    (point,) = json.loads((tmp_path / "scaling.json").read_text())["points"]
+    assert (point["resolution"], point["batch"]) == (16, 2) and point["samples_per_s"] > 0
+    assert "| 16 | 2 |" in (tmp_path / "scaling.md").read_text() and (tmp_path / "scaling.png").stat().st_size > 0
+
+
+def test_the_sampling_benchmark_gives_the_pipelines_own_images(tmp_path, monkeypatch):
+    out = tmp_path / "vs_pipeline_sampling.json"
+    monkeypatch.setattr(sys, "argv", ["vs_pipeline_sampling.py", "--images", "4", "--batch", "2", "--steps", "2", "--rounds", "1", "--out", str(out)])
+    vs_pipeline_sampling.main()
+    report = json.loads(out.read_text())
+    assert report["max_pixel_difference"] <= 1 and report["ratio"] > 0
