@@ -14,16 +14,20 @@ unmodified), run from a temporary copy as a researcher would run it (Accelerate,
 - the same objective and settings: batch, learning rate (constant), AdamW, gradient clipping at 1, 50% empty prompts,
   float32, epsilon MSE without noise offset, the machine's default torch threads, no validation during training.
 
-Training samples/s is measured the same way for every setup, from outside: each runs ``--steps`` and ``2 x --steps``
-steps, and samples/s = steps x batch / (wall time of the longer run - wall time of the shorter). What does not grow
-with the steps (start-up, the harness's one-time encoding of the locked parts, the final save and evaluation) cancels;
-it is reported as ``fixed_s``. The setups alternate within each of ``--rounds`` rounds. Setups: the harness as
+Training samples/s is measured the same way for every setup, inside the run, over its last ``--window`` steps of
+``--steps``: from the wall time of each step's log (the script's TensorBoard ``loss`` events; the harness's Lightning
+``ThroughputMonitor`` over the same steps, ``window_size=--window + 1`` points, whose ``train/device/samples_per_sec``
+is the same quotient).
+Data loading is inside the window; what comes before it or after (start-up, the harness's one-time encoding of the
+locked parts, the final save and evaluation) is not, and is reported as ``fixed_s`` (wall time minus the steps at the
+measured rate). (Timing from outside, the difference of an N-step and a 2N-step run's wall times, swung 2x between
+rounds on this machine.) The setups alternate within each of ``--rounds`` rounds. Setups: the harness as
 configured (``model.base.cache_encodings=true``: VAE latents and text embeddings computed once), the harness with caching
 off (every target through the VAE and every prompt through the text encoder at every step, as the script does), and
-the script. Peak RSS is each process's own (``wait4``). The loss: each setup's train loss over its last 20 steps of
-the longer runs (they train the same thing when these agree within their spread).
+the script. Peak RSS is each process's own (``wait4``). The loss: each setup's train loss over its last 20 steps
+(they train the same thing when these agree within their spread).
 
-    python benchmarks/vs_diffusers.py [--steps 60 --rounds 2 --batch 32 --resolution 32 --samples 2000]
+    python benchmarks/vs_diffusers.py [--steps 150 --window 100 --rounds 3 --batch 32 --resolution 32 --samples 2000]
 
 Writes ``--out`` (experiments/performance/vs_diffusers.json) with the settings, the commit, the machine and the CPU
 time other programs took meanwhile.
@@ -99,6 +103,7 @@ def command(setup: str, steps: int, args, tmp: Path, run: Path) -> list[str]:
             f"model.controlnet.lr={args.lr}", "lr_scheduler.name=constant", "trainer.gradient_clip_val=1.0", "trainer.precision=32-true",
             "model.base.noise_offset=0", f"model.base.cache_encodings={setup == 'harness'}", f"trainer.max_steps={steps}",
             "trainer.limit_val_batches=0", "trainer.log_every_n_steps=1", "~callbacks.fidelity_curve", "eval.fid_domain.enabled=false",
+            f"callbacks.throughput.window_size={args.window + 1}",  # window_size points span window steps
             "eval.num_images=8", "logger=csv", "extras.print_config=false", "seed=0"]
 
 
@@ -115,8 +120,10 @@ def timed(argv: list[str], log: Path) -> tuple[float, float]:
     return wall, usage.ru_maxrss / 1024
 
 
-def losses(setup: str, run: Path) -> list[float]:
-    """The train loss at each step, from the harness's CSV log or the script's TensorBoard events."""
+def logged(setup: str, run: Path, window: int, batch: int) -> tuple[list[float], float | None]:
+    """The train loss at each step, and samples/s over the last ``window`` steps (None for a run shorter than that):
+    from the script's TensorBoard events (each step's loss and its wall time), or the harness's CSV log (its
+    ThroughputMonitor's last value)."""
     if setup == "diffusers_script":
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -124,39 +131,40 @@ def losses(setup: str, run: Path) -> list[float]:
             accumulator = EventAccumulator(str(events))
             accumulator.Reload()
             if "loss" in accumulator.Tags()["scalars"]:
-                return [event.value for event in accumulator.Scalars("loss")]
+                steps = accumulator.Scalars("loss")
+                rate = window * batch / (steps[-1].wall_time - steps[-1 - window].wall_time) if len(steps) > window else None
+                return [event.value for event in steps], rate
         raise RuntimeError(f"no loss in the TensorBoard events under {run / 'logs'}")
     with (run / "csv" / "version_0" / "metrics.csv").open() as log:
-        return [float(row["train/loss"]) for row in csv.DictReader(log) if row.get("train/loss")]
+        rows = list(csv.DictReader(log))
+    rates = [float(row["train/device/samples_per_sec"]) for row in rows if row.get("train/device/samples_per_sec")]
+    return [float(row["train/loss"]) for row in rows if row.get("train/loss")], (rates[-1] if rates else None)
 
 
 def run_setup(setup: str, steps: int, args, tmp: Path, name: str) -> dict:
     run = tmp / "runs" / name
     run.parent.mkdir(exist_ok=True)
     wall, rss = timed(command(setup, steps, args, tmp, run), tmp / "runs" / f"{name}.log")
-    values = losses(setup, run)
+    values, rate = logged(setup, run, args.window, args.batch)
     if len(values) != steps:
         raise RuntimeError(f"{name}: {len(values)} losses logged for {steps} steps")
-    return {"wall_s": round(wall, 2), "peak_rss_mb": round(rss, 1), "last_losses": values[-LAST:]}
+    return {"wall_s": round(wall, 2), "samples_per_s": rate and round(rate, 2), "peak_rss_mb": round(rss, 1), "last_losses": values[-LAST:]}
 
 
 def summarize(setup: str, rounds: list[dict], steps: int, batch: int) -> dict:
-    rates, fixed = [], []
-    for r in rounds:
-        short, long = r[setup]["short"]["wall_s"], r[setup]["long"]["wall_s"]
-        rates.append(steps * batch / (long - short))
-        fixed.append(short - (long - short))
-    last = [loss for r in rounds for loss in r[setup]["long"]["last_losses"]]
-    return {"samples_per_s": round(statistics.median(rates), 2), "rounds_samples_per_s": [round(v, 2) for v in rates],
-            "fixed_s": round(statistics.median(fixed), 1),
-            "peak_rss_mb": max(r[setup][k]["peak_rss_mb"] for r in rounds for k in ("short", "long")),
+    rates = [r[setup]["samples_per_s"] for r in rounds]
+    fixed = [r[setup]["wall_s"] - steps * batch / r[setup]["samples_per_s"] for r in rounds]
+    last = [loss for r in rounds for loss in r[setup]["last_losses"]]
+    return {"samples_per_s": round(statistics.median(rates), 2), "rounds_samples_per_s": rates, "fixed_s": round(statistics.median(fixed), 1),
+            "peak_rss_mb": max(r[setup]["peak_rss_mb"] for r in rounds),
             "loss_last_steps": {"mean": round(statistics.mean(last), 5), "std": round(statistics.stdev(last), 5), "n": len(last)}}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=60, help="the shorter run's steps (the longer runs twice as many)")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--window", type=int, default=100, help="the last steps samples/s is measured over")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--samples", type=int, default=2000)
@@ -174,17 +182,18 @@ def main() -> None:
         _, _, hint_channels = build_models(tmp, args.resolution, [r.prompt for r in read_index(fill50k)])
         for setup in ("harness", "diffusers_script"):  # the datasets caches both read, built once and untimed
             run_setup(setup, 1, args, tmp, f"warmup-{setup}")
+        if args.steps <= args.window:
+            raise SystemExit(f"--steps {args.steps} must exceed --window {args.window}")
         rounds = []
         for i in range(args.rounds):
-            rounds.append({setup: {} for setup in SETUPS})
-            for length, steps in (("short", args.steps), ("long", 2 * args.steps)):
-                for setup in SETUPS:
-                    rounds[-1][setup][length] = run_setup(setup, steps, args, tmp, f"{i}-{setup}-{steps}")
-                    print(f"round {i} {setup:<17} {steps:>4} steps: {rounds[-1][setup][length]['wall_s']:.1f} s", flush=True)
+            rounds.append({})
+            for setup in SETUPS:
+                rounds[-1][setup] = run = run_setup(setup, args.steps, args, tmp, f"{i}-{setup}")
+                print(f"round {i} {setup:<17} {run['samples_per_s']:7.1f} samples/s, {run['wall_s']:.1f} s in all", flush=True)
     summary = {setup: summarize(setup, rounds, args.steps, args.batch) for setup in SETUPS}
     script = summary["diffusers_script"]
     report = {
-        "what": "training samples/s (marginal: the extra steps of the longer run over its extra wall time), peak RSS and "
+        "what": "training samples/s (over the last --window steps, from each step's logged wall time), peak RSS and "
                 "the train loss of the last steps, harness vs diffusers' train_controlnet.py on the same base, ControlNet start, data and settings",
         "harness_samples_per_s": summary["harness"]["samples_per_s"],
         "diffusers_samples_per_s": script["samples_per_s"],
@@ -193,7 +202,7 @@ def main() -> None:
         "harness_peak_rss_mb": summary["harness"]["peak_rss_mb"],
         "diffusers_peak_rss_mb": script["peak_rss_mb"],
         "setups": summary,
-        "settings": {"resolution": args.resolution, "batch": args.batch, "steps": [args.steps, 2 * args.steps], "rounds": args.rounds,
+        "settings": {"resolution": args.resolution, "batch": args.batch, "steps": args.steps, "window": args.window, "rounds": args.rounds,
                      "samples": args.samples, "lr": args.lr, "lr_scheduler": "constant", "precision": "float32",
                      "hint_channels": hint_channels, "torch_threads": torch.get_num_threads(), "base": "model=tiny_sd architecture, untrained",
                      "anchor": "diffusers examples/controlnet/train_controlnet.py at 58eb52c0803ea9af3abec60841c2a093bdf1f951 (../shared/anchors)"},

@@ -6,6 +6,7 @@ import sys
 import pytest
 
 import scaling
+import speed_options
 import step_cost
 import vs_diffusers
 import vs_pipeline_sampling
@@ -26,11 +27,12 @@ def test_the_diffusers_script_benchmark_runs_both_on_the_same_work(tmp_path, mon
     pytest.importorskip("accelerate", reason="diffusers' training script needs the bench extra: pip install -e '.[bench]'")
     pytest.importorskip("tensorboard", reason="diffusers' training script logs to TensorBoard: pip install -e '.[bench]'")
     out = tmp_path / "vs_diffusers.json"
-    monkeypatch.setattr(sys, "argv", ["vs_diffusers.py", "--steps", "2", "--rounds", "1", "--batch", "4", "--samples", "64", "--out", str(out)])
+    monkeypatch.setattr(sys, "argv", ["vs_diffusers.py", "--steps", "4", "--window", "2", "--rounds", "1", "--batch", "4", "--samples", "64",
+                                      "--out", str(out)])
     vs_diffusers.main()
     report = json.loads(out.read_text())
     assert set(report["setups"]) == {"harness", "harness_no_cache", "diffusers_script"}
-    assert all(len(report["rounds"][0][setup]["long"]["last_losses"]) == 4 for setup in report["setups"])
+    assert all(len(report["rounds"][0][setup]["last_losses"]) == 4 and report["setups"][setup]["samples_per_s"] > 0 for setup in report["setups"])
 
 
 def test_the_step_cost_benchmark_splits_the_controlnet_step(tmp_path, monkeypatch):
@@ -59,3 +61,12 @@ def test_the_sampling_benchmark_gives_the_pipelines_own_images(tmp_path, monkeyp
     vs_pipeline_sampling.main()
     report = json.loads(out.read_text())
     assert report["max_pixel_difference"] <= 1 and report["ratio"] > 0
+
+
+def test_the_speed_options_benchmark_times_every_option_and_the_loader(tmp_path, monkeypatch):
+    out = tmp_path / "speed_options.json"
+    monkeypatch.setattr(sys, "argv", ["speed_options.py", "--rounds", "1", "--repeats", "1", "--batch", "2", "--out", str(out)])
+    speed_options.main()
+    report = json.loads(out.read_text())
+    assert set(report["ms_per_step"]) == {"eager_fp32", "one_thread", "channels_last", "bf16_autocast"}
+    assert report["speedup_vs_eager_fp32"]["eager_fp32"] == 1.0 and report["data_loading"]["png_decoding_ms_per_batch"] > 0

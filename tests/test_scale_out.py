@@ -5,13 +5,13 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from torch.distributed.fsdp.wrap import enable_wrap
@@ -96,10 +96,9 @@ def test_two_process_ddp_gives_one_result_equal_to_a_one_process_evaluation(tmp_
 
 
 def test_the_slurm_preset_composes():
-    result = subprocess.run([sys.executable, str(ROOT / "src" / "train.py"), "--cfg", "hydra", "hydra/launcher=slurm",
-                             "hydra.launcher.partition=a100"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    launcher = yaml.safe_load(result.stdout)["hydra"]["launcher"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=a100"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
     assert launcher["_target_"].endswith("SlurmLauncher") and launcher["partition"] == "a100"
     assert launcher["gpus_per_node"] == 1 and launcher["timeout_min"] == 240 and launcher["mem_gb"] == 64
 
