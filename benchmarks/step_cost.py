@@ -44,8 +44,9 @@ def rss_mb() -> float:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-def build(base: str, args, device):
-    """(unet, controlnet, inputs) of a base: the UNet and its trainable copy as the harness builds them."""
+def build(base: str, args, device, with_controlnet: bool = True):
+    """(unet, controlnet, inputs, shape) of a base: the UNet and (unless ``with_controlnet`` is false: None) its
+    trainable copy as the harness builds them."""
     import torch
     from diffusers import UNet2DConditionModel
     from omegaconf import OmegaConf
@@ -68,8 +69,8 @@ def build(base: str, args, device):
             unet, hint = build_tiny_sd(settings, resolution, prompts).unet, (16, 32, 64)
             latent = resolution // vae_scale_factor(settings["vae"])
         pooled = settings["text_encoder"]["hidden_size"] if unet.config.class_embed_type == "projection" else None
-    controlnet = build_trainable_copy(unet, "zero", hint)
-    unet, controlnet = unet.to(device), controlnet.to(device)
+    controlnet = build_trainable_copy(unet, "zero", hint).to(device) if with_controlnet else None
+    unet = unet.to(device)
     generator = torch.Generator().manual_seed(0)
     inputs = {
         "x": torch.randn(batch, unet.config.in_channels, latent, latent, generator=generator).to(device),
@@ -79,7 +80,7 @@ def build(base: str, args, device):
         "cond": torch.rand(batch, 3, resolution, resolution, generator=generator).to(device),
     }
     shape = {"resolution": resolution, "latent": latent, "batch": batch, "unet_params_m": round(sum(p.numel() for p in unet.parameters()) / 1e6, 2),
-             "controlnet_params_m": round(sum(p.numel() for p in controlnet.parameters()) / 1e6, 2)}
+             "controlnet_params_m": round(sum(p.numel() for p in controlnet.parameters()) / 1e6, 2) if controlnet else None}
     return unet, controlnet, inputs, shape
 
 
@@ -115,11 +116,10 @@ def child(base: str, mode: str, args) -> dict:
 
     device = torch.device(args.device)
     baseline_rss = rss_mb()
-    unet, controlnet, inp, shape = build(base, args, device)
+    unet, controlnet, inp, shape = build(base, args, device, with_controlnet=mode == "controlnet")
     phases = Phases(device)
     extra = {"class_labels": inp["class_labels"]} if inp["class_labels"] is not None else {}
     if mode == "finetune":
-        del controlnet
         optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5)
 
         def step():
