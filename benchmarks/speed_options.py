@@ -55,7 +55,7 @@ def controlnet_step(unet, controlnet, inputs, autocast: bool):
 def option_step(name: str, args):
     """A fresh (unet, controlnet) set up as the option says, and its step."""
     torch.manual_seed(0)
-    unet, controlnet, inputs, _ = build("tiny", args, torch.device("cpu"))
+    unet, controlnet, inputs, _ = build("tiny", torch.device("cpu"), resolution=32, batch=args.batch, sd15_latent=0)
     if name == "channels_last":
         unet, controlnet = unet.to(memory_format=torch.channels_last), controlnet.to(memory_format=torch.channels_last)
         inputs = {k: v.contiguous(memory_format=torch.channels_last) if v is not None and v.dim() == 4 else v for k, v in inputs.items()}
@@ -102,7 +102,6 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "performance" / "speed_options.json")
     args = parser.parse_args()
-    args.resolution, args.sd15_latent = 32, 16  # what step_cost.build reads
     threads = torch.get_num_threads()
     names = ["eager_fp32", "one_thread", "channels_last", "bf16_autocast"] + (["compile"] if args.compile else [])
     with OtherLoad() as load:

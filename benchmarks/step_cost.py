@@ -44,7 +44,7 @@ def rss_mb() -> float:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-def build(base: str, args, device, with_controlnet: bool = True):
+def build(base: str, device, resolution: int, batch: int, sd15_latent: int, with_controlnet: bool = True):
     """(unet, controlnet, inputs, shape) of a base: the UNet and (unless ``with_controlnet`` is false: None) its
     trainable copy as the harness builds them."""
     import torch
@@ -55,12 +55,11 @@ def build(base: str, args, device, with_controlnet: bool = True):
 
     prompts = ["red circle with blue background", "green circle with yellow background"]
     if base == "sd15":
-        unet = UNet2DConditionModel(sample_size=args.sd15_latent, cross_attention_dim=768)
-        hint, resolution, batch, tokens, pooled = (16, 32, 96, 256), args.sd15_latent * 8, args.batch, 77, None
-        latent = args.sd15_latent
+        unet = UNet2DConditionModel(sample_size=sd15_latent, cross_attention_dim=768)
+        hint, resolution, tokens, pooled, latent = (16, 32, 96, 256), sd15_latent * 8, 77, None, sd15_latent
     else:
         settings = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / f"{base}.yaml").base, resolve=True)
-        resolution, batch, tokens = args.resolution, args.batch, settings["text_encoder"]["max_position_embeddings"]
+        tokens = settings["text_encoder"]["max_position_embeddings"]
         if base == "tiny":
             from controlnet_lab.bases import build_pixel_base
             unet, hint, latent = build_pixel_base(settings, resolution, prompts).unet, (16,), resolution
@@ -116,7 +115,7 @@ def child(base: str, mode: str, args) -> dict:
 
     device = torch.device(args.device)
     baseline_rss = rss_mb()
-    unet, controlnet, inp, shape = build(base, args, device, with_controlnet=mode == "controlnet")
+    unet, controlnet, inp, shape = build(base, device, args.resolution, args.batch, args.sd15_latent, with_controlnet=mode == "controlnet")
     phases = Phases(device)
     extra = {"class_labels": inp["class_labels"]} if inp["class_labels"] is not None else {}
     if mode == "finetune":
