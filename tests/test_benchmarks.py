@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+import default_profile
+from conftest import SHARED_DATA
 import scaling
 import speed_options
 import step_cost
@@ -70,3 +72,27 @@ def test_the_speed_options_benchmark_times_every_option_and_the_loader(tmp_path,
     report = json.loads(out.read_text())
     assert set(report["ms_per_step"]) == {"eager_fp32", "one_thread", "channels_last", "bf16_autocast"}
     assert report["speedup_vs_eager_fp32"]["eager_fp32"] == 1.0 and report["data_loading"]["png_decoding_ms_per_batch"] > 0
+
+
+def test_the_profile_gives_each_sample_to_its_innermost_phase(tmp_path):
+    """py-spy's raw format: the fidelity curve measured inside the training loop is the curve's, not training's."""
+    raw = tmp_path / "profile.txt"
+    loop, curve = "fit (lightning/pytorch/loops/fit_loop.py:1)", "_measure (controlnet_lab/callbacks.py:9)"
+    raw.write_text(f"main (src/train.py:1);{loop};backward (torch/autograd.py:3) 30\n"
+                   f"main (src/train.py:1);{loop};{curve};conv (torch/nn/conv.py:2) 10\n"
+                   f"main (src/train.py:1);build_once (controlnet_lab/bases/pretraining.py:5);{loop};backward (torch/autograd.py:3) 40\n")
+    phases = {row["phase"]: row for row in default_profile.split_by_phase(raw, rate=10)}
+    assert {name: row["seconds"] for name, row in phases.items()} == {"base pretraining": 4.0, "ControlNet training": 3.0, "fidelity curve": 1.0}
+    assert phases["fidelity curve"]["top_functions"] == {"conv": 1.0} and phases["base pretraining"]["share"] == 0.5
+
+
+def test_the_default_profile_runs_py_spy_on_a_smoke_run(tmp_path, monkeypatch):
+    """Needs py-spy (the bench extra) and permission to read another process's memory."""
+    if default_profile.py_spy() is None:
+        pytest.skip("py-spy is in the bench extra: pip install -e '.[bench]'")
+    out = tmp_path / "profile.json"
+    monkeypatch.setattr(sys, "argv", ["default_profile.py", "--out", str(out), "experiment=smoke", "eval.fid_domain.enabled=false",
+                                      f"data.cache_dir={SHARED_DATA[0]}"])
+    default_profile.main()
+    phases = {row["phase"] for row in json.loads(out.read_text())["phases"]}
+    assert {"base pretraining", "ControlNet training", "fidelity curve"} <= phases

@@ -12,7 +12,7 @@ from conftest import compose_train, run_train, train_checkpoint
 from controlnet_lab.bases import build_pixel_base, load_base
 from controlnet_lab.controlnet_lite import ControlNetLiteModel
 from controlnet_lab.data.fill50k import read_index
-from controlnet_lab.export import base_fingerprint, export
+from controlnet_lab.export import base_fingerprint, checkpoint_path, export
 from controlnet_lab.module import ControlNetModule
 
 PROMPTS = ["red circle with blue background", "", "green circle with yellow background"]
@@ -61,8 +61,9 @@ def test_export_entry_point_writes_the_folder(trained_checkpoints, tmp_path):
     result = run_train([f"ckpt={trained_checkpoints['single']}", f"out={tmp_path / 'lite'}"], tmp_path, script="src/export.py")
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "lite" / "controlnet" / "config.json").is_file() and (tmp_path / "lite" / "export.json").is_file()
-    missing = run_train([f"ckpt={tmp_path / 'nowhere'}", f"out={tmp_path / 'x'}"], tmp_path, script="src/export.py")
-    assert missing.returncode != 0 and "ckpt=" in missing.stderr and not (tmp_path / "x").exists()
+    with pytest.raises(FileNotFoundError, match="ckpt=.*nowhere: no checkpoint there"):  # what src/export.py runs first
+        export(checkpoint_path(tmp_path / "nowhere"), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
 
 
 @torch.no_grad()

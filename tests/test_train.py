@@ -68,11 +68,21 @@ def test_smoke_reports_fidelity_fid_and_the_curve(smoke_run):
     assert metrics["sudden_convergence_step"] == sudden_convergence_step(steps, values)
 
 
-def test_the_fidelity_curve_does_not_change_training(smoke_run, tmp_path):
+@pytest.fixture(scope="module")
+def sweep_with_a_failed_job(tmp_path_factory):
+    """A smoke sweep whose first job has an impossible prompt dropout; the second is the smoke run without the
+    fidelity curve and the domain FID (both evaluation only)."""
+    tmp = tmp_path_factory.mktemp("failed-sweep")
+    result = run_train(["-m", "experiment=smoke", "logger=csv", "eval.fid_domain.enabled=false", "~callbacks.fidelity_curve",
+                        "data.prompt_dropout=7,0.5"], tmp, timeout=600)
+    (sweep,) = (tmp / "outputs" / "smoke" / "multiruns").iterdir()
+    return result, sweep
+
+
+def test_the_fidelity_curve_does_not_change_training(smoke_run, sweep_with_a_failed_job):
     _, run_dir = smoke_run
-    result = run_train(["experiment=smoke", "logger=csv", "~callbacks.fidelity_curve"], tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (other,) = (tmp_path / "outputs" / "smoke" / "runs").iterdir()
+    _, sweep = sweep_with_a_failed_job
+    (other,) = sweep.glob("1_data.prompt_dropout=0.5*")
     with_curve = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     without = torch.load(other / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     assert with_curve.keys() == without.keys() and all(torch.equal(with_curve[k], without[k]) for k in with_curve)
@@ -236,11 +246,9 @@ def test_the_domain_feature_net_does_not_depend_on_the_training_size(tiny_data, 
     assert len(list((tmp_path / "fid_domain").glob("*.safetensors"))) == 1
 
 
-def test_a_failed_sweep_job_is_recorded_and_the_others_run(tmp_path):
-    result = run_train(["-m", "experiment=smoke", "logger=csv", "eval.fid_domain.enabled=false", "~callbacks.fidelity_curve",
-                        "data.prompt_dropout=7,0.5"], tmp_path, timeout=600)
+def test_a_failed_sweep_job_is_recorded_and_the_others_run(sweep_with_a_failed_job):
+    result, sweep = sweep_with_a_failed_job
     assert result.returncode != 0  # the sweep reports its failure at the end
-    (sweep,) = (tmp_path / "outputs" / "smoke" / "multiruns").iterdir()
     (failed_dir,) = sweep.glob("0_data.prompt_dropout=7*")
     failed = json.loads((failed_dir / "failed.json").read_text())
     assert failed["status"] == "failed" and failed["error"] == "ConfigError: data.prompt_dropout must be in [0, 1], got 7"
