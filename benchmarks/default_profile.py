@@ -71,12 +71,15 @@ def profile(overrides: list[str], rate: int, tmp: Path) -> dict:
     if spy is None:
         raise SystemExit("py-spy is missing: pip install -e '.[bench]'")
     raw = tmp / "profile.txt"
-    command = [spy, "record", "--rate", str(rate), "--format", "raw", "--output", str(raw), "--",
-               sys.executable, str(ROOT / "src" / "train.py"), f"paths.cache_dir={tmp / 'cache'}", f"paths.log_dir={tmp / 'outputs'}",
-               "logger=csv", *overrides]
+    train = [sys.executable, str(ROOT / "src" / "train.py"), f"paths.cache_dir={tmp / 'cache'}", f"paths.log_dir={tmp / 'outputs'}",
+             "logger=csv", *overrides]
     started = time.time()
-    with OtherLoad() as load:
-        subprocess.run(command, cwd=ROOT, check=True)
+    with OtherLoad() as load:  # the run is this process's own child (py-spy attaches to it), so its CPU time is not "other"
+        run = subprocess.Popen(train, cwd=ROOT)
+        spy_process = subprocess.Popen([spy, "record", "--rate", str(rate), "--format", "raw", "--output", str(raw), "--pid", str(run.pid)])
+        if run.wait() != 0:
+            raise SystemExit(f"the profiled run failed (exit status {run.returncode})")
+        spy_process.wait()
     wall = time.time() - started
     (results_file,) = (tmp / "outputs").rglob("results.json")
     results = json.loads(results_file.read_text())

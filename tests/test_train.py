@@ -11,7 +11,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import ROOT, SHARED_DATA, compose_train, run_train
+from conftest import ROOT, SHARED_DATA, SMOKE_DATA_COUNT, compose_train, run_train
 from reliability import SMOKE, compare, kill_point, straight_run, survived
 from controlnet_lab.bases.pretraining import cache_key
 from controlnet_lab.config_checks import ConfigError, check_train_config
@@ -82,7 +82,7 @@ def sweep_with_a_failed_job(tmp_path_factory):
 def test_the_fidelity_curve_does_not_change_training(smoke_run, sweep_with_a_failed_job):
     _, run_dir = smoke_run
     _, sweep = sweep_with_a_failed_job
-    (other,) = sweep.glob("1_data.prompt_dropout=0.5*")
+    (other,) = sweep.glob("1_*data.prompt_dropout=0.5*")
     with_curve = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     without = torch.load(other / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     assert with_curve.keys() == without.keys() and all(torch.equal(with_curve[k], without[k]) for k in with_curve)
@@ -94,7 +94,7 @@ def test_a_resumed_run_is_bit_identical_to_an_uninterrupted_one(smoke_run, tmp_p
     checkpoint (step 3: within the remaining training steps), each then resumed. What benchmarks/reliability.py does
     for the README's figures, at its smallest (it also kills up to 3 s after, into the final evaluation)."""
     tmp, first = smoke_run
-    overrides = [*SMOKE, f"data.cache_dir={SHARED_DATA[0]}"]
+    overrides = [*SMOKE, f"data.cache_dir={SHARED_DATA[0]}", SMOKE_DATA_COUNT]
     straight = straight_run(tmp, overrides)
 
     stopped = tmp_path / "stopped"
@@ -249,10 +249,10 @@ def test_the_domain_feature_net_does_not_depend_on_the_training_size(tiny_data, 
 def test_a_failed_sweep_job_is_recorded_and_the_others_run(sweep_with_a_failed_job):
     result, sweep = sweep_with_a_failed_job
     assert result.returncode != 0  # the sweep reports its failure at the end
-    (failed_dir,) = sweep.glob("0_data.prompt_dropout=7*")
+    (failed_dir,) = sweep.glob("0_*data.prompt_dropout=7*")
     failed = json.loads((failed_dir / "failed.json").read_text())
     assert failed["status"] == "failed" and failed["error"] == "ConfigError: data.prompt_dropout must be in [0, 1], got 7"
-    (finished,) = sweep.glob("1_data.prompt_dropout=0.5*/results.json")
+    (finished,) = sweep.glob("1_*data.prompt_dropout=0.5*/results.json")
     assert json.loads(finished.read_text())["global_step"] == 6  # ran after the failure
     output = result.stdout + result.stderr
     assert "1 job(s) of this sweep failed so far" in output and f"{failed_dir.name}: ConfigError" in output
