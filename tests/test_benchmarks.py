@@ -6,13 +6,13 @@ import sys
 import pytest
 
 import default_profile
-from conftest import SHARED_DATA
 import scaling
 import speed_options
 import step_cost
 import vs_diffusers
 import vs_pipeline_sampling
 import vs_plain_loop
+from conftest import SHARED_DATA
 
 
 def test_the_plain_loop_benchmark_writes_its_ratio(tmp_path, monkeypatch):
