@@ -70,8 +70,11 @@ def test_the_speed_options_benchmark_times_every_option_and_the_loader(tmp_path,
     monkeypatch.setattr(sys, "argv", ["speed_options.py", "--rounds", "1", "--repeats", "1", "--batch", "2", "--out", str(out)])
     speed_options.main()
     report = json.loads(out.read_text())
-    assert set(report["ms_per_step"]) == {"eager_fp32", "one_thread", "channels_last", "bf16_autocast"}
-    assert report["speedup_vs_eager_fp32"]["eager_fp32"] == 1.0 and report["data_loading"]["png_decoding_ms_per_batch"] > 0
+    assert set(report["ms_per_step"]) == {"eager_fp32", "foreach_adamw", "fused_adamw", "one_thread", "channels_last", "bf16_autocast"}
+    assert report["speedup_vs_eager_fp32"]["eager_fp32"] == 1.0 and report["data_loading"]["without_targets_ms_per_batch"] > 0
+    optimizer = report["optimizer_alone"]
+    assert optimizer["tensors"] > 100 and set(optimizer["ms_per_update"]) == {"loop", "foreach", "fused"}
+    assert optimizer["max_abs_difference_from_loop_after_10"]["loop"] == 0 and optimizer["max_abs_difference_from_loop_after_10"]["fused"] < 1e-6
 
 
 def test_the_profile_gives_each_sample_to_its_innermost_phase(tmp_path):

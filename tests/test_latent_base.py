@@ -17,7 +17,8 @@ from conftest import compose_train, fill50k_dataset, run_train
 from controlnet_lab.config_checks import check_train_config
 from controlnet_lab.bases import LatentBase, load_base
 from controlnet_lab.bases.sources import BaseNotFoundError, PretrainedBase
-from controlnet_lab.data.encoded import EncodedDataset
+from controlnet_lab.data.datamodule import Fill50kDataModule
+from controlnet_lab.data.encoded import EncodedDataset, LockedEncodings
 from controlnet_lab.export import export
 from controlnet_lab.locked_encodings import cached_encodings, compute_encodings
 from controlnet_lab.module import ControlNetModule
@@ -119,10 +120,24 @@ def test_cached_and_computed_encodings_give_the_same_loss(sd_folder, sd_data, tm
     reread = cached_encodings(module.base, "fingerprint", dataset, tmp_path)  # from the file this time
     assert torch.equal(reread.images, encodings.images) and torch.equal(reread.text_hidden, encodings.text_hidden)
     computed = next(iter(DataLoader(dataset, batch_size=6)))
-    cached = next(iter(DataLoader(EncodedDataset(dataset, reread), batch_size=6)))
+    without_targets = fill50k_dataset(sd_data, 32, count=6, with_target=False)  # as the training loader serves cached latents
+    without_targets.samples.targets.read = None  # a target's pixels are never decoded
+    cached = next(iter(DataLoader(EncodedDataset(without_targets, reread), batch_size=6)))
+    assert "target" not in cached and torch.equal(cached["condition"], computed["condition"])
     losses = [module.diffusion_loss(batch, torch.Generator().manual_seed(7)) for batch in (computed, cached)]
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
     assert not torch.equal(losses[0], module.diffusion_loss(computed, torch.Generator().manual_seed(8)))
+
+
+def test_the_training_loader_reads_no_targets_when_their_latents_are_cached(sd_data, tmp_path):
+    data = Fill50kDataModule(root=str(sd_data), name="sd", resolution=32, batch_size=4, val_size=4, cache_dir=tmp_path)
+    data.setup()
+    assert "target" in next(iter(data.train_dataloader()))
+    data.train_encodings = LockedEncodings(images=torch.zeros(len(data.train_rows), 8, 4, 4))
+    batch = next(iter(data.train_dataloader()))
+    assert "target" not in batch and batch["image_encoding"].shape == (4, 8, 4, 4) and batch["condition"].shape == (4, 3, 32, 32)
+    data.train_encodings = LockedEncodings(text_hidden=torch.zeros(1, 2, 3), prompt_rows={p: 0 for p in [*data.prompts(), ""]})
+    assert "target" in next(iter(data.train_dataloader()))  # text alone cached: the VAE still encodes each target
 
 
 def test_encodings_are_keyed_by_base_and_samples(sd_folder, sd_data, tmp_path):

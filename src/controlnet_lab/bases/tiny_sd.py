@@ -62,7 +62,7 @@ class AutoencoderPretraining(L.LightningModule):
         return l1 + self.kl_weight * kl
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.vae.parameters(), lr=self.lr)
+        return torch.optim.AdamW(self.vae.parameters(), lr=self.lr, fused=True)
 
 
 @torch.no_grad()

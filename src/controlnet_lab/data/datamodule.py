@@ -160,11 +160,12 @@ class ControlDataModule(L.LightningDataModule):
         """The content of the training pool and the held-out set, in order: what a base pretrained on this split is keyed by."""
         return hashlib.sha256(f"{self.train_samples.fingerprint(self.pool_rows)}|{self.val_samples.fingerprint(self.val_rows)}".encode()).hexdigest()[:16]
 
-    def dataset(self, part: str, prompt_dropout: float = 0.0) -> ControlDataset:
+    def dataset(self, part: str, prompt_dropout: float = 0.0, with_target: bool = True) -> ControlDataset:
         samples, rows = {"train": (self.train_samples, self.train_rows), "val": (self.val_samples, self.val_rows),
                          "pool": (self.train_samples, self.pool_rows)}[part]
         make = condition_maker(self.condition, self.resolution) if self.condition not in DETECTORS else None
-        return ControlDataset(samples, rows, self.resolution, prompt_dropout, make, self.detected.get(part), with_condition=part != "pool")
+        return ControlDataset(samples, rows, self.resolution, prompt_dropout, make, self.detected.get(part), with_condition=part != "pool",
+                              with_target=with_target)
 
     def train_dataset(self) -> ControlDataset:
         return self.dataset("train", self.prompt_dropout)
@@ -178,7 +179,8 @@ class ControlDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Batches in data/order.py's order; resumed in the middle of an epoch, the rest of that epoch."""
-        dataset = self.train_dataset()
+        latents_cached = self.train_encodings is not None and self.train_encodings.images is not None
+        dataset = self.dataset("train", self.prompt_dropout, with_target=not latents_cached)
         epoch, skip = self.resume_position()
         return DataLoader(
             EncodedDataset(dataset, self.train_encodings) if self.train_encodings is not None else dataset,

@@ -24,7 +24,9 @@ class ControlDataset(Dataset):
 
     ``condition`` is what the ControlNet sees: a detector's cached map (``detected``), or
     ``make_condition`` of the stored condition (the stored one itself by default); with
-    ``with_condition=False`` items carry none (pretraining a base needs none). An item is
+    ``with_condition=False`` items carry none (pretraining a base needs none); with
+    ``with_target=False`` they carry no ``target`` and its pixels are never decoded (training on
+    cached VAE latents needs none: 14 ms of PNG decoding per batch of 32 on this CPU). An item is
     asked for by (index, drop the prompt), as the training order draws them (order.py), or
     by index alone: the prompt is then replaced by "" with probability ``prompt_dropout``,
     drawn from Python's ``random``, which Lightning's ``seed_everything(workers=True)`` seeds
@@ -32,7 +34,8 @@ class ControlDataset(Dataset):
     """
 
     def __init__(self, samples: Samples, rows, resolution: int, prompt_dropout: float = 0.0,
-                 make_condition: ConditionMaker = outline, detected: CachedConditions | None = None, with_condition: bool = True):
+                 make_condition: ConditionMaker = outline, detected: CachedConditions | None = None, with_condition: bool = True,
+                 with_target: bool = True):
         self.samples = samples
         self.rows = np.asarray(rows, dtype=np.int64)
         self.resolution = resolution
@@ -40,6 +43,7 @@ class ControlDataset(Dataset):
         self.make_condition = make_condition
         self.detected = detected
         self.with_condition = with_condition
+        self.with_target = with_target
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -59,20 +63,20 @@ class ControlDataset(Dataset):
         row = int(self.rows[index])
         item = {}
         if self.samples.has_conditions:
-            target, source = self.samples.pair(row, self.resolution)
+            if self.with_target:
+                target, source = self.samples.pair(row, self.resolution)
+            else:
+                target, source = None, self.samples.condition(row, self.resolution)
             item["source"] = _chw(source.astype(np.float32) / 255.0)
         else:
-            target, source = self.samples.target(row, self.resolution), None
+            target, source = self.samples.target(row, self.resolution) if self.with_target else None, None
         if self.with_condition:
             condition = self.detected.read(row) if self.detected is not None else self.make_condition(source, target, self.name(row))
             item["condition"] = _chw(condition.astype(np.float32) / 255.0)
         true_prompt = self.samples.prompts[row]
-        item.update({
-            "target": _chw(target.astype(np.float32) / 127.5 - 1.0),
-            "prompt": "" if dropped else true_prompt,
-            "true_prompt": true_prompt,
-            "index": index,
-        })
+        if target is not None:
+            item["target"] = _chw(target.astype(np.float32) / 127.5 - 1.0)
+        item.update({"prompt": "" if dropped else true_prompt, "true_prompt": true_prompt, "index": index})
         return item
 
     def name(self, row: int) -> str:
