@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from provenance import OtherLoad, commit, machine
+from controlnet_lab.provenance import OtherLoad, commit, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 SETUPS = {

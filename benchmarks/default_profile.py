@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from provenance import OtherLoad, commit, machine
+from controlnet_lab.provenance import OtherLoad, commit, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 # (phase, a substring of one frame of the stack), first match wins.

@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from controlnet_lab.tables import plot_curves
-from provenance import OtherLoad, commit, machine
+from controlnet_lab.provenance import OtherLoad, commit, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 SUMMARY_KEYS = ("mask_iou", "color_accuracy", "base_mask_iou", "base_color_accuracy", "random_placement_mask_iou", "edge_f1",

@@ -36,7 +36,7 @@ from controlnet_lab.data.datamodule import Fill50kDataModule
 from controlnet_lab.data.synthetic import SyntheticFill50kSpec, write_fill50k
 from controlnet_lab.locked_encodings import cached_encodings
 from controlnet_lab.module import ControlNetModule
-from provenance import OtherLoad, commit, machine
+from controlnet_lab.provenance import OtherLoad, commit, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = {

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from provenance import OtherLoad, commit, machine
+from controlnet_lab.provenance import OtherLoad, commit, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12

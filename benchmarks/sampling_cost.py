@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from controlnet_lab.bases import build_pixel_base
 from controlnet_lab.blocks import build_trainable_copy
 from controlnet_lab.data.colors import make_prompt
-from provenance import OtherLoad, commit, machine
+from controlnet_lab.provenance import OtherLoad, commit, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -22,7 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from provenance import OtherLoad, commit, machine  # noqa: E402
+from controlnet_lab.provenance import OtherLoad, commit, machine  # noqa: E402
 from step_cost import run_child  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -38,7 +38,7 @@ from omegaconf import OmegaConf
 from controlnet_lab.bases import build_pixel_base
 from controlnet_lab.data.datamodule import Fill50kDataModule
 from controlnet_lab.data.synthetic import SyntheticFill50kSpec, write_fill50k
-from provenance import OtherLoad, commit, machine
+from controlnet_lab.provenance import OtherLoad, commit, machine
 from step_cost import build
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -210,7 +210,7 @@ def main() -> None:
         print(json.dumps(child(*args.child, args)))
         return
 
-    from provenance import OtherLoad, commit, machine
+    from controlnet_lab.provenance import OtherLoad, commit, machine
 
     results = {}
     with OtherLoad() as load:

@@ -54,7 +54,7 @@ from omegaconf import OmegaConf
 from controlnet_lab.bases import build_tiny_sd
 from controlnet_lab.data.fill50k import read_index
 from controlnet_lab.data.synthetic import SyntheticFill50kSpec, write_fill50k
-from provenance import OtherLoad, commit, machine
+from controlnet_lab.provenance import OtherLoad, commit, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 ANCHOR = ROOT.parent / "shared" / "anchors" / "diffusers_train_controlnet.py"

@@ -43,7 +43,7 @@ from controlnet_lab.data.synthetic import SyntheticFill50kSpec, write_fill50k
 from controlnet_lab.export import export
 from controlnet_lab.generation import sample
 from controlnet_lab.module import ControlNetModule
-from provenance import OtherLoad, commit, machine
+from controlnet_lab.provenance import OtherLoad, commit, machine
 from vs_diffusers import build_models
 
 ROOT = Path(__file__).resolve().parents[1]

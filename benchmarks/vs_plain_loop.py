@@ -39,7 +39,7 @@ from controlnet_lab.bases import build_pixel_base
 from controlnet_lab.data.datamodule import Fill50kDataModule
 from controlnet_lab.data.synthetic import SyntheticFill50kSpec, write_fill50k
 from controlnet_lab.module import ControlNetModule
-from provenance import OtherLoad, commit, machine
+from controlnet_lab.provenance import OtherLoad, commit, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLING_CALLBACKS = ("fidelity_curve", "validation_images")

@@ -1,7 +1,9 @@
 """Tabulate a sweep: `python eval/tables.py sweep=<multirun dir> [out=<dir>]`.
 
 Reads every job's results.json and writes table.md, table.csv and table.tex (one row
-per method, mean ± std over seeds) and two plots (mask IoU per prompt setting;
+per method, mean ± std [95% interval] over seeds), differences.md/.csv/.tex (each method
+against the first, or every pair: the difference, its interval, paired by seed, and the
+verdict; `comparisons=all_pairs correction=bonferroni`) and two plots (mask IoU per prompt setting;
 each method's sample grid; fidelity curves when the jobs recorded them) into the sweep
 directory, or ``out``, and logs the table and plots to W&B, grouped with the sweep's runs.
 """
@@ -13,7 +15,7 @@ from controlnet_lab.tables import log_to_wandb, write_tables
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="tables")
 def main(cfg: DictConfig) -> None:
-    table, paths = write_tables(cfg.sweep, cfg.out, cfg.rescored)
+    table, paths = write_tables(cfg.sweep, cfg.out, cfg.rescored, cfg.level, cfg.comparisons, cfg.correction)
     if cfg.wandb:
         log_to_wandb(table, paths, cfg.sweep)
     print(paths["markdown"].read_text())

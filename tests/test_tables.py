@@ -1,10 +1,13 @@
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from scipy import stats
 
-from controlnet_lab.tables import job_number, load_sweep, summarize
+from controlnet_lab.intervals import _detectable, difference, t_interval
+from controlnet_lab.tables import differences, job_number, load_sweep, summarize, write_tables
 
 
 def test_jobs_are_taken_in_launch_order_not_name_order():
@@ -12,18 +15,24 @@ def test_jobs_are_taken_in_launch_order_not_name_order():
     assert [p.name for p in sorted(map(Path, names), key=job_number)] == ["0_block=single", "1_block=zero", "2_block=gauss", "10_block=zero"]
 
 
-def test_summary_is_the_mean_and_sample_std_over_the_seeds_of_each_method(tmp_path):
-    """Two methods x three seeds with known scores; a job without results is left out, not counted as zero."""
-    scores = {"zero": [0.5, 0.6, 0.7], "single": [0.2, 0.2, 0.5]}
+def write_sweep(folder: Path, scores: dict[str, dict[int, float]]) -> int:
+    """A multirun directory with one results.json per (block, seed): perfect-prompt mask IoU as given, none-prompt half
+    of it. Returns the number of jobs."""
     job = 0
     for block, values in scores.items():
-        for seed, value in enumerate(values):
-            folder = tmp_path / f"{job}_block={block},seed={seed}"
-            (folder / ".hydra").mkdir(parents=True)
+        for seed, value in values.items():
+            job_dir = folder / f"{job}_block={block},seed={seed}"
+            (job_dir / ".hydra").mkdir(parents=True)
             record = {"block": block, "seed": seed, "metrics": {"mask_iou": value, "eval_images": 64,
                       "prompt_settings": {"perfect": {"mask_iou": value}, "none": {"mask_iou": value / 2}}}}
-            (folder / "results.json").write_text(json.dumps(record))
+            (job_dir / "results.json").write_text(json.dumps(record))
             job += 1
+    return job
+
+
+def test_summary_is_the_mean_and_sample_std_over_the_seeds_of_each_method(tmp_path):
+    """Two methods x three seeds with known scores; a job without results is left out, not counted as zero."""
+    job = write_sweep(tmp_path, {"zero": {0: 0.5, 1: 0.6, 2: 0.7}, "single": {0: 0.2, 1: 0.2, 2: 0.5}})
     (tmp_path / f"{job}_block=gauss,seed=0" / ".hydra").mkdir(parents=True)  # a failed job
     frame, unfinished = load_sweep(tmp_path)
     summary = summarize(frame).set_index("block")
@@ -36,3 +45,64 @@ def test_summary_is_the_mean_and_sample_std_over_the_seeds_of_each_method(tmp_pa
     assert summary.loc["single", f"{perfect}:std"] == pytest.approx(pd.Series([0.2, 0.2, 0.5]).std())
     assert summary.loc["single", "metrics.prompt_settings.none.mask_iou:mean"] == pytest.approx(0.15)
     assert summary.loc["zero", "seeds"] == 3
+    half = stats.t.ppf(0.975, 2) * 0.1 / math.sqrt(3)  # 4.303 x std / sqrt(3)
+    assert summary.loc["zero", f"{perfect}:low"] == pytest.approx(0.6 - half)
+    assert summary.loc["zero", f"{perfect}:high"] == pytest.approx(0.6 + half)
+
+
+def test_a_t_interval_of_one_value_has_no_width_to_report():
+    assert t_interval([0.4])[0] == 0.4 and math.isnan(t_interval([0.4])[1])
+    mean, low, high = t_interval([1.0, 2.0, 3.0, float("nan")], level=0.9)
+    assert mean == 2.0 and high - mean == pytest.approx(stats.t.ppf(0.95, 2) / math.sqrt(3))
+
+
+REFERENCE = {0: 0.50, 1: 0.70, 2: 0.90}   # seeds differ a lot ...
+TREATMENT = {0: 0.55, 1: 0.74, 2: 0.96}   # ... the treatment adds 0.05 +- 0.01 to each
+
+
+def test_pairing_by_seed_calls_a_difference_that_unpaired_seeds_leave_inconclusive():
+    paired = difference(TREATMENT, REFERENCE)
+    assert paired.paired and paired.mean == pytest.approx(0.05) and paired.verdict == "higher"
+    assert paired.high - paired.mean == pytest.approx(stats.t.ppf(0.975, 2) * 0.01 / math.sqrt(3))
+    unpaired = difference({seed + 3: v for seed, v in TREATMENT.items()}, REFERENCE)  # other seeds: Welch
+    assert not unpaired.paired and unpaired.mean == pytest.approx(0.05) and unpaired.verdict == "inconclusive"
+    assert difference(REFERENCE, TREATMENT).verdict == "lower"
+
+
+def test_an_inconclusive_difference_says_how_many_seeds_would_decide_it():
+    noisy = difference({0: 0.60, 1: 0.62, 2: 0.49}, {0: 0.55, 1: 0.58, 2: 0.52})  # differences 0.05, 0.04, -0.03
+    assert noisy.verdict == "inconclusive" and noisy.paired
+    sd = pd.Series([0.05, 0.04, -0.03]).std()
+    n = noisy.seeds_to_decide
+    assert _detectable(sd, n, n - 1, 0.05) <= abs(noisy.mean) < _detectable(sd, n - 1, n - 2, 0.05)
+    assert noisy.detectable == pytest.approx(_detectable(sd, 3, 2, 0.05)) and noisy.detectable > abs(noisy.mean)
+    assert difference({0: 0.5}, {0: 0.4}).verdict == "too few seeds"
+
+
+def test_differences_compare_with_the_first_method_or_every_pair_with_bonferroni(tmp_path):
+    write_sweep(tmp_path, {"zero": REFERENCE, "gauss": TREATMENT, "single": {s: v - 0.3 for s, v in REFERENCE.items()}})
+    frame, _ = load_sweep(tmp_path)
+    against_first = differences(frame).set_index(["method", "metric"])
+    assert list(against_first["vs"].unique()) == ["block=zero"] and against_first["level"].eq(0.95).all()
+    row = against_first.loc[("block=gauss", "mask IoU (perfect prompt)")]
+    assert row["difference"] == pytest.approx(0.05) and row["verdict"] == "higher" and row["paired"]
+    assert against_first.loc[("block=single", "mask IoU (perfect prompt)"), "verdict"] == "lower"
+    every_pair = differences(frame, comparisons="all_pairs", correction="bonferroni")
+    assert len(every_pair[every_pair["metric"] == "mask IoU (perfect prompt)"]) == 3
+    assert every_pair["level"].eq(round(1 - 0.05 / 3, 4)).all()
+    wider = every_pair.set_index(["method", "vs", "metric"]).loc[("block=gauss", "block=zero", "mask IoU (perfect prompt)")]
+    assert wider["high"] - wider["low"] > row["high"] - row["low"]
+    with pytest.raises(ValueError, match="correction='holm'"):
+        differences(frame, correction="holm")
+
+
+def test_tables_write_the_intervals_and_the_differences(tmp_path):
+    write_sweep(tmp_path / "sweep", {"zero": REFERENCE, "gauss": TREATMENT})
+    _, paths = write_tables(tmp_path / "sweep", tmp_path / "out")
+    assert "0.700 ± 0.200 [0.203, 1.197]" in paths["markdown"].read_text()
+    shown = paths["differences_markdown"].read_text()
+    assert "+0.050 [+0.025, +0.075]" in shown and "3 paired" in shown and "higher" in shown
+    numbers = pd.read_csv(paths["differences_csv"]).set_index("metric")
+    assert numbers.loc["mask IoU (perfect prompt)", "difference"] == pytest.approx(0.05)
+    assert numbers.loc["mask IoU (none prompt)", "difference"] == pytest.approx(0.025)
+    assert "difference" in paths["differences_latex"].read_text()

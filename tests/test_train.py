@@ -1,5 +1,6 @@
 """src/train.py through its real Hydra entry point, at smoke size."""
 import json
+import os
 import random
 import shutil
 import signal
@@ -39,6 +40,9 @@ def test_smoke_writes_results_and_checkpoint(smoke_run):
     assert results["data"]["prompt_dropout"] == 0.5 and results["data"]["size"] == 64
     assert results["split"]["held_out"] == 16 and results["split"]["train"] == 64 and results["split"]["exact_duplicates_excluded"] == 0
     assert results["global_step"] == 6
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    provenance = results["provenance"]  # which code and machine, and what else ran meanwhile
+    assert provenance["commit"] == head and provenance["machine"]["cores"] == os.cpu_count() and provenance["other_load"]["other_cpu_s"] >= 0
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["global_step"] == 6
     assert not any(k.startswith(("locked_unet.", "text_encoder.")) for k in checkpoint["state_dict"])

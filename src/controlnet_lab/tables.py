@@ -1,14 +1,17 @@
-"""Paper-style tables from a sweep: one row per method, mean and spread over seeds.
+"""Paper-style tables from a sweep: one row per method, mean, spread and interval over seeds, and the differences.
 
 A sweep is a Hydra multirun directory of src/train.py, where every finished job left a
 ``results.json`` in its subdirectory, or of eval/evaluate.py, where it left an
 ``eval.json``. A "method" is a combination of the values that vary across the sweep's
 jobs among ``METHOD_KEYS`` (block, data size, prompt dropout, condition, guidance scale,
-CFG resolution weighting); the jobs of one method differ only in their seed.
+CFG resolution weighting); the jobs of one method differ only in their seed. Methods are
+compared with intervals.py: each against the first method of the sweep, or every pair.
 """
 from __future__ import annotations
 
+import itertools
 import json
+import math
 from pathlib import Path
 
 import matplotlib
@@ -22,6 +25,7 @@ from PIL import Image  # noqa: E402
 
 from controlnet_lab.evaluation import PROMPT_SETTINGS  # noqa: E402
 from controlnet_lab.failures import failed_jobs  # noqa: E402
+from controlnet_lab.intervals import difference, t_interval  # noqa: E402
 from controlnet_lab.task import wandb_mode  # noqa: E402
 
 METHOD_KEYS = ("block", "data.size", "data.prompt_dropout", "data.condition", "sampling.guidance_scale", "sampling.resolution_weighting")
@@ -93,15 +97,19 @@ def method_columns(frame: pd.DataFrame) -> list[str]:
     return varying or ["block"]
 
 
-def summarize(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per method: mean and standard deviation (ddof=1) over seeds of every metric, and the seed count."""
+def summarize(frame: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
+    """Per method: mean, standard deviation (ddof=1) and the t-interval at ``level`` of the mean over seeds of every
+    metric, and the seed count."""
     methods = method_columns(frame)
     present = [column for column, _ in METRICS if column in frame]
     numeric = frame[methods + present].copy()
     numeric[present] = numeric[present].apply(pd.to_numeric, errors="coerce")
     grouped = numeric.groupby(methods, sort=False, dropna=False)
-    summary = grouped[present].agg(["mean", "std"])
+    low = grouped[present].agg(lambda values: t_interval(values, level)[1])
+    high = grouped[present].agg(lambda values: t_interval(values, level)[2])
+    summary = pd.concat([grouped[present].agg(["mean", "std"]), pd.concat({"low": low, "high": high}, axis=1).swaplevel(axis=1)], axis=1)
     summary.columns = [f"{column}:{stat}" for column, stat in summary.columns]
+    summary = summary[[f"{column}:{stat}" for column in present for stat in ("mean", "std", "low", "high")]]
     summary["seeds"] = grouped.size()
     summary["eval_images"] = frame.groupby(methods, sort=False, dropna=False)["metrics.eval_images"].first()
     return summary.reset_index()
@@ -123,26 +131,85 @@ def display_table(summary: pd.DataFrame) -> pd.DataFrame:
         if column.endswith("trainable_params"):
             table[label] = mean.map(lambda v: f"{v / 1e6:.3f} M")
         else:
-            table[label] = [_mean_std(m, s) for m, s in zip(mean, std)]
+            table[label] = [_mean_std(m, s, lo, hi) for m, s, lo, hi in zip(mean, std, summary[f"{column}:low"], summary[f"{column}:high"])]
     table["seeds"] = summary["seeds"]
     table["images / setting"] = summary["eval_images"]
     return table
 
 
-def _mean_std(mean: float, std: float) -> str:
+def _mean_std(mean: float, std: float, low: float, high: float) -> str:
+    """"mean ± std [low, high]" (the interval of the mean); the mean alone for one seed."""
     if np.isnan(mean):
         return ""  # the jobs of this method have no such metric (e.g. the fill50k oracle scores on other data)
-    return f"{mean:.3f}" if np.isnan(std) else f"{mean:.3f} ± {std:.3f}"
+    return f"{mean:.3f}" if np.isnan(std) else f"{mean:.3f} ± {std:.3f} [{low:.3f}, {high:.3f}]"
 
 
-def write_tables(sweep_dir: Path, out_dir: Path | None = None, rescored: bool = False) -> tuple[pd.DataFrame, dict[str, Path]]:
-    """Write table.md, table.csv (numbers), table.tex and the plots; returns the displayed table and the paths."""
+def differences(frame: pd.DataFrame, level: float = 0.95, comparisons: str = "reference", correction: str = "none") -> pd.DataFrame:
+    """Per pair of methods and metric: the difference of the means (later method minus earlier, in launch order), its
+    interval (paired by seed where the seeds match), the effect this design detects with 80% power, and the verdict.
+
+    ``comparisons``: "reference" compares every method with the sweep's first, "all_pairs" every pair. ``correction``:
+    "bonferroni" widens every interval to level 1 - (1 - level) / (number of comparisons), so that the chance of any
+    false call stays at 1 - level; "none" leaves them at ``level``.
+    """
+    if comparisons not in ("reference", "all_pairs"):
+        raise SweepError(f"comparisons={comparisons!r}: choose reference or all_pairs")
+    if correction not in ("none", "bonferroni"):
+        raise SweepError(f"correction={correction!r}: choose none or bonferroni")
+    methods = method_columns(frame)
+    labels = frame.apply(lambda row: _method_label(row, methods), axis=1)
+    order = list(dict.fromkeys(labels))
+    pairs = [(m, order[0]) for m in order[1:]] if comparisons == "reference" else [(b, a) for a, b in itertools.combinations(order, 2)]
+    used = 1 - (1 - level) / len(pairs) if correction == "bonferroni" and pairs else level
+    present = [(column, label) for column, label in METRICS if column in frame and not column.endswith("trainable_params")]
+    rows = []
+    for treatment, reference in pairs:
+        for column, label in present:
+            values = pd.to_numeric(frame[column], errors="coerce")
+            scores = {m: {int(seed): float(v) for seed, v in zip(frame.loc[labels == m, "seed"], values[labels == m])} for m in (treatment, reference)}
+            d = difference(scores[treatment], scores[reference], used)
+            if math.isnan(d.mean):
+                continue
+            rows.append({"method": treatment, "vs": reference, "metric": label, "difference": d.mean, "low": d.low, "high": d.high,
+                         "level": round(used, 4), "seeds": d.seeds, "paired": d.paired, "detectable_80pct_power": d.detectable,
+                         "verdict": d.verdict, "seeds_to_decide": d.seeds_to_decide})
+    return pd.DataFrame(rows)
+
+
+def display_differences(table: pd.DataFrame) -> pd.DataFrame:
+    """The differences as text: the interval, the pairing, and for an inconclusive one the seeds that would decide it."""
+    def decide(row) -> str:
+        if row["verdict"] != "inconclusive":
+            return ""
+        return f"{int(row['seeds_to_decide'])}" if not pd.isna(row["seeds_to_decide"]) else "> 1000 or no effect"
+
+    return pd.DataFrame({
+        "method": table["method"], "vs": table["vs"], "metric": table["metric"],
+        "difference [interval]": [f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for d, lo, hi in zip(table["difference"], table["low"], table["high"])],
+        "level": table["level"], "seeds": [f"{n} {'paired' if p else 'unpaired'}" for n, p in zip(table["seeds"], table["paired"])],
+        "detectable (80% power)": table["detectable_80pct_power"].map(lambda v: f"{v:.3f}"),
+        "verdict": table["verdict"], "seeds that would decide": table.apply(decide, axis=1),
+    })
+
+
+def write_tables(sweep_dir: Path, out_dir: Path | None = None, rescored: bool = False, level: float = 0.95,
+                 comparisons: str = "reference", correction: str = "none") -> tuple[pd.DataFrame, dict[str, Path]]:
+    """Write table.md, table.csv (numbers), table.tex, the differences (differences.md/.csv/.tex) and the plots;
+    returns the displayed table and the paths."""
     frame, unfinished = load_sweep(sweep_dir, rescored)
     out_dir = Path(out_dir or sweep_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary = summarize(frame)
+    summary = summarize(frame, level)
     table = display_table(summary)
     paths = {"markdown": out_dir / "table.md", "csv": out_dir / "table.csv", "latex": out_dir / "table.tex"}
+    compared = differences(frame, level, comparisons, correction)
+    if len(compared):
+        shown = display_differences(compared)
+        paths.update({"differences_markdown": out_dir / "differences.md", "differences_csv": out_dir / "differences.csv",
+                      "differences_latex": out_dir / "differences.tex"})
+        paths["differences_markdown"].write_text(shown.to_markdown(index=False, disable_numparse=True) + "\n")
+        compared.to_csv(paths["differences_csv"], index=False)
+        paths["differences_latex"].write_text(shown.to_latex(index=False, escape=True))
     note = unfinished_note(sweep_dir, unfinished)
     if rescored:
         count = sum((Path(job) / "checkpoints" / "eval.json").is_file() for job in frame["job_dir"])
@@ -151,8 +218,9 @@ def write_tables(sweep_dir: Path, out_dir: Path | None = None, rescored: bool = 
     summary.to_csv(paths["csv"], index=False)
     paths["latex"].write_text(table.to_latex(index=False, escape=True))
     if any(f"metrics.prompt_settings.{s}.mask_iou:mean" in summary for s in PROMPT_SETTINGS):
-        paths["mask_iou_plot"] = plot_mask_iou(summary, out_dir / "mask_iou_by_prompt.png")
-    paths["samples"] = sample_sheet(frame, out_dir / "samples.png")
+        paths["mask_iou_plot"] = plot_mask_iou(summary, out_dir / "mask_iou_by_prompt.png", level)
+    if sheet := sample_sheet(frame, out_dir / "samples.png"):
+        paths["samples"] = sheet
     if "metrics.curve" in frame:
         paths["curves"] = plot_curves(frame, out_dir / "fidelity_curves.png")
     return table, paths
@@ -223,18 +291,19 @@ def _method_label(row: pd.Series, methods: list[str]) -> str:
     return ", ".join(f"{m.split('.')[-1]}={row[m]}" for m in methods)
 
 
-def plot_mask_iou(summary: pd.DataFrame, path: Path) -> Path:
-    """Grouped bars: mask IoU per prompt setting for each method, error bars one std over seeds."""
+def plot_mask_iou(summary: pd.DataFrame, path: Path, level: float = 0.95) -> Path:
+    """Grouped bars: mask IoU per prompt setting for each method, error bars the interval of the mean over seeds."""
     methods = _summary_methods(summary)
     figure, axis = plt.subplots(figsize=(7, 3.5))
     width = 0.8 / len(summary)
     x = np.arange(len(PROMPT_SETTINGS))
     for i, (_, row) in enumerate(summary.iterrows()):
         means = [row.get(f"metrics.prompt_settings.{s}.mask_iou:mean", np.nan) for s in PROMPT_SETTINGS]
-        stds = [row.get(f"metrics.prompt_settings.{s}.mask_iou:std", np.nan) for s in PROMPT_SETTINGS]
-        axis.bar(x + i * width, means, width, yerr=np.nan_to_num(stds), capsize=2, label=_method_label(row, methods))
+        errors = [[m - row.get(f"metrics.prompt_settings.{s}.mask_iou:low", np.nan) for m, s in zip(means, PROMPT_SETTINGS)],
+                  [row.get(f"metrics.prompt_settings.{s}.mask_iou:high", np.nan) - m for m, s in zip(means, PROMPT_SETTINGS)]]
+        axis.bar(x + i * width, means, width, yerr=np.nan_to_num(errors), capsize=2, label=_method_label(row, methods))
     axis.set_xticks(x + 0.4 - width / 2, [f"{s} prompt" for s in PROMPT_SETTINGS])
-    axis.set_ylabel(f"mask IoU (mean ± std, {int(summary['seeds'].min())}+ seeds)")
+    axis.set_ylabel(f"mask IoU (mean, {level:.0%} interval; {int(summary['seeds'].min())}+ seeds)")
     axis.set_ylim(0, 1)
     axis.legend(fontsize=8)
     figure.tight_layout()
@@ -243,12 +312,15 @@ def plot_mask_iou(summary: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-def sample_sheet(frame: pd.DataFrame, path: Path) -> Path:
-    """Each method's evaluation grid (its lowest seed): condition, target, base alone, then each prompt setting."""
+def sample_sheet(frame: pd.DataFrame, path: Path) -> Path | None:
+    """Each method's evaluation grid (its lowest seed): condition, target, base alone, then each prompt setting (None
+    where no job left a grid)."""
     methods = method_columns(frame)
     firsts = frame.sort_values("seed").groupby(methods, sort=False, dropna=False).head(1)
     grids = [(row, Path(row["job_dir"]) / "eval_samples.png") for _, row in firsts.iterrows()]
     grids = [(row, grid) for row, grid in grids if grid.is_file()]
+    if not grids:
+        return None
     evaluated = frame["metrics.settings_evaluated"].iloc[0] if "metrics.settings_evaluated" in frame else PROMPT_SETTINGS
     row_names = ["condition", "target", "base alone", *[f"{s} prompt" for s in evaluated]]
     figure, axes = plt.subplots(len(grids), 1, figsize=(12, 4.2 * len(grids)), squeeze=False)

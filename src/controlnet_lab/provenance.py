@@ -1,4 +1,4 @@
-"""What a benchmark's result file must say: the commit, the machine, and what else used its CPU meanwhile.
+"""What a result file must say (a benchmark's, a training job's): the commit, the machine, and what else used its CPU meanwhile.
 
 ``OtherLoad`` measures the CPU time the whole machine spent (``/proc/stat``) minus what
 this process and its waited-for children spent (``getrusage``): the CPU other programs
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the checkout (src/controlnet_lab/provenance.py)
 
 
 def commit() -> dict:

@@ -1,0 +1,100 @@
+"""Intervals over seeds, and when a difference between two methods is called.
+
+A sweep gives each method a few seeds. A cell is reported as its mean, its sample standard
+deviation and a Student-t interval. Two methods are compared by the difference of their
+means: paired by seed where both have the same seeds (the seed fixes the ControlNet's start,
+the data order and the evaluation noise, so the per-seed differences cancel what they share),
+Welch's unpaired interval otherwise. A difference is called only when its interval excludes
+0; otherwise it is inconclusive at this power, and the report says how many seeds would
+decide it: the smallest n at which a difference of the observed size, with the observed
+spread, would be detected with 80% power (a t-test at the same level).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+POWER = 0.8  # of the detectable effect and the seeds that would decide
+MAX_SEEDS = 1000  # beyond this "would decide" is reported as undecidable in practice
+
+
+def t_interval(values, level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high) of the mean of ``values``; the interval is (nan, nan) for fewer than 2 values."""
+    values = np.asarray([v for v in values if not math.isnan(v)], dtype=float)
+    if len(values) == 0:
+        return math.nan, math.nan, math.nan
+    mean = float(values.mean())
+    if len(values) < 2:
+        return mean, math.nan, math.nan
+    half = stats.t.ppf(0.5 + level / 2, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+@dataclass(frozen=True)
+class Difference:
+    """``treatment`` minus ``reference``: the mean difference and its interval at ``level``."""
+
+    mean: float
+    low: float
+    high: float
+    seeds: int            # pairs where paired; the smaller arm otherwise
+    paired: bool
+    detectable: float     # the smallest |difference| this design detects with 80% power, at the observed spread
+    seeds_to_decide: int | None  # where inconclusive: seeds (per arm) at which the observed difference would be called
+
+    @property
+    def verdict(self) -> str:
+        if math.isnan(self.low):
+            return "too few seeds"
+        if self.low > 0:
+            return "higher"
+        if self.high < 0:
+            return "lower"
+        return "inconclusive"
+
+
+def difference(treatment: dict, reference: dict, level: float = 0.95) -> Difference:
+    """Compare two methods' scores, each given as {seed: value}; NaN scores are left out."""
+    treatment = {seed: v for seed, v in treatment.items() if not math.isnan(v)}
+    reference = {seed: v for seed, v in reference.items() if not math.isnan(v)}
+    alpha = 1 - level
+    if set(treatment) == set(reference) and len(treatment) >= 2:
+        diffs = np.array([treatment[s] - reference[s] for s in sorted(treatment)])
+        n, sd = len(diffs), float(diffs.std(ddof=1))
+        mean = float(diffs.mean())
+        half = stats.t.ppf(1 - alpha / 2, n - 1) * sd / math.sqrt(n)
+        detect = _detectable(sd, n, n - 1, alpha)
+        decide = _seeds_to_decide(abs(mean), sd, alpha, lambda k: k - 1) if not (mean - half > 0 or mean + half < 0) else None
+        return Difference(mean, mean - half, mean + half, n, True, detect, decide)
+    a, b = np.array(list(treatment.values())), np.array(list(reference.values()))
+    mean = float(a.mean() - b.mean()) if len(a) and len(b) else math.nan
+    if len(a) < 2 or len(b) < 2:
+        return Difference(mean, math.nan, math.nan, min(len(a), len(b)), False, math.nan, None)
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    se = math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1)) if se > 0 else len(a) + len(b) - 2
+    half = stats.t.ppf(1 - alpha / 2, df) * se
+    n = min(len(a), len(b))
+    pooled = math.sqrt(a.var(ddof=1) + b.var(ddof=1))  # sd of a difference of one draw from each arm
+    detect = _detectable(pooled, n, df, alpha)
+    decide = _seeds_to_decide(abs(mean), pooled, alpha, lambda k: 2 * k - 2) if not (mean - half > 0 or mean + half < 0) else None
+    return Difference(mean, mean - half, mean + half, n, False, detect, decide)
+
+
+def _detectable(sd: float, n: int, df: float, alpha: float) -> float:
+    return (stats.t.ppf(1 - alpha / 2, df) + stats.t.ppf(POWER, df)) * sd / math.sqrt(n)
+
+
+def _seeds_to_decide(effect: float, sd: float, alpha: float, dof) -> int | None:
+    """The smallest n >= 2 whose detectable effect is at most ``effect``; None if the effect is 0 or needs more than MAX_SEEDS."""
+    if effect == 0 or math.isnan(effect):
+        return None
+    if sd == 0:
+        return 2
+    for n in range(2, MAX_SEEDS + 1):
+        if _detectable(sd, n, dof(n), alpha) <= effect:
+            return n
+    return None
