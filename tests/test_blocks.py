@@ -54,6 +54,12 @@ def test_standard_gauss_init_has_each_layers_default_std(pipeline):
     assert set(connection_init_stds(copy, "zero", "standard").values()) == {0.0}
     with pytest.raises(ValueError, match="block.std"):
         build_trainable_copy(pipeline.unet, "gauss", (16,), std="wide")
+    tripled = connection_init_stds(copy, "gauss", "standard_x3")  # 3 times each layer's own std (ablation_gauss_std)
+    assert all(tripled[name] == pytest.approx(3 * std) for name, std in stds.items())
+    assert connection_init_stds(copy, "gauss", "standard_x0.5")["controlnet_mid_block"] == pytest.approx(stds["controlnet_mid_block"] / 2)
+    for bad in ("standard_x0", "standard_x", "standard_3"):
+        with pytest.raises(ValueError, match="standard_x<factor>"):
+            connection_init_stds(copy, "gauss", bad)
 
 
 @torch.no_grad()

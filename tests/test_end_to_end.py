@@ -1,6 +1,7 @@
 """Slow: the default run itself must meet its targets, on held-out conditions it never saw (`pytest -m slow`).
 
-This is `make train` with a fresh cache (about 20 minutes on 2 CPU cores). The committed
+This is `make train` with a fresh cache (about 20 minutes on 2 CPU cores), its fidelity curve
+measured every 100 steps instead of 50 (90 s less; the scores do not depend on it). The committed
 figures (experiments/embedded_default/default_run.json) are above these thresholds; the
 thresholds leave a little room for arithmetic differences between machines. The same run's
 data is then checked to be content-disjoint across the split, for the default and for
@@ -23,7 +24,7 @@ from controlnet_lab.training import build_datamodule
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("default")
-    result = run_train(["logger=csv"], tmp, timeout=3000)
+    result = run_train(["logger=csv", "eval.every_n_steps=100"], tmp, timeout=3000)
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = (tmp / "outputs" / "train" / "runs").iterdir()
     return run_dir
@@ -36,9 +37,9 @@ def test_default_run_learns_control_and_keeps_colors(default_run):
     assert metrics["mask_iou"] > metrics["base_mask_iou"] + 0.4, metrics
     assert metrics["base_mask_iou"] < metrics["random_placement_mask_iou"] + 0.1, metrics
     assert metrics["color_accuracy"] >= 0.8, metrics
-    # Re-detected edges follow the condition, and the fidelity curve (64 conditions every 50 steps) rises.
+    # Re-detected edges follow the condition, and the fidelity curve (64 conditions every 100 steps) rises.
     assert metrics["edge_f1"] >= 0.75, metrics
-    assert [p["step"] for p in metrics["curve"]] == list(range(0, 1550, 50)) and metrics["curve_images"] == 64
+    assert [p["step"] for p in metrics["curve"]] == list(range(0, 1600, 100)) and metrics["curve_images"] == 64
     assert metrics["rise"] is not None and metrics["rise"]["final"] > metrics["rise"]["initial"] + 0.4, metrics["rise"]
 
 

@@ -39,6 +39,21 @@ def test_zero_block_at_init_equals_the_locked_base(tiny_base):
     assert base.abs().mean() > 0.01  # a real prediction, not zeros
 
 
+@pytest.mark.parametrize("block", ["zero", "gauss"])
+def test_the_initial_output_change_is_zero_only_for_zero_convs(tiny_base, tiny_data, block):
+    """The callback's measurement at step 0: the same noise with and without the ControlNet, on held-out samples."""
+    module = ControlNetModule(str(tiny_base), block=block, block_std="standard")
+    _perturb(module.locked_unet)
+    batch = next(iter(DataLoader(fill50k_dataset(tiny_data, 16, count=8), batch_size=8)))
+    change = module.output_change(batch, torch.Generator().manual_seed(3))
+    assert change["images"] == 8
+    if block == "zero":
+        assert change["mean_abs_change"] == 0.0 and change["relative"] == 0.0
+    else:
+        assert change["relative"] > 0.05, change
+    assert module.output_change(batch, torch.Generator().manual_seed(3)) == change  # the seed fixes the noise
+
+
 def test_zero_block_receives_gradients(tiny_base):
     module = ControlNetModule(str(tiny_base), block="zero")
     sample, t, hidden, pooled, condition = _inputs(module)

@@ -52,6 +52,7 @@ def test_smoke_writes_results_and_checkpoint(smoke_run):
     # The trainable parameters are exactly the ControlNet's, and its connection convs started at zero.
     assert metrics["trainable_params"] == sum(v.numel() for k, v in checkpoint["state_dict"].items() if k.startswith("controlnet."))
     assert set(metrics["block_init_std"].values()) == {0.0} and "controlnet_mid_block" in metrics["block_init_std"]
+    assert metrics["initial_output_change"] == {"mean_abs_change": 0.0, "relative": 0.0, "images": 16}  # zero convs, 16 held out
     # The random-placement IoU is that of the run's own held-out outlines, read here again.
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     dataset = build_datamodule(cfg.data).val_dataset()
@@ -67,6 +68,7 @@ def test_smoke_reports_fidelity_fid_and_the_curve(smoke_run):
     assert all("edge_f1" in scores for scores in metrics["prompt_settings"].values())
     assert metrics["fid_domain"] >= 0.0 and metrics["fid_domain_info"]["label"] == "FID (domain features)" and metrics["fid_domain_info"]["images"] == 8
     assert [point["step"] for point in metrics["curve"]] == [0, 3, 6] and metrics["curve_metric"] == "edge_f1"
+    assert all((4 * point["color_accuracy"]).is_integer() and 0 <= point["mask_iou"] <= 1 for point in metrics["curve"])  # 4 images
     steps, values = [p["step"] for p in metrics["curve"]], [p["edge_f1"] for p in metrics["curve"]]
     assert metrics["rise"] == rise(steps, values)
     assert metrics["sudden_convergence_step"] == sudden_convergence_step(steps, values)

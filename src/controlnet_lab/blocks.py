@@ -11,13 +11,15 @@
   U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kaiming_uniform with a=sqrt(5)), whose std is
   1/sqrt(3 fan_in), fan_in = in_channels x kernel height x kernel width (0.144, 0.102,
   0.072 for the tiny base's 16/32/64-channel 1x1 convs; 0.048 for its hint encoder's
-  3x3 conv_out on 16 channels). A number sets one std for all. Biases start at 0.
+  3x3 conv_out on 16 channels). ``standard_x3`` (any factor after ``_x``) scales each of
+  those stds; a number sets one std for all. Biases start at 0.
 - ``single`` (ControlNet-lite): each block of the trainable copy is one convolution
   (``ControlNetLiteModel``), joined by the same zero convs.
 """
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator
 
 import torch
@@ -29,6 +31,16 @@ BLOCKS = ("zero", "gauss", "single")
 
 
 STANDARD_STD = "standard"
+SCALED_STANDARD = re.compile(r"standard_x(\d+(?:\.\d*)?)")  # e.g. standard_x3: 3 times each conv's standard std
+
+
+def standard_factor(std: float | str | None) -> float | None:
+    """The factor on each conv's standard std that ``block.std`` asks for (1 for "standard"); None when it is a number
+    (or not a valid setting)."""
+    if std == STANDARD_STD:
+        return 1.0
+    scaled = SCALED_STANDARD.fullmatch(std) if isinstance(std, str) else None
+    return float(scaled.group(1)) if scaled else None
 
 
 def connection_convs(controlnet: ControlNetModel | ControlNetLiteModel) -> Iterator[tuple[str, torch.nn.Conv2d]]:
@@ -50,14 +62,18 @@ def connection_init_stds(controlnet, block: str, std: float | str | None) -> dic
     check_block_std(block, std)
     if block != "gauss":
         return {name: 0.0 for name, _ in connection_convs(controlnet)}
-    if std == STANDARD_STD:
-        return {name: standard_init_std(conv) for name, conv in connection_convs(controlnet)}
+    factor = standard_factor(std)
+    if factor is not None:
+        return {name: factor * standard_init_std(conv) for name, conv in connection_convs(controlnet)}
     return {name: float(std) for name, _ in connection_convs(controlnet)}
 
 
 def check_block_std(block: str, std: float | str | None) -> None:
-    if block == "gauss" and std != STANDARD_STD and (isinstance(std, str) or not (std and std > 0)):
-        raise ValueError(f"block.std must be '{STANDARD_STD}' or a number > 0 for block=gauss, got {std!r}")
+    factor = standard_factor(std)
+    valid = factor > 0 if factor is not None else not isinstance(std, str) and bool(std) and std > 0
+    if block == "gauss" and not valid:
+        raise ValueError(f"block.std must be '{STANDARD_STD}', 'standard_x<factor>' (e.g. standard_x3) or a number > 0 "
+                         f"for block=gauss, got {std!r}")
 
 
 def check_hint_channels(hint_channels, vae_scale_factor: int) -> None:

@@ -16,13 +16,14 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 import numpy as np
 import torch
+from torch.utils.data import default_collate
 
 from controlnet_lab.data.samples import load_rgb
-from controlnet_lab.evaluation import generate, oracle_applies
+from controlnet_lab.evaluation import generate, oracle_applies, palette_of
 from controlnet_lab.images import save_grid, to_uint8
 from controlnet_lab.metrics.convergence import rise, sudden_step
 from controlnet_lab.metrics.fidelity import ConditionFidelity
-from controlnet_lab.metrics.oracle import mean_mask_iou
+from controlnet_lab.metrics.oracle import score_images
 
 log = logging.getLogger(__name__)
 # The signal submitit sends before a job's time limit and on preemption (its SUBMITIT_PREEMPT_SIGNAL, USR2 by default).
@@ -150,10 +151,36 @@ class PreemptionCheckpoint(OnExceptionCheckpoint):
         return handler
 
 
+class InitialOutputChange(L.Callback):
+    """Before the first step, how much the untrained ControlNet changes the locked base's noise prediction on the first
+    ``num_images`` held-out samples (true prompts; noise and timesteps drawn from ``seed``): zero convs leave it
+    unchanged, a Gaussian init does not (the damage to the locked model that the paper gives as the reason for zero
+    convs, Sec. 4.2). Kept in the callback's state, so a resumed run reports the value its step 0 measured."""
+
+    def __init__(self, num_images: int = 32, seed: int = 1234):
+        self.num_images, self.seed = num_images, seed
+        self.change: dict | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step != 0:
+            return
+        with preserved_rng():
+            dataset = trainer.datamodule.val_dataset()
+            batch = default_collate([dataset[i] for i in range(min(self.num_images, len(dataset)))])
+            batch = {key: value.to(pl_module.device) if torch.is_tensor(value) else value for key, value in batch.items()}
+            self.change = pl_module.output_change(batch, torch.Generator().manual_seed(self.seed))
+
+    def state_dict(self) -> dict:
+        return {"change": self.change}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.change = state_dict["change"]
+
+
 class FidelityCurve(L.Callback):
     """At step 0 and every ``every_n_steps``, samples the first ``num_images`` held-out conditions
     (true prompts, fixed noise) and logs ``curve/<fidelity metric>`` and, on fill50k-format data,
-    ``curve/mask_iou`` against the global step. The curve is kept in the callback's state, so a
+    ``curve/mask_iou`` and ``curve/color_accuracy`` (what the locked base keeps) against the global step. The curve is kept in the callback's state, so a
     resumed run continues it.
     """
 
@@ -168,6 +195,7 @@ class FidelityCurve(L.Callback):
         self.curve: list[dict] = []
         self.seconds = 0.0
         self._held_out: tuple[torch.Tensor, np.ndarray, np.ndarray, list[str]] | None = None
+        self._palette: list[str] = []
 
     @property
     def metric(self) -> str:
@@ -199,6 +227,7 @@ class FidelityCurve(L.Callback):
             conditions = torch.stack([item["condition"] for item in items])
             outlines = None if oracle_applies(items) else to_uint8(torch.stack([item["source"] for item in items]), 0.0, 1.0)
             self._held_out = (conditions, to_uint8(conditions, 0.0, 1.0), outlines, [item["true_prompt"] for item in items])
+            self._palette = palette_of(trainer.datamodule.prompts()) if outlines is not None else []
         return self._held_out
 
     @torch.no_grad()
@@ -212,7 +241,8 @@ class FidelityCurve(L.Callback):
         pl_module.controlnet.train(was_training)
         point = {"step": trainer.global_step, self.metric: self.fidelity.score(images, condition_images)["value"]}
         if outlines is not None:
-            point["mask_iou"] = mean_mask_iou(images, outlines)
+            scores = score_images(images, outlines, prompts, self._palette)
+            point.update(mask_iou=scores["mask_iou"], color_accuracy=scores["color_accuracy"])
         self.curve.append(point)
         self.seconds += time.perf_counter() - started
         for logger in trainer.loggers:

@@ -131,17 +131,32 @@ class ControlNetModule(L.LightningModule):
     def trainable_parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
+    @torch.no_grad()
+    def noisy_inputs(self, batch: dict, generator: torch.Generator | None = None) -> tuple:
+        """(noisy latents, timesteps, regression target, text hidden states, pooled text) of a batch: what the locked
+        parts compute (or the cache holds) and the noise drawn for it."""
+        encoding = batch["image_encoding"] if "image_encoding" in batch else self.base.image_encoding(batch["target"])
+        latents = self.base.latents(encoding.float(), generator).float()
+        if "text_hidden" in batch:
+            hidden, pooled = batch["text_hidden"], batch.get("text_pooled")
+        else:
+            hidden, pooled = self.base.encode_prompt(batch["prompt"])
+        return (*noisy_batch(self.base.noise_scheduler, latents, self.hparams.noise_offset, generator), hidden, pooled)
+
     def diffusion_loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
-        with torch.no_grad():
-            encoding = batch["image_encoding"] if "image_encoding" in batch else self.base.image_encoding(batch["target"])
-            latents = self.base.latents(encoding.float(), generator).float()
-            if "text_hidden" in batch:
-                hidden, pooled = batch["text_hidden"], batch.get("text_pooled")
-            else:
-                hidden, pooled = self.base.encode_prompt(batch["prompt"])
-        noisy, timesteps, target = noisy_batch(self.base.noise_scheduler, latents, self.hparams.noise_offset, generator)
+        noisy, timesteps, target, hidden, pooled = self.noisy_inputs(batch, generator)
         prediction = self.base.predict_noise(noisy, timesteps, hidden, pooled, self.controlnet, batch["condition"])
         return F.mse_loss(prediction.float(), target.float())
+
+    @torch.no_grad()
+    def output_change(self, batch: dict, generator: torch.Generator) -> dict:
+        """How much the ControlNet changes the locked base's noise prediction on a batch (the same noise, timesteps and
+        prompts with and without it): the mean absolute change, and that over the prediction's mean magnitude."""
+        noisy, timesteps, _, hidden, pooled = self.noisy_inputs(batch, generator)
+        alone = self.base.predict_noise(noisy, timesteps, hidden, pooled).float()
+        controlled = self.base.predict_noise(noisy, timesteps, hidden, pooled, self.controlnet, batch["condition"]).float()
+        change = (controlled - alone).abs().mean()
+        return {"mean_abs_change": float(change), "relative": float(change / alone.abs().mean()), "images": len(noisy)}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         loss = self.diffusion_loss(batch)

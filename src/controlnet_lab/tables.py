@@ -41,6 +41,7 @@ METRICS = (
     ("metrics.fid_domain", "FID (domain features)"),
     ("metrics.fid", "FID (Inception)"),
     ("metrics.clip_score", "CLIP score"),
+    ("metrics.initial_output_change.relative", "base output change at step 0 (relative)"),
     ("metrics.sudden_convergence_step", "sudden-convergence step"),
     ("metrics.rise.rise_fraction", "10-90% rise / training"),
     ("metrics.base_mask_iou", "base alone mask IoU"),

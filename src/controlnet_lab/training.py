@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from controlnet_lab.bases import base_fingerprint, check_same_base
 from controlnet_lab.blocks import connection_init_stds
-from controlnet_lab.callbacks import FidelityCurve
+from controlnet_lab.callbacks import FidelityCurve, InitialOutputChange
 from controlnet_lab.config_checks import check_train_config
 from controlnet_lab.data.datamodule import ControlDataModule
 from controlnet_lab.evaluation import PROMPT_SETTINGS, MetricSuite, evaluate_held_out, palette_of
@@ -271,6 +271,9 @@ def train_and_evaluate(cfg: DictConfig) -> dict:
     curves = [c for c in callbacks if isinstance(c, FidelityCurve)]
     if curves:
         metrics.update(curves[0].summary())
+    changes = [c for c in callbacks if isinstance(c, InitialOutputChange)]
+    if changes:
+        metrics["initial_output_change"] = changes[0].change
     for logger in loggers:
         logger.log_metrics(flat_metrics(metrics, "eval"), step=trainer.global_step)
         if isinstance(logger, WandbLogger):
