@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 
 from controlnet_lab.intervals import _detectable, difference, t_interval
-from controlnet_lab.tables import differences, job_number, load_sweep, summarize, write_tables
+from controlnet_lab.tables import differences, job_number, load_sweep, method_columns, summarize, write_tables
 
 
 def test_jobs_are_taken_in_launch_order_not_name_order():
@@ -106,3 +106,12 @@ def test_tables_write_the_intervals_and_the_differences(tmp_path):
     assert numbers.loc["mask IoU (perfect prompt)", "difference"] == pytest.approx(0.05)
     assert numbers.loc["mask IoU (none prompt)", "difference"] == pytest.approx(0.025)
     assert "difference" in paths["differences_latex"].read_text()
+
+
+def test_a_key_that_another_determines_is_not_a_method_of_its_own():
+    """In a block sweep each block has one std (none for zero): the blocks are the methods. In the Gaussian-std sweep
+    one block has three stds: block and std together are."""
+    blocks = pd.DataFrame({"block": ["zero", "gauss", "single"], "block_std": [None, "standard", None], "seed": [0, 0, 0]})
+    assert method_columns(blocks) == ["block"]
+    stds = pd.DataFrame({"block": ["zero", "gauss", "gauss", "gauss"], "block_std": [None, "0.02", "standard", "standard_x3"]})
+    assert method_columns(stds) == ["block", "block_std"]

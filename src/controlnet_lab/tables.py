@@ -28,7 +28,7 @@ from controlnet_lab.failures import failed_jobs  # noqa: E402
 from controlnet_lab.intervals import difference, t_interval  # noqa: E402
 from controlnet_lab.task import wandb_mode  # noqa: E402
 
-METHOD_KEYS = ("block", "data.size", "data.prompt_dropout", "data.condition", "sampling.guidance_scale", "sampling.resolution_weighting")
+METHOD_KEYS = ("block", "block_std", "data.size", "data.prompt_dropout", "data.condition", "sampling.guidance_scale", "sampling.resolution_weighting")
 RECORD_FILES = ("results.json", "eval.json")  # what a job of src/train.py, or of eval/evaluate.py, leaves
 # (column of the flattened results, label in the tables)
 METRICS = (
@@ -93,9 +93,16 @@ def job_number(job: Path) -> tuple[int, str]:
 
 
 def method_columns(frame: pd.DataFrame) -> list[str]:
-    """The method keys whose values differ across the sweep (``block`` if none does)."""
-    varying = [key for key in METHOD_KEYS if key in frame and frame[key].astype(str).nunique() > 1]
-    return varying or ["block"]
+    """The method keys whose values differ across the sweep (``block`` if none does), less those the keys before them
+    determine (``block_std`` in a sweep of blocks, where each block has one std)."""
+    chosen: list[str] = []
+    for key in METHOD_KEYS:
+        if key not in frame or frame[key].astype(str).nunique() < 2:
+            continue
+        if chosen and frame[key].astype(str).groupby([frame[c].astype(str) for c in chosen]).nunique().max() < 2:
+            continue
+        chosen.append(key)
+    return chosen or ["block"]
 
 
 def summarize(frame: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:

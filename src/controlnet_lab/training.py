@@ -181,6 +181,7 @@ def results_record(cfg: DictConfig, metrics: dict, extra: dict) -> dict:
     """What tables are built from: the chosen groups, the key values, and the metrics."""
     return {
         "block": cfg.block.name,
+        "block_std": cfg.block.get("std"),  # gauss only: "standard", "standard_x<factor>" or one number
         "model": cfg.model.name,
         "data": {
             "name": cfg.data.name,
