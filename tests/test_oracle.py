@@ -4,7 +4,7 @@ from conftest import PALETTE
 from controlnet_lab.data.fill50k import read_index
 from controlnet_lab.data.samples import load_rgb
 from controlnet_lab.data.outlines import condition_mask
-from controlnet_lab.metrics.oracle import mask_iou, random_placement_iou, score_images
+from controlnet_lab.metrics.oracle import centre_error, mask_iou, random_placement_iou, score_images
 
 
 def _load(tiny_data):
@@ -17,8 +17,20 @@ def _load(tiny_data):
 def test_ground_truth_targets_score_perfectly(tiny_data):
     conditions, targets, prompts = _load(tiny_data)
     scores = score_images(targets, conditions, prompts, list(PALETTE))
-    assert scores["mask_iou"] > 0.95
+    assert scores["mask_iou"] > 0.95 and scores["centre_error_px"] < 0.5
     assert scores["color_accuracy"] == 1.0
+
+
+def test_the_centre_error_is_the_offset_of_the_circle_and_ignores_blotches():
+    yy, xx = np.mgrid[:32, :32]
+    reference = (yy - 14) ** 2 + (xx - 12) ** 2 <= 36
+    shifted = (yy - 17) ** 2 + (xx - 16) ** 2 <= 36  # 3 down, 4 right: 5 px away
+    assert centre_error(reference, reference) == 0.0
+    assert abs(centre_error(shifted, reference) - 5.0) < 1e-6
+    blotched = shifted.copy()
+    blotched[0:3, 28:31] = True  # a stray patch of the circle's color in a corner: the IoU drops, the centre does not move
+    assert centre_error(blotched, reference) == centre_error(shifted, reference) and mask_iou(blotched, reference) < mask_iou(shifted, reference)
+    assert centre_error(np.zeros_like(reference), reference) == np.hypot(32, 32) / 2
 
 
 def test_wrong_placement_and_wrong_colors_score_low(tiny_data):

@@ -48,6 +48,8 @@ def test_smoke_writes_results_and_checkpoint(smoke_run):
     assert not any(k.startswith(("locked_unet.", "text_encoder.")) for k in checkpoint["state_dict"])
     # The top-level scores are the perfect prompt's; 8 images make color accuracy a multiple of 1/8.
     assert metrics["mask_iou"] == metrics["prompt_settings"]["perfect"]["mask_iou"] and metrics["eval_images"] == 8
+    assert metrics["centre_error_px"] == metrics["prompt_settings"]["perfect"]["centre_error_px"] >= 0  # also under every prompt
+    assert all(0 <= scores["centre_error_px"] <= 16 * 2 ** 0.5 / 2 for scores in metrics["prompt_settings"].values())
     assert (8 * metrics["color_accuracy"]).is_integer() and (8 * metrics["base_color_accuracy"]).is_integer()
     # The trainable parameters are exactly the ControlNet's, and its connection convs started at zero.
     assert metrics["trainable_params"] == sum(v.numel() for k, v in checkpoint["state_dict"].items() if k.startswith("controlnet."))

@@ -23,7 +23,8 @@ from controlnet_lab.metrics.fid import FeatureExtractor, fid
 from controlnet_lab.metrics.fidelity import ConditionFidelity
 from controlnet_lab.metrics.oracle import random_placement_iou, score_images
 
-ORACLE_METRICS = ("mask_iou", "color_accuracy", "base_mask_iou", "base_color_accuracy", "random_placement_mask_iou")
+ORACLE_METRICS = ("mask_iou", "color_accuracy", "centre_error_px", "base_mask_iou", "base_color_accuracy", "base_centre_error_px",
+                  "random_placement_mask_iou")
 PROMPT_SETTINGS = ("none", "insufficient", "out_of_vocabulary", "conflicting", "perfect")
 # On free-form captions: the paper's four settings, the insufficient prompt being the paper's sentence.
 FREE_FORM_SETTINGS = ("none", "insufficient", "conflicting", "perfect")
@@ -170,6 +171,7 @@ def evaluate_held_out(base, controlnet, dataset: ControlDataset, palette: list[s
         with timed(seconds, "oracle"):
             base_scores = score_images(base_images, outlines, true_prompts, palette)
         results.update({"base_mask_iou": base_scores["mask_iou"], "base_color_accuracy": base_scores["color_accuracy"],
+                        "base_centre_error_px": base_scores["centre_error_px"],
                         "random_placement_mask_iou": random_placement_iou(outlines), "palette_size": len(palette)})
     per_setting = {}
     for setting in PROMPT_SETTINGS if outlines is not None else FREE_FORM_SETTINGS:
@@ -181,12 +183,13 @@ def evaluate_held_out(base, controlnet, dataset: ControlDataset, palette: list[s
             names_colors = setting in ("conflicting", "perfect")
             with timed(seconds, "oracle"):
                 scores = score_images(images, outlines, prompts if names_colors else true_prompts, palette)
-            per_setting[setting] = {"mask_iou": scores["mask_iou"], "color_accuracy": scores["color_accuracy"] if names_colors else None}
+            per_setting[setting] = {"mask_iou": scores["mask_iou"], "centre_error_px": scores["centre_error_px"],
+                                    "color_accuracy": scores["color_accuracy"] if names_colors else None}
         if suite.fidelity is not None:
             with timed(seconds, "fidelity"):
                 per_setting[setting][suite.fidelity.metric] = suite.fidelity.score(images, samples["conditions"])["value"]
         samples[setting] = images
-    results.update({key: per_setting["perfect"][key] for key in ("mask_iou", "color_accuracy") if outlines is not None})
+    results.update({key: per_setting["perfect"][key] for key in ("mask_iou", "color_accuracy", "centre_error_px") if outlines is not None})
     results.update({"prompt_settings": per_setting, "settings_evaluated": list(per_setting), "eval_images": len(items)})
     results.update(extra_scores(suite, samples, true_prompts, seconds))
     if suite.fidelity is not None:

@@ -33,6 +33,7 @@ RECORD_FILES = ("results.json", "eval.json")  # what a job of src/train.py, or o
 # (column of the flattened results, label in the tables)
 METRICS = (
     *[(f"metrics.prompt_settings.{s}.mask_iou", f"mask IoU ({s} prompt)") for s in PROMPT_SETTINGS],
+    *[(f"metrics.prompt_settings.{s}.centre_error_px", f"circle-centre error px ({s} prompt)") for s in ("none", "perfect")],
     ("metrics.prompt_settings.perfect.color_accuracy", "color acc. (perfect)"),
     ("metrics.prompt_settings.conflicting.color_accuracy", "color acc. (conflicting: prompt's colors)"),
     ("metrics.edge_f1", "edge F1 (perfect; re-detection, 1 px)"),

@@ -6,6 +6,11 @@
 - ``mask_iou``: IoU of the generated circle with the circle of the sample's outline.
 - ``color_accuracy``: the fraction of images whose circle color and background color
   are each nearest, among the palette's colors, to the colors the prompt names.
+- ``centre_error_px``: the distance in pixels from the centroid of the generated circle's
+  largest connected piece to the centroid of the outline's circle. Unlike the IoU it does
+  not count stray blotches of the circle's color elsewhere (what an unconditional
+  background often has), only where the circle is. An image without any circle pixel
+  counts as half the image's diagonal.
 """
 from __future__ import annotations
 
@@ -40,6 +45,16 @@ def mask_iou(predicted: np.ndarray, reference: np.ndarray) -> float:
     return float(np.logical_and(predicted, reference).sum() / union) if union else 1.0
 
 
+def centre_error(predicted: np.ndarray, reference: np.ndarray) -> float:
+    """Pixels from the centroid of ``predicted``'s largest 4-connected piece to ``reference``'s centroid."""
+    if not predicted.any() or not reference.any():
+        return float(np.hypot(*predicted.shape) / 2)
+    count, labels, stats, centroids = cv2.connectedComponentsWithStats(predicted.astype(np.uint8), connectivity=4)
+    largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    ys, xs = np.nonzero(reference)
+    return float(np.hypot(centroids[largest][0] - xs.mean(), centroids[largest][1] - ys.mean()))
+
+
 def nearest_color(rgb: np.ndarray, palette: list[str]) -> str:
     distances = np.linalg.norm(palette_array(palette) - rgb[None], axis=1)
     return palette[int(np.argmin(distances))]
@@ -56,10 +71,12 @@ def score_images(images: np.ndarray, outlines: np.ndarray, prompts: list[str], p
     images, outlines: (N, H, W, 3) uint8 RGB (outlines: the samples' fill50k sources);
     prompts: the prompts whose named colors are checked.
     """
-    ious, colors_right = [], []
+    ious, colors_right, centres = [], [], []
     for image, outline, prompt in zip(images, outlines, prompts, strict=True):
         circle, circle_rgb, background_rgb = segment_circle(image)
-        ious.append(mask_iou(circle, condition_mask(outline)))
+        reference = condition_mask(outline)
+        ious.append(mask_iou(circle, reference))
+        centres.append(centre_error(circle, reference))
         named = parse_prompt(prompt)
         if named is None:
             raise ValueError(f"prompt {prompt!r} does not have the form '<color> circle with <color> background'")
@@ -68,6 +85,7 @@ def score_images(images: np.ndarray, outlines: np.ndarray, prompts: list[str], p
     return {
         "mask_iou": float(np.mean(ious)),
         "color_accuracy": float(np.mean(colors_right)),
+        "centre_error_px": float(np.mean(centres)),
         "per_image_mask_iou": ious,
         "per_image_color_right": colors_right,
     }
