@@ -26,7 +26,7 @@ from controlnet_lab.training import build_datamodule, metric_suite
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("smoke")
-    result = run_train(["experiment=smoke", "logger=csv"], tmp)
+    result = run_train(["experiment=smoke", "logger=csv", "eval.train_images=8"], tmp)
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = (tmp / "outputs" / "smoke" / "runs").iterdir()
     return tmp, run_dir
@@ -50,6 +50,10 @@ def test_smoke_writes_results_and_checkpoint(smoke_run):
     assert metrics["mask_iou"] == metrics["prompt_settings"]["perfect"]["mask_iou"] and metrics["eval_images"] == 8
     assert metrics["centre_error_px"] == metrics["prompt_settings"]["perfect"]["centre_error_px"] >= 0  # also under every prompt
     assert all(0 <= scores["centre_error_px"] <= 16 * 2 ** 0.5 / 2 for scores in metrics["prompt_settings"].values())
+    # eval.train_images=8: the perfect prompt on 8 training conditions, and the gap to the held-out scores.
+    seen, gap = metrics["seen"], metrics["seen_minus_held_out"]
+    assert seen["images"] == 8 and set(gap) == {"mask_iou", "color_accuracy", "centre_error_px", "edge_f1"}
+    assert all(gap[key] == pytest.approx(seen[key] - metrics[key]) for key in gap)
     assert (8 * metrics["color_accuracy"]).is_integer() and (8 * metrics["base_color_accuracy"]).is_integer()
     # The trainable parameters are exactly the ControlNet's, and its connection convs started at zero.
     assert metrics["trainable_params"] == sum(v.numel() for k, v in checkpoint["state_dict"].items() if k.startswith("controlnet."))

@@ -42,6 +42,8 @@ METRICS = (
     ("metrics.fid_domain", "FID (domain features)"),
     ("metrics.fid", "FID (Inception)"),
     ("metrics.clip_score", "CLIP score"),
+    ("metrics.seen_minus_held_out.mask_iou", "mask IoU, training minus held-out conditions (perfect)"),
+    ("metrics.seen_minus_held_out.edge_f1", "edge F1, training minus held-out conditions (perfect)"),
     ("metrics.initial_output_change.relative", "base output change at step 0 (relative)"),
     ("metrics.sudden_convergence_step", "sudden-convergence step"),
     ("metrics.rise.rise_fraction", "10-90% rise / training"),

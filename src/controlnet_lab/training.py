@@ -19,7 +19,7 @@ from controlnet_lab.blocks import connection_init_stds
 from controlnet_lab.callbacks import FidelityCurve, InitialOutputChange
 from controlnet_lab.config_checks import check_train_config
 from controlnet_lab.data.datamodule import ControlDataModule
-from controlnet_lab.evaluation import PROMPT_SETTINGS, MetricSuite, evaluate_held_out, palette_of
+from controlnet_lab.evaluation import PROMPT_SETTINGS, MetricSuite, evaluate_held_out, evaluate_seen, palette_of
 from controlnet_lab.metrics.clip_score import clip_scorer
 from controlnet_lab.metrics.domain_features import domain_net
 from controlnet_lab.metrics.fid import inception_extractor
@@ -47,6 +47,17 @@ def held_out_scores(cfg: DictConfig, module: ControlNetModule, data: ControlData
         num_inference_steps=cfg.model.sampling.num_inference_steps, guidance_scale=cfg.model.sampling.guidance_scale,
         resolution_weighting=cfg.model.sampling.resolution_weighting, suite=suite or metric_suite(cfg, data),
     )
+
+
+def seen_scores(cfg: DictConfig, module: ControlNetModule, data: ControlDataModule, held_out: dict, suite: MetricSuite) -> dict:
+    """The perfect prompt's scores on ``eval.train_images`` training conditions, and each one's gap to the held-out score
+    (seen minus unseen)."""
+    seen = evaluate_seen(module.base, module.controlnet, data.dataset("train"), dataset_palette(data), count=cfg.eval.train_images,
+                         batch_size=cfg.eval.batch_size, seed=cfg.eval.seed, num_inference_steps=cfg.model.sampling.num_inference_steps,
+                         guidance_scale=cfg.model.sampling.guidance_scale, resolution_weighting=cfg.model.sampling.resolution_weighting,
+                         suite=suite)
+    gap = {key: seen[key] - held_out[key] for key in seen if key != "images" and held_out.get(key) is not None}
+    return {"seen": seen, "seen_minus_held_out": gap}
 
 
 def dataset_palette(data: ControlDataModule) -> list[str]:
@@ -263,6 +274,8 @@ def train_and_evaluate(cfg: DictConfig) -> dict:
         return {}
 
     evaluation = held_out_scores(cfg, trained, data, suite)
+    if cfg.eval.get("train_images"):
+        evaluation.update(seen_scores(cfg, trained, data, evaluation, suite))
     samples = evaluation.pop("samples")
     grid = save_eval_grid(samples, output_dir / "eval_samples.png")
     if "fidelity_curve" in (cfg.get("callbacks") or {}) and fidelity_skip_reason(cfg.data.condition):
