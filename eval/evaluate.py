@@ -38,7 +38,7 @@ def main(cfg: DictConfig) -> None:
     run_cfg = OmegaConf.merge(
         # Runs configured before these keys existed sampled without resolution weighting, trained without dropping
         # near-duplicates of held-out samples (the held-out set itself is the same), and read fill50k-format data.
-        {"model": {"sampling": {"resolution_weighting": "off"}},
+        {"model": {"sampling": {"resolution_weighting": "off", "conditioning_scale": 1.0}},
          "data": {"held_out": {"exclude_near_duplicates": False, "max_distance": 0.2}, "_target_": "controlnet_lab.data.datamodule.Fill50kDataModule"}},
         OmegaConf.load(run_config), {"eval": cfg.eval, "paths": {"cache_dir": cfg.paths.cache_dir}}, {"model": {"sampling": sampling}},
     )

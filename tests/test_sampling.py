@@ -1,6 +1,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -12,6 +13,7 @@ from conftest import ROOT, run_train
 from controlnet_lab.bases import load_base
 from controlnet_lab.blocks import build_trainable_copy, connection_convs
 from controlnet_lab.data.fill50k import read_index
+from controlnet_lab.evaluation import generate
 from controlnet_lab.generation import sample
 from controlnet_lab.sampling import control_residuals, resolution_weights, residual_heights
 
@@ -53,7 +55,7 @@ def test_resolution_weights_match_both_formulas_for_the_tiny_base(pipeline, bloc
     assert heights == _residual_heights_of(_acting(pipeline, block, 0), pipeline.unet) == [16, 16, 8, 8, 4, 4, 4]
     assert resolution_weights("paper", heights) == [16 / h for h in heights] == [1, 1, 2, 2, 4, 4, 4]
     assert resolution_weights("code", heights) == pytest.approx([0.825 ** (6 - i) for i in range(7)])
-    assert resolution_weights("off", heights) == [1.0] * 7
+    assert resolution_weights("off", heights) == resolution_weights("uniform", heights) == [1.0] * 7
 
 
 @torch.no_grad()
@@ -79,7 +81,7 @@ def test_resolution_weights_on_sd15_shaped_blocks_match_the_paper_and_diffusers_
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("mode", ["paper", "code"])
+@pytest.mark.parametrize("mode", ["uniform", "paper", "code"])
 def test_with_cfg_resolution_weighting_conditions_only_the_conditional_branch(pipeline, mode):
     controlnet = _acting(pipeline, "zero", 1)
     sample = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -93,6 +95,17 @@ def test_with_cfg_resolution_weighting_conditions_only_the_conditional_branch(pi
         assert torch.count_nonzero(residual[0]) == 0  # the unconditional branch gets no control
         assert torch.equal(residual[1], plain[0] * weight)
         assert plain.abs().sum() > 0
+
+
+@torch.no_grad()
+def test_the_evaluation_conditioning_scale_scales_the_control_and_zero_is_the_base_alone(pipeline):
+    controlnet, conditions = _acting(pipeline, "zero", 1), _conditions(2)
+    settings = dict(batch_size=2, seed=5, num_inference_steps=3, guidance_scale=1.0, desc="test")
+    alone = generate(pipeline, None, conditions, PROMPTS, **settings)
+    assert np.array_equal(generate(pipeline, controlnet, conditions, PROMPTS, conditioning_scale=0.0, **settings), alone)
+    full = generate(pipeline, controlnet, conditions, PROMPTS, **settings)
+    doubled = generate(pipeline, controlnet, conditions, PROMPTS, conditioning_scale=2.0, **settings)
+    assert not np.array_equal(full, alone) and not np.array_equal(doubled, full)
 
 
 @torch.no_grad()

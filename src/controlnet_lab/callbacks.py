@@ -186,11 +186,13 @@ class FidelityCurve(L.Callback):
 
     def __init__(self, every_n_steps: int, num_images: int, condition: str, resolution: int, edge_tolerance: int = 1,
                  seed: int = 1234, num_inference_steps: int = 20, guidance_scale: float = 1.0, resolution_weighting: str = "off",
+                 conditioning_scale: float = 1.0,
                  detector_weights: str | None = None, canny_thresholds: tuple[int, int] = (100, 200)):
         if every_n_steps < 1 or num_images < 1:
             raise ValueError(f"eval.every_n_steps and eval.curve_images must be >= 1, got {every_n_steps} and {num_images}")
         self.every_n_steps, self.num_images, self.seed = every_n_steps, num_images, seed
-        self.sampling = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "resolution_weighting": resolution_weighting}
+        self.sampling = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "resolution_weighting": resolution_weighting,
+                         "conditioning_scale": conditioning_scale}
         self.fidelity = ConditionFidelity(condition, resolution, edge_tolerance, detector_weights, tuple(canny_thresholds))
         self.curve: list[dict] = []
         self.seconds = 0.0
@@ -277,7 +279,8 @@ class ValidationImages(L.Callback):
     """
 
     def __init__(self, images: list[str], prompts: list[str], every_n_steps: int, resolution: int, output_dir: str,
-                 seed: int = 1234, num_inference_steps: int = 20, guidance_scale: float = 1.0, resolution_weighting: str = "off"):
+                 seed: int = 1234, num_inference_steps: int = 20, guidance_scale: float = 1.0, resolution_weighting: str = "off",
+                 conditioning_scale: float = 1.0):
         images, prompts = [str(i) for i in images or []], [str(p) for p in prompts or []]
         missing = [path for path in images if not Path(path).is_file()]
         if missing:
@@ -292,7 +295,8 @@ class ValidationImages(L.Callback):
                            .permute(0, 3, 1, 2) if images else None)
         self.prompts = prompts * len(images) if len(prompts) == 1 else prompts
         self.every_n_steps, self.seed, self.folder = every_n_steps, seed, Path(output_dir) / "validation"
-        self.sampling = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "resolution_weighting": resolution_weighting}
+        self.sampling = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "resolution_weighting": resolution_weighting,
+                         "conditioning_scale": conditioning_scale}
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.sample(trainer, pl_module)

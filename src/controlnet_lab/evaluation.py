@@ -47,7 +47,8 @@ def palette_of(prompts: list[str]) -> list[str]:
 
 @torch.no_grad()
 def generate(base, controlnet, conditions: torch.Tensor, prompts: list[str], batch_size: int,
-             seed: int, num_inference_steps: int, guidance_scale: float, desc: str, resolution_weighting: str = "off") -> np.ndarray:
+             seed: int, num_inference_steps: int, guidance_scale: float, desc: str, resolution_weighting: str = "off",
+             conditioning_scale: float = 1.0) -> np.ndarray:
     """uint8 images, one per (condition, prompt); batch b always gets the same noise."""
     images = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
@@ -58,6 +59,7 @@ def generate(base, controlnet, conditions: torch.Tensor, prompts: list[str], bat
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             resolution_weighting=resolution_weighting,
+            conditioning_scale=conditioning_scale,
             generator=torch.Generator().manual_seed(seed + start),
         )
         images.append(to_uint8(generated, -1.0, 1.0))
@@ -133,7 +135,7 @@ class MetricSuite:
 
 def evaluate_held_out(base, controlnet, dataset: ControlDataset, palette: list[str],
                       count: int, batch_size: int, seed: int, num_inference_steps: int, guidance_scale: float,
-                      suite: MetricSuite | None = None, resolution_weighting: str = "off") -> dict:
+                      suite: MetricSuite | None = None, resolution_weighting: str = "off", conditioning_scale: float = 1.0) -> dict:
     """Scores of base + ControlNet under each prompt setting and of the base alone, and what was skipped.
 
     On fill50k-format data: the oracle scores, top-level ``mask_iou`` and ``color_accuracy``
@@ -157,7 +159,7 @@ def evaluate_held_out(base, controlnet, dataset: ControlDataset, palette: list[s
         skipped.update({name: not_oracle for name in ORACLE_METRICS})
     outlines = None if not_oracle else to_uint8(torch.stack([item["source"] for item in items]), 0.0, 1.0)
     settings = dict(batch_size=batch_size, seed=seed, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                    resolution_weighting=resolution_weighting)
+                    resolution_weighting=resolution_weighting, conditioning_scale=conditioning_scale)
 
     with timed(seconds, "generation"):
         base_images = generate(base, None, condition_tensor, true_prompts, desc="evaluating base alone", **settings)
@@ -202,7 +204,7 @@ def evaluate_held_out(base, controlnet, dataset: ControlDataset, palette: list[s
 
 def evaluate_seen(base, controlnet, dataset: ControlDataset, palette: list[str], count: int, batch_size: int, seed: int,
                   num_inference_steps: int, guidance_scale: float, suite: MetricSuite | None = None,
-                  resolution_weighting: str = "off") -> dict:
+                  resolution_weighting: str = "off", conditioning_scale: float = 1.0) -> dict:
     """The perfect prompt's scores on the first ``count`` samples of ``dataset`` (the training set: conditions the
     ControlNet trained on), with the same sampling as the held-out evaluation: what its gap to the held-out scores
     is measured with (over-fitting shows as seen scores above unseen ones)."""
@@ -210,7 +212,8 @@ def evaluate_seen(base, controlnet, dataset: ControlDataset, palette: list[str],
     conditions = torch.stack([item["condition"] for item in items])
     prompts = [item["true_prompt"] for item in items]
     images = generate(base, controlnet, conditions, prompts, batch_size=batch_size, seed=seed, num_inference_steps=num_inference_steps,
-                      guidance_scale=guidance_scale, resolution_weighting=resolution_weighting, desc="evaluating on training conditions")
+                      guidance_scale=guidance_scale, resolution_weighting=resolution_weighting, conditioning_scale=conditioning_scale,
+                      desc="evaluating on training conditions")
     scores = {"images": len(items)}
     if not oracle_applies(items):
         oracle = score_images(images, to_uint8(torch.stack([item["source"] for item in items]), 0.0, 1.0), prompts, palette)

@@ -5,6 +5,8 @@ guidance only and multiplies the residual of connection i (the down-block residu
 then the middle block's) by a weight:
 
 - ``off``: every weight 1, the condition on both branches (diffusers' default).
+- ``uniform``: the condition on the conditional branch only, every weight 1: the baseline
+  the paper's Fig. 5 starts from ("too strong" guidance), before it weights by resolution.
 - ``paper``: w_i = H / h_i, with h_i the residual's height and H the largest one (the
   paper's 64 / h_i for SD at 512 px, whose residuals are 64 ... 8 latent pixels high),
   so deeper connections get more weight (1 ... 8 on SD).
@@ -23,7 +25,7 @@ from collections.abc import Sequence
 import torch
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
-RESOLUTION_WEIGHTINGS = ("off", "paper", "code")
+RESOLUTION_WEIGHTINGS = ("off", "uniform", "paper", "code")
 CODE_RATIO = 0.825
 
 

@@ -3,8 +3,9 @@
 A sweep is a Hydra multirun directory of src/train.py, where every finished job left a
 ``results.json`` in its subdirectory, or of eval/evaluate.py, where it left an
 ``eval.json``. A "method" is a combination of the values that vary across the sweep's
-jobs among ``METHOD_KEYS`` (block, data size, prompt dropout, condition, guidance scale,
-CFG resolution weighting); the jobs of one method differ only in their seed. Methods are
+jobs among ``METHOD_KEYS`` (block and its init std, data size, prompt dropout, condition,
+guidance scale, CFG resolution weighting, conditioning scale); the jobs of one method differ
+only in their seed (the training seed, and for re-scored checkpoints the evaluation seed). Methods are
 compared with intervals.py: each against the first method of the sweep, or every pair.
 """
 from __future__ import annotations
@@ -28,7 +29,8 @@ from controlnet_lab.failures import failed_jobs  # noqa: E402
 from controlnet_lab.intervals import difference, t_interval  # noqa: E402
 from controlnet_lab.task import wandb_mode  # noqa: E402
 
-METHOD_KEYS = ("block", "block_std", "data.size", "data.prompt_dropout", "data.condition", "sampling.guidance_scale", "sampling.resolution_weighting")
+METHOD_KEYS = ("block", "block_std", "data.size", "data.prompt_dropout", "data.condition", "sampling.guidance_scale",
+               "sampling.resolution_weighting", "sampling.conditioning_scale")
 RECORD_FILES = ("results.json", "eval.json")  # what a job of src/train.py, or of eval/evaluate.py, leaves
 # (column of the flattened results, label in the tables)
 METRICS = (
@@ -173,11 +175,13 @@ def differences(frame: pd.DataFrame, level: float = 0.95, comparisons: str = "re
     pairs = [(m, order[0]) for m in order[1:]] if comparisons == "reference" else [(b, a) for a, b in itertools.combinations(order, 2)]
     used = 1 - (1 - level) / len(pairs) if correction == "bonferroni" and pairs else level
     present = [(column, label) for column, label in METRICS if column in frame and not column.endswith("trainable_params")]
+    # What pairs two jobs: the training seed, and for evaluation sweeps (eval/evaluate.py) also the evaluation seed.
+    seeds = frame[[c for c in ("seed", "eval.seed") if c in frame]].astype(str).agg("/".join, axis=1)
     rows = []
     for treatment, reference in pairs:
         for column, label in present:
             values = pd.to_numeric(frame[column], errors="coerce")
-            scores = {m: {int(seed): float(v) for seed, v in zip(frame.loc[labels == m, "seed"], values[labels == m])} for m in (treatment, reference)}
+            scores = {m: dict(zip(seeds[labels == m], values[labels == m].astype(float))) for m in (treatment, reference)}
             d = difference(scores[treatment], scores[reference], used)
             if math.isnan(d.mean):
                 continue

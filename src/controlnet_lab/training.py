@@ -46,6 +46,7 @@ def held_out_scores(cfg: DictConfig, module: ControlNetModule, data: ControlData
         count=cfg.eval.num_images, batch_size=cfg.eval.batch_size, seed=cfg.eval.seed,
         num_inference_steps=cfg.model.sampling.num_inference_steps, guidance_scale=cfg.model.sampling.guidance_scale,
         resolution_weighting=cfg.model.sampling.resolution_weighting, suite=suite or metric_suite(cfg, data),
+        conditioning_scale=cfg.model.sampling.get("conditioning_scale", 1.0),
     )
 
 
@@ -55,7 +56,7 @@ def seen_scores(cfg: DictConfig, module: ControlNetModule, data: ControlDataModu
     seen = evaluate_seen(module.base, module.controlnet, data.dataset("train"), dataset_palette(data), count=cfg.eval.train_images,
                          batch_size=cfg.eval.batch_size, seed=cfg.eval.seed, num_inference_steps=cfg.model.sampling.num_inference_steps,
                          guidance_scale=cfg.model.sampling.guidance_scale, resolution_weighting=cfg.model.sampling.resolution_weighting,
-                         suite=suite)
+                         conditioning_scale=cfg.model.sampling.get("conditioning_scale", 1.0), suite=suite)
     gap = {key: seen[key] - held_out[key] for key in seen if key != "images" and held_out.get(key) is not None}
     return {"seen": seen, "seen_minus_held_out": gap}
 
