@@ -10,12 +10,14 @@ directory, or ``out``, and logs the table and plots to W&B, grouped with the swe
 import hydra
 from omegaconf import DictConfig
 
-from controlnet_lab.tables import log_to_wandb, write_tables
+from controlnet_lab.tables import archive_sweep, log_to_wandb, write_tables
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="tables")
 def main(cfg: DictConfig) -> None:
     table, paths = write_tables(cfg.sweep, cfg.out, cfg.rescored, cfg.level, cfg.comparisons, cfg.correction)
+    if cfg.archive:
+        print(f"archived {len(archive_sweep(cfg.sweep, cfg.out or cfg.sweep))} files (multirun.yaml, each job's record)")
     if cfg.wandb:
         log_to_wandb(table, paths, cfg.sweep)
     print(paths["markdown"].read_text())

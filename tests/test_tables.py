@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 
 from controlnet_lab.intervals import _detectable, difference, t_interval
-from controlnet_lab.tables import differences, job_number, load_sweep, method_columns, summarize, write_tables
+from controlnet_lab.tables import archive_sweep, differences, job_number, load_sweep, method_columns, summarize, write_tables
 
 
 def test_jobs_are_taken_in_launch_order_not_name_order():
@@ -115,3 +115,15 @@ def test_a_key_that_another_determines_is_not_a_method_of_its_own():
     assert method_columns(blocks) == ["block"]
     stds = pd.DataFrame({"block": ["zero", "gauss", "gauss", "gauss"], "block_std": [None, "0.02", "standard", "standard_x3"]})
     assert method_columns(stds) == ["block", "block_std"]
+
+
+def test_the_archive_holds_the_multirun_config_and_every_record_but_no_checkpoint(tmp_path):
+    sweep = tmp_path / "sweep"
+    write_sweep(sweep, {"zero": {0: 0.5}, "gauss": {0: 0.6}})
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    (sweep / "0_block=zero,seed=0" / "checkpoints").mkdir()
+    (sweep / "0_block=zero,seed=0" / "checkpoints" / "last.ckpt").write_bytes(b"weights")
+    copied = archive_sweep(sweep, tmp_path / "out")
+    assert sorted(str(p.relative_to(tmp_path / "out")) for p in copied) == [
+        "jobs/0_block=zero,seed=0/results.json", "jobs/1_block=gauss,seed=0/results.json", "multirun.yaml"]
+    assert (tmp_path / "out" / "jobs" / "1_block=gauss,seed=0" / "results.json").read_text() == (sweep / "1_block=gauss,seed=0" / "results.json").read_text()

@@ -241,6 +241,27 @@ def write_tables(sweep_dir: Path, out_dir: Path | None = None, rescored: bool = 
     return table, paths
 
 
+def archive_sweep(sweep_dir: Path, out_dir: Path) -> list[Path]:
+    """Copy what the tables were made from next to them: the sweep's multirun.yaml and each finished job's record
+    (``jobs/<job>/results.json`` or ``eval.json``, with its ``checkpoints/eval.json`` where re-scored). Small files only:
+    no checkpoints, images or logs."""
+    sweep_dir, out_dir = Path(sweep_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    copied = []
+    if (sweep_dir / "multirun.yaml").is_file():
+        copied.append(out_dir / "multirun.yaml")
+        copied[-1].write_text((sweep_dir / "multirun.yaml").read_text())
+    for job in sorted((p for p in sweep_dir.iterdir() if p.is_dir()), key=job_number):
+        for name in (*RECORD_FILES, "checkpoints/eval.json"):
+            record = job / name
+            if record.is_file():
+                target = out_dir / "jobs" / job.name / name.replace("/", "_")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(record.read_text())
+                copied.append(target)
+    return copied
+
+
 def unfinished_note(sweep_dir: Path, unfinished: list[Path]) -> str:
     """The jobs missing from the table: those that failed (with their error, failures.py) and those that never finished."""
     if not unfinished:
