@@ -8,8 +8,8 @@ does not depend on them) on the same data loader, one batch of ``--batch`` per s
 - ``lightning``: ``Trainer.fit`` with what the default config trains with (conf/callbacks/default.yaml: periodic
   checkpoints, the preemption checkpoint, the resume state, the progress bar, ThroughputMonitor, LearningRateMonitor)
   and the CSV logger, through the module's ``training_step`` (the loss, its finiteness check, ``self.log``). The
-  callbacks that sample during training (the fidelity curve, validation images) are left out: they are evaluation,
-  and cost what they sample.
+  callbacks that evaluate during training (the fidelity curve, validation images, the initial output change) are left
+  out: they are evaluation, and cost what they measure.
 
 The time of a step is the time from one batch's start to the next's (data loading included), median over a round's
 steps after its first ``--warmup``; the two alternate for ``--rounds`` rounds (plain, Lightning, plain, ...).
@@ -42,7 +42,7 @@ from controlnet_lab.module import ControlNetModule
 from controlnet_lab.provenance import OtherLoad, commit, machine
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLING_CALLBACKS = ("fidelity_curve", "validation_images")
+SAMPLING_CALLBACKS = ("fidelity_curve", "validation_images", "initial_output_change")
 
 
 class BatchStarts(L.Callback):
