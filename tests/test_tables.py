@@ -77,6 +77,7 @@ def test_an_inconclusive_difference_says_how_many_seeds_would_decide_it():
     assert _detectable(sd, n, n - 1, 0.05) <= abs(noisy.mean) < _detectable(sd, n - 1, n - 2, 0.05)
     assert noisy.detectable == pytest.approx(_detectable(sd, 3, 2, 0.05)) and noisy.detectable > abs(noisy.mean)
     assert difference({0: 0.5}, {0: 0.4}).verdict == "too few seeds"
+    assert difference({0: 0.2, 1: 0.3}, {0: 0.2, 1: 0.3}).verdict == "identical"
 
 
 def test_differences_compare_with_the_first_method_or_every_pair_with_bonferroni(tmp_path):

@@ -49,6 +49,8 @@ class Difference:
     def verdict(self) -> str:
         if math.isnan(self.low):
             return "too few seeds"
+        if self.low == self.high == 0:
+            return "identical"  # every pair equal (e.g. the base alone, which the arms share)
         if self.low > 0:
             return "higher"
         if self.high < 0:
