@@ -49,6 +49,7 @@ METRICS = (
     ("metrics.initial_output_change.relative", "base output change at step 0 (relative)"),
     ("metrics.sudden_convergence_step", "sudden-convergence step"),
     ("metrics.rise.rise_fraction", "10-90% rise / training"),
+    ("metrics.rise.half_step", "step reaching half of the rise"),
     ("metrics.rise.end_step", "step reaching 90% of the rise"),
     ("metrics.base_mask_iou", "base alone mask IoU"),
     ("metrics.trainable_params", "trainable params"),
