@@ -180,8 +180,8 @@ class InitialOutputChange(L.Callback):
 class FidelityCurve(L.Callback):
     """At step 0 and every ``every_n_steps``, samples the first ``num_images`` held-out conditions
     (true prompts, fixed noise) and logs ``curve/<fidelity metric>`` and, on fill50k-format data,
-    ``curve/mask_iou`` and ``curve/color_accuracy`` (what the locked base keeps) against the global step. The curve is kept in the callback's state, so a
-    resumed run continues it.
+    ``curve/mask_iou`` and ``curve/color_accuracy`` (what the locked base keeps) against the global
+    step. The curve is kept in the callback's state, so a resumed run continues it.
     """
 
     def __init__(self, every_n_steps: int, num_images: int, condition: str, resolution: int, edge_tolerance: int = 1,
