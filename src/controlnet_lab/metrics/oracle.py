@@ -60,11 +60,6 @@ def nearest_color(rgb: np.ndarray, palette: list[str]) -> str:
     return palette[int(np.argmin(distances))]
 
 
-def mean_mask_iou(images: np.ndarray, outlines: np.ndarray) -> float:
-    """Mean IoU of each image's segmented circle with its outline's circle (no color check)."""
-    return float(np.mean([mask_iou(segment_circle(image)[0], condition_mask(outline)) for image, outline in zip(images, outlines, strict=True)]))
-
-
 def score_images(images: np.ndarray, outlines: np.ndarray, prompts: list[str], palette: list[str]) -> dict:
     """Per-image oracle scores and their means.
 
