@@ -340,7 +340,7 @@ def plot_mask_iou(summary: pd.DataFrame, path: Path, level: float = 0.95) -> Pat
         errors = [[m - row.get(f"metrics.prompt_settings.{s}.mask_iou:low", np.nan) for m, s in zip(means, PROMPT_SETTINGS)],
                   [row.get(f"metrics.prompt_settings.{s}.mask_iou:high", np.nan) - m for m, s in zip(means, PROMPT_SETTINGS)]]
         axis.bar(x + i * width, means, width, yerr=np.nan_to_num(errors), capsize=2, label=_method_label(row, methods))
-    axis.set_xticks(x + 0.4 - width / 2, [f"{s} prompt" for s in PROMPT_SETTINGS])
+    axis.set_xticks(x + 0.4 - width / 2, [f"{s}\nprompt".replace("_", " ") for s in PROMPT_SETTINGS], fontsize=8)
     axis.set_ylabel(f"mask IoU (mean, {level:.0%} interval; {int(summary['seeds'].min())}+ seeds)")
     axis.set_ylim(0, 1)
     axis.legend(fontsize=8)
