@@ -56,7 +56,7 @@ class ControlNetModule(L.LightningModule):
         base_name: str | None = None,  # the configured folder or Hub id of the base (None: pretrained here)
         resolution: int | None = None,  # of the training images, which the base then generates (None: its own)
         gradient_checkpointing: bool = False,
-        optimizer: dict | None = None,  # a Hydra partial config of the optimizer (conf/optimizer); None: fused AdamW(lr)
+        optimizer: dict | None = None,  # a Hydra partial config of the optimizer (conf/optimizer); None: AdamW(lr, foreach)
         lr_scheduler: dict | None = None,  # diffusers get_scheduler settings (conf/lr_scheduler); None: constant
         max_steps: int | None = None,  # the training length a decaying schedule spans
         ema: dict | None = None,  # EMAModel settings (decay, ...) for an average of the ControlNet's weights; None: no EMA
@@ -202,7 +202,7 @@ class ControlNetModule(L.LightningModule):
         """The configured optimizer over the ControlNet's parameters, and diffusers' learning-rate schedule stepped per optimizer step."""
         parameters = self.controlnet.parameters()
         if self.hparams.optimizer is None:
-            optimizer = torch.optim.AdamW(parameters, lr=self.hparams.lr, fused=True)
+            optimizer = torch.optim.AdamW(parameters, lr=self.hparams.lr, foreach=True)
         else:
             optimizer = hydra.utils.instantiate(self.hparams.optimizer)(parameters)
         schedule = self.hparams.lr_scheduler or {"name": "constant"}

@@ -147,6 +147,8 @@ class DenoiserPretraining(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
+        # Fused: one kernel for the 288 tensors (2.2 ms an update against 9.8 ms for torch's per-tensor CPU default;
+        # speed_options.json). Pretraining neither clips gradients nor mixes precision, which Lightning refuses with it.
         optimizer = torch.optim.AdamW(list(self.unet.parameters()) + list(self.text_encoder.parameters()), lr=self.lr, fused=True)
         warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, self.warmup_steps)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}

@@ -26,7 +26,7 @@ class ControlDataset(Dataset):
     ``make_condition`` of the stored condition (the stored one itself by default); with
     ``with_condition=False`` items carry none (pretraining a base needs none); with
     ``with_target=False`` they carry no ``target`` and its pixels are never decoded (training on
-    cached VAE latents needs none: 14 ms of PNG decoding per batch of 32 on this CPU). An item is
+    cached VAE latents needs none: the fill50k loader then takes 5.1 ms a batch of 32 instead of 7.3). An item is
     asked for by (index, drop the prompt), as the training order draws them (order.py), or
     by index alone: the prompt is then replaced by "" with probability ``prompt_dropout``,
     drawn from Python's ``random``, which Lightning's ``seed_everything(workers=True)`` seeds
