@@ -49,7 +49,7 @@ def centre_error(predicted: np.ndarray, reference: np.ndarray) -> float:
     """Pixels from the centroid of ``predicted``'s largest 4-connected piece to ``reference``'s centroid."""
     if not predicted.any() or not reference.any():
         return float(np.hypot(*predicted.shape) / 2)
-    count, labels, stats, centroids = cv2.connectedComponentsWithStats(predicted.astype(np.uint8), connectivity=4)
+    _, _, stats, centroids = cv2.connectedComponentsWithStats(predicted.astype(np.uint8), connectivity=4)
     largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
     ys, xs = np.nonzero(reference)
     return float(np.hypot(centroids[largest][0] - xs.mean(), centroids[largest][1] - ys.mean()))
