@@ -3,10 +3,9 @@
 On the default's step (step_cost.py's ControlNet step: the embedded ``tiny`` base at 32 px, batch 32, untrained
 weights), in this process, alternating for ``--rounds`` rounds (median ms/step of ``--repeats`` steps each):
 
-- ``eager_fp32``: the step as it ran before fused AdamW was adopted (torch's default threads, and torch's CPU default
-  AdamW: a Python loop over the tensors);
-- ``foreach_adamw`` / ``fused_adamw``: the same with AdamW's ``foreach=True`` (one multi-tensor op per stage) or
-  ``fused=True`` (one kernel; what conf/optimizer/adamw.yaml now sets);
+- ``eager_fp32``: the step with torch's default threads and torch's CPU default AdamW (a Python loop over the tensors);
+- ``foreach_adamw`` / ``fused_adamw``: the same with AdamW's ``foreach=True`` (one multi-tensor op per stage; what
+  conf/optimizer/adamw.yaml sets) or ``fused=True`` (one kernel; what base pretraining uses);
 - ``one_thread``: ``torch.set_num_threads(1)``;
 - ``channels_last``: both models and the inputs in ``torch.channels_last``;
 - ``bf16_autocast``: ``torch.autocast("cpu", torch.bfloat16)`` around the forward passes (as ``trainer.precision=bf16-mixed``);

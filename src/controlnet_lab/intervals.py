@@ -21,15 +21,21 @@ POWER = 0.8  # of the detectable effect and the seeds that would decide
 MAX_SEEDS = 1000  # beyond this "would decide" is reported as undecidable in practice
 
 
+def half_width(std, count, level: float = 0.95):
+    """Half the width of the Student-t interval of a mean from ``count`` values with sample std ``std`` (arrays work
+    too); NaN for fewer than 2 values."""
+    count = np.asarray(count, dtype=float)
+    dof = np.where(count >= 2, count - 1, np.nan)
+    return stats.t.ppf(0.5 + level / 2, dof) * np.asarray(std, dtype=float) / np.sqrt(count)
+
+
 def t_interval(values, level: float = 0.95) -> tuple[float, float, float]:
     """(mean, low, high) of the mean of ``values``; the interval is (nan, nan) for fewer than 2 values."""
     values = np.asarray([v for v in values if not math.isnan(v)], dtype=float)
     if len(values) == 0:
         return math.nan, math.nan, math.nan
     mean = float(values.mean())
-    if len(values) < 2:
-        return mean, math.nan, math.nan
-    half = stats.t.ppf(0.5 + level / 2, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
+    half = float(half_width(values.std(ddof=1) if len(values) > 1 else math.nan, len(values), level))
     return mean, mean - half, mean + half
 
 
@@ -63,40 +69,39 @@ def difference(treatment: dict, reference: dict, level: float = 0.95) -> Differe
     treatment = {seed: v for seed, v in treatment.items() if not math.isnan(v)}
     reference = {seed: v for seed, v in reference.items() if not math.isnan(v)}
     alpha = 1 - level
-    if set(treatment) == set(reference) and len(treatment) >= 2:
+    paired = set(treatment) == set(reference) and len(treatment) >= 2
+    if paired:
         diffs = np.array([treatment[s] - reference[s] for s in sorted(treatment)])
-        n, sd = len(diffs), float(diffs.std(ddof=1))
-        mean = float(diffs.mean())
-        half = stats.t.ppf(1 - alpha / 2, n - 1) * sd / math.sqrt(n)
-        detect = _detectable(sd, n, n - 1, alpha)
-        decide = _seeds_to_decide(abs(mean), sd, alpha, lambda k: k - 1) if not (mean - half > 0 or mean + half < 0) else None
-        return Difference(mean, mean - half, mean + half, n, True, detect, decide)
-    a, b = np.array(list(treatment.values())), np.array(list(reference.values()))
-    mean = float(a.mean() - b.mean()) if len(a) and len(b) else math.nan
-    if len(a) < 2 or len(b) < 2:
-        return Difference(mean, math.nan, math.nan, min(len(a), len(b)), False, math.nan, None)
-    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-    se = math.sqrt(va + vb)
-    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1)) if se > 0 else len(a) + len(b) - 2
+        mean, n = float(diffs.mean()), len(diffs)
+        spread, df = float(diffs.std(ddof=1)), n - 1
+        se = spread / math.sqrt(n)
+    else:
+        a, b = np.array(list(treatment.values())), np.array(list(reference.values()))
+        mean, n = (float(a.mean() - b.mean()) if len(a) and len(b) else math.nan), min(len(a), len(b))
+        if len(a) < 2 or len(b) < 2:
+            return Difference(mean, math.nan, math.nan, n, False, math.nan, None)
+        va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)  # Welch
+        se = math.sqrt(va + vb)
+        df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1)) if se > 0 else len(a) + len(b) - 2
+        spread = math.sqrt(a.var(ddof=1) + b.var(ddof=1))  # sd of a difference of one draw from each arm
     half = stats.t.ppf(1 - alpha / 2, df) * se
-    n = min(len(a), len(b))
-    pooled = math.sqrt(a.var(ddof=1) + b.var(ddof=1))  # sd of a difference of one draw from each arm
-    detect = _detectable(pooled, n, df, alpha)
-    decide = _seeds_to_decide(abs(mean), pooled, alpha, lambda k: 2 * k - 2) if not (mean - half > 0 or mean + half < 0) else None
-    return Difference(mean, mean - half, mean + half, n, False, detect, decide)
+    called = mean - half > 0 or mean + half < 0
+    decide = None if called else _seeds_to_decide(abs(mean), spread, alpha, arms=1 if paired else 2)
+    return Difference(mean, mean - half, mean + half, n, paired, _detectable(spread, n, df, alpha), decide)
 
 
 def _detectable(sd: float, n: int, df: float, alpha: float) -> float:
     return (stats.t.ppf(1 - alpha / 2, df) + stats.t.ppf(POWER, df)) * sd / math.sqrt(n)
 
 
-def _seeds_to_decide(effect: float, sd: float, alpha: float, dof) -> int | None:
-    """The smallest n >= 2 whose detectable effect is at most ``effect``; None if the effect is 0 or needs more than MAX_SEEDS."""
+def _seeds_to_decide(effect: float, sd: float, alpha: float, arms: int) -> int | None:
+    """The smallest n >= 2 seeds (pairs, or seeds per arm for ``arms=2``) whose detectable effect is at most ``effect``
+    (a t-test with ``arms`` x (n - 1) degrees of freedom); None if the effect is 0 or needs more than MAX_SEEDS."""
     if effect == 0 or math.isnan(effect):
         return None
     if sd == 0:
         return 2
     for n in range(2, MAX_SEEDS + 1):
-        if _detectable(sd, n, dof(n), alpha) <= effect:
+        if _detectable(sd, n, arms * (n - 1), alpha) <= effect:
             return n
     return None

@@ -26,7 +26,7 @@ from PIL import Image  # noqa: E402
 
 from controlnet_lab.evaluation import PROMPT_SETTINGS  # noqa: E402
 from controlnet_lab.failures import failed_jobs  # noqa: E402
-from controlnet_lab.intervals import difference, t_interval  # noqa: E402
+from controlnet_lab.intervals import difference, half_width  # noqa: E402
 from controlnet_lab.task import wandb_mode  # noqa: E402
 
 METHOD_KEYS = ("block", "block_std", "data.size", "data.prompt_dropout", "data.condition", "sampling.guidance_scale",
@@ -120,11 +120,13 @@ def summarize(frame: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
     numeric = frame[methods + present].copy()
     numeric[present] = numeric[present].apply(pd.to_numeric, errors="coerce")
     grouped = numeric.groupby(methods, sort=False, dropna=False)
-    low = grouped[present].agg(lambda values: t_interval(values, level)[1])
-    high = grouped[present].agg(lambda values: t_interval(values, level)[2])
-    summary = pd.concat([grouped[present].agg(["mean", "std"]), pd.concat({"low": low, "high": high}, axis=1).swaplevel(axis=1)], axis=1)
+    stats = grouped[present].agg(["mean", "std", "count"])
+    for column in present:
+        mean, std, count = (stats[(column, stat)] for stat in ("mean", "std", "count"))
+        half = half_width(std, count, level)
+        stats[(column, "low")], stats[(column, "high")] = mean - half, mean + half
+    summary = stats[[(column, stat) for column in present for stat in ("mean", "std", "low", "high")]]
     summary.columns = [f"{column}:{stat}" for column, stat in summary.columns]
-    summary = summary[[f"{column}:{stat}" for column in present for stat in ("mean", "std", "low", "high")]]
     summary["seeds"] = grouped.size()
     summary["eval_images"] = frame.groupby(methods, sort=False, dropna=False)["metrics.eval_images"].first()
     return summary.reset_index()
@@ -179,11 +181,12 @@ def differences(frame: pd.DataFrame, level: float = 0.95, comparisons: str = "re
     present = [(column, label) for column, label in METRICS if column in frame and not column.endswith("trainable_params")]
     # What pairs two jobs: the training seed, and for evaluation sweeps (eval/evaluate.py) also the evaluation seed.
     seeds = frame[[c for c in ("seed", "eval.seed") if c in frame]].astype(str).agg("/".join, axis=1)
+    numeric = {column: pd.to_numeric(frame[column], errors="coerce").astype(float) for column, _ in present}
     rows = []
     for treatment, reference in pairs:
         for column, label in present:
-            values = pd.to_numeric(frame[column], errors="coerce")
-            scores = {m: dict(zip(seeds[labels == m], values[labels == m].astype(float))) for m in (treatment, reference)}
+            values = numeric[column]
+            scores = {m: dict(zip(seeds[labels == m], values[labels == m])) for m in (treatment, reference)}
             d = difference(scores[treatment], scores[reference], used)
             if math.isnan(d.mean):
                 continue

@@ -41,24 +41,25 @@ def build_datamodule(data_cfg: DictConfig) -> ControlDataModule:
 
 def held_out_scores(cfg: DictConfig, module: ControlNetModule, data: ControlDataModule, suite: MetricSuite | None = None) -> dict:
     """The final evaluation on the held-out split, with the run's sampling and eval settings and every enabled metric."""
-    return evaluate_held_out(
-        module.base, module.controlnet, data.val_dataset(), dataset_palette(data),
-        count=cfg.eval.num_images, batch_size=cfg.eval.batch_size, seed=cfg.eval.seed,
-        num_inference_steps=cfg.model.sampling.num_inference_steps, guidance_scale=cfg.model.sampling.guidance_scale,
-        resolution_weighting=cfg.model.sampling.resolution_weighting, suite=suite or metric_suite(cfg, data),
-        conditioning_scale=cfg.model.sampling.get("conditioning_scale", 1.0),
-    )
+    return evaluate_held_out(module.base, module.controlnet, data.val_dataset(), dataset_palette(data), count=cfg.eval.num_images,
+                             suite=suite or metric_suite(cfg, data), **sampling_settings(cfg))
 
 
 def seen_scores(cfg: DictConfig, module: ControlNetModule, data: ControlDataModule, held_out: dict, suite: MetricSuite) -> dict:
     """The perfect prompt's scores on ``eval.train_images`` training conditions, and each one's gap to the held-out score
     (seen minus unseen)."""
     seen = evaluate_seen(module.base, module.controlnet, data.dataset("train"), dataset_palette(data), count=cfg.eval.train_images,
-                         batch_size=cfg.eval.batch_size, seed=cfg.eval.seed, num_inference_steps=cfg.model.sampling.num_inference_steps,
-                         guidance_scale=cfg.model.sampling.guidance_scale, resolution_weighting=cfg.model.sampling.resolution_weighting,
-                         conditioning_scale=cfg.model.sampling.get("conditioning_scale", 1.0), suite=suite)
+                         suite=suite, **sampling_settings(cfg))
     gap = {key: seen[key] - held_out[key] for key in seen if key != "images" and held_out.get(key) is not None}
     return {"seen": seen, "seen_minus_held_out": gap}
+
+
+def sampling_settings(cfg: DictConfig) -> dict:
+    """How the final evaluation samples: the eval batch and seed, and the run's sampling settings."""
+    sampling = cfg.model.sampling
+    return {"batch_size": cfg.eval.batch_size, "seed": cfg.eval.seed, "num_inference_steps": sampling.num_inference_steps,
+            "guidance_scale": sampling.guidance_scale, "resolution_weighting": sampling.resolution_weighting,
+            "conditioning_scale": sampling.get("conditioning_scale", 1.0)}
 
 
 def dataset_palette(data: ControlDataModule) -> list[str]:
@@ -210,10 +211,11 @@ def results_record(cfg: DictConfig, metrics: dict, extra: dict) -> dict:
 
 
 def train(cfg: DictConfig) -> dict:
+    code = commit()  # the code this run starts with (the tree may change while it runs)
     with OtherLoad() as load:
         record = train_and_evaluate(cfg)
     if record:  # what the tables' reader needs to trust the numbers: which code, which machine, what else ran
-        record["provenance"] = {**commit(), "machine": machine(), "other_load": load.result}
+        record["provenance"] = {**code, "machine": machine(), "other_load": load.result}
         (Path(cfg.paths.output_dir) / "results.json").write_text(json.dumps(record, indent=2))
     return record
 
