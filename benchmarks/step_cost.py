@@ -9,14 +9,15 @@ Three bases, each with untrained weights (cost does not depend on them):
   ``--sd15-latent`` (16: 128 px images) and batches 1 and 4 on a CPU: the largest this 2-core machine steps in seconds.
 
 Fine-tuning trains the whole UNet (AdamW); the ControlNet step trains the copy (AdamW) with the UNet locked and its
-residuals added. Each (base, step) runs in its own child process, so peak memory is that process's own: on CUDA
-``max_memory_allocated``, on a CPU the peak RSS above the RSS after the imports (ru_maxrss). The ControlNet step's
+residuals added; with ``--precision bf16`` both run under bf16 autocast with the trained weights in float32 and the
+locked UNet in bfloat16, as diffusers' script does with ``--mixed_precision=bf16``. Each (base, step) runs in its own
+child process, so peak memory is that process's own: on CUDA ``max_memory_allocated``, on a CPU the peak RSS above the RSS after the imports (ru_maxrss). The ControlNet step's
 time is split into the hint encoder (``controlnet_cond_embedding``), the rest of the trainable copy's forward, the
 locked UNet's forward (and how much the residuals add to it: the additions and the graph they make the locked decoder
 record), the backward pass and the optimizer.
 
     python benchmarks/step_cost.py                               # all three, CPU
-    python benchmarks/step_cost.py --device cuda --sd15-latent 64 --sd15-batch 1 8   # SD 1.5 at 512 px on a GPU
+    python benchmarks/step_cost.py --bases sd15 --device cuda --precision bf16 --sd15-latent 64 --sd15-batch 8   # 512 px on a GPU
 
 Writes ``--out`` (experiments/performance/step_cost.json) with the commit, the machine and the CPU time other programs
 took meanwhile.
@@ -48,15 +49,15 @@ def build(base: str, device, resolution: int, batch: int, sd15_latent: int, with
     """(unet, controlnet, inputs, shape) of a base: the UNet and (unless ``with_controlnet`` is false: None) its
     trainable copy as the harness builds them."""
     import torch
-    from diffusers import UNet2DConditionModel
     from omegaconf import OmegaConf
 
     from controlnet_lab.blocks import build_trainable_copy
+    from sd15_shaped import HINT_CHANNELS, sd15_unet
 
     prompts = ["red circle with blue background", "green circle with yellow background"]
     if base == "sd15":
-        unet = UNet2DConditionModel(sample_size=sd15_latent, cross_attention_dim=768)
-        hint, resolution, tokens, pooled, latent = (16, 32, 96, 256), sd15_latent * 8, 77, None, sd15_latent
+        unet = sd15_unet(sd15_latent)
+        hint, resolution, tokens, pooled, latent = HINT_CHANNELS, sd15_latent * 8, 77, None, sd15_latent
     else:
         settings = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / f"{base}.yaml").base, resolve=True)
         tokens = settings["text_encoder"]["max_position_embeddings"]
@@ -117,13 +118,18 @@ def child(base: str, mode: str, args) -> dict:
     baseline_rss = rss_mb()
     unet, controlnet, inp, shape = build(base, device, args.resolution, args.batch, args.sd15_latent, with_controlnet=mode == "controlnet")
     phases = Phases(device)
+    bf16 = args.precision == "bf16"
+    if bf16 and mode == "controlnet":
+        unet.to(torch.bfloat16)  # the locked UNet in bfloat16, as diffusers' script and the harness keep it under bf16 mixed precision
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     extra = {"class_labels": inp["class_labels"]} if inp["class_labels"] is not None else {}
     if mode == "finetune":
         optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5)
 
         def step():
             t0 = phases.now()
-            loss = F.mse_loss(unet(inp["x"], inp["t"], inp["hidden"], **extra).sample, inp["x"])
+            with autocast:
+                loss = F.mse_loss(unet(inp["x"], inp["t"], inp["hidden"], **extra).sample.float(), inp["x"])
             t1 = phases.now()
             loss.backward()
             t2 = phases.now()
@@ -138,18 +144,22 @@ def child(base: str, mode: str, args) -> dict:
 
         def step():
             t0 = phases.now()
-            down, mid = controlnet(inp["x"], inp["t"], inp["hidden"], controlnet_cond=inp["cond"], return_dict=False, **extra)
+            with autocast:
+                down, mid = controlnet(inp["x"], inp["t"], inp["hidden"], controlnet_cond=inp["cond"], return_dict=False, **extra)
             t1 = phases.now()
-            prediction = unet(inp["x"], inp["t"], inp["hidden"], down_block_additional_residuals=down, mid_block_additional_residual=mid, **extra).sample
+            with autocast:
+                prediction = unet(inp["x"], inp["t"], inp["hidden"], down_block_additional_residuals=down, mid_block_additional_residual=mid,
+                                  **extra).sample
             t2 = phases.now()
-            F.mse_loss(prediction, inp["x"]).backward()
+            F.mse_loss(prediction.float(), inp["x"]).backward()
             t3 = phases.now()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             t4 = phases.now()
             phases.add("controlnet_forward", t1 - t0), phases.add("unet_forward", t2 - t1)
             phases.add("backward", t3 - t2), phases.add("optimizer", t4 - t3)
-            unet(inp["x"], inp["t"], inp["hidden"], **extra)  # the locked forward without residuals (not part of the step)
+            with autocast:
+                unet(inp["x"], inp["t"], inp["hidden"], **extra)  # the locked forward without residuals (not part of the step)
             phases.add("unet_forward_without_residuals", phases.now() - t4)
 
     if device.type == "cuda":
@@ -203,6 +213,8 @@ def main() -> None:
     parser.add_argument("--sd15-batch", type=int, nargs="+", default=[1, 4], help="batches of the SD 1.5-shaped UNet, each measured")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", choices=["32", "bf16"], default="32",
+                        help="bf16: mixed precision as diffusers' script does it (autocast; trained weights float32, the locked UNet bfloat16)")
     parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "performance" / "step_cost.json")
     parser.add_argument("--child", nargs=2, metavar=("BASE", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -217,7 +229,8 @@ def main() -> None:
         for base in args.bases:
             for batch in args.sd15_batch if base == "sd15" else [args.batch]:
                 name = f"{base}_batch{batch}" if base == "sd15" else base
-                options = dict(resolution=args.resolution, batch=batch, sd15_latent=args.sd15_latent, repeats=args.repeats, device=args.device)
+                options = dict(resolution=args.resolution, batch=batch, sd15_latent=args.sd15_latent, repeats=args.repeats, device=args.device,
+                               precision=args.precision)
                 runs = {mode: run_child(base, mode, **options) for mode in ("finetune", "controlnet")}
                 for mode, run in runs.items():
                     print(f"{name:12} {mode:10} {run['ms_per_step']:9.1f} ms/step  peak {run['peak_memory_mb']:8.1f} MiB", flush=True)

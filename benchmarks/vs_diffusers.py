@@ -4,15 +4,19 @@ The script is ``../shared/anchors/diffusers_train_controlnet.py`` (diffusers' ex
 unmodified), run from a temporary copy as a researcher would run it (Accelerate, CPU, one process); it needs
 ``pip install -e '.[bench]'``. Both train:
 
-- the same locked base: the ``model=tiny_sd`` architecture (conf/model/tiny_sd.yaml) at ``--resolution``, built once and
-  saved with ``save_pretrained`` (untrained weights: speed does not depend on them);
+- the same locked base, built once and saved with ``save_pretrained`` (untrained weights: speed does not depend on them):
+  ``--base tiny_sd``, the ``model=tiny_sd`` architecture (conf/model/tiny_sd.yaml) at ``--resolution``, or ``--base sd15``,
+  Stable Diffusion 1.5's (sd15_shaped.py), which the harness reads as ``model=sd15`` reads the real one;
 - the same ControlNet from the same start: copied from that UNet (hint encoder ``model.controlnet.hint_channels``), saved,
   and given to the script as ``--controlnet_model_name_or_path`` and to the harness as
   ``model.controlnet.pretrained_model_name_or_path``;
 - the same data: ``--samples`` synthetic fill50k samples written as the imagefolder the script reads (``metadata.jsonl``
   with ``file_name``, ``conditioning_image_file_name``, ``text``), read by the harness as ``data=folder``;
 - the same objective and settings: batch, learning rate (constant), AdamW, gradient clipping at 1, 50% empty prompts,
-  float32, epsilon MSE without noise offset, the machine's default torch threads, no validation during training.
+  epsilon MSE without noise offset, the machine's default torch threads, ``--workers`` data loading processes, no
+  validation during training, and the same ``--precision`` on the same ``--device``: float32, or bf16 mixed precision
+  as the script does it (``--mixed_precision=bf16``: the locked parts in bfloat16, the ControlNet float32 under
+  autocast), which the harness does with ``trainer.precision=bf16-mixed``.
 
 Training samples/s is measured the same way for every setup, inside the run, over its last ``--window`` steps of
 ``--steps``: from the wall time of each step's log (the script's TensorBoard ``loss`` events; the harness's Lightning
@@ -24,10 +28,13 @@ measured rate). (Timing from outside, the difference of an N-step and a 2N-step 
 rounds on this machine.) The setups alternate within each of ``--rounds`` rounds. Setups: the harness as
 configured (``model.base.cache_encodings=true``: VAE latents and text embeddings computed once), the harness with caching
 off (every target through the VAE and every prompt through the text encoder at every step, as the script does), and
-the script. Peak RSS is each process's own (``wait4``). The loss: each setup's train loss over its last 20 steps
-(they train the same thing when these agree within their spread).
+the script. Peak RSS is each process's own (``wait4``); on a GPU, peak GPU memory is the most ``nvidia-smi`` reported in
+use on the device while the process ran (sampled every 0.2 s), less what was in use before it started. The loss: each
+setup's train loss over its last 20 steps (they train the same thing when these agree within their spread).
 
     python benchmarks/vs_diffusers.py [--steps 150 --window 100 --rounds 3 --batch 32 --resolution 32 --samples 2000]
+    python benchmarks/vs_diffusers.py --base sd15 --resolution 512 --device cuda --precision bf16 --workers 4 \
+        --batch 8 --samples 256 --steps 80 --window 60 --rounds 1 --no-warmup --out experiments/performance/gpu/vs_diffusers.json
 
 Writes ``--out`` (experiments/performance/vs_diffusers.json) with the settings, the commit, the machine and the CPU
 time other programs took meanwhile.
@@ -35,6 +42,7 @@ time other programs took meanwhile.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -43,6 +51,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -55,6 +64,7 @@ from controlnet_lab.bases import build_tiny_sd
 from controlnet_lab.data.fill50k import read_index
 from controlnet_lab.data.synthetic import SyntheticFill50kSpec, write_fill50k
 from controlnet_lab.provenance import OtherLoad, commit, machine
+from sd15_shaped import HINT_CHANNELS as SD15_HINT_CHANNELS, sd15_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 ANCHOR = ROOT.parent / "shared" / "anchors" / "diffusers_train_controlnet.py"
@@ -75,14 +85,17 @@ def write_imagefolder(fill50k: Path, folder: Path) -> Path:
     return folder
 
 
-def build_models(tmp: Path, resolution: int, prompts: list[str]) -> tuple[Path, Path, list[int]]:
+def build_models(tmp: Path, base_name: str, resolution: int, prompts: list[str]) -> tuple[Path, Path, list[int]]:
     """The locked base and the ControlNet both start from, saved with save_pretrained."""
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=["model=tiny_sd", f"data.resolution={resolution}"])
     torch.manual_seed(0)
-    base = build_tiny_sd(OmegaConf.to_container(cfg.model.base, resolve=True), resolution, prompts)
+    if base_name == "sd15":
+        base, hint_channels = sd15_pipeline(resolution, prompts), list(SD15_HINT_CHANNELS)
+    else:
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=["model=tiny_sd", f"data.resolution={resolution}"])
+        base = build_tiny_sd(OmegaConf.to_container(cfg.model.base, resolve=True), resolution, prompts)
+        hint_channels = list(cfg.model.controlnet.hint_channels)
     base.save_pretrained(tmp / "base")
-    hint_channels = list(cfg.model.controlnet.hint_channels)
     ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=tuple(hint_channels)).save_pretrained(tmp / "controlnet_init")
     return tmp / "base", tmp / "controlnet_init", hint_channels
 
@@ -93,31 +106,60 @@ def command(setup: str, steps: int, args, tmp: Path, run: Path) -> list[str]:
                 f"--controlnet_model_name_or_path={tmp / 'controlnet_init'}", f"--train_data_dir={tmp / 'folder'}",
                 f"--output_dir={run}", f"--resolution={args.resolution}", f"--train_batch_size={args.batch}",
                 f"--learning_rate={args.lr}", f"--max_train_steps={steps}", "--lr_scheduler=constant", "--lr_warmup_steps=0",
-                "--proportion_empty_prompts=0.5", "--mixed_precision=no", "--report_to=tensorboard", "--seed=0",
-                "--dataloader_num_workers=0", "--image_column=image", "--conditioning_image_column=conditioning_image",
-                "--caption_column=text", f"--cache_dir={tmp / 'hf_cache'}"]
-    return [sys.executable, str(ROOT / "src" / "train.py"), "model=tiny_sd", f"model.base.pretrained_model_name_or_path={tmp / 'base'}",
+                "--proportion_empty_prompts=0.5", f"--mixed_precision={'bf16' if args.precision == 'bf16' else 'no'}",
+                "--report_to=tensorboard", "--seed=0", f"--dataloader_num_workers={args.workers}", "--image_column=image",
+                "--conditioning_image_column=conditioning_image", "--caption_column=text", f"--cache_dir={tmp / 'hf_cache'}"]
+    trainer = ["trainer=gpu"] if args.device == "cuda" else []
+    precision = "bf16-mixed" if args.precision == "bf16" else "32-true"
+    return [sys.executable, str(ROOT / "src" / "train.py"), f"model={args.base}", f"model.base.pretrained_model_name_or_path={tmp / 'base'}",
             f"model.controlnet.pretrained_model_name_or_path={tmp / 'controlnet_init'}", "data=folder", f"data.root={tmp / 'folder'}",
             f"data.resolution={args.resolution}", f"data.batch_size={args.batch}", "data.val_size=16", "data.prompt_dropout=0.5",
-            f"data.cache_dir={tmp / 'hf_cache'}", f"paths.cache_dir={run / 'cache'}", f"paths.run_dir={run}",
-            f"model.controlnet.lr={args.lr}", "lr_scheduler.name=constant", "trainer.gradient_clip_val=1.0", "trainer.precision=32-true",
+            f"data.cache_dir={tmp / 'hf_cache'}", f"data.num_workers={args.workers}", f"paths.cache_dir={run / 'cache'}", f"paths.run_dir={run}",
+            f"model.controlnet.lr={args.lr}", "lr_scheduler.name=constant", *trainer, "trainer.gradient_clip_val=1.0", f"trainer.precision={precision}",
             "model.base.noise_offset=0", f"model.base.cache_encodings={setup == 'harness'}", f"trainer.max_steps={steps}",
             "trainer.limit_val_batches=0", "trainer.log_every_n_steps=1", "~callbacks.fidelity_curve", "eval.fid_domain.enabled=false",
             f"callbacks.throughput.window_size={args.window + 1}",  # window_size points span window steps
             "eval.num_images=8", "logger=csv", "extras.print_config=false", "seed=0"]
 
 
-def timed(argv: list[str], log: Path) -> tuple[float, float]:
-    """Wall seconds and the process's own peak RSS (MiB) of one run, which must succeed."""
+class GpuMemoryPeak:
+    """Context manager: ``.mb`` is the most GPU memory in use (``nvidia-smi``, MiB) while it was open, less what was in use
+    when it opened. One process runs on the device at a time here, so that is the process's own, CUDA context included."""
+
+    def __enter__(self) -> "GpuMemoryPeak":
+        self.baseline = self.peak = self.used()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.poll, daemon=True)
+        self.thread.start()
+        return self
+
+    @staticmethod
+    def used() -> float:
+        query = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "--id=0"],
+                               capture_output=True, text=True, check=True)
+        return float(query.stdout.strip())
+
+    def poll(self) -> None:
+        while not self.done.wait(0.2):
+            self.peak = max(self.peak, self.used())
+
+    def __exit__(self, *_) -> None:
+        self.done.set()
+        self.thread.join()
+        self.mb = self.peak - self.baseline
+
+
+def timed(argv: list[str], log: Path, device: str) -> tuple[float, float, float | None]:
+    """Wall seconds, the process's own peak RSS (MiB) and on a GPU its peak GPU memory (MiB) of one run, which must succeed."""
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     started = time.perf_counter()
-    with log.open("w") as out:
+    with log.open("w") as out, (GpuMemoryPeak() if device == "cuda" else contextlib.nullcontext()) as gpu:
         process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - started
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{argv[1]} failed; see {log}:\n{log.read_text()[-3000:]}")
-    return wall, usage.ru_maxrss / 1024
+    return wall, usage.ru_maxrss / 1024, gpu.mb if gpu else None
 
 
 def logged(setup: str, run: Path, window: int, batch: int) -> tuple[list[float], float | None]:
@@ -144,11 +186,12 @@ def logged(setup: str, run: Path, window: int, batch: int) -> tuple[list[float],
 def run_setup(setup: str, steps: int, args, tmp: Path, name: str) -> dict:
     run = tmp / "runs" / name
     run.parent.mkdir(exist_ok=True)
-    wall, rss = timed(command(setup, steps, args, tmp, run), tmp / "runs" / f"{name}.log")
+    wall, rss, gpu_mb = timed(command(setup, steps, args, tmp, run), tmp / "runs" / f"{name}.log", args.device)
     values, rate = logged(setup, run, args.window, args.batch)
     if len(values) != steps:
         raise RuntimeError(f"{name}: {len(values)} losses logged for {steps} steps")
-    return {"wall_s": round(wall, 2), "samples_per_s": rate and round(rate, 2), "peak_rss_mb": round(rss, 1), "last_losses": values[-LAST:]}
+    return {"wall_s": round(wall, 2), "samples_per_s": rate and round(rate, 2), "peak_rss_mb": round(rss, 1),
+            "peak_gpu_mb": gpu_mb, "last_losses": values[-LAST:]}
 
 
 def summarize(setup: str, rounds: list[dict], steps: int, batch: int) -> dict:
@@ -157,6 +200,7 @@ def summarize(setup: str, rounds: list[dict], steps: int, batch: int) -> dict:
     last = [loss for r in rounds for loss in r[setup]["last_losses"]]
     return {"samples_per_s": round(statistics.median(rates), 2), "rounds_samples_per_s": rates, "fixed_s": round(statistics.median(fixed), 1),
             "peak_rss_mb": max(r[setup]["peak_rss_mb"] for r in rounds),
+            "peak_gpu_mb": max(r[setup]["peak_gpu_mb"] for r in rounds) if rounds[0][setup]["peak_gpu_mb"] is not None else None,
             "loss_last_steps": {"mean": round(statistics.mean(last), 5), "std": round(statistics.stdev(last), 5), "n": len(last)}}
 
 
@@ -169,9 +213,17 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--samples", type=int, default=2000)
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--base", choices=["tiny_sd", "sd15"], default="tiny_sd", help="the locked base's architecture (untrained)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--precision", choices=["32", "bf16"], default="32", help="float32, or bf16 mixed precision")
+    parser.add_argument("--workers", type=int, default=0, help="data loading processes of each (0: in the training process)")
+    parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                        help="a 1-step run of each first, untimed, so the first timed runs find the datasets caches built")
     parser.add_argument("--anchor", type=Path, default=ANCHOR, help="diffusers' train_controlnet.py")
     parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "performance" / "vs_diffusers.json")
     args = parser.parse_args()
+    if args.steps <= args.window:
+        raise SystemExit(f"--steps {args.steps} must exceed --window {args.window}")
     with tempfile.TemporaryDirectory() as folder, OtherLoad() as load:
         tmp = Path(folder)
         shutil.copyfile(args.anchor, tmp / "train_controlnet.py")
@@ -179,11 +231,9 @@ def main() -> None:
                                     radius_range=(0.15, 0.35), outline_thickness=1, seed=0)
         fill50k = write_fill50k(spec, tmp / "fill50k")
         write_imagefolder(fill50k, tmp / "folder")
-        _, _, hint_channels = build_models(tmp, args.resolution, [r.prompt for r in read_index(fill50k)])
-        for setup in ("harness", "diffusers_script"):  # the datasets caches both read, built once and untimed
+        _, _, hint_channels = build_models(tmp, args.base, args.resolution, [r.prompt for r in read_index(fill50k)])
+        for setup in ("harness", "diffusers_script") if args.warmup else ():
             run_setup(setup, 1, args, tmp, f"warmup-{setup}")
-        if args.steps <= args.window:
-            raise SystemExit(f"--steps {args.steps} must exceed --window {args.window}")
         rounds = []
         for i in range(args.rounds):
             rounds.append({})
@@ -193,7 +243,7 @@ def main() -> None:
     summary = {setup: summarize(setup, rounds, args.steps, args.batch) for setup in SETUPS}
     script = summary["diffusers_script"]
     report = {
-        "what": "training samples/s (over the last --window steps, from each step's logged wall time), peak RSS and "
+        "what": "training samples/s (over the last --window steps, from each step's logged wall time), peak RSS (and GPU memory on a GPU) and "
                 "the train loss of the last steps, harness vs diffusers' train_controlnet.py on the same base, ControlNet start, data and settings",
         "harness_samples_per_s": summary["harness"]["samples_per_s"],
         "diffusers_samples_per_s": script["samples_per_s"],
@@ -201,10 +251,14 @@ def main() -> None:
         "ratio_caching_off": round(summary["harness_no_cache"]["samples_per_s"] / script["samples_per_s"], 3),
         "harness_peak_rss_mb": summary["harness"]["peak_rss_mb"],
         "diffusers_peak_rss_mb": script["peak_rss_mb"],
+        "harness_peak_gpu_mb": summary["harness"]["peak_gpu_mb"],
+        "diffusers_peak_gpu_mb": script["peak_gpu_mb"],
         "setups": summary,
         "settings": {"resolution": args.resolution, "batch": args.batch, "steps": args.steps, "window": args.window, "rounds": args.rounds,
-                     "samples": args.samples, "lr": args.lr, "lr_scheduler": "constant", "precision": "float32",
-                     "hint_channels": hint_channels, "torch_threads": torch.get_num_threads(), "base": "model=tiny_sd architecture, untrained",
+                     "samples": args.samples, "lr": args.lr, "lr_scheduler": "constant", "device": args.device,
+                     "precision": "bf16 mixed (locked parts bfloat16, ControlNet float32)" if args.precision == "bf16" else "float32",
+                     "workers": args.workers, "warmup": args.warmup, "hint_channels": hint_channels, "torch_threads": torch.get_num_threads(),
+                     "base": {"tiny_sd": "model=tiny_sd architecture, untrained", "sd15": "SD 1.5 architecture (sd15_shaped.py), untrained"}[args.base],
                      "anchor": "diffusers examples/controlnet/train_controlnet.py at 58eb52c0803ea9af3abec60841c2a093bdf1f951 (../shared/anchors)"},
         "rounds": rounds,
         **commit(), "machine": machine(), "other_load": load.result,
@@ -212,7 +266,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(json.dumps({k: report[k] for k in ("harness_samples_per_s", "diffusers_samples_per_s", "ratio", "ratio_caching_off",
-                                             "harness_peak_rss_mb", "diffusers_peak_rss_mb")}, indent=2))
+                                             "harness_peak_rss_mb", "diffusers_peak_rss_mb",
+                                             "harness_peak_gpu_mb", "diffusers_peak_gpu_mb")}, indent=2))
     print(json.dumps({s: summary[s]["loss_last_steps"] for s in SETUPS}))
 
 

@@ -4,9 +4,11 @@ import json
 import sys
 
 import pytest
+import torch
 
 import default_profile
 import scaling
+import sd15_shaped
 import speed_options
 import step_cost
 import vs_diffusers
@@ -37,9 +39,25 @@ def test_the_diffusers_script_benchmark_runs_both_on_the_same_work(tmp_path, mon
     assert all(len(report["rounds"][0][setup]["last_losses"]) == 4 and report["setups"][setup]["samples_per_s"] > 0 for setup in report["setups"])
 
 
+def test_the_sd15_shaped_base_has_stable_diffusion_15s_shapes():
+    """UNet and VAE as SD 1.5's (parameter counts of stable-diffusion-v1-5); the text encoder as CLIP ViT-L/14's but for
+    its token table (123,060,480 parameters with 49,408 tokens of 768)."""
+    with torch.device("meta"):
+        pipeline = sd15_shaped.sd15_pipeline(512, ["red circle with blue background"])
+
+    def count(model):
+        return sum(p.numel() for p in model.parameters())
+
+    assert count(pipeline.unet) == 859_520_964 and count(pipeline.vae) == 83_653_863
+    assert count(pipeline.text_encoder) - pipeline.text_encoder.get_input_embeddings().weight.numel() == 123_060_480 - 49_408 * 768
+    assert pipeline.vae_scale_factor == sd15_shaped.VAE_FACTOR and pipeline.unet.config.sample_size == 64
+
+
 def test_the_step_cost_benchmark_splits_the_controlnet_step(tmp_path, monkeypatch):
+    """In bf16 mixed precision, as the GPU check runs it (benchmarks/gpu_check.sh)."""
     out = tmp_path / "step_cost.json"
-    monkeypatch.setattr(sys, "argv", ["step_cost.py", "--bases", "tiny", "--batch", "2", "--repeats", "1", "--out", str(out)])
+    monkeypatch.setattr(sys, "argv", ["step_cost.py", "--bases", "tiny", "--batch", "2", "--repeats", "1", "--precision", "bf16",
+                                      "--out", str(out)])
     step_cost.main()
     tiny = json.loads(out.read_text())["bases"]["tiny"]
     assert tiny["finetune"]["unet_params_m"] == tiny["controlnet"]["unet_params_m"] and tiny["controlnet"]["batch"] == 2
