@@ -5,7 +5,8 @@
 # vs_diffusers.json to $OUT (or /tmp/out), which experiments/performance/gpu/ keeps; then, if time is left, an FSDP
 # smoke run of the real entry point (fsdp_smoke_results.json).
 # Packages missing on that machine travel as wheels in .whl/ (see the device tool's README); diffusers' script
-# (../shared/anchors/diffusers_train_controlnet.py here) travels as $ANCHOR.
+# (../shared/anchors/diffusers_train_controlnet.py here) travels as $ANCHOR. Sized for the device tool's 10-minute call:
+# every step's timeout is what is left of 560 s.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD/src HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
 ANCHOR=${ANCHOR:-../shared/anchors/diffusers_train_controlnet.py}
@@ -17,10 +18,10 @@ python3 -c "import torch, diffusers, transformers, datasets, lightning, hydra, a
 print('torch', torch.__version__, torch.cuda.get_device_name(), '| diffusers', diffusers.__version__, '| transformers', transformers.__version__,
       '| datasets', datasets.__version__, '| lightning', lightning.__version__, '| hydra', hydra.__version__, '| accelerate', accelerate.__version__)" || exit 1
 echo "== benchmark 3: ControlNet step vs fine-tuning, SD 1.5-shaped UNet, 512 px (latent 64), batch 8, bf16"
-timeout 240 python3 benchmarks/step_cost.py --bases sd15 --device cuda --precision bf16 --sd15-latent 64 --sd15-batch 8 --repeats 10 \
+timeout 200 python3 benchmarks/step_cost.py --bases sd15 --device cuda --precision bf16 --sd15-latent 64 --sd15-batch 8 --repeats 10 \
   --out "$OUTDIR/step_cost.json"
 echo "== benchmark 1: harness vs diffusers' script, SD 1.5-shaped base, 512 px, batch 8, bf16"
-timeout 420 python3 benchmarks/vs_diffusers.py --base sd15 --resolution 512 --device cuda --precision bf16 --workers 4 --batch 8 \
+timeout $((560 - SECONDS)) python3 benchmarks/vs_diffusers.py --base sd15 --resolution 512 --device cuda --precision bf16 --workers 4 --batch 8 \
   --samples 256 --steps 80 --window 60 --rounds 1 --no-warmup --anchor "$ANCHOR" --out "$OUTDIR/vs_diffusers.json"
 if [ "$SECONDS" -lt 420 ]; then
   echo "== FSDP smoke on one GPU (the ControlNet alone wrapped), after ${SECONDS} s"

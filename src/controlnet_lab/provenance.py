@@ -19,9 +19,19 @@ ROOT = Path(__file__).resolve().parents[2]  # the checkout (src/controlnet_lab/p
 
 
 def commit() -> dict:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    return {"commit": git("rev-parse", "HEAD"), "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    """The checkout's commit and whether tracked files differ from it; both None where that is unknown (no git
+    installed, as on some GPU machines, or a copy outside a repository)."""
+    def git(*args: str) -> str | None:
+        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    try:
+        head = git("rev-parse", "HEAD")
+    except FileNotFoundError:  # no git executable
+        head = None
+    if head is None:
+        return {"commit": None, "uncommitted_changes": None}
+    return {"commit": head, "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
 def machine() -> dict:
