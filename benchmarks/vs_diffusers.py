@@ -186,7 +186,9 @@ def logged(setup: str, run: Path, window: int, batch: int) -> tuple[list[float],
 def run_setup(setup: str, steps: int, args, tmp: Path, name: str) -> dict:
     run = tmp / "runs" / name
     run.parent.mkdir(exist_ok=True)
-    wall, rss, gpu_mb = timed(command(setup, steps, args, tmp, run), tmp / "runs" / f"{name}.log", args.device)
+    log = (args.logs or tmp / "runs") / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    wall, rss, gpu_mb = timed(command(setup, steps, args, tmp, run), log, args.device)
     values, rate = logged(setup, run, args.window, args.batch)
     if len(values) != steps:
         raise RuntimeError(f"{name}: {len(values)} losses logged for {steps} steps")
@@ -221,9 +223,11 @@ def main() -> None:
                         help="a 1-step run of each first, untimed, so the first timed runs find the datasets caches built")
     parser.add_argument("--anchor", type=Path, default=ANCHOR, help="diffusers' train_controlnet.py")
     parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "performance" / "vs_diffusers.json")
+    parser.add_argument("--logs", type=Path, help="keep each run's output here (default: in the temporary folder, deleted at the end)")
     args = parser.parse_args()
     if args.steps <= args.window:
         raise SystemExit(f"--steps {args.steps} must exceed --window {args.window}")
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder, OtherLoad() as load:
         tmp = Path(folder)
         shutil.copyfile(args.anchor, tmp / "train_controlnet.py")
@@ -231,7 +235,9 @@ def main() -> None:
                                     radius_range=(0.15, 0.35), outline_thickness=1, seed=0)
         fill50k = write_fill50k(spec, tmp / "fill50k")
         write_imagefolder(fill50k, tmp / "folder")
+        print(f"{time.perf_counter() - started:.0f} s: {args.samples} samples written", flush=True)
         _, _, hint_channels = build_models(tmp, args.base, args.resolution, [r.prompt for r in read_index(fill50k)])
+        print(f"{time.perf_counter() - started:.0f} s: base and ControlNet start saved", flush=True)
         for setup in ("harness", "diffusers_script") if args.warmup else ():
             run_setup(setup, 1, args, tmp, f"warmup-{setup}")
         rounds = []
@@ -239,7 +245,8 @@ def main() -> None:
             rounds.append({})
             for setup in SETUPS:
                 rounds[-1][setup] = run = run_setup(setup, args.steps, args, tmp, f"{i}-{setup}")
-                print(f"round {i} {setup:<17} {run['samples_per_s']:7.1f} samples/s, {run['wall_s']:.1f} s in all", flush=True)
+                print(f"{time.perf_counter() - started:.0f} s: round {i} {setup:<17} {run['samples_per_s']:7.1f} samples/s, "
+                      f"{run['wall_s']:.1f} s in all", flush=True)
     summary = {setup: summarize(setup, rounds, args.steps, args.batch) for setup in SETUPS}
     script = summary["diffusers_script"]
     report = {
