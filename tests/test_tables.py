@@ -128,3 +128,22 @@ def test_the_archive_holds_the_multirun_config_and_every_record_but_no_checkpoin
     assert sorted(str(p.relative_to(tmp_path / "out")) for p in copied) == [
         "jobs/0_block=zero,seed=0/results.json", "jobs/1_block=gauss,seed=0/results.json", "multirun.yaml"]
     assert (tmp_path / "out" / "jobs" / "1_block=gauss,seed=0" / "results.json").read_text() == (sweep / "1_block=gauss,seed=0" / "results.json").read_text()
+
+
+def test_curve_values_at_chosen_steps_get_intervals_and_paired_differences(tmp_path):
+    """Color accuracy on the fidelity curve at step 25: the treatment's is 0.1 lower in every seed."""
+    write_sweep(tmp_path / "sweep", {"zero": REFERENCE, "gauss": TREATMENT})
+    for job in (tmp_path / "sweep").iterdir():
+        record = json.loads((job / "results.json").read_text())
+        drop = 0.1 if record["block"] == "gauss" else 0.0
+        record["metrics"].update(curve_images=64, curve_metric="edge_f1", curve=[{"step": 0, "edge_f1": 0.2, "color_accuracy": 0.7},
+                                                         {"step": 25, "edge_f1": 0.3, "color_accuracy": 0.8 - drop + record["seed"] / 100}])
+        (job / "results.json").write_text(json.dumps(record))
+    _, paths = write_tables(tmp_path / "sweep", tmp_path / "out", curve_steps=[0, 25])
+    numbers = pd.read_csv(paths["differences_csv"]).set_index("metric")
+    at_25 = numbers.loc["color acc. at step 25 (curve, 64 held-out)"]
+    assert at_25["difference"] == pytest.approx(-0.1) and at_25["verdict"] == "lower" and at_25["paired"]
+    assert numbers.loc["edge F1 at step 0 (curve, 64 held-out)", "verdict"] == "identical"
+    assert "color acc. at step 25 (curve, 64 held-out)" in paths["markdown"].read_text()
+    with pytest.raises(ValueError, match=r"no job's curve has step 30 \(recorded: \[0, 25\]\)"):
+        write_tables(tmp_path / "sweep", tmp_path / "out", curve_steps=[30])

@@ -61,8 +61,34 @@ PAPER = {
 }
 
 
+CURVE_QUANTITIES = (("mask_iou", "mask IoU"), ("edge_f1", "edge F1"), ("color_accuracy", "color acc."))
+
+
 class SweepError(ValueError):
     pass
+
+
+def add_curve_points(frame: pd.DataFrame, steps) -> tuple[tuple[str, str], ...]:
+    """Add each job's fidelity-curve values at ``steps`` to ``frame`` as metric columns (``metrics.curve_at_<step>.<quantity>``)
+    and return their (column, label) pairs, so that the tables give them intervals and paired differences like the
+    final scores. A step the curves did not record is an error naming it."""
+    if not steps:
+        return ()
+    if "metrics.curve" not in frame:
+        raise SweepError(f"curve_steps={list(steps)}: the jobs recorded no fidelity curve (callbacks.fidelity_curve)")
+    added = []
+    for step in steps:
+        points = [next((p for p in curve if p["step"] == step), None) if isinstance(curve, list) else None for curve in frame["metrics.curve"]]
+        if all(point is None for point in points):
+            recorded = sorted({p["step"] for curve in frame["metrics.curve"] if isinstance(curve, list) for p in curve})
+            raise SweepError(f"curve_steps: no job's curve has step {step} (recorded: {recorded})")
+        images = int(frame["metrics.curve_images"].dropna().iloc[0])
+        for quantity, name in CURVE_QUANTITIES:
+            if any(point and quantity in point for point in points):
+                column = f"metrics.curve_at_{step}.{quantity}"
+                frame[column] = [point.get(quantity) if point else np.nan for point in points]
+                added.append((column, f"{name} at step {step} (curve, {images} held-out)"))
+    return tuple(added)
 
 
 def load_sweep(sweep_dir: Path, rescored: bool = False) -> tuple[pd.DataFrame, list[Path]]:
@@ -112,11 +138,11 @@ def method_columns(frame: pd.DataFrame) -> list[str]:
     return chosen or ["block"]
 
 
-def summarize(frame: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
+def summarize(frame: pd.DataFrame, level: float = 0.95, metrics=METRICS) -> pd.DataFrame:
     """Per method: mean, standard deviation (ddof=1) and the t-interval at ``level`` of the mean over seeds of every
     metric, and the seed count."""
     methods = method_columns(frame)
-    present = [column for column, _ in METRICS if column in frame]
+    present = [column for column, _ in metrics if column in frame]
     numeric = frame[methods + present].copy()
     numeric[present] = numeric[present].apply(pd.to_numeric, errors="coerce")
     grouped = numeric.groupby(methods, sort=False, dropna=False)
@@ -137,11 +163,11 @@ def _summary_methods(summary: pd.DataFrame) -> list[str]:
     return [c for c in summary.columns if ":" not in c and c not in ("seeds", "eval_images")]
 
 
-def display_table(summary: pd.DataFrame) -> pd.DataFrame:
+def display_table(summary: pd.DataFrame, metrics=METRICS) -> pd.DataFrame:
     """'mean ± std' strings under readable labels; counts as integers."""
     methods = _summary_methods(summary)
     table = summary[methods].copy()
-    for column, label in METRICS:
+    for column, label in metrics:
         if f"{column}:mean" not in summary:
             continue
         mean, std = summary[f"{column}:mean"], summary[f"{column}:std"]
@@ -161,7 +187,8 @@ def _mean_std(mean: float, std: float, low: float, high: float) -> str:
     return f"{mean:.3f}" if np.isnan(std) else f"{mean:.3f} ± {std:.3f} [{low:.3f}, {high:.3f}]"
 
 
-def differences(frame: pd.DataFrame, level: float = 0.95, comparisons: str = "reference", correction: str = "none") -> pd.DataFrame:
+def differences(frame: pd.DataFrame, level: float = 0.95, comparisons: str = "reference", correction: str = "none",
+                metrics=METRICS) -> pd.DataFrame:
     """Per pair of methods and metric: the difference of the means (later method minus earlier, in launch order), its
     interval (paired by seed where the seeds match), the effect this design detects with 80% power, and the verdict.
 
@@ -178,7 +205,7 @@ def differences(frame: pd.DataFrame, level: float = 0.95, comparisons: str = "re
     order = list(dict.fromkeys(labels))
     pairs = [(m, order[0]) for m in order[1:]] if comparisons == "reference" else [(b, a) for a, b in itertools.combinations(order, 2)]
     used = 1 - (1 - level) / len(pairs) if correction == "bonferroni" and pairs else level
-    present = [(column, label) for column, label in METRICS if column in frame and not column.endswith("trainable_params")]
+    present = [(column, label) for column, label in metrics if column in frame and not column.endswith("trainable_params")]
     # What pairs two jobs: the training seed, and for evaluation sweeps (eval/evaluate.py) also the evaluation seed.
     seeds = frame[[c for c in ("seed", "eval.seed") if c in frame]].astype(str).agg("/".join, axis=1)
     numeric = {column: pd.to_numeric(frame[column], errors="coerce").astype(float) for column, _ in present}
@@ -213,16 +240,17 @@ def display_differences(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def write_tables(sweep_dir: Path, out_dir: Path | None = None, rescored: bool = False, level: float = 0.95,
-                 comparisons: str = "reference", correction: str = "none") -> tuple[pd.DataFrame, dict[str, Path]]:
+                 comparisons: str = "reference", correction: str = "none", curve_steps=()) -> tuple[pd.DataFrame, dict[str, Path]]:
     """Write table.md, table.csv (numbers), table.tex, the differences (differences.md/.csv/.tex) and the plots;
-    returns the displayed table and the paths."""
+    returns the displayed table and the paths. ``curve_steps``: fidelity-curve steps whose values join the metrics."""
     frame, unfinished = load_sweep(sweep_dir, rescored)
+    metrics = METRICS + add_curve_points(frame, curve_steps)
     out_dir = Path(out_dir or sweep_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary = summarize(frame, level)
-    table = display_table(summary)
+    summary = summarize(frame, level, metrics)
+    table = display_table(summary, metrics)
     paths = {"markdown": out_dir / "table.md", "csv": out_dir / "table.csv", "latex": out_dir / "table.tex"}
-    compared = differences(frame, level, comparisons, correction)
+    compared = differences(frame, level, comparisons, correction, metrics)
     if len(compared):
         shown = display_differences(compared)
         paths.update({"differences_markdown": out_dir / "differences.md", "differences_csv": out_dir / "differences.csv",
