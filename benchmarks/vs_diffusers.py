@@ -85,7 +85,7 @@ def write_imagefolder(fill50k: Path, folder: Path) -> Path:
     return folder
 
 
-def build_models(tmp: Path, base_name: str, resolution: int, prompts: list[str]) -> tuple[Path, Path, list[int]]:
+def build_models(tmp: Path, resolution: int, prompts: list[str], base_name: str = "tiny_sd") -> tuple[Path, Path, list[int]]:
     """The locked base and the ControlNet both start from, saved with save_pretrained."""
     torch.manual_seed(0)
     if base_name == "sd15":
@@ -236,7 +236,7 @@ def main() -> None:
         fill50k = write_fill50k(spec, tmp / "fill50k")
         write_imagefolder(fill50k, tmp / "folder")
         print(f"{time.perf_counter() - started:.0f} s: {args.samples} samples written", flush=True)
-        _, _, hint_channels = build_models(tmp, args.base, args.resolution, [r.prompt for r in read_index(fill50k)])
+        _, _, hint_channels = build_models(tmp, args.resolution, [r.prompt for r in read_index(fill50k)], args.base)
         print(f"{time.perf_counter() - started:.0f} s: base and ControlNet start saved", flush=True)
         for setup in ("harness", "diffusers_script") if args.warmup else ():
             run_setup(setup, 1, args, tmp, f"warmup-{setup}")
