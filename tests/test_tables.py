@@ -145,5 +145,6 @@ def test_curve_values_at_chosen_steps_get_intervals_and_paired_differences(tmp_p
     assert at_25["difference"] == pytest.approx(-0.1) and at_25["verdict"] == "lower" and at_25["paired"]
     assert numbers.loc["edge F1 at step 0 (curve, 64 held-out)", "verdict"] == "identical"
     assert "color acc. at step 25 (curve, 64 held-out)" in paths["markdown"].read_text()
+    assert paths["color_curves"].name == "color_accuracy_curves.png" and paths["color_curves"].stat().st_size > 0
     with pytest.raises(ValueError, match=r"no job's curve has step 30 \(recorded: \[0, 25\]\)"):
         write_tables(tmp_path / "sweep", tmp_path / "out", curve_steps=[30])

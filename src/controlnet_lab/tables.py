@@ -271,6 +271,8 @@ def write_tables(sweep_dir: Path, out_dir: Path | None = None, rescored: bool = 
         paths["samples"] = sheet
     if "metrics.curve" in frame:
         paths["curves"] = plot_curves(frame, out_dir / "fidelity_curves.png")
+        if any(isinstance(curve, list) and curve and "color_accuracy" in curve[0] for curve in frame["metrics.curve"]):
+            paths["color_curves"] = plot_curves(frame, out_dir / "color_accuracy_curves.png", "color_accuracy")
     return table, paths
 
 
@@ -322,9 +324,10 @@ def paper_note(summary: pd.DataFrame) -> str:
             + pd.DataFrame(rows).to_markdown(index=False) + "\n")
 
 
-def plot_curves(frame: pd.DataFrame, path: Path) -> Path:
+def plot_curves(frame: pd.DataFrame, path: Path, quantity: str | None = None) -> Path:
     """Condition fidelity against the training step, one line per job; each job's 10%-to-90% rise shaded between
-    dashed lines at its 10% and 90% levels, the sudden-convergence step dotted (convergence.py)."""
+    dashed lines at its 10% and 90% levels, the sudden-convergence step dotted (convergence.py). With ``quantity``,
+    another value the curves recorded (``color_accuracy``: what the base keeps), without those marks."""
     methods = method_columns(frame)
     figure, axis = plt.subplots(figsize=(7, 3.8))
     colors = {}
@@ -332,11 +335,13 @@ def plot_curves(frame: pd.DataFrame, path: Path) -> Path:
         curve = row["metrics.curve"]
         if not isinstance(curve, list) or not curve:
             continue
-        metric = row["metrics.curve_metric"]
+        metric = quantity or row["metrics.curve_metric"]
         label = _method_label(row, methods)
         color = colors.setdefault(label, f"C{len(colors)}")
         steps = [point["step"] for point in curve]
         axis.plot(steps, [point[metric] for point in curve], color=color, alpha=0.8, label=label if label not in axis.get_legend_handles_labels()[1] else None)
+        if quantity:
+            continue
         start, end = row.get("metrics.rise.start_step"), row.get("metrics.rise.end_step")
         if start is not None and not pd.isna(start):
             initial, final = row["metrics.rise.initial"], row["metrics.rise.final"]
@@ -347,8 +352,9 @@ def plot_curves(frame: pd.DataFrame, path: Path) -> Path:
         if jump is not None and not pd.isna(jump):
             axis.axvline(jump, color=color, linestyle=":", alpha=0.8)
     axis.set_xlabel("training step")
-    axis.set_ylabel(f"{frame['metrics.curve_metric'].iloc[0]} ({int(frame['metrics.curve_images'].iloc[0])} held-out conditions)")
-    axis.set_title("condition fidelity during training (shaded: 10-90% rise; dotted: sudden-convergence step)", fontsize=9)
+    axis.set_ylabel(f"{quantity or frame['metrics.curve_metric'].iloc[0]} ({int(frame['metrics.curve_images'].iloc[0])} held-out conditions)")
+    axis.set_title(f"{quantity} during training" if quantity else
+                   "condition fidelity during training (shaded: 10-90% rise; dotted: sudden-convergence step)", fontsize=9)
     axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
