@@ -11,10 +11,11 @@ Three bases, each with untrained weights (cost does not depend on them):
 Fine-tuning trains the whole UNet (AdamW); the ControlNet step trains the copy (AdamW) with the UNet locked and its
 residuals added; with ``--precision bf16`` both run under bf16 autocast with the trained weights in float32 and the
 locked UNet in bfloat16, as diffusers' script does with ``--mixed_precision=bf16``. Each (base, step) runs in its own
-child process, so peak memory is that process's own: on CUDA ``max_memory_allocated``, on a CPU the peak RSS above the RSS after the imports (ru_maxrss). The ControlNet step's
-time is split into the hint encoder (``controlnet_cond_embedding``), the rest of the trainable copy's forward, the
-locked UNet's forward (and how much the residuals add to it: the additions and the graph they make the locked decoder
-record), the backward pass and the optimizer.
+child process, so peak memory is that process's own: on CUDA ``max_memory_allocated``, on a CPU the peak RSS above
+the RSS after the imports (ru_maxrss). The ControlNet step's time is split into the hint encoder
+(``controlnet_cond_embedding``), the rest of the trainable copy's forward, the locked UNet's forward (and how much the
+residuals add to it: the additions and the graph they make the locked decoder record), the backward pass and the
+optimizer.
 
     python benchmarks/step_cost.py                               # all three, CPU
     python benchmarks/step_cost.py --bases sd15 --device cuda --precision bf16 --sd15-latent 64 --sd15-batch 8   # 512 px on a GPU
