@@ -7,7 +7,10 @@ the data order and the evaluation noise, so the per-seed differences cancel what
 Welch's unpaired interval otherwise. A difference is called only when its interval excludes
 0; otherwise it is inconclusive at this power, and the report says how many seeds would
 decide it: the smallest n at which a difference of the observed size, with the observed
-spread, would be detected with 80% power (a t-test at the same level).
+spread, would be detected with 80% power (a t-test at the same level). A paired difference
+that is the same nonzero value in every seed has an interval of no width; it is reported as
+"no spread", not called: with a few seeds that is most often one step of the metric's
+resolution (one image of 64, one curve interval), which a t-interval cannot weigh.
 """
 from __future__ import annotations
 
@@ -57,6 +60,8 @@ class Difference:
             return "too few seeds"
         if self.low == self.high == 0:
             return "identical"  # every pair equal (e.g. the base alone, which the arms share)
+        if self.low == self.high:
+            return "no spread"  # the same nonzero difference in every seed
         if self.low > 0:
             return "higher"
         if self.high < 0:
