@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]  # the checkout (src/controlnet_lab/p
 
 def commit() -> dict:
     """The checkout's commit and whether tracked files differ from it; both None where that is unknown (no git
-    installed, as on some GPU machines, or a copy outside a repository)."""
+    installed, or a copy outside a repository): a benchmark on a lent machine still writes its result."""
     def git(*args: str) -> str | None:
         done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
         return done.stdout.strip() if done.returncode == 0 else None
