@@ -77,12 +77,12 @@ def add_curve_points(frame: pd.DataFrame, steps) -> tuple[tuple[str, str], ...]:
     if "metrics.curve" not in frame:
         raise SweepError(f"curve_steps={list(steps)}: the jobs recorded no fidelity curve (callbacks.fidelity_curve)")
     added = []
+    images = int(frame["metrics.curve_images"].dropna().iloc[0])
     for step in steps:
         points = [next((p for p in curve if p["step"] == step), None) if isinstance(curve, list) else None for curve in frame["metrics.curve"]]
         if all(point is None for point in points):
             recorded = sorted({p["step"] for curve in frame["metrics.curve"] if isinstance(curve, list) for p in curve})
             raise SweepError(f"curve_steps: no job's curve has step {step} (recorded: {recorded})")
-        images = int(frame["metrics.curve_images"].dropna().iloc[0])
         for quantity, name in CURVE_QUANTITIES:
             if any(point and quantity in point for point in points):
                 column = f"metrics.curve_at_{step}.{quantity}"
