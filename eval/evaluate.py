@@ -12,15 +12,17 @@ With the run's own sampling it also writes ``eval.json`` beside the checkpoint (
 """
 import json
 import os
+import time
 from pathlib import Path
 
 import hydra
 import wandb
 from omegaconf import DictConfig, OmegaConf
 
-from controlnet_lab.config_checks import check_sampling_config
+from controlnet_lab.config_checks import check_eval_prompt_settings, check_sampling_config
 from controlnet_lab.export import checkpoint_path
 from controlnet_lab.module import ControlNetModule
+from controlnet_lab.provenance import OtherLoad, commit, machine
 from controlnet_lab.task import wandb_mode
 from controlnet_lab.training import build_datamodule, flat_metrics, held_out_scores, save_eval_grid
 
@@ -30,10 +32,12 @@ os.environ.setdefault("CONTROLNET_LAB_ROOT", str(Path(__file__).resolve().parent
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
+    started, code = time.time(), commit()
     ckpt = checkpoint_path(cfg.ckpt)
     run_config = ckpt.parent.parent / ".hydra" / "config.yaml"
     if not run_config.is_file():
         raise FileNotFoundError(f"ckpt={cfg.ckpt}: the run's config {run_config} is missing")
+    check_eval_prompt_settings(cfg.eval)
     sampling = {key: value for key, value in cfg.sampling.items() if value is not None}
     run_cfg = OmegaConf.merge(
         # Runs configured before these keys existed sampled without resolution weighting, trained without dropping
@@ -43,15 +47,19 @@ def main(cfg: DictConfig) -> None:
         OmegaConf.load(run_config), {"eval": cfg.eval, "paths": {"cache_dir": cfg.paths.cache_dir}}, {"model": {"sampling": sampling}},
     )
     check_sampling_config(run_cfg.model.sampling, "sampling")
-    data = build_datamodule(run_data_config(run_cfg))
-    module = ControlNetModule.for_inference(ckpt)
-    metrics = held_out_scores(run_cfg, module, data)
+    with OtherLoad() as load:
+        data = build_datamodule(run_data_config(run_cfg))
+        module = ControlNetModule.for_inference(ckpt)
+        metrics = held_out_scores(run_cfg, module, data)
     out = Path(cfg.paths.output_dir)
     save_eval_grid(metrics.pop("samples"), out / "eval_samples.png")
     record = json.dumps({
         "checkpoint": str(ckpt), "block": run_cfg.block.name, "seed": run_cfg.seed,
         "sampling": OmegaConf.to_container(run_cfg.model.sampling, resolve=True),
         "eval": OmegaConf.to_container(cfg.eval, resolve=True), "metrics": metrics,
+        "wall_time_s": round(time.time() - started, 1),
+        # which code scored it, on which machine, and what else used the CPU meanwhile
+        "provenance": {**code, "machine": machine(), "other_load": load.result},
     }, indent=2)
     (out / "eval.json").write_text(record)
     if not sampling:

@@ -4,10 +4,13 @@ Reads every job's results.json and writes table.md, table.csv and table.tex (one
 per method, mean ± std [95% interval] over seeds), differences.md/.csv/.tex (each method
 against the first, or every pair: the difference, its interval, paired by seed, and the
 verdict; `comparisons=all_pairs correction=bonferroni`; fidelity-curve values at chosen steps join the metrics with
-`curve_steps=[0,25,100]`) and two plots (mask IoU per prompt setting;
+`curve_steps=[0,25,100]`; jobs of other multiruns, e.g. an arm launched later, join with
+`extra_sweeps=[<dir>,...]`) and two plots (mask IoU per prompt setting;
 each method's sample grid; fidelity curves when the jobs recorded them) into the sweep
 directory, or ``out``, and logs the table and plots to W&B, grouped with the sweep's runs.
 """
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
@@ -16,9 +19,12 @@ from controlnet_lab.tables import archive_sweep, log_to_wandb, write_tables
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="tables")
 def main(cfg: DictConfig) -> None:
-    table, paths = write_tables(cfg.sweep, cfg.out, cfg.rescored, cfg.level, cfg.comparisons, cfg.correction, cfg.curve_steps or ())
+    extra = list(cfg.extra_sweeps or ())
+    table, paths = write_tables(cfg.sweep, cfg.out, cfg.rescored, cfg.level, cfg.comparisons, cfg.correction, cfg.curve_steps or (), extra)
     if cfg.archive:
-        print(f"archived {len(archive_sweep(cfg.sweep, cfg.out or cfg.sweep))} files (multirun.yaml, each job's record)")
+        out = Path(cfg.out or cfg.sweep)
+        copied = archive_sweep(cfg.sweep, out) + [path for sweep in extra for path in archive_sweep(sweep, out / "extra_sweeps" / Path(sweep).name)]
+        print(f"archived {len(copied)} files (multirun.yaml, each job's record)")
     if cfg.wandb:
         log_to_wandb(table, paths, cfg.sweep)
     print(paths["markdown"].read_text())

@@ -110,6 +110,17 @@ def test_tables_write_the_intervals_and_the_differences(tmp_path):
     assert "difference" in paths["differences_latex"].read_text()
 
 
+def test_an_arm_launched_later_joins_the_tables_paired_by_seed(tmp_path):
+    write_sweep(tmp_path / "first", {"zero": REFERENCE})
+    write_sweep(tmp_path / "later", {"gauss": TREATMENT})
+    (tmp_path / "later" / "3_block=gauss,seed=3" / ".hydra").mkdir(parents=True)  # unfinished
+    _, paths = write_tables(tmp_path / "first", tmp_path / "out", extra_sweeps=[tmp_path / "later"])
+    numbers = pd.read_csv(paths["differences_csv"]).set_index("metric").loc["mask IoU (perfect prompt)"]
+    assert numbers["method"] == "block=gauss" and numbers["vs"] == "block=zero"
+    assert numbers["difference"] == pytest.approx(0.05) and numbers["paired"] and numbers["verdict"] == "higher"
+    assert "1 job(s) of the sweep later are not in the table" in paths["markdown"].read_text()
+
+
 def test_a_key_that_another_determines_is_not_a_method_of_its_own():
     """In a block sweep each block has one std (none for zero): the blocks are the methods. In the Gaussian-std sweep
     one block has three stds: block and std together are."""

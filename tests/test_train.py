@@ -142,6 +142,8 @@ def test_base_is_pretrained_once_and_reused(smoke_run):
         ("model.sampling.resolution_weighting=loud", "model.sampling.resolution_weighting"),
         ("model.sampling.resolution_weighting=paper", "model.sampling.resolution_weighting=paper needs classifier-free guidance"),
         ("eval.num_images=0", "eval.num_images"),
+        ("eval.prompt_settings=[none,loud]", "eval.prompt_settings: unknown prompt setting"),
+        ("eval.prompt_settings=[none]", "eval.prompt_settings: must include perfect"),
         ("data.held_out.max_distance=1.5", "data.held_out.max_distance"),
         ("block=gauss block.std=-1", "block.std"),
     ],
@@ -236,10 +238,12 @@ def test_an_evaluation_sweep_over_resolution_weighting_tabulates(smoke_run):
     tmp, run_dir = smoke_run
     sweep = tmp / "eval_sweep"
     result = run_train(["-m", f"ckpt={run_dir}", "eval.num_images=4", "sampling.guidance_scale=2", "sampling.resolution_weighting=off,paper",
-                        f"hydra.sweep.dir={sweep}"], tmp, script="eval/evaluate.py")
+                        "eval.prompt_settings=[none,perfect]", f"hydra.sweep.dir={sweep}"], tmp, script="eval/evaluate.py")
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/eval.json"))]
     assert [r["sampling"]["resolution_weighting"] for r in records] == ["off", "paper"]
+    assert all(r["metrics"]["settings_evaluated"] == ["none", "perfect"] for r in records)
+    assert all(len(r["provenance"]["commit"]) == 40 and r["provenance"]["machine"]["cores"] >= 1 for r in records)
     assert all(r["sampling"]["guidance_scale"] == 2 for r in records)
     assert records[0]["metrics"]["prompt_settings"] != records[1]["metrics"]["prompt_settings"]
     table = subprocess.run([sys.executable, str(ROOT / "eval" / "tables.py"), f"sweep={sweep}", "wandb=false"], cwd=ROOT,

@@ -7,6 +7,7 @@ from omegaconf import DictConfig
 
 from controlnet_lab.blocks import BLOCKS, check_block_std, check_hint_channels
 from controlnet_lab.data.conditions import CONDITIONS, DETECTORS
+from controlnet_lab.evaluation import check_prompt_settings
 from controlnet_lab.sampling import check_resolution_weighting
 
 
@@ -42,6 +43,14 @@ def check_train_config(cfg: DictConfig) -> None:
     check_optimization(cfg)
     if cfg.eval.num_images < 1:
         raise ConfigError(f"eval.num_images must be >= 1 (the final evaluation scores that many held-out conditions), got {cfg.eval.num_images}")
+    check_eval_prompt_settings(cfg.eval)
+
+
+def check_eval_prompt_settings(eval_cfg: DictConfig) -> None:
+    try:
+        check_prompt_settings(eval_cfg.get("prompt_settings"))
+    except ValueError as err:
+        raise ConfigError(f"eval.prompt_settings: {err}") from None
 
 
 def check_optimization(cfg: DictConfig) -> None:

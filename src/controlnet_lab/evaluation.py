@@ -35,6 +35,17 @@ INSUFFICIENT_PROMPT = "circle with background"
 OUT_OF_VOCABULARY_PROMPT = "a high-quality, detailed, and professional image"
 
 
+def check_prompt_settings(settings: list[str] | None) -> None:
+    """A subset of PROMPT_SETTINGS that includes ``perfect`` (the top-level scores and FID are the perfect prompt's)."""
+    if settings is None:
+        return
+    unknown = [s for s in settings if s not in PROMPT_SETTINGS]
+    if unknown:
+        raise ValueError(f"unknown prompt setting(s) {', '.join(map(str, unknown))}; choose among {', '.join(PROMPT_SETTINGS)}")
+    if "perfect" not in settings:
+        raise ValueError("must include perfect: the top-level scores and the FIDs are the perfect prompt's")
+
+
 def palette_of(prompts: list[str]) -> list[str]:
     """The colors a dataset's prompts name: the candidates for nearest-color matching."""
     names = set()
@@ -135,8 +146,10 @@ class MetricSuite:
 
 def evaluate_held_out(base, controlnet, dataset: ControlDataset, palette: list[str],
                       count: int, batch_size: int, seed: int, num_inference_steps: int, guidance_scale: float,
-                      suite: MetricSuite | None = None, resolution_weighting: str = "off", conditioning_scale: float = 1.0) -> dict:
-    """Scores of base + ControlNet under each prompt setting and of the base alone, and what was skipped.
+                      suite: MetricSuite | None = None, resolution_weighting: str = "off", conditioning_scale: float = 1.0,
+                      prompt_settings: list[str] | None = None) -> dict:
+    """Scores of base + ControlNet under each prompt setting (``prompt_settings``: those of them that apply to the
+    data; None: all that apply) and of the base alone, and what was skipped.
 
     On fill50k-format data: the oracle scores, top-level ``mask_iou`` and ``color_accuracy``
     those of the perfect prompt, and the random-placement IoU; per setting,
@@ -176,7 +189,8 @@ def evaluate_held_out(base, controlnet, dataset: ControlDataset, palette: list[s
                         "base_centre_error_px": base_scores["centre_error_px"],
                         "random_placement_mask_iou": random_placement_iou(outlines), "palette_size": len(palette)})
     per_setting = {}
-    for setting in PROMPT_SETTINGS if outlines is not None else FREE_FORM_SETTINGS:
+    applicable = PROMPT_SETTINGS if outlines is not None else FREE_FORM_SETTINGS
+    for setting in [s for s in applicable if prompt_settings is None or s in prompt_settings]:
         prompts = setting_prompts(setting, true_prompts, palette, seed, fill50k=outlines is not None)
         with timed(seconds, "generation"):
             images = generate(base, controlnet, condition_tensor, prompts, desc=f"evaluating base + ControlNet, {setting} prompt", **settings)

@@ -119,6 +119,15 @@ def load_sweep(sweep_dir: Path, rescored: bool = False) -> tuple[pd.DataFrame, l
     return pd.DataFrame(rows), [job for job in jobs if job not in finished]
 
 
+def load_sweeps(sweep_dirs: list[Path], rescored: bool = False) -> tuple[pd.DataFrame, dict[Path, list[Path]]]:
+    """The finished jobs of several multirun directories, in the order given, and each directory's unfinished jobs."""
+    frames, unfinished = [], {}
+    for folder in map(Path, sweep_dirs):
+        frame, unfinished[folder] = load_sweep(folder, rescored)
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True), unfinished
+
+
 def job_number(job: Path) -> tuple[int, str]:
     """Hydra's job number, the prefix of a multirun job directory ("10_block=zero" after "9_..."), for launch order."""
     prefix = job.name.split("_", 1)[0]
@@ -240,10 +249,12 @@ def display_differences(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def write_tables(sweep_dir: Path, out_dir: Path | None = None, rescored: bool = False, level: float = 0.95,
-                 comparisons: str = "reference", correction: str = "none", curve_steps=()) -> tuple[pd.DataFrame, dict[str, Path]]:
+                 comparisons: str = "reference", correction: str = "none", curve_steps=(),
+                 extra_sweeps=()) -> tuple[pd.DataFrame, dict[str, Path]]:
     """Write table.md, table.csv (numbers), table.tex, the differences (differences.md/.csv/.tex) and the plots;
-    returns the displayed table and the paths. ``curve_steps``: fidelity-curve steps whose values join the metrics."""
-    frame, unfinished = load_sweep(sweep_dir, rescored)
+    returns the displayed table and the paths. ``curve_steps``: fidelity-curve steps whose values join the metrics.
+    ``extra_sweeps``: more multirun directories (an arm launched later) whose jobs join the sweep's, after them."""
+    frame, unfinished = load_sweeps([sweep_dir, *extra_sweeps], rescored)
     metrics = METRICS + add_curve_points(frame, curve_steps)
     out_dir = Path(out_dir or sweep_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -258,7 +269,7 @@ def write_tables(sweep_dir: Path, out_dir: Path | None = None, rescored: bool = 
         paths["differences_markdown"].write_text(shown.to_markdown(index=False, disable_numparse=True) + "\n")
         compared.to_csv(paths["differences_csv"], index=False)
         paths["differences_latex"].write_text(shown.to_latex(index=False, escape=True))
-    note = unfinished_note(sweep_dir, unfinished)
+    note = "".join(unfinished_note(folder, jobs) for folder, jobs in unfinished.items()) or "\n"
     if rescored:
         count = sum((Path(job) / "checkpoints" / "eval.json").is_file() for job in frame["job_dir"])
         note += f"\nMetrics of {count} of {len(frame)} jobs re-scored by eval/evaluate.py (their checkpoints/eval.json).\n"
@@ -300,11 +311,11 @@ def archive_sweep(sweep_dir: Path, out_dir: Path) -> list[Path]:
 def unfinished_note(sweep_dir: Path, unfinished: list[Path]) -> str:
     """The jobs missing from the table: those that failed (with their error, failures.py) and those that never finished."""
     if not unfinished:
-        return "\n"
+        return ""
     failed = failed_jobs(sweep_dir)
     lines = [f"- {job.name}: failed ({failed[job.name]})" if job.name in failed else f"- {job.name}: left no results.json or eval.json"
              for job in unfinished]
-    return f"\n\n{len(unfinished)} job(s) of the sweep are not in the table:\n\n" + "\n".join(lines) + "\n"
+    return f"\n\n{len(unfinished)} job(s) of the sweep {Path(sweep_dir).name} are not in the table:\n\n" + "\n".join(lines) + "\n"
 
 
 def log_to_wandb(table: pd.DataFrame, paths: dict[str, Path], sweep_dir: Path, project: str = "controlnet-lab") -> None:

@@ -42,7 +42,7 @@ def build_datamodule(data_cfg: DictConfig) -> ControlDataModule:
 def held_out_scores(cfg: DictConfig, module: ControlNetModule, data: ControlDataModule, suite: MetricSuite | None = None) -> dict:
     """The final evaluation on the held-out split, with the run's sampling and eval settings and every enabled metric."""
     return evaluate_held_out(module.base, module.controlnet, data.val_dataset(), dataset_palette(data), count=cfg.eval.num_images,
-                             suite=suite or metric_suite(cfg, data), **sampling_settings(cfg))
+                             suite=suite or metric_suite(cfg, data), prompt_settings=prompt_settings(cfg), **sampling_settings(cfg))
 
 
 def seen_scores(cfg: DictConfig, module: ControlNetModule, data: ControlDataModule, held_out: dict, suite: MetricSuite) -> dict:
@@ -60,6 +60,11 @@ def sampling_settings(cfg: DictConfig) -> dict:
     return {"batch_size": cfg.eval.batch_size, "seed": cfg.eval.seed, "num_inference_steps": sampling.num_inference_steps,
             "guidance_scale": sampling.guidance_scale, "resolution_weighting": sampling.resolution_weighting,
             "conditioning_scale": sampling.get("conditioning_scale", 1.0)}
+
+
+def prompt_settings(cfg: DictConfig) -> list[str] | None:
+    chosen = cfg.eval.get("prompt_settings")
+    return None if chosen is None else list(chosen)
 
 
 def dataset_palette(data: ControlDataModule) -> list[str]:
