@@ -5,7 +5,8 @@ per method, mean ± std [95% interval] over seeds), differences.md/.csv/.tex (ea
 against the first, or every pair: the difference, its interval, paired by seed, and the
 verdict; `comparisons=all_pairs correction=bonferroni`; fidelity-curve values at chosen steps join the metrics with
 `curve_steps=[0,25,100]`; jobs of other multiruns, e.g. an arm launched later, join with
-`extra_sweeps=[<dir>,...]`) and two plots (mask IoU per prompt setting;
+`extra_sweeps=[<dir>,...]`; an evaluation sweep's seeds of one checkpoint averaged into one row with
+`average_eval_seeds=true`) and two plots (mask IoU per prompt setting;
 each method's sample grid; fidelity curves when the jobs recorded them) into the sweep
 directory, or ``out``, and logs the table and plots to W&B, grouped with the sweep's runs.
 """
@@ -20,7 +21,8 @@ from controlnet_lab.tables import archive_sweep, log_to_wandb, write_tables
 @hydra.main(version_base="1.3", config_path="../conf", config_name="tables")
 def main(cfg: DictConfig) -> None:
     extra = list(cfg.extra_sweeps or ())
-    table, paths = write_tables(cfg.sweep, cfg.out, cfg.rescored, cfg.level, cfg.comparisons, cfg.correction, cfg.curve_steps or (), extra)
+    table, paths = write_tables(cfg.sweep, cfg.out, cfg.rescored, cfg.level, cfg.comparisons, cfg.correction, cfg.curve_steps or (), extra,
+                                cfg.average_eval_seeds)
     if cfg.archive:
         out = Path(cfg.out or cfg.sweep)
         copied = archive_sweep(cfg.sweep, out) + [path for sweep in extra for path in archive_sweep(sweep, out / "extra_sweeps" / Path(sweep).name)]

@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 
 from controlnet_lab.intervals import _detectable, difference, t_interval
-from controlnet_lab.tables import archive_sweep, differences, job_number, load_sweep, method_columns, summarize, write_tables
+from controlnet_lab.tables import archive_sweep, average_evaluation_seeds, differences, job_number, load_sweep, method_columns, summarize, write_tables
 
 
 def test_jobs_are_taken_in_launch_order_not_name_order():
@@ -119,6 +119,20 @@ def test_an_arm_launched_later_joins_the_tables_paired_by_seed(tmp_path):
     assert numbers["method"] == "block=gauss" and numbers["vs"] == "block=zero"
     assert numbers["difference"] == pytest.approx(0.05) and numbers["paired"] and numbers["verdict"] == "higher"
     assert "1 job(s) of the sweep later are not in the table" in paths["markdown"].read_text()
+
+
+def test_evaluation_seeds_of_one_checkpoint_average_into_one_row(tmp_path):
+    """Two evaluation seeds of each of three checkpoints per method: three paired rows, each the mean of its two."""
+    rows = [{"block": block, "seed": seed, "eval.seed": eval_seed, "job_dir": str(tmp_path),
+             "metrics.prompt_settings.perfect.mask_iou": base[seed] + offset + (0.01 if eval_seed == 2 else -0.01)}
+            for block, base, offset in (("zero", REFERENCE, 0.0), ("gauss", REFERENCE, 0.05)) for seed in (0, 1, 2) for eval_seed in (1, 2)]
+    frame = pd.DataFrame(rows)
+    averaged = average_evaluation_seeds(frame)
+    assert len(averaged) == 6 and "eval.seed" not in averaged
+    assert averaged.set_index(["block", "seed"]).loc[("zero", 1), "metrics.prompt_settings.perfect.mask_iou"] == pytest.approx(0.70)
+    row = differences(averaged).set_index("metric").loc["mask IoU (perfect prompt)"]
+    assert row["seeds"] == 3 and row["paired"] and row["difference"] == pytest.approx(0.05)
+    assert differences(frame).set_index("metric").loc["mask IoU (perfect prompt)", "seeds"] == 6  # pooled: noise draws counted as runs
 
 
 def test_a_key_that_another_determines_is_not_a_method_of_its_own():

@@ -147,6 +147,21 @@ def method_columns(frame: pd.DataFrame) -> list[str]:
     return chosen or ["block"]
 
 
+def average_evaluation_seeds(frame: pd.DataFrame, metrics=METRICS) -> pd.DataFrame:
+    """One row per method and training seed, its metrics the mean over the evaluation seeds (``eval.seed``) of the same
+    checkpoint: the intervals and pairs are then over trained models, the unit that varies between training runs, not
+    over noise draws of one model, which are not independent samples of it."""
+    if "eval.seed" not in frame:
+        return frame
+    keys = method_columns(frame) + ["seed"]
+    present = [column for column, _ in metrics if column in frame]
+    numeric = frame[keys + present].copy()
+    numeric[present] = numeric[present].apply(pd.to_numeric, errors="coerce")
+    rows = frame.groupby(keys, sort=False, dropna=False).first()
+    rows[present] = numeric.groupby(keys, sort=False, dropna=False)[present].mean()
+    return rows.reset_index().drop(columns="eval.seed")
+
+
 def summarize(frame: pd.DataFrame, level: float = 0.95, metrics=METRICS) -> pd.DataFrame:
     """Per method: mean, standard deviation (ddof=1) and the t-interval at ``level`` of the mean over seeds of every
     metric, and the seed count."""
@@ -250,12 +265,15 @@ def display_differences(table: pd.DataFrame) -> pd.DataFrame:
 
 def write_tables(sweep_dir: Path, out_dir: Path | None = None, rescored: bool = False, level: float = 0.95,
                  comparisons: str = "reference", correction: str = "none", curve_steps=(),
-                 extra_sweeps=()) -> tuple[pd.DataFrame, dict[str, Path]]:
+                 extra_sweeps=(), average_eval_seeds: bool = False) -> tuple[pd.DataFrame, dict[str, Path]]:
     """Write table.md, table.csv (numbers), table.tex, the differences (differences.md/.csv/.tex) and the plots;
     returns the displayed table and the paths. ``curve_steps``: fidelity-curve steps whose values join the metrics.
-    ``extra_sweeps``: more multirun directories (an arm launched later) whose jobs join the sweep's, after them."""
+    ``extra_sweeps``: more multirun directories (an arm launched later) whose jobs join the sweep's, after them.
+    ``average_eval_seeds``: see average_evaluation_seeds."""
     frame, unfinished = load_sweeps([sweep_dir, *extra_sweeps], rescored)
     metrics = METRICS + add_curve_points(frame, curve_steps)
+    if average_eval_seeds:
+        frame = average_evaluation_seeds(frame, metrics)
     out_dir = Path(out_dir or sweep_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarize(frame, level, metrics)
@@ -378,22 +396,24 @@ def _method_label(row: pd.Series, methods: list[str]) -> str:
 
 
 def plot_mask_iou(summary: pd.DataFrame, path: Path, level: float = 0.95) -> Path:
-    """Grouped bars: mask IoU per prompt setting for each method, error bars the interval of the mean over seeds."""
+    """Grouped bars: mask IoU per prompt setting evaluated, for each method, error bars the interval of the mean over
+    seeds; the legend below the axes, where it hides no bar."""
     methods = _summary_methods(summary)
-    figure, axis = plt.subplots(figsize=(7, 3.5))
+    settings = [s for s in PROMPT_SETTINGS if f"metrics.prompt_settings.{s}.mask_iou:mean" in summary]
+    figure, axis = plt.subplots(figsize=(7, 3.5 + 0.2 * len(summary)))
     width = 0.8 / len(summary)
-    x = np.arange(len(PROMPT_SETTINGS))
+    x = np.arange(len(settings))
     for i, (_, row) in enumerate(summary.iterrows()):
-        means = [row.get(f"metrics.prompt_settings.{s}.mask_iou:mean", np.nan) for s in PROMPT_SETTINGS]
-        errors = [[m - row.get(f"metrics.prompt_settings.{s}.mask_iou:low", np.nan) for m, s in zip(means, PROMPT_SETTINGS)],
-                  [row.get(f"metrics.prompt_settings.{s}.mask_iou:high", np.nan) - m for m, s in zip(means, PROMPT_SETTINGS)]]
+        means = [row[f"metrics.prompt_settings.{s}.mask_iou:mean"] for s in settings]
+        errors = [[m - row[f"metrics.prompt_settings.{s}.mask_iou:low"] for m, s in zip(means, settings)],
+                  [row[f"metrics.prompt_settings.{s}.mask_iou:high"] - m for m, s in zip(means, settings)]]
         axis.bar(x + i * width, means, width, yerr=np.nan_to_num(errors), capsize=2, label=_method_label(row, methods))
-    axis.set_xticks(x + 0.4 - width / 2, [f"{s}\nprompt".replace("_", " ") for s in PROMPT_SETTINGS], fontsize=8)
-    axis.set_ylabel(f"mask IoU (mean, {level:.0%} interval; {int(summary['seeds'].min())}+ seeds)")
+    axis.set_xticks(x + 0.4 - width / 2, [f"{s}\nprompt".replace("_", " ") for s in settings], fontsize=8)
+    axis.set_ylabel(f"mask IoU (mean, {level:.0%} interval; {int(summary['seeds'].min())}+ seeds)", fontsize=8)
     axis.set_ylim(0, 1)
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=1 if len(summary) > 3 else len(summary), frameon=False)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(figure)
     return path
 
