@@ -147,6 +147,14 @@ def method_columns(frame: pd.DataFrame) -> list[str]:
     return chosen or ["block"]
 
 
+def numeric_metrics(frame: pd.DataFrame, keys: list[str], metrics=METRICS) -> tuple[pd.DataFrame, list[str]]:
+    """The ``keys`` columns and the metrics the sweep recorded, as numbers (NaN where a job has none), and those metrics."""
+    present = [column for column, _ in metrics if column in frame]
+    numeric = frame[keys + present].copy()
+    numeric[present] = numeric[present].apply(pd.to_numeric, errors="coerce")
+    return numeric, present
+
+
 def average_evaluation_seeds(frame: pd.DataFrame, metrics=METRICS) -> pd.DataFrame:
     """One row per method and training seed, its metrics the mean over the evaluation seeds (``eval.seed``) of the same
     checkpoint: the intervals and pairs are then over trained models, the unit that varies between training runs, not
@@ -154,9 +162,7 @@ def average_evaluation_seeds(frame: pd.DataFrame, metrics=METRICS) -> pd.DataFra
     if "eval.seed" not in frame:
         return frame
     keys = method_columns(frame) + ["seed"]
-    present = [column for column, _ in metrics if column in frame]
-    numeric = frame[keys + present].copy()
-    numeric[present] = numeric[present].apply(pd.to_numeric, errors="coerce")
+    numeric, present = numeric_metrics(frame, keys, metrics)
     rows = frame.groupby(keys, sort=False, dropna=False).first()
     rows[present] = numeric.groupby(keys, sort=False, dropna=False)[present].mean()
     return rows.reset_index().drop(columns="eval.seed")
@@ -166,9 +172,7 @@ def summarize(frame: pd.DataFrame, level: float = 0.95, metrics=METRICS) -> pd.D
     """Per method: mean, standard deviation (ddof=1) and the t-interval at ``level`` of the mean over seeds of every
     metric, and the seed count."""
     methods = method_columns(frame)
-    present = [column for column, _ in metrics if column in frame]
-    numeric = frame[methods + present].copy()
-    numeric[present] = numeric[present].apply(pd.to_numeric, errors="coerce")
+    numeric, present = numeric_metrics(frame, methods, metrics)
     grouped = numeric.groupby(methods, sort=False, dropna=False)
     stats = grouped[present].agg(["mean", "std", "count"])
     for column in present:
