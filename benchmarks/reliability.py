@@ -4,7 +4,8 @@
 
 1. Kill and resume. A 12-step smoke run straight through; then runs sent SIGKILL at ``--kills`` random times
    (0-3 s, uniform) after their first checkpoint (step 3) and SIGTERM at ``--terms`` random times (0-1 s, inside the
-   remaining training steps), each resumed with ``ckpt_path=last`` in its own directory. A kill point is survived when
+   remaining training steps), and the interruptions in AIMED (sent by the run itself at the end of a chosen step:
+   signal_at_step.py), each resumed with ``ckpt_path=last`` in its own directory. A kill point is survived when
    the resumed run's final ControlNet weights equal the straight run's bitwise, its train/loss equals it at every
    step (after a SIGKILL one row may be missing: that of the checkpoint's own step, which Lightning logs after the
    checkpoint is written) and its scores (mask IoU, color accuracy, edge F1, the fidelity curve) are equal.
@@ -15,7 +16,7 @@
    each failure must be recorded in its job's failed.json, and the sweep must exit non-zero.
 
 Writes ``--out`` (experiments/reliability/reliability.json) with each kill point, the commit, the machine and the CPU
-time other programs took meanwhile. tests/test_train.py runs part 1 with one kill of each kind.
+time other programs took meanwhile. tests/test_train.py runs part 1 with a random SIGKILL and an aimed SIGTERM.
 """
 from __future__ import annotations
 
@@ -40,6 +41,10 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12
 SMOKE = ["experiment=smoke", "logger=csv", f"trainer.max_steps={STEPS}", "extras.print_config=false"]
 SCORES = ("mask_iou", "color_accuracy", "edge_f1", "curve")
+EPOCH_BATCHES = 8  # the smoke data's batches an epoch
+# Interruptions aimed at one step's end: SIGTERM and SIGKILL in the first epoch's last batch (Lightning defers a SIGTERM
+# there to after the epoch's end), and SIGTERM in the middle of the next epoch.
+AIMED = [(signal.SIGTERM, EPOCH_BATCHES), (signal.SIGKILL, EPOCH_BATCHES), (signal.SIGTERM, EPOCH_BATCHES + 2)]
 
 
 def train_command(overrides: list[str], tmp: Path) -> dict:
@@ -47,7 +52,9 @@ def train_command(overrides: list[str], tmp: Path) -> dict:
     flags = [o for o in overrides if o.startswith("-")]
     command = [sys.executable, str(ROOT / "src" / "train.py"), *flags, f"paths.log_dir={tmp / 'outputs'}",
                f"paths.cache_dir={tmp / 'cache'}", *(o for o in overrides if not o.startswith("-"))]
-    return {"args": command, "cwd": ROOT, "env": {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}}
+    python_path = os.pathsep.join(filter(None, [str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH")]))  # signal_at_step
+    return {"args": command, "cwd": ROOT,
+            "env": {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONPATH": python_path}}
 
 
 def train(overrides: list[str], tmp: Path) -> subprocess.CompletedProcess:
@@ -66,6 +73,13 @@ def signalled_after_first_checkpoint(overrides: list[str], tmp: Path, run_dir: P
     return process.wait(timeout=300)
 
 
+def signalled_at_step(overrides: list[str], tmp: Path, run_dir: Path, signum: int, step: int) -> int:
+    """Run in ``run_dir`` until it sends itself ``signum`` at the end of step ``step`` (signal_at_step.py); its exit status."""
+    aimed = ["+callbacks.signal_at_step._target_=signal_at_step.SignalAtStep", f"+callbacks.signal_at_step.step={step}",
+             f"+callbacks.signal_at_step.signum={int(signum)}"]
+    return train([*overrides, *aimed, f"paths.run_dir={run_dir}"], tmp).returncode
+
+
 def loss_column(run_dir: Path) -> list[tuple[int, str]]:
     with (run_dir / "csv" / "version_0" / "metrics.csv").open() as log:
         return [(int(row["step"]), row["train/loss"]) for row in csv.DictReader(log) if row["train/loss"]]
@@ -76,8 +90,10 @@ def compare(straight: Path, resumed: Path) -> dict:
     weights = [torch.load(d / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"] for d in (straight, resumed)]
     losses = [dict(loss_column(d)) for d in (straight, resumed)]
     records = [json.loads((d / "results.json").read_text()) for d in (straight, resumed)]
+    resumed_from = records[1].get("resumed_from") or {}
     return {
-        "resumed_from_step": (records[1].get("resumed_from") or {}).get("global_step"),
+        "resumed_from_step": resumed_from.get("global_step"),
+        "resumed_from_epoch": torch.load(resumed_from["checkpoint"], map_location="cpu", weights_only=True)["epoch"] if resumed_from else None,
         "global_step": records[1]["global_step"],
         "weights_identical": weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0]),
         "losses_differing_at": sorted(step for step in losses[1] if losses[1][step] != losses[0].get(step)),
@@ -100,11 +116,16 @@ def straight_run(tmp: Path, overrides: list[str] = SMOKE) -> Path:
     return tmp / "straight"
 
 
-def kill_point(tmp: Path, straight: Path, run_dir: Path, signum: int, delay: float, overrides: list[str] = SMOKE) -> dict:
-    """One run of ``overrides`` in ``run_dir`` (caches under ``tmp``) interrupted, resumed and compared with the straight one."""
-    status = signalled_after_first_checkpoint(overrides, tmp, run_dir, signum, delay)
+def kill_point(tmp: Path, straight: Path, run_dir: Path, signum: int, delay: float | None = None, overrides: list[str] = SMOKE,
+               at_step: int | None = None) -> dict:
+    """One run of ``overrides`` in ``run_dir`` (caches under ``tmp``) interrupted ``delay`` seconds after its first
+    checkpoint, or at the end of step ``at_step``, then resumed and compared with the straight one."""
+    if at_step is None:
+        status, when = signalled_after_first_checkpoint(overrides, tmp, run_dir, signum, delay), {"delay_s": round(delay, 3)}
+    else:
+        status, when = signalled_at_step(overrides, tmp, run_dir, signum, at_step), {"at_step": at_step}
     resumed = train([*overrides, f"paths.run_dir={run_dir}", "ckpt_path=last"], tmp)
-    point = {"signal": signal.Signals(signum).name, "delay_s": round(delay, 3), "exit_status": status,
+    point = {"signal": signal.Signals(signum).name, **when, "exit_status": status,
              "interrupted_ckpt": (run_dir / "checkpoints" / "interrupted.ckpt").is_file(), "resume_status": resumed.returncode}
     if resumed.returncode != 0:
         return {**point, "survived": False, "error": resumed.stderr[-2000:]}
@@ -115,9 +136,11 @@ def kill_point(tmp: Path, straight: Path, run_dir: Path, signum: int, delay: flo
 
 
 def kill_points(tmp: Path, kills: int, terms: int, rng: random.Random) -> list[dict]:
+    """The random kills and terms, then the aimed ones (AIMED)."""
     straight = straight_run(tmp)
     plan = [("kill", signal.SIGKILL, 3.0)] * kills + [("term", signal.SIGTERM, 1.0)] * terms
-    return [kill_point(tmp, straight, tmp / f"{name}-{i}", signum, rng.uniform(0.0, latest)) for i, (name, signum, latest) in enumerate(plan)]
+    timed = [kill_point(tmp, straight, tmp / f"{name}-{i}", signum, rng.uniform(0.0, latest)) for i, (name, signum, latest) in enumerate(plan)]
+    return timed + [kill_point(tmp, straight, tmp / f"aimed-{i}", signum, at_step=step) for i, (signum, step) in enumerate(AIMED)]
 
 
 def bad_inputs(tmp: Path) -> dict:

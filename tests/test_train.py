@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import ROOT, SHARED_DATA, SMOKE_DATA_COUNT, compose_train, run_train
-from reliability import SMOKE, compare, kill_point, straight_run, survived
+from reliability import EPOCH_BATCHES, SMOKE, compare, kill_point, straight_run, survived
 from controlnet_lab.bases.pretraining import cache_key
 from controlnet_lab.config_checks import ConfigError, check_train_config
 from controlnet_lab.metrics.convergence import rise, sudden_convergence_step
@@ -102,9 +102,10 @@ def test_the_fidelity_curve_does_not_change_training(smoke_run, sweep_with_a_fai
 
 def test_a_resumed_run_is_bit_identical_to_an_uninterrupted_one(smoke_run, tmp_path):
     """12 steps straight, against: 6 steps (the smoke run) resumed in its own directory to 12 (mid-epoch: the smoke data
-    has 8 batches an epoch); and one run sent SIGKILL, one SIGTERM, at a random time up to 1 s after its first
-    checkpoint (step 3: within the remaining training steps), each then resumed. What benchmarks/reliability.py does
-    for the README's figures, at its smallest (it also kills up to 3 s after, into the final evaluation)."""
+    has 8 batches an epoch); one run sent SIGKILL at a random time up to 1 s after its first checkpoint (step 3: within
+    the remaining training steps); and one that sends itself SIGTERM in the epoch's last batch (step 8), whose stop
+    Lightning defers to after the epoch's end; each then resumed. What benchmarks/reliability.py does for the README's
+    figures, at its smallest (it also kills up to 3 s after, into the final evaluation, and sends random SIGTERMs)."""
     tmp, first = smoke_run
     overrides = [*SMOKE, f"data.cache_dir={SHARED_DATA[0]}", SMOKE_DATA_COUNT]
     straight = straight_run(tmp, overrides)
@@ -118,11 +119,12 @@ def test_a_resumed_run_is_bit_identical_to_an_uninterrupted_one(smoke_run, tmp_p
     record = json.loads((stopped / "results.json").read_text())
     assert [p["step"] for p in record["metrics"]["curve"]] == [0, 3, 6, 9, 12] and not comparison["losses_missing_at"]
 
-    for name, signum in (("killed", signal.SIGKILL), ("terminated", signal.SIGTERM)):
-        point = kill_point(tmp, straight, tmp_path / name, signum, random.uniform(0.0, 1.0), overrides)
-        assert point["survived"], point
-        if signum == signal.SIGTERM:  # the state after the batch in progress is saved, then the run stops
-            assert point["exit_status"] == 143 and point["interrupted_ckpt"], point
+    killed = kill_point(tmp, straight, tmp_path / "killed", signal.SIGKILL, random.uniform(0.0, 1.0), overrides)
+    assert killed["survived"], killed
+    terminated = kill_point(tmp, straight, tmp_path / "terminated", signal.SIGTERM, overrides=overrides, at_step=EPOCH_BATCHES)
+    # the state after the batch in progress and its epoch's end is saved (the next epoch's start), then the run stops
+    assert terminated["survived"] and (terminated["resumed_from_step"], terminated["resumed_from_epoch"]) == (EPOCH_BATCHES, 1), terminated
+    assert terminated["exit_status"] == 143 and terminated["interrupted_ckpt"], terminated
     assert sorted(p.name for p in tmp_path.iterdir()) == ["killed", "stopped", "terminated"]  # each continued in its own directory
 
 

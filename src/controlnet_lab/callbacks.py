@@ -12,6 +12,7 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import OnExceptionCheckpoint
+from lightning.pytorch.loops.progress import _BatchProgress, _OptimizationProgress, _SchedulerProgress
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 import numpy as np
@@ -88,6 +89,18 @@ class ResumeState(L.Callback):
         set_random_state(state)
 
 
+# The epoch loop's progress counters in a checkpoint (loops.fit_loop), with their Lightning classes.
+EPOCH_LOOP_PROGRESS = {"epoch_loop.batch_progress": _BatchProgress, "epoch_loop.scheduler_progress": _SchedulerProgress,
+                       "epoch_loop.automatic_optimization.optim_progress": _OptimizationProgress}
+
+
+def restarted_for_next_epoch(progress, state: dict) -> dict:
+    """A loop progress ``state`` with its current-epoch counters reset, as Lightning resets them when an epoch starts."""
+    progress.load_state_dict(state)
+    progress.reset_on_run()
+    return progress.state_dict()
+
+
 class PreemptionCheckpoint(OnExceptionCheckpoint):
     """Lightning's on-exception checkpoint, written on SIGTERM only (what SLURM and other schedulers send before they
     stop a job; Lightning stops after the batch in progress and raises ``SIGTERMException``). A crash or a non-finite
@@ -111,11 +124,21 @@ class PreemptionCheckpoint(OnExceptionCheckpoint):
             self.validated_at = trainer.global_step
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        if not self.writing:
+            return
+        loops = checkpoint["loops"]["fit_loop"]
         # This checkpoint is written once its batch has completed. Resuming from such a checkpoint, Lightning redoes the
         # end of that batch when it was one that validated (skipping the validation), and so counts its logging step
         # (_batches_that_stepped) once more; stored one less, every later row is logged at its own step.
-        if self.writing and self.validated_at == checkpoint["global_step"]:
-            checkpoint["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1
+        if self.validated_at == checkpoint["global_step"]:
+            loops["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1
+        # SIGTERM during an epoch's last batch stops the run after the end of that epoch (Lightning defers it there), but
+        # the epoch loop's counters still hold the finished epoch: resumed, Lightning would end the next epoch after one
+        # batch. Stored as the next epoch's start, which is what this checkpoint is.
+        epoch = loops["epoch_progress"]["current"]
+        if epoch["completed"] == epoch["ready"] > 0:
+            for key, progress in EPOCH_LOOP_PROGRESS.items():
+                loops[key] = restarted_for_next_epoch(progress(), loops[key])
 
     def on_train_start(self, trainer, pl_module) -> None:
         handler = signal.getsignal(SUBMITIT_SIGNAL)
