@@ -209,12 +209,14 @@ def test_missing_inception_weights_stop_the_run_before_training(tmp_path):
 @pytest.mark.parametrize("name, swept", [
     ("ablation_block", "block"), ("ablation_prompt_dropout", "data.prompt_dropout"),
     ("ablation_dataset_size", "data.size"), ("ablation_condition", "data.condition"), ("ablation_gauss_std", "block"),
+    ("ablation_block_latent", "block"),
 ])
 def test_ablation_experiments_sweep_their_axis_over_three_seeds(name, swept):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"experiment={name}"], return_hydra_config=True)
     params = cfg.hydra.sweeper.params
     assert cfg.task_name == name and params.seed == "0,1,2" and len(str(params[swept]).split(",")) >= 3
+    assert cfg.model.name == ("tiny_sd" if name.endswith("_latent") else "tiny")
     assert str(cfg.hydra.sweep.dir).startswith(str(ROOT / "outputs" / name))  # resolvable before Hydra runs a job
 
 
