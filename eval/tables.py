@@ -1,6 +1,7 @@
 """Tabulate a sweep: `python eval/tables.py sweep=<multirun dir> [out=<dir>]`.
 
-Reads every job's results.json and writes table.md, table.csv and table.tex (one row
+Reads every job's results.json (of a multirun directory, or of a folder that `archive=true` wrote: a committed
+experiment's tables remake from its own files in a fresh clone) and writes table.md, table.csv and table.tex (one row
 per method, mean ± std [95% interval] over seeds), differences.md/.csv/.tex (each method
 against the first, or every pair: the difference, its interval, paired by seed, and the
 verdict; `comparisons=all_pairs correction=bonferroni`; fidelity-curve values at chosen steps join the metrics with

@@ -156,6 +156,20 @@ def test_the_archive_holds_the_multirun_config_and_every_record_but_no_checkpoin
     assert (tmp_path / "out" / "jobs" / "1_block=gauss,seed=0" / "results.json").read_text() == (sweep / "1_block=gauss,seed=0" / "results.json").read_text()
 
 
+def test_the_archive_of_a_split_sweep_makes_the_same_tables_as_its_multiruns(tmp_path):
+    """A sweep run over two sittings: each part archived (what gets committed), the multiruns then gone; the archives
+    alone give the same tables."""
+    write_sweep(tmp_path / "first", {"zero": REFERENCE})
+    write_sweep(tmp_path / "later", {"gauss": TREATMENT})
+    _, from_runs = write_tables(tmp_path / "first", tmp_path / "from_runs", extra_sweeps=[tmp_path / "later"])
+    archive_sweep(tmp_path / "first", tmp_path / "archive")
+    archive_sweep(tmp_path / "later", tmp_path / "archive" / "extra_sweeps" / "later")
+    _, from_archive = write_tables(tmp_path / "archive", tmp_path / "from_archive", extra_sweeps=[tmp_path / "archive" / "extra_sweeps" / "later"])
+    for name in ("csv", "differences_csv"):
+        assert from_archive[name].read_text() == from_runs[name].read_text()
+    assert "block=gauss" in pd.read_csv(from_archive["differences_csv"])["method"].tolist()
+
+
 def test_curve_values_at_chosen_steps_get_intervals_and_paired_differences(tmp_path):
     """Color accuracy on the fidelity curve at step 25: the treatment's is 0.10-0.12 lower, depending on the seed."""
     write_sweep(tmp_path / "sweep", {"zero": REFERENCE, "gauss": TREATMENT})

@@ -100,7 +100,7 @@ def load_sweep(sweep_dir: Path, rescored: bool = False) -> tuple[pd.DataFrame, l
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise SweepError(f"sweep={sweep_dir}: not a directory")
-    jobs = sorted((p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").is_dir()), key=job_number)
+    jobs = job_dirs(sweep_dir)
     records = {job: next((job / name for name in RECORD_FILES if (job / name).is_file()), None) for job in jobs}
     finished = [job for job in jobs if records[job] is not None]
     if not finished:
@@ -112,11 +112,25 @@ def load_sweep(sweep_dir: Path, rescored: bool = False) -> tuple[pd.DataFrame, l
             record = json.loads(records[job].read_text())
         except json.JSONDecodeError as err:
             raise SweepError(f"{records[job]}: not valid JSON ({err.msg})") from None
-        rescore = job / "checkpoints" / "eval.json"
-        if rescored and rescore.is_file():
+        rescore = rescore_record(job)
+        if rescored and rescore is not None:
             record["metrics"] = {**record["metrics"], **json.loads(rescore.read_text())["metrics"]}
         rows.append({**pd.json_normalize(record).iloc[0].to_dict(), "job_dir": str(job)})
     return pd.DataFrame(rows), [job for job in jobs if job not in finished]
+
+
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    """A multirun directory's job folders (those with Hydra's ``.hydra``) in launch order; or, in a folder that
+    archive_sweep wrote (a committed experiment, its multirun gone), the finished jobs' records under ``jobs/``."""
+    jobs = [p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").is_dir()]
+    if not jobs and (sweep_dir / "jobs").is_dir():
+        jobs = [p for p in (sweep_dir / "jobs").iterdir() if p.is_dir()]
+    return sorted(jobs, key=job_number)
+
+
+def rescore_record(job: Path) -> Path | None:
+    """The job's eval/evaluate.py re-scoring: ``checkpoints/eval.json``, or in an archive ``checkpoints_eval.json``."""
+    return next((p for p in (job / "checkpoints" / "eval.json", job / "checkpoints_eval.json") if p.is_file()), None)
 
 
 def load_sweeps(sweep_dirs: list[Path], rescored: bool = False) -> tuple[pd.DataFrame, dict[Path, list[Path]]]:
@@ -293,7 +307,7 @@ def write_tables(sweep_dir: Path, out_dir: Path | None = None, rescored: bool = 
         paths["differences_latex"].write_text(shown.to_latex(index=False, escape=True))
     note = "".join(unfinished_note(folder, jobs) for folder, jobs in unfinished.items()) or "\n"
     if rescored:
-        count = sum((Path(job) / "checkpoints" / "eval.json").is_file() for job in frame["job_dir"])
+        count = sum(rescore_record(Path(job)) is not None for job in frame["job_dir"])
         note += f"\nMetrics of {count} of {len(frame)} jobs re-scored by eval/evaluate.py (their checkpoints/eval.json).\n"
     paths["markdown"].write_text(table.to_markdown(index=False, disable_numparse=True) + note + paper_note(summary))
     summary.to_csv(paths["csv"], index=False)
