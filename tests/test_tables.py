@@ -7,7 +7,8 @@ import pytest
 from scipy import stats
 
 from controlnet_lab.intervals import _detectable, difference, t_interval
-from controlnet_lab.tables import archive_sweep, average_evaluation_seeds, differences, job_number, load_sweep, method_columns, summarize, write_tables
+from controlnet_lab.tables import (archive_sweep, average_evaluation_seeds, differences, display_table, job_number, load_sweep, method_columns,
+                                   summarize, write_tables)
 
 
 def test_jobs_are_taken_in_launch_order_not_name_order():
@@ -133,6 +134,17 @@ def test_evaluation_seeds_of_one_checkpoint_average_into_one_row(tmp_path):
     row = differences(averaged).set_index("metric").loc["mask IoU (perfect prompt)"]
     assert row["seeds"] == 3 and row["paired"] and row["difference"] == pytest.approx(0.05)
     assert differences(frame).set_index("metric").loc["mask IoU (perfect prompt)", "seeds"] == 6  # pooled: noise draws counted as runs
+
+
+def test_a_null_method_value_reads_as_the_config_wrote_it(tmp_path):
+    """data.size 100 / 1000 / null: pandas holds the column as 100.0 / 1000.0 / NaN; the tables say 100 / 1000 / null."""
+    for job, size in enumerate((100, 1000, None)):
+        (tmp_path / f"{job}_data.size={size}" / ".hydra").mkdir(parents=True)
+        record = {"data": {"size": size}, "seed": 0, "metrics": {"mask_iou": 0.5, "eval_images": 8, "prompt_settings": {"perfect": {"mask_iou": 0.5}}}}
+        (tmp_path / f"{job}_data.size={size}" / "results.json").write_text(json.dumps(record))
+    frame, _ = load_sweep(tmp_path)
+    assert display_table(summarize(frame))["data.size"].tolist() == ["100", "1000", "null"]
+    assert differences(frame)["method"].tolist()[0] == "size=1000" and differences(frame)["vs"].tolist()[0] == "size=100"
 
 
 def test_a_key_that_another_determines_is_not_a_method_of_its_own():

@@ -208,7 +208,7 @@ def _summary_methods(summary: pd.DataFrame) -> list[str]:
 def display_table(summary: pd.DataFrame, metrics=METRICS) -> pd.DataFrame:
     """'mean ± std' strings under readable labels; counts as integers."""
     methods = _summary_methods(summary)
-    table = summary[methods].copy()
+    table = summary[methods].map(config_value)
     for column, label in metrics:
         if f"{column}:mean" not in summary:
             continue
@@ -410,7 +410,17 @@ def plot_curves(frame: pd.DataFrame, path: Path, quantity: str | None = None) ->
 
 
 def _method_label(row: pd.Series, methods: list[str]) -> str:
-    return ", ".join(f"{m.split('.')[-1]}={row[m]}" for m in methods)
+    return ", ".join(f"{m.split('.')[-1]}={config_value(row[m])}" for m in methods)
+
+
+def config_value(value) -> str:
+    """A method's value as the config wrote it: ``null`` for None (pandas' NaN), ``1000`` for an integer that a column
+    with a null in it holds as 1000.0."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "null"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def plot_mask_iou(summary: pd.DataFrame, path: Path, level: float = 0.95) -> Path:
