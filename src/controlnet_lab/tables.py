@@ -208,7 +208,7 @@ def _summary_methods(summary: pd.DataFrame) -> list[str]:
 def display_table(summary: pd.DataFrame, metrics=METRICS) -> pd.DataFrame:
     """'mean ± std' strings under readable labels; counts as integers."""
     methods = _summary_methods(summary)
-    table = summary[methods].map(config_value)
+    table = readable_methods(summary, methods)
     for column, label in metrics:
         if f"{column}:mean" not in summary:
             continue
@@ -243,7 +243,7 @@ def differences(frame: pd.DataFrame, level: float = 0.95, comparisons: str = "re
     if correction not in ("none", "bonferroni"):
         raise SweepError(f"correction={correction!r}: choose none or bonferroni")
     methods = method_columns(frame)
-    labels = frame.apply(lambda row: _method_label(row, methods), axis=1)
+    labels = pd.Series(method_labels(frame, methods), index=frame.index)
     order = list(dict.fromkeys(labels))
     pairs = [(m, order[0]) for m in order[1:]] if comparisons == "reference" else [(b, a) for a, b in itertools.combinations(order, 2)]
     used = 1 - (1 - level) / len(pairs) if correction == "bonferroni" and pairs else level
@@ -378,12 +378,11 @@ def plot_curves(frame: pd.DataFrame, path: Path, quantity: str | None = None) ->
     methods = method_columns(frame)
     figure, axis = plt.subplots(figsize=(7, 3.8))
     colors = {}
-    for _, row in frame.iterrows():
+    for (_, row), label in zip(frame.iterrows(), method_labels(frame, methods)):
         curve = row["metrics.curve"]
         if not isinstance(curve, list) or not curve:
             continue
         metric = quantity or row["metrics.curve_metric"]
-        label = _method_label(row, methods)
         color = colors.setdefault(label, f"C{len(colors)}")
         steps = [point["step"] for point in curve]
         axis.plot(steps, [point[metric] for point in curve], color=color, alpha=0.8, label=label if label not in axis.get_legend_handles_labels()[1] else None)
@@ -409,18 +408,26 @@ def plot_curves(frame: pd.DataFrame, path: Path, quantity: str | None = None) ->
     return path
 
 
-def _method_label(row: pd.Series, methods: list[str]) -> str:
-    return ", ".join(f"{m.split('.')[-1]}={config_value(row[m])}" for m in methods)
+def method_labels(frame: pd.DataFrame, methods: list[str]) -> list[str]:
+    """Each row's method, "size=1000" or "block=zero, block_std=standard"."""
+    readable = readable_methods(frame, methods)
+    return [", ".join(f"{m.split('.')[-1]}={v}" for m, v in zip(methods, values)) for values in readable.itertuples(index=False)]
+
+
+def readable_methods(frame: pd.DataFrame, methods: list[str]) -> pd.DataFrame:
+    """The method columns as the config wrote them: a column with a null in it (``data.size: null``) holds 1000 as
+    1000.0 and null as NaN in pandas; written 1000 and null. Other columns as they are."""
+    readable = frame[methods].copy()
+    for column in methods:
+        if frame[column].isna().any():
+            readable[column] = frame[column].map(config_value)
+    return readable
 
 
 def config_value(value) -> str:
-    """A method's value as the config wrote it: ``null`` for None (pandas' NaN), ``1000`` for an integer that a column
-    with a null in it holds as 1000.0."""
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return "null"
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
 def plot_mask_iou(summary: pd.DataFrame, path: Path, level: float = 0.95) -> Path:
@@ -431,11 +438,11 @@ def plot_mask_iou(summary: pd.DataFrame, path: Path, level: float = 0.95) -> Pat
     figure, axis = plt.subplots(figsize=(7, 3.5 + 0.2 * len(summary)))
     width = 0.8 / len(summary)
     x = np.arange(len(settings))
-    for i, (_, row) in enumerate(summary.iterrows()):
+    for i, ((_, row), label) in enumerate(zip(summary.iterrows(), method_labels(summary, methods))):
         means = [row[f"metrics.prompt_settings.{s}.mask_iou:mean"] for s in settings]
         errors = [[m - row[f"metrics.prompt_settings.{s}.mask_iou:low"] for m, s in zip(means, settings)],
                   [row[f"metrics.prompt_settings.{s}.mask_iou:high"] - m for m, s in zip(means, settings)]]
-        axis.bar(x + i * width, means, width, yerr=np.nan_to_num(errors), capsize=2, label=_method_label(row, methods))
+        axis.bar(x + i * width, means, width, yerr=np.nan_to_num(errors), capsize=2, label=label)
     axis.set_xticks(x + 0.4 - width / 2, [f"{s}\nprompt".replace("_", " ") for s in settings], fontsize=8)
     axis.set_ylabel(f"mask IoU (mean, {level:.0%} interval; {int(summary['seeds'].min())}+ seeds)", fontsize=8)
     axis.set_ylim(0, 1)
@@ -451,17 +458,17 @@ def sample_sheet(frame: pd.DataFrame, path: Path) -> Path | None:
     where no job left a grid)."""
     methods = method_columns(frame)
     firsts = frame.sort_values("seed").groupby(methods, sort=False, dropna=False).head(1)
-    grids = [(row, Path(row["job_dir"]) / "eval_samples.png") for _, row in firsts.iterrows()]
-    grids = [(row, grid) for row, grid in grids if grid.is_file()]
+    grids = [(row, label, Path(row["job_dir"]) / "eval_samples.png") for (_, row), label in zip(firsts.iterrows(), method_labels(firsts, methods))]
+    grids = [(row, label, grid) for row, label, grid in grids if grid.is_file()]
     if not grids:
         return None
     evaluated = frame["metrics.settings_evaluated"].iloc[0] if "metrics.settings_evaluated" in frame else PROMPT_SETTINGS
     row_names = ["condition", "target", "base alone", *[f"{s} prompt" for s in evaluated]]
     figure, axes = plt.subplots(len(grids), 1, figsize=(12, 4.2 * len(grids)), squeeze=False)
-    for axis, (row, grid) in zip(axes[:, 0], grids):
+    for axis, (row, label, grid) in zip(axes[:, 0], grids):
         image = Image.open(grid)
         axis.imshow(image, interpolation="nearest")
-        axis.set_title(f"{_method_label(row, methods)} (seed {row['seed']})", fontsize=10)
+        axis.set_title(f"{label} (seed {row['seed']})", fontsize=10)
         axis.set_xticks([])
         step = image.height / len(row_names)
         axis.set_yticks([step * (i + 0.5) for i in range(len(row_names))], row_names, fontsize=8)
