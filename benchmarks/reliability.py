@@ -90,10 +90,8 @@ def compare(straight: Path, resumed: Path) -> dict:
     weights = [torch.load(d / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"] for d in (straight, resumed)]
     losses = [dict(loss_column(d)) for d in (straight, resumed)]
     records = [json.loads((d / "results.json").read_text()) for d in (straight, resumed)]
-    resumed_from = records[1].get("resumed_from") or {}
     return {
-        "resumed_from_step": resumed_from.get("global_step"),
-        "resumed_from_epoch": torch.load(resumed_from["checkpoint"], map_location="cpu", weights_only=True)["epoch"] if resumed_from else None,
+        "resumed_from_step": (records[1].get("resumed_from") or {}).get("global_step"),
         "global_step": records[1]["global_step"],
         "weights_identical": weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0]),
         "losses_differing_at": sorted(step for step in losses[1] if losses[1][step] != losses[0].get(step)),
