@@ -6,7 +6,7 @@ per method, mean ± std [95% interval] over seeds), differences.md/.csv/.tex (ea
 against the first, or every pair: the difference, its interval, paired by seed, and the
 verdict; `comparisons=all_pairs correction=bonferroni`; fidelity-curve values at chosen steps join the metrics with
 `curve_steps=[0,25,100]`; jobs of other multiruns, e.g. an arm launched later, join with
-`extra_sweeps=[<dir>,...]`; an evaluation sweep's seeds of one checkpoint averaged into one row with
+`extra_sweeps=[<dir>,...]`, and only the jobs whose records match with `only=[data.prompt_dropout=0.5]`; an evaluation sweep's seeds of one checkpoint averaged into one row with
 `average_eval_seeds=true`) and two plots (mask IoU per prompt setting;
 each method's sample grid; fidelity curves when the jobs recorded them) into the sweep
 directory, or ``out``, and logs the table and plots to W&B, grouped with the sweep's runs.
@@ -22,11 +22,13 @@ from controlnet_lab.tables import archive_sweep, log_to_wandb, write_tables
 @hydra.main(version_base="1.3", config_path="../conf", config_name="tables")
 def main(cfg: DictConfig) -> None:
     extra = list(cfg.extra_sweeps or ())
+    only = list(cfg.only or ())
     table, paths = write_tables(cfg.sweep, cfg.out, cfg.rescored, cfg.level, cfg.comparisons, cfg.correction, cfg.curve_steps or (), extra,
-                                cfg.average_eval_seeds)
+                                cfg.average_eval_seeds, only)
     if cfg.archive:
         out = Path(cfg.out or cfg.sweep)
-        copied = archive_sweep(cfg.sweep, out) + [path for sweep in extra for path in archive_sweep(sweep, out / "extra_sweeps" / Path(sweep).name)]
+        copied = archive_sweep(cfg.sweep, out, only) + [path for sweep in extra
+                                                        for path in archive_sweep(sweep, out / "extra_sweeps" / Path(sweep).name, only)]
         print(f"archived {len(copied)} files (multirun.yaml, each job's record)")
     if cfg.wandb:
         log_to_wandb(table, paths, cfg.sweep)

@@ -7,8 +7,8 @@ import pytest
 from scipy import stats
 
 from controlnet_lab.intervals import _detectable, difference, t_interval
-from controlnet_lab.tables import (archive_sweep, average_evaluation_seeds, differences, display_table, job_number, load_sweep, method_columns,
-                                   summarize, write_tables)
+from controlnet_lab.tables import (SweepError, archive_sweep, average_evaluation_seeds, differences, display_table, job_number, load_sweep,
+                                   method_columns, summarize, write_tables)
 
 
 def test_jobs_are_taken_in_launch_order_not_name_order():
@@ -156,6 +156,13 @@ def test_a_key_that_another_determines_is_not_a_method_of_its_own():
     assert method_columns(stds) == ["block", "block_std"]
 
 
+def test_composed_controlnets_and_their_scale_are_the_methods_of_a_composition_sweep():
+    """Each net alone at scale 1 and both composed at 0.5 and 1: four methods, named by composition and scale."""
+    frame = pd.DataFrame({"block": ["zero"] * 4, "composition": ["sketch", "seg", "sketch+seg", "sketch+seg"],
+                          "sampling.conditioning_scale": [1.0, 1.0, 0.5, 1.0], "seed": [0] * 4})
+    assert method_columns(frame) == ["composition", "sampling.conditioning_scale"]
+
+
 def test_the_archive_holds_the_multirun_config_and_every_record_but_no_checkpoint(tmp_path):
     sweep = tmp_path / "sweep"
     write_sweep(sweep, {"zero": {0: 0.5}, "gauss": {0: 0.6}})
@@ -180,6 +187,27 @@ def test_the_archive_of_a_split_sweep_makes_the_same_tables_as_its_multiruns(tmp
     for name in ("csv", "differences_csv"):
         assert from_archive[name].read_text() == from_runs[name].read_text()
     assert "block=gauss" in pd.read_csv(from_archive["differences_csv"])["method"].tolist()
+
+
+def test_one_arm_of_an_archived_experiment_joins_as_the_reference(tmp_path):
+    """only=[data.prompt_dropout=0.5]: of an earlier experiment's archive (dropout 0 and 0.5), only the 0.5 arm joins a
+    new sweep's tables, and archiving them again copies only that arm's records."""
+    def set_dropout(sweep: Path, dropout_of_job) -> None:
+        for job in sweep.iterdir():
+            record = json.loads((job / "results.json").read_text())
+            (job / "results.json").write_text(json.dumps({**record, "data": {"prompt_dropout": dropout_of_job(job)}}))
+    write_sweep(tmp_path / "earlier", {"single": {0: 0.1, 1: 0.2, 2: 0.3}, "zero": REFERENCE})
+    set_dropout(tmp_path / "earlier", lambda job: 0.5 if "zero" in job.name else 0.0)
+    archive_sweep(tmp_path / "earlier", tmp_path / "earlier_archive")
+    write_sweep(tmp_path / "new", {"gauss": TREATMENT})
+    set_dropout(tmp_path / "new", lambda job: 0.5)
+    only = ["data.prompt_dropout=0.5"]
+    table, _ = write_tables(tmp_path / "new", tmp_path / "out", extra_sweeps=[tmp_path / "earlier_archive"], only=only)
+    assert table["block"].tolist() == ["gauss", "zero"] and table["seeds"].tolist() == [3, 3]
+    copied = archive_sweep(tmp_path / "earlier_archive", tmp_path / "again", only)
+    assert sorted(p.parent.name for p in copied) == ["3_block=zero,seed=0", "4_block=zero,seed=1", "5_block=zero,seed=2"]
+    with pytest.raises(SweepError, match="no job records data.size"):
+        write_tables(tmp_path / "new", tmp_path / "out", only=["data.size=100"])
 
 
 def test_curve_values_at_chosen_steps_get_intervals_and_paired_differences(tmp_path):

@@ -259,6 +259,30 @@ def test_an_evaluation_sweep_over_resolution_weighting_tabulates(smoke_run):
     assert rows[0].split(",")[0] == "sampling.resolution_weighting" and [row.split(",")[0] for row in rows[1:]] == ["off", "paper"]
 
 
+def test_evaluate_composes_controlnets_each_given_its_own_condition(smoke_run):
+    """compose=[...]: a seg ControlNet sampled with the outline one. Swapping which is ckpt and which composed gives the
+    same images (residuals summed), which holds only if each net gets its own condition type of the same samples."""
+    tmp, outline_run = smoke_run
+    seg_run = tmp / "seg_run"  # trained at a high learning rate, so that its residuals change the images
+    trained = run_train(["experiment=smoke", "logger=csv", "data.condition=seg", "model.controlnet.lr=1e-2", f"hydra.run.dir={seg_run}"], tmp)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    records = []
+    for first, second in ((outline_run, seg_run), (seg_run, outline_run)):
+        out = tmp / f"composed_{first.name}"
+        result = run_train([f"ckpt={first}", f"compose=[{second}]", "sampling.conditioning_scale=0.5", "eval.num_images=8",
+                            f"hydra.run.dir={out}"], tmp, script="eval/evaluate.py")
+        assert result.returncode == 0, result.stderr[-3000:]
+        records.append(json.loads((out / "eval.json").read_text()))
+    assert [r["composition"] for r in records] == ["outline+seg", "seg+outline"]
+    assert [[net["condition"] for net in r["controlnets"]] for r in records] == [["outline", "seg"], ["seg", "outline"]]
+    outline_first, seg_first = (r["metrics"] for r in records)
+    assert outline_first["prompt_settings"] == seg_first["prompt_settings"]  # every setting's oracle and fidelity scores
+    assert {"edge_f1", "seg_miou"} <= set(outline_first["prompt_settings"]["perfect"])  # each net's condition re-detected
+    assert [(f["metric"], f["images"]) for f in outline_first["composed_fidelity"]] == [("seg_miou", 8)]
+    # Not the runs' own sampling: no eval.json beside their checkpoints (what tables read as a run's re-scoring).
+    assert not (seg_run / "checkpoints" / "eval.json").exists()
+
+
 def test_the_domain_feature_net_does_not_depend_on_the_training_size(tiny_data, tmp_path):
     """One FID feature space per dataset, so fid_domain compares across a dataset-size sweep."""
     for size in (10, 30):

@@ -60,12 +60,15 @@ def palette_of(prompts: list[str]) -> list[str]:
 def generate(base, controlnet, conditions: torch.Tensor, prompts: list[str], batch_size: int,
              seed: int, num_inference_steps: int, guidance_scale: float, desc: str, resolution_weighting: str = "off",
              conditioning_scale: float = 1.0) -> np.ndarray:
-    """uint8 images, one per (condition, prompt); batch b always gets the same noise."""
+    """uint8 images, one per (condition, prompt); batch b always gets the same noise. ``controlnet`` and ``conditions``
+    may be lists, one condition tensor per ControlNet: the nets are composed (residuals summed)."""
     images = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
+        batch = slice(start, start + batch_size)
         generated = base(
-            prompts[start : start + batch_size],
-            condition=conditions[start : start + batch_size].to(base.unet.device) if controlnet is not None else None,
+            prompts[batch],
+            condition=None if controlnet is None else
+            [c[batch].to(base.unet.device) for c in conditions] if isinstance(conditions, list) else conditions[batch].to(base.unet.device),
             controlnet=controlnet,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
@@ -144,11 +147,36 @@ class MetricSuite:
     skipped: dict[str, str] = field(default_factory=dict)  # the metrics left out, with the reason
 
 
+@dataclass
+class ComposedNet:
+    """A further ControlNet sampled together with the evaluated one (residuals summed, paper Sec. 3.4), given its own
+    condition type of the same held-out samples; ``fidelity`` re-detects that condition in the composed images."""
+
+    controlnet: object
+    dataset: ControlDataset
+    fidelity: ConditionFidelity | None
+
+
+def composed_conditions(items: list[dict], composed: list[ComposedNet]) -> list[torch.Tensor]:
+    """Each composed net's conditions of the evaluated samples, checked to be of the same samples (targets and prompts)."""
+    conditions = []
+    for net in composed:
+        others = [net.dataset[i] for i in range(min(len(items), len(net.dataset)))]
+        same = len(others) == len(items) and all(a["true_prompt"] == b["true_prompt"] and torch.equal(a["target"], b["target"])
+                                                 for a, b in zip(items, others))
+        if not same:
+            raise ValueError("compose: the composed ControlNets' held-out samples differ from the evaluated one's; composing "
+                             "needs runs on the same data and held-out split (only data.condition may differ)")
+        conditions.append(torch.stack([item["condition"] for item in others]))
+    return conditions
+
+
 def evaluate_held_out(base, controlnet, dataset: ControlDataset, palette: list[str],
                       count: int, batch_size: int, seed: int, num_inference_steps: int, guidance_scale: float,
                       suite: MetricSuite | None = None, resolution_weighting: str = "off", conditioning_scale: float = 1.0,
-                      prompt_settings: list[str] | None = None) -> dict:
-    """Scores of base + ControlNet under each prompt setting (``prompt_settings``: those of them that apply to the
+                      prompt_settings: list[str] | None = None, composed: list[ComposedNet] | None = None) -> dict:
+    """Scores of base + ControlNet (composed with the ``composed`` nets, each given its own condition of the same
+    samples, all at ``conditioning_scale``) under each prompt setting (``prompt_settings``: those of them that apply to the
     data; None: all that apply) and of the base alone, and what was skipped.
 
     On fill50k-format data: the oracle scores, top-level ``mask_iou`` and ``color_accuracy``
@@ -159,15 +187,25 @@ def evaluate_held_out(base, controlnet, dataset: ControlDataset, palette: list[s
     ``seg_miou``) per setting where the condition has a detector; FID (domain features /
     Inception) and CLIP score of the perfect prompt's images, FID against the same
     held-out conditions' real targets. ``skipped`` names each metric left out and why;
-    ``seconds`` holds the time each part took, for images/s figures.
+    ``seconds`` holds the time each part took, for images/s figures. A composed net's fidelity is scored against its
+    own condition, where its metric is not the evaluated net's (else it is listed in ``skipped``).
     """
-    suite = suite or MetricSuite()
+    suite, composed = suite or MetricSuite(), composed or []
     seconds = {"generation": 0.0}
     items = [dataset[i] for i in range(min(count, len(dataset)))]  # read once, used by every generation
     condition_tensor = torch.stack([item["condition"] for item in items])
+    extra_conditions = composed_conditions(items, composed)
+    controlnet_input = [controlnet, *(net.controlnet for net in composed)] if composed else controlnet
+    control_conditions = [condition_tensor, *extra_conditions] if composed else condition_tensor
     true_prompts = [item["true_prompt"] for item in items]
     not_oracle = oracle_applies(items)
     skipped = dict(suite.skipped)
+    fidelities = [(suite.fidelity, condition_tensor)] if suite.fidelity is not None else []
+    for net, conditions in zip(composed, extra_conditions, strict=True):
+        if net.fidelity is not None and net.fidelity.metric in [f.metric for f, _ in fidelities]:
+            skipped[f"condition_fidelity ({net.fidelity.condition})"] = f"{net.fidelity.metric} already scores another composed net's condition"
+        elif net.fidelity is not None:
+            fidelities.append((net.fidelity, conditions))
     if not_oracle:
         skipped.update({name: not_oracle for name in ORACLE_METRICS})
     outlines = None if not_oracle else to_uint8(torch.stack([item["source"] for item in items]), 0.0, 1.0)
@@ -193,7 +231,7 @@ def evaluate_held_out(base, controlnet, dataset: ControlDataset, palette: list[s
     for setting in [s for s in applicable if prompt_settings is None or s in prompt_settings]:
         prompts = setting_prompts(setting, true_prompts, palette, seed, fill50k=outlines is not None)
         with timed(seconds, "generation"):
-            images = generate(base, controlnet, condition_tensor, prompts, desc=f"evaluating base + ControlNet, {setting} prompt", **settings)
+            images = generate(base, controlnet_input, control_conditions, prompts, desc=f"evaluating base + ControlNet, {setting} prompt", **settings)
         per_setting[setting] = {}
         if outlines is not None:
             names_colors = setting in ("conflicting", "perfect")
@@ -201,15 +239,17 @@ def evaluate_held_out(base, controlnet, dataset: ControlDataset, palette: list[s
                 scores = score_images(images, outlines, prompts if names_colors else true_prompts, palette)
             per_setting[setting] = {"mask_iou": scores["mask_iou"], "centre_error_px": scores["centre_error_px"],
                                     "color_accuracy": scores["color_accuracy"] if names_colors else None}
-        if suite.fidelity is not None:
+        for fidelity, conditions in fidelities:
             with timed(seconds, "fidelity"):
-                per_setting[setting][suite.fidelity.metric] = suite.fidelity.score(images, samples["conditions"])["value"]
+                per_setting[setting][fidelity.metric] = fidelity.score(images, to_uint8(conditions, 0.0, 1.0))["value"]
         samples[setting] = images
     results.update({key: per_setting["perfect"][key] for key in ("mask_iou", "color_accuracy", "centre_error_px") if outlines is not None})
     results.update({"prompt_settings": per_setting, "settings_evaluated": list(per_setting), "eval_images": len(items)})
     results.update(extra_scores(suite, samples, true_prompts, seconds))
-    if suite.fidelity is not None:
-        results[suite.fidelity.metric] = per_setting["perfect"][suite.fidelity.metric]
+    for fidelity, _ in fidelities:
+        results[fidelity.metric] = per_setting["perfect"][fidelity.metric]
+    if composed:
+        results["composed_fidelity"] = [fidelity.describe(len(items)) for fidelity, _ in fidelities if fidelity is not suite.fidelity]
     results["skipped"] = skipped
     results["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
     results["samples"] = samples

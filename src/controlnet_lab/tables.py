@@ -3,8 +3,8 @@
 A sweep is a Hydra multirun directory of src/train.py, where every finished job left a
 ``results.json`` in its subdirectory, or of eval/evaluate.py, where it left an
 ``eval.json``. A "method" is a combination of the values that vary across the sweep's
-jobs among ``METHOD_KEYS`` (block and its init std, data size, prompt dropout, condition,
-guidance scale, CFG resolution weighting, conditioning scale); the jobs of one method differ
+jobs among ``METHOD_KEYS`` (block and its init std, data size, prompt dropout, condition, the
+conditions of ControlNets composed in an evaluation, guidance scale, CFG resolution weighting, conditioning scale); the jobs of one method differ
 only in their seed (the training seed, and for re-scored checkpoints the evaluation seed). Methods are
 compared with intervals.py: each against the first method of the sweep, or every pair.
 """
@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import wandb  # noqa: E402
+import yaml  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from controlnet_lab.evaluation import PROMPT_SETTINGS  # noqa: E402
@@ -29,7 +30,7 @@ from controlnet_lab.failures import failed_jobs  # noqa: E402
 from controlnet_lab.intervals import difference, half_width  # noqa: E402
 from controlnet_lab.task import wandb_mode  # noqa: E402
 
-METHOD_KEYS = ("block", "block_std", "data.size", "data.prompt_dropout", "data.condition", "sampling.guidance_scale",
+METHOD_KEYS = ("block", "block_std", "data.size", "data.prompt_dropout", "data.condition", "composition", "sampling.guidance_scale",
                "sampling.resolution_weighting", "sampling.conditioning_scale")
 RECORD_FILES = ("results.json", "eval.json")  # what a job of src/train.py, or of eval/evaluate.py, leaves
 # (column of the flattened results, label in the tables)
@@ -117,6 +118,38 @@ def load_sweep(sweep_dir: Path, rescored: bool = False) -> tuple[pd.DataFrame, l
             record["metrics"] = {**record["metrics"], **json.loads(rescore.read_text())["metrics"]}
         rows.append({**pd.json_normalize(record).iloc[0].to_dict(), "job_dir": str(job)})
     return pd.DataFrame(rows), [job for job in jobs if job not in finished]
+
+
+def parse_only(only) -> list[tuple[str, object]]:
+    """``only`` entries "key=value" (a flattened record column and a YAML value: ``data.prompt_dropout=0.5``) as pairs."""
+    pairs = []
+    for entry in only or ():
+        key, sep, value = str(entry).partition("=")
+        if not sep or not key:
+            raise SweepError(f"only: {entry!r} is not key=value (a results.json key such as data.prompt_dropout=0.5)")
+        pairs.append((key, yaml.safe_load(value)))
+    return pairs
+
+
+def row_matches(row: dict, only: list[tuple[str, object]]) -> bool:
+    """Whether a flattened record has every (key, value) of ``only`` (null matches a missing or null value)."""
+    def equal(found, wanted) -> bool:
+        if wanted is None:
+            return found is None or (isinstance(found, float) and math.isnan(found))
+        return found == wanted
+    return all(equal(row.get(key), value) for key, value in only)
+
+
+def rows_where(frame: pd.DataFrame, only) -> pd.DataFrame:
+    """The jobs whose records match every ``only`` entry (all jobs when none is given)."""
+    pairs = parse_only(only)
+    missing = [key for key, _ in pairs if key not in frame]
+    if missing:
+        raise SweepError(f"only: no job records {', '.join(missing)}")
+    kept = frame[[row_matches(row, pairs) for row in frame.to_dict("records")]] if pairs else frame
+    if kept.empty:
+        raise SweepError(f"only: no job matches {', '.join(map(str, only))}")
+    return kept.reset_index(drop=True)
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
@@ -283,12 +316,13 @@ def display_differences(table: pd.DataFrame) -> pd.DataFrame:
 
 def write_tables(sweep_dir: Path, out_dir: Path | None = None, rescored: bool = False, level: float = 0.95,
                  comparisons: str = "reference", correction: str = "none", curve_steps=(),
-                 extra_sweeps=(), average_eval_seeds: bool = False) -> tuple[pd.DataFrame, dict[str, Path]]:
+                 extra_sweeps=(), average_eval_seeds: bool = False, only=()) -> tuple[pd.DataFrame, dict[str, Path]]:
     """Write table.md, table.csv (numbers), table.tex, the differences (differences.md/.csv/.tex) and the plots;
     returns the displayed table and the paths. ``curve_steps``: fidelity-curve steps whose values join the metrics.
     ``extra_sweeps``: more multirun directories (an arm launched later) whose jobs join the sweep's, after them.
-    ``average_eval_seeds``: see average_evaluation_seeds."""
+    ``average_eval_seeds``: see average_evaluation_seeds. ``only``: "key=value" entries, the jobs kept (rows_where)."""
     frame, unfinished = load_sweeps([sweep_dir, *extra_sweeps], rescored)
+    frame = rows_where(frame, only)
     metrics = METRICS + add_curve_points(frame, curve_steps)
     if average_eval_seeds:
         frame = average_evaluation_seeds(frame, metrics)
@@ -323,23 +357,26 @@ def write_tables(sweep_dir: Path, out_dir: Path | None = None, rescored: bool = 
     return table, paths
 
 
-def archive_sweep(sweep_dir: Path, out_dir: Path) -> list[Path]:
+def archive_sweep(sweep_dir: Path, out_dir: Path, only=()) -> list[Path]:
     """Copy what the tables were made from next to them: the sweep's multirun.yaml and each finished job's record
-    (``jobs/<job>/results.json`` or ``eval.json``, with its ``checkpoints/eval.json`` where re-scored). Small files only:
-    no checkpoints, images or logs."""
-    sweep_dir, out_dir = Path(sweep_dir), Path(out_dir)
+    (``jobs/<job>/results.json`` or ``eval.json``, with its ``checkpoints/eval.json`` where re-scored), of the jobs that
+    match ``only`` (rows_where). Small files only: no checkpoints, images or logs. A sweep given as an archive folder
+    is archived again from its ``jobs/``."""
+    sweep_dir, out_dir, pairs = Path(sweep_dir), Path(out_dir), parse_only(only)
     out_dir.mkdir(parents=True, exist_ok=True)
     copied = []
     if (sweep_dir / "multirun.yaml").is_file():
         copied.append(out_dir / "multirun.yaml")
         copied[-1].write_text((sweep_dir / "multirun.yaml").read_text())
-    for job in sorted((p for p in sweep_dir.iterdir() if p.is_dir()), key=job_number):
-        for name in (*RECORD_FILES, "checkpoints/eval.json"):
-            record = job / name
-            if record.is_file():
-                target = out_dir / "jobs" / job.name / name.replace("/", "_")
+    for job in job_dirs(sweep_dir):
+        record = next((job / name for name in RECORD_FILES if (job / name).is_file()), None)
+        if record is None or not row_matches(pd.json_normalize(json.loads(record.read_text())).iloc[0].to_dict(), pairs):
+            continue
+        for source, name in ((record, record.name), (rescore_record(job), "checkpoints_eval.json")):
+            if source is not None:
+                target = out_dir / "jobs" / job.name / name
                 target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_text(record.read_text())
+                target.write_text(source.read_text())
                 copied.append(target)
     return copied
 

@@ -19,7 +19,7 @@ from controlnet_lab.blocks import connection_init_stds
 from controlnet_lab.callbacks import FidelityCurve, InitialOutputChange
 from controlnet_lab.config_checks import check_train_config
 from controlnet_lab.data.datamodule import ControlDataModule
-from controlnet_lab.evaluation import PROMPT_SETTINGS, MetricSuite, evaluate_held_out, evaluate_seen, palette_of
+from controlnet_lab.evaluation import PROMPT_SETTINGS, ComposedNet, MetricSuite, evaluate_held_out, evaluate_seen, palette_of
 from controlnet_lab.metrics.clip_score import clip_scorer
 from controlnet_lab.metrics.domain_features import domain_net
 from controlnet_lab.metrics.fid import inception_extractor
@@ -39,10 +39,13 @@ def build_datamodule(data_cfg: DictConfig) -> ControlDataModule:
     return data
 
 
-def held_out_scores(cfg: DictConfig, module: ControlNetModule, data: ControlDataModule, suite: MetricSuite | None = None) -> dict:
-    """The final evaluation on the held-out split, with the run's sampling and eval settings and every enabled metric."""
+def held_out_scores(cfg: DictConfig, module: ControlNetModule, data: ControlDataModule, suite: MetricSuite | None = None,
+                    composed: list[ComposedNet] | None = None) -> dict:
+    """The final evaluation on the held-out split, with the run's sampling and eval settings and every enabled metric
+    (and the ``composed`` ControlNets sampled with the run's, eval/evaluate.py's ``compose``)."""
     return evaluate_held_out(module.base, module.controlnet, data.val_dataset(), dataset_palette(data), count=cfg.eval.num_images,
-                             suite=suite or metric_suite(cfg, data), prompt_settings=prompt_settings(cfg), **sampling_settings(cfg))
+                             suite=suite or metric_suite(cfg, data), prompt_settings=prompt_settings(cfg), composed=composed,
+                             **sampling_settings(cfg))
 
 
 def seen_scores(cfg: DictConfig, module: ControlNetModule, data: ControlDataModule, held_out: dict, suite: MetricSuite) -> dict:
@@ -81,12 +84,9 @@ def metric_suite(cfg: DictConfig, data: ControlDataModule) -> MetricSuite:
     metrics = cfg.eval
     device = run_device(cfg)
     suite = MetricSuite(device=device)
-    skip = fidelity_skip_reason(cfg.data.condition)
-    if skip:
-        suite.skipped["condition_fidelity"] = skip
-    else:
-        suite.fidelity = ConditionFidelity(cfg.data.condition, cfg.data.resolution, metrics.edge_tolerance,
-                                           cfg.data.detector_weights, tuple(cfg.data.canny_thresholds))
+    suite.fidelity = condition_fidelity(cfg)
+    if suite.fidelity is None:
+        suite.skipped["condition_fidelity"] = fidelity_skip_reason(cfg.data.condition)
     if metrics.fid.inception:
         suite.inception_features = inception_extractor(metrics.fid.inception_dir, device, metrics.fid.download)
     else:
@@ -104,6 +104,14 @@ def metric_suite(cfg: DictConfig, data: ControlDataModule) -> MetricSuite:
                          steps=metrics.fid_domain.steps, count=metrics.fid_domain.count)
         suite.domain_features = net.to(device).clean_fid_extractor()
     return suite
+
+
+def condition_fidelity(cfg: DictConfig) -> ConditionFidelity | None:
+    """The re-detection fidelity of the run's condition type (None where it has none: fidelity_skip_reason)."""
+    if fidelity_skip_reason(cfg.data.condition):
+        return None
+    return ConditionFidelity(cfg.data.condition, cfg.data.resolution, cfg.eval.edge_tolerance, cfg.data.detector_weights,
+                             tuple(cfg.data.canny_thresholds))
 
 
 def fidelity_skip_reason(condition: str) -> str | None:
