@@ -228,3 +228,26 @@ def test_curve_values_at_chosen_steps_get_intervals_and_paired_differences(tmp_p
     assert paths["color_curves"].name == "color_accuracy_curves.png" and paths["color_curves"].stat().st_size > 0
     with pytest.raises(ValueError, match=r"no job's curve has step 30 \(recorded: \[0, 25\]\)"):
         write_tables(tmp_path / "sweep", tmp_path / "out", curve_steps=[30])
+
+
+def test_conditions_with_different_fidelity_metrics_also_get_mask_iou_curves(tmp_path):
+    """A condition sweep: edge F1 curves for one condition, seg mIoU for the other. Each keeps its own metric, and mask
+    IoU, which every curve records, is plotted on one scale for both; only such a sweep gets that plot."""
+    write_sweep(tmp_path / "sweep", {"zero": REFERENCE, "gauss": TREATMENT})
+    for job in (tmp_path / "sweep").iterdir():
+        record = json.loads((job / "results.json").read_text())
+        metric = "edge_f1" if record["block"] == "zero" else "seg_miou"
+        record["metrics"].update(curve_images=64, curve_metric=metric, curve=[{"step": 0, metric: 0.2, "mask_iou": 0.1},
+                                                                              {"step": 25, metric: 0.5, "mask_iou": 0.4 + record["seed"] / 100}])
+        (job / "results.json").write_text(json.dumps(record))
+    _, paths = write_tables(tmp_path / "sweep", tmp_path / "out", curve_steps=[25])
+    assert paths["mask_iou_curves"].name == "mask_iou_curves.png" and paths["mask_iou_curves"].stat().st_size > 0
+    table = pd.read_csv(paths["csv"]).set_index("block")
+    assert table.loc["gauss", "metrics.curve_at_25.seg_miou:mean"] == pytest.approx(0.5)
+    assert math.isnan(table.loc["zero", "metrics.curve_at_25.seg_miou:mean"])
+    write_sweep(tmp_path / "one_metric", {"zero": REFERENCE})
+    for job in (tmp_path / "one_metric").iterdir():
+        record = json.loads((job / "results.json").read_text())
+        record["metrics"].update(curve_images=64, curve_metric="edge_f1", curve=[{"step": 0, "edge_f1": 0.2, "mask_iou": 0.1}])
+        (job / "results.json").write_text(json.dumps(record))
+    assert "mask_iou_curves" not in write_tables(tmp_path / "one_metric", tmp_path / "out_one")[1]

@@ -62,7 +62,7 @@ PAPER = {
 }
 
 
-CURVE_QUANTITIES = (("mask_iou", "mask IoU"), ("edge_f1", "edge F1"), ("color_accuracy", "color acc."))
+CURVE_QUANTITIES = (("mask_iou", "mask IoU"), ("edge_f1", "edge F1"), ("seg_miou", "seg mIoU"), ("color_accuracy", "color acc."))
 
 
 class SweepError(ValueError):
@@ -352,8 +352,11 @@ def write_tables(sweep_dir: Path, out_dir: Path | None = None, rescored: bool = 
         paths["samples"] = sheet
     if "metrics.curve" in frame:
         paths["curves"] = plot_curves(frame, out_dir / "fidelity_curves.png")
-        if any(isinstance(curve, list) and curve and "color_accuracy" in curve[0] for curve in frame["metrics.curve"]):
-            paths["color_curves"] = plot_curves(frame, out_dir / "color_accuracy_curves.png", "color_accuracy")
+        # mask IoU on one scale for all, where the jobs' own fidelity metrics differ (a sweep of condition types)
+        quantities = {"color_curves": "color_accuracy", **({"mask_iou_curves": "mask_iou"} if curve_metrics(frame).size > 1 else {})}
+        for key, quantity in quantities.items():
+            if any(isinstance(curve, list) and curve and quantity in curve[0] for curve in frame["metrics.curve"]):
+                paths[key] = plot_curves(frame, out_dir / f"{quantity}_curves.png", quantity)
     return table, paths
 
 
@@ -408,6 +411,11 @@ def paper_note(summary: pd.DataFrame) -> str:
             + pd.DataFrame(rows).to_markdown(index=False) + "\n")
 
 
+def curve_metrics(frame: pd.DataFrame) -> np.ndarray:
+    """The fidelity metrics the jobs' curves follow (one per condition type: edge_f1, seg_miou)."""
+    return frame["metrics.curve_metric"].dropna().unique()
+
+
 def plot_curves(frame: pd.DataFrame, path: Path, quantity: str | None = None) -> Path:
     """Condition fidelity against the training step, one line per job; each job's 10%-to-90% rise shaded between
     dashed lines at its 10% and 90% levels, the sudden-convergence step dotted (convergence.py). With ``quantity``,
@@ -435,7 +443,8 @@ def plot_curves(frame: pd.DataFrame, path: Path, quantity: str | None = None) ->
         if jump is not None and not pd.isna(jump):
             axis.axvline(jump, color=color, linestyle=":", alpha=0.8)
     axis.set_xlabel("training step")
-    axis.set_ylabel(f"{quantity or frame['metrics.curve_metric'].iloc[0]} ({int(frame['metrics.curve_images'].iloc[0])} held-out conditions)")
+    own = " / ".join(curve_metrics(frame)) + (" (each job's own condition)" if curve_metrics(frame).size > 1 else "")
+    axis.set_ylabel(f"{quantity or own} ({int(frame['metrics.curve_images'].dropna().iloc[0])} held-out conditions)")
     axis.set_title(f"{quantity} during training" if quantity else
                    "condition fidelity during training (shaded: 10-90% rise; dotted: sudden-convergence step)", fontsize=9)
     axis.legend(fontsize=8)
