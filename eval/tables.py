@@ -6,7 +6,7 @@ per method, mean ± std [95% interval] over seeds), differences.md/.csv/.tex (ea
 against the first, or every pair: the difference, its interval, paired by seed, and the
 verdict; `comparisons=all_pairs correction=bonferroni`; fidelity-curve values at chosen steps join the metrics with
 `curve_steps=[0,25,100]`; jobs of other multiruns, e.g. an arm launched later, join with
-`extra_sweeps=[<dir>,...]`, and only the jobs whose records match with `only=[data.prompt_dropout=0.5]`; an evaluation sweep's seeds of one checkpoint averaged into one row with
+`extra_sweeps=[<dir>,...]`, and only the jobs whose records match with `"only=['data.prompt_dropout=0.5']"` (quoted: Hydra reads an unquoted = as an override); an evaluation sweep's seeds of one checkpoint averaged into one row with
 `average_eval_seeds=true`) and two plots (mask IoU per prompt setting;
 each method's sample grid; fidelity curves when the jobs recorded them) into the sweep
 directory, or ``out``, and logs the table and plots to W&B, grouped with the sweep's runs.
