@@ -268,11 +268,13 @@ def test_evaluate_composes_controlnets_each_given_its_own_condition(smoke_run):
     assert trained.returncode == 0, trained.stderr[-3000:]
     records = []
     for first, second in ((outline_run, seg_run), (seg_run, outline_run)):
-        out = tmp / f"composed_{first.name}"
-        result = run_train([f"ckpt={first}", f"compose=[{second}]", "sampling.conditioning_scale=0.5", "eval.num_images=8",
-                            f"hydra.run.dir={out}"], tmp, script="eval/evaluate.py")
+        sweep = tmp / f"composed_{first.name}"  # as a multirun: its job folder is named without the run paths
+        result = run_train(["-m", f"ckpt={first}", f"compose=[{second}]", "sampling.conditioning_scale=0.5", "eval.num_images=8",
+                            f"hydra.sweep.dir={sweep}"], tmp, script="eval/evaluate.py")
         assert result.returncode == 0, result.stderr[-3000:]
-        records.append(json.loads((out / "eval.json").read_text()))
+        (record,) = sweep.glob("*/eval.json")
+        assert record.parent.name == "0_eval.num_images=8,sampling.conditioning_scale=0.5"
+        records.append(json.loads(record.read_text()))
     assert [r["composition"] for r in records] == ["outline+seg", "seg+outline"]
     assert [[net["condition"] for net in r["controlnets"]] for r in records] == [["outline", "seg"], ["seg", "outline"]]
     outline_first, seg_first = (r["metrics"] for r in records)
