@@ -102,7 +102,7 @@ def load_sweep(sweep_dir: Path, rescored: bool = False) -> tuple[pd.DataFrame, l
     if not sweep_dir.is_dir():
         raise SweepError(f"sweep={sweep_dir}: not a directory")
     jobs = job_dirs(sweep_dir)
-    records = {job: next((job / name for name in RECORD_FILES if (job / name).is_file()), None) for job in jobs}
+    records = {job: job_record(job) for job in jobs}
     finished = [job for job in jobs if records[job] is not None]
     if not finished:
         raise SweepError(f"sweep={sweep_dir}: no job directory holds a results.json or eval.json "
@@ -159,6 +159,11 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
     if not jobs and (sweep_dir / "jobs").is_dir():
         jobs = [p for p in (sweep_dir / "jobs").iterdir() if p.is_dir()]
     return sorted(jobs, key=job_number)
+
+
+def job_record(job: Path) -> Path | None:
+    """The job's results.json (src/train.py) or eval.json (eval/evaluate.py); None for a job that left neither."""
+    return next((job / name for name in RECORD_FILES if (job / name).is_file()), None)
 
 
 def rescore_record(job: Path) -> Path | None:
@@ -372,7 +377,7 @@ def archive_sweep(sweep_dir: Path, out_dir: Path, only=()) -> list[Path]:
         copied.append(out_dir / "multirun.yaml")
         copied[-1].write_text((sweep_dir / "multirun.yaml").read_text())
     for job in job_dirs(sweep_dir):
-        record = next((job / name for name in RECORD_FILES if (job / name).is_file()), None)
+        record = job_record(job)
         if record is None or not row_matches(pd.json_normalize(json.loads(record.read_text())).iloc[0].to_dict(), pairs):
             continue
         for source, name in ((record, record.name), (rescore_record(job), "checkpoints_eval.json")):
