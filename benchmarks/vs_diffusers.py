@@ -26,7 +26,9 @@ Data loading is inside the window; what comes before it or after (start-up, the 
 locked parts, the final save and evaluation) is not, and is reported as ``fixed_s`` (wall time minus the steps at the
 measured rate). (Timing from outside, the difference of an N-step and a 2N-step run's wall times, swung 2x between
 rounds on this machine.) The setups alternate within each of ``--rounds`` rounds. Setups: the harness as
-configured (``model.base.cache_encodings=true``: VAE latents and text embeddings computed once), the harness with caching
+configured (``model.base.cache_encodings=true``: VAE latents and text embeddings computed once), the same with
+``model.compile=true`` (``--compile``, on by default: the training step's UNet and ControlNet call compiled; the
+compilation falls in ``fixed_s``, and Inductor's cache under /tmp makes it shorter after the first), the harness with caching
 off (every target through the VAE and every prompt through the text encoder at every step, as the script does), and
 the script. Peak RSS is each process's own (``wait4``); on a GPU, peak GPU memory is the most ``nvidia-smi`` reported in
 use on the device while the process ran (sampled every 0.2 s), less what was in use before it started. The loss: each
@@ -68,7 +70,7 @@ from sd15_shaped import HINT_CHANNELS as SD15_HINT_CHANNELS, sd15_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 ANCHOR = ROOT.parent / "shared" / "anchors" / "diffusers_train_controlnet.py"
-SETUPS = ("harness", "harness_no_cache", "diffusers_script")
+SETUPS = ("harness", "harness_compiled", "harness_no_cache", "diffusers_script")
 LAST = 20  # steps whose losses are compared
 
 
@@ -116,7 +118,8 @@ def command(setup: str, steps: int, args, tmp: Path, run: Path) -> list[str]:
             f"data.resolution={args.resolution}", f"data.batch_size={args.batch}", "data.val_size=16", "data.prompt_dropout=0.5",
             f"data.cache_dir={tmp / 'hf_cache'}", f"data.num_workers={args.workers}", f"paths.cache_dir={run / 'cache'}", f"paths.run_dir={run}",
             f"model.controlnet.lr={args.lr}", "lr_scheduler.name=constant", *trainer, "trainer.gradient_clip_val=1.0", f"trainer.precision={precision}",
-            "model.base.noise_offset=0", f"model.base.cache_encodings={setup == 'harness'}", f"trainer.max_steps={steps}",
+            "model.base.noise_offset=0", f"model.base.cache_encodings={setup != 'harness_no_cache'}", f"model.compile={setup == 'harness_compiled'}",
+            f"trainer.max_steps={steps}",
             "trainer.limit_val_batches=0", "trainer.log_every_n_steps=1", "~callbacks.fidelity_curve", "eval.fid_domain.enabled=false",
             f"callbacks.throughput.window_size={args.window + 1}",  # window_size points span window steps
             "eval.num_images=8", "logger=csv", "extras.print_config=false", "seed=0"]
@@ -221,6 +224,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0, help="data loading processes of each (0: in the training process)")
     parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                         help="a 1-step run of each first, untimed, so the first timed runs find the datasets caches built")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="also the harness with model.compile=true (its compilation, about a minute here, is in fixed_s)")
     parser.add_argument("--anchor", type=Path, default=ANCHOR, help="diffusers' train_controlnet.py")
     parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "performance" / "vs_diffusers.json")
     parser.add_argument("--logs", type=Path, help="keep each run's output here (default: in the temporary folder, deleted at the end)")
@@ -240,14 +245,15 @@ def main() -> None:
         print(f"{time.perf_counter() - started:.0f} s: base and ControlNet start saved", flush=True)
         for setup in ("harness", "diffusers_script") if args.warmup else ():
             run_setup(setup, 1, args, tmp, f"warmup-{setup}")
+        setups = [s for s in SETUPS if args.compile or s != "harness_compiled"]
         rounds = []
         for i in range(args.rounds):
             rounds.append({})
-            for setup in SETUPS:
+            for setup in setups:
                 rounds[-1][setup] = run = run_setup(setup, args.steps, args, tmp, f"{i}-{setup}")
                 print(f"{time.perf_counter() - started:.0f} s: round {i} {setup:<17} {run['samples_per_s']:7.1f} samples/s, "
                       f"{run['wall_s']:.1f} s in all", flush=True)
-    summary = {setup: summarize(setup, rounds, args.steps, args.batch) for setup in SETUPS}
+    summary = {setup: summarize(setup, rounds, args.steps, args.batch) for setup in setups}
     script = summary["diffusers_script"]
     report = {
         "what": "training samples/s (over the last --window steps, from each step's logged wall time), peak RSS (and GPU memory on a GPU) and "
@@ -255,6 +261,7 @@ def main() -> None:
         "harness_samples_per_s": summary["harness"]["samples_per_s"],
         "diffusers_samples_per_s": script["samples_per_s"],
         "ratio": round(summary["harness"]["samples_per_s"] / script["samples_per_s"], 3),
+        "ratio_compiled": round(summary["harness_compiled"]["samples_per_s"] / script["samples_per_s"], 3) if args.compile else None,
         "ratio_caching_off": round(summary["harness_no_cache"]["samples_per_s"] / script["samples_per_s"], 3),
         "harness_peak_rss_mb": summary["harness"]["peak_rss_mb"],
         "diffusers_peak_rss_mb": script["peak_rss_mb"],
@@ -272,10 +279,10 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
-    print(json.dumps({k: report[k] for k in ("harness_samples_per_s", "diffusers_samples_per_s", "ratio", "ratio_caching_off",
+    print(json.dumps({k: report[k] for k in ("harness_samples_per_s", "diffusers_samples_per_s", "ratio", "ratio_compiled", "ratio_caching_off",
                                              "harness_peak_rss_mb", "diffusers_peak_rss_mb",
                                              "harness_peak_gpu_mb", "diffusers_peak_gpu_mb")}, indent=2))
-    print(json.dumps({s: summary[s]["loss_last_steps"] for s in SETUPS}))
+    print(json.dumps({s: summary[s]["loss_last_steps"] for s in setups}))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def test_the_diffusers_script_benchmark_runs_both_on_the_same_work(tmp_path, mon
     pytest.importorskip("tensorboard", reason="diffusers' training script logs to TensorBoard: pip install -e '.[bench]'")
     out = tmp_path / "vs_diffusers.json"
     monkeypatch.setattr(sys, "argv", ["vs_diffusers.py", "--steps", "4", "--window", "2", "--rounds", "1", "--batch", "4", "--samples", "64",
-                                      "--out", str(out)])
+                                      "--no-compile", "--out", str(out)])
     vs_diffusers.main()
     report = json.loads(out.read_text())
     assert set(report["setups"]) == {"harness", "harness_no_cache", "diffusers_script"}

@@ -96,6 +96,27 @@ def test_unknown_block_is_rejected(tiny_base):
         ControlNetModule(str(tiny_base), block="lego")
 
 
+def test_compile_runs_the_training_steps_denoiser_compiled_and_trains_the_same(tiny_base, tiny_data):
+    graphs = []
+
+    def recording_backend(graph, example_inputs):  # torch.compile's backend: run the captured graph as it is
+        graphs.append(graph)
+        return graph.forward
+
+    trained = {}
+    for name, compile in (("eager", None), ("compiled", {"backend": recording_backend})):
+        L.seed_everything(0)
+        module = ControlNetModule(str(tiny_base), block="zero", lr=1e-2, num_val_images=0, compile=compile)
+        loader = DataLoader(fill50k_dataset(tiny_data, 16, count=16), batch_size=8)
+        trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(module, train_dataloaders=loader)
+        trained[name] = module.controlnet.state_dict()
+    assert graphs, "the training step did not run through torch.compile"
+    assert trained["eager"].keys() == trained["compiled"].keys()
+    for key, value in trained["eager"].items():
+        torch.testing.assert_close(trained["compiled"][key], value, msg=key)
+
+
 class PoisonedBatches(torch.utils.data.Dataset):
     """The samples of ``dataset``, with a NaN target in every batch from ``from_batch`` on (batch size ``batch``)."""
 

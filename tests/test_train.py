@@ -150,6 +150,8 @@ def test_base_is_pretrained_once_and_reused(smoke_run):
         ("eval.prompt_settings=[none]", "eval.prompt_settings: must include perfect"),
         ("data.held_out.max_distance=1.5", "data.held_out.max_distance"),
         ("block=gauss block.std=-1", "block.std"),
+        ("model.compile=3", "model.compile must be true, false or torch.compile's keyword arguments"),
+        ("model.compile=true trainer=fsdp", "model.compile cannot be used with trainer=fsdp"),
     ],
 )
 @pytest.mark.bad_input

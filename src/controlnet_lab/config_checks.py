@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hydra
 from diffusers.optimization import SchedulerType
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from controlnet_lab.blocks import BLOCKS, check_block_std, check_hint_channels
 from controlnet_lab.data.conditions import CONDITIONS, DETECTORS
@@ -41,6 +41,9 @@ def check_train_config(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.max_steps must be >= 1, got {cfg.trainer.max_steps}")
     check_sampling_config(cfg.model.sampling, "model.sampling")
     check_optimization(cfg)
+    if compile_options(cfg.model.compile) is not None and sharded(cfg.trainer):
+        raise ConfigError("model.compile cannot be used with trainer=fsdp (the compiled call would trace the sharded "
+                          "ControlNet; not supported here); use trainer=ddp or model.compile=false")
     if cfg.eval.num_images < 1:
         raise ConfigError(f"eval.num_images must be >= 1 (the final evaluation scores that many held-out conditions), got {cfg.eval.num_images}")
     check_eval_prompt_settings(cfg.eval)
@@ -75,6 +78,17 @@ def check_optimization(cfg: DictConfig) -> None:
         if sharded(cfg.trainer):
             raise ConfigError("model.ema.enabled=true cannot be used with trainer=fsdp: the average would need the whole "
                               "ControlNet on every device, which FSDP shards; use trainer=ddp or model.ema.enabled=false")
+
+
+def compile_options(setting) -> dict | None:
+    """``model.compile`` as torch.compile's keyword arguments: None for false, {} for true, a mapping as given."""
+    if setting is None or setting is False:
+        return None
+    if setting is True:
+        return {}
+    if isinstance(setting, DictConfig):
+        return OmegaConf.to_container(setting, resolve=True)
+    raise ConfigError(f"model.compile must be true, false or torch.compile's keyword arguments (e.g. {{mode: max-autotune}}), got {setting!r}")
 
 
 def sharded(trainer: DictConfig) -> bool:

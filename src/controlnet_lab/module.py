@@ -62,9 +62,10 @@ class ControlNetModule(L.LightningModule):
         ema: dict | None = None,  # EMAModel settings (decay, ...) for an average of the ControlNet's weights; None: no EMA
         base_fingerprint: str | None = None,  # of the locked base's folder, checked when the checkpoint is loaded again
         skip_nonfinite: bool = False,  # skip (and count) a step whose loss is not finite, instead of stopping the run
+        compile: dict | None = None,  # torch.compile's keyword arguments for the training step's denoiser call; None: eager
     ):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["compile"])  # how to run the step, not what the checkpoint holds
         self.base = load_base(Path(base_path), getattr(torch, base_dtype))
         if resolution:
             self.base.resolution = resolution
@@ -80,6 +81,9 @@ class ControlNetModule(L.LightningModule):
                 raise ValueError(f"model.controlnet.gradient_checkpointing=true: {type(self.controlnet).__name__} (block={block}) does not support it")
             self.controlnet.enable_gradient_checkpointing()
         self.ema = EMAModel(self.controlnet.parameters(), **ema) if ema else None
+        # Only the training step runs compiled: validation, sampling and evaluation call with other shapes and without
+        # gradients, each of which would compile again.
+        self.training_denoiser = self.base.predict_noise if compile is None else torch.compile(self.base.predict_noise, **compile)
         self.nonfinite_skips = 0
         self.last_finite: tuple[int, torch.Tensor] | None = None  # (step, loss) of the last step with a finite loss
 
@@ -143,9 +147,10 @@ class ControlNetModule(L.LightningModule):
             hidden, pooled = self.base.encode_prompt(batch["prompt"])
         return (*noisy_batch(self.base.noise_scheduler, latents, self.hparams.noise_offset, generator), hidden, pooled)
 
-    def diffusion_loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+    def diffusion_loss(self, batch: dict, generator: torch.Generator | None = None, denoiser=None) -> torch.Tensor:
+        """The objective on a batch; ``denoiser``: the call that predicts (``base.predict_noise`` or a compiled one)."""
         noisy, timesteps, target, hidden, pooled = self.noisy_inputs(batch, generator)
-        prediction = self.base.predict_noise(noisy, timesteps, hidden, pooled, self.controlnet, batch["condition"])
+        prediction = (denoiser or self.base.predict_noise)(noisy, timesteps, hidden, pooled, self.controlnet, batch["condition"])
         return F.mse_loss(prediction.float(), target.float())
 
     @torch.no_grad()
@@ -159,7 +164,7 @@ class ControlNetModule(L.LightningModule):
         return {"mean_abs_change": float(change), "relative": float(change / alone.abs().mean()), "images": len(noisy)}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
-        loss = self.diffusion_loss(batch)
+        loss = self.diffusion_loss(batch, denoiser=self.training_denoiser)
         if not torch.isfinite(loss):
             if self.hparams.skip_nonfinite:  # returning None skips the optimizer step (Lightning's automatic optimization)
                 self.nonfinite_skips += 1

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from controlnet_lab.bases import base_fingerprint, check_same_base
 from controlnet_lab.blocks import connection_init_stds
 from controlnet_lab.callbacks import FidelityCurve, InitialOutputChange
-from controlnet_lab.config_checks import check_train_config
+from controlnet_lab.config_checks import check_train_config, compile_options
 from controlnet_lab.data.datamodule import ControlDataModule
 from controlnet_lab.evaluation import PROMPT_SETTINGS, ComposedNet, MetricSuite, evaluate_held_out, evaluate_seen, palette_of
 from controlnet_lab.metrics.clip_score import clip_scorer
@@ -274,6 +274,7 @@ def train_and_evaluate(cfg: DictConfig) -> dict:
         ema=ema_settings(cfg.model.ema),
         base_fingerprint=fingerprint,
         skip_nonfinite=cfg.skip_nonfinite,
+        compile=compile_options(cfg.model.compile),
     )
     trainable = module.trainable_parameter_count()
     check_room(output_dir / "checkpoints", trainable, module.ema is not None, checkpoints_kept(cfg))
