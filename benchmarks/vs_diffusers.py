@@ -27,9 +27,10 @@ locked parts, the final save and evaluation) is not, and is reported as ``fixed_
 measured rate). (Timing from outside, the difference of an N-step and a 2N-step run's wall times, swung 2x between
 rounds on this machine.) The setups alternate within each of ``--rounds`` rounds. Setups: the harness as
 configured (``model.base.cache_encodings=true``: VAE latents and text embeddings computed once), the same with
-``model.compile=true`` (``--compile``, on by default: the training step's UNet and ControlNet call compiled; the
-compilation falls in ``fixed_s``, and Inductor's cache under /tmp makes it shorter after the first), the harness with caching
-off (every target through the VAE and every prompt through the text encoder at every step, as the script does), and
+``model.compile=true`` (``--compile``, on by default: the training step's UNet and ControlNet call compiled; every
+compiled run shares one Inductor cache, new in the temporary folder, so the warm-up run compiles from nothing, and its
+wall time against the eager warm-up's, in ``warmup_wall_s``, is the cold compilation; the timed runs find the cache and
+their compilation falls in ``fixed_s``), the harness with caching off (every target through the VAE and every prompt through the text encoder at every step, as the script does), and
 the script. Peak RSS is each process's own (``wait4``); on a GPU, peak GPU memory is the most ``nvidia-smi`` reported in
 use on the device while the process ran (sampled every 0.2 s), less what was in use before it started. The loss: each
 setup's train loss over its last 20 steps (they train the same thing when these agree within their spread).
@@ -152,9 +153,10 @@ class GpuMemoryPeak:
         self.mb = self.peak - self.baseline
 
 
-def timed(argv: list[str], log: Path, device: str) -> tuple[float, float, float | None]:
-    """Wall seconds, the process's own peak RSS (MiB) and on a GPU its peak GPU memory (MiB) of one run, which must succeed."""
-    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+def timed(argv: list[str], log: Path, device: str, inductor_cache: Path) -> tuple[float, float, float | None]:
+    """Wall seconds, the process's own peak RSS (MiB) and on a GPU its peak GPU memory (MiB) of one run, which must succeed
+    (compiled runs share the Inductor cache ``inductor_cache``)."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TORCHINDUCTOR_CACHE_DIR": str(inductor_cache)}
     started = time.perf_counter()
     with log.open("w") as out, (GpuMemoryPeak() if device == "cuda" else contextlib.nullcontext()) as gpu:
         process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -191,7 +193,7 @@ def run_setup(setup: str, steps: int, args, tmp: Path, name: str) -> dict:
     run.parent.mkdir(exist_ok=True)
     log = (args.logs or tmp / "runs") / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    wall, rss, gpu_mb = timed(command(setup, steps, args, tmp, run), log, args.device)
+    wall, rss, gpu_mb = timed(command(setup, steps, args, tmp, run), log, args.device, tmp / "inductor")
     values, rate = logged(setup, run, args.window, args.batch)
     if len(values) != steps:
         raise RuntimeError(f"{name}: {len(values)} losses logged for {steps} steps")
@@ -243,9 +245,9 @@ def main() -> None:
         print(f"{time.perf_counter() - started:.0f} s: {args.samples} samples written", flush=True)
         _, _, hint_channels = build_models(tmp, args.resolution, [r.prompt for r in read_index(fill50k)], args.base)
         print(f"{time.perf_counter() - started:.0f} s: base and ControlNet start saved", flush=True)
-        for setup in ("harness", "diffusers_script") if args.warmup else ():
-            run_setup(setup, 1, args, tmp, f"warmup-{setup}")
         setups = [s for s in SETUPS if args.compile or s != "harness_compiled"]
+        warmups = {setup: run_setup(setup, 1, args, tmp, f"warmup-{setup}")["wall_s"]
+                   for setup in setups if args.warmup and setup != "harness_no_cache"}
         rounds = []
         for i in range(args.rounds):
             rounds.append({})
@@ -268,6 +270,7 @@ def main() -> None:
         "harness_peak_gpu_mb": summary["harness"]["peak_gpu_mb"],
         "diffusers_peak_gpu_mb": script["peak_gpu_mb"],
         "setups": summary,
+        "warmup_wall_s": warmups,
         "settings": {"resolution": args.resolution, "batch": args.batch, "steps": args.steps, "window": args.window, "rounds": args.rounds,
                      "samples": args.samples, "lr": args.lr, "lr_scheduler": "constant", "device": args.device,
                      "precision": "bf16 mixed (locked parts bfloat16, ControlNet float32)" if args.precision == "bf16" else "float32",
