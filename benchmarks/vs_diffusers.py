@@ -37,7 +37,7 @@ setup's train loss over its last 20 steps (they train the same thing when these 
 
     python benchmarks/vs_diffusers.py [--steps 150 --window 100 --rounds 3 --batch 32 --resolution 32 --samples 2000]
     python benchmarks/vs_diffusers.py --base sd15 --resolution 512 --device cuda --precision bf16 --workers 4 \
-        --batch 8 --samples 256 --steps 80 --window 60 --rounds 1 --no-warmup --out experiments/performance/gpu/vs_diffusers.json
+        --batch 8 --samples 256 --steps 80 --window 60 --rounds 1 --no-warmup --no-compile --out experiments/performance/gpu/vs_diffusers.json
 
 Writes ``--out`` (experiments/performance/vs_diffusers.json) with the settings, the commit, the machine and the CPU
 time other programs took meanwhile.
