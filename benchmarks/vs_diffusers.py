@@ -30,8 +30,8 @@ configured (``model.base.cache_encodings=true``: VAE latents and text embeddings
 ``model.compile=true`` (``--compile``, on by default: the training step's UNet and ControlNet call compiled; every
 compiled run shares one Inductor cache, new in the temporary folder, so the warm-up run compiles from nothing, and its
 wall time against the eager warm-up's, in ``warmup_wall_s``, is the cold compilation; the timed runs find the cache and
-their compilation falls in ``fixed_s``), the harness with caching off (every target through the VAE and every prompt through the text encoder at every step, as the script does), and
-the script. Peak RSS is each process's own (``wait4``); on a GPU, peak GPU memory is the most ``nvidia-smi`` reported in
+their compilation falls in ``fixed_s``), the harness with caching off (every target through the VAE and every prompt
+through the text encoder at every step, as the script does), and the script. Peak RSS is each process's own (``wait4``); on a GPU, peak GPU memory is the most ``nvidia-smi`` reported in
 use on the device while the process ran (sampled every 0.2 s), less what was in use before it started. The loss: each
 setup's train loss over its last 20 steps (they train the same thing when these agree within their spread).
 
@@ -227,7 +227,7 @@ def main() -> None:
     parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                         help="a 1-step run of each first, untimed, so the first timed runs find the datasets caches built")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                        help="also the harness with model.compile=true (its compilation, about a minute here, is in fixed_s)")
+                        help="also the harness with model.compile=true (cold compilation: warmup_wall_s; from the warm cache: fixed_s)")
     parser.add_argument("--anchor", type=Path, default=ANCHOR, help="diffusers' train_controlnet.py")
     parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "performance" / "vs_diffusers.json")
     parser.add_argument("--logs", type=Path, help="keep each run's output here (default: in the temporary folder, deleted at the end)")
