@@ -2,17 +2,25 @@
 
     python benchmarks/default_run.py                # cold then warm, caches in a fresh temp folder
     python benchmarks/default_run.py --warm-only    # reuse the project's .cache
+    python benchmarks/default_run.py --warm-only --out experiments/performance/default_compile --after model.compile=true
+                                                    # a before/after pair: what an option buys the default run
 
 Each run is a child process (src/train.py through Hydra); its peak RSS and scores come
-from the run's results.json. Writes ``default_run.json`` (both runs, the commit, the
+from the run's results.json. Writes ``default_run.json`` (every run, the commit, the
 machine, and the CPU time other programs took meanwhile), the warm run's own
 ``results.json``, its fidelity curve with the 10-90% rise marked (``fidelity_curve.png``)
 and its evaluation grid (``eval_samples.png``) into ``--out``.
+
+``--after OVERRIDE ...`` adds two warm runs with those overrides added, in the same
+benchmark run: ``after`` and ``after_repeat``. Every run starts from an empty Inductor
+cache (torch.compile's compiled kernels) except ``after_repeat``, which reuses
+``after``'s: for ``model.compile=true`` the pair is a first compiled run and a later one.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -31,13 +39,13 @@ SUMMARY_KEYS = ("mask_iou", "color_accuracy", "base_mask_iou", "base_color_accur
                 "block_init_std")
 
 
-def run_once(cache_dir: Path, log_dir: Path, overrides: list[str]) -> dict:
+def run_once(cache_dir: Path, log_dir: Path, overrides: list[str], inductor_cache: Path) -> dict:
     started = time.time()
     command = [sys.executable, str(ROOT / "src" / "train.py"), f"paths.cache_dir={cache_dir}", f"paths.log_dir={log_dir}", *overrides]
     with OtherLoad() as load:
-        subprocess.run(command, cwd=ROOT, check=True)
+        subprocess.run(command, cwd=ROOT, check=True, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor_cache)})
     wall = time.time() - started
-    run_dir = max((log_dir / "train" / "runs").iterdir(), key=lambda p: p.stat().st_mtime)
+    run_dir = max(log_dir.glob("*/runs/*"), key=lambda p: p.stat().st_mtime)  # <task_name>/runs/<time>: the run just ended
     results = json.loads((run_dir / "results.json").read_text())
     return {"wall_s": round(wall, 1), "peak_rss_mb": results["peak_rss_mb"], "other_load": load.result, "results": results, "run_dir": str(run_dir)}
 
@@ -47,18 +55,24 @@ def main() -> None:
     parser.add_argument("--warm-only", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "embedded_default")
     parser.add_argument("--cache", type=Path, help="an empty folder for the cold run's cache, kept afterwards (default: a temporary one)")
+    parser.add_argument("--logs", type=Path, default=ROOT / "outputs" / "benchmark", help="the runs' log folder (paths.log_dir)")
+    parser.add_argument("--after", nargs="+", default=[], metavar="OVERRIDE",
+                        help="overrides added for two more warm runs (after, after_repeat): a before/after pair in one run")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides passed to src/train.py")
     args = parser.parse_args()
     runs = {}
-    provenance = {**commit(), "machine": machine(), "overrides": args.overrides}
+    provenance = {**commit(), "machine": machine(), "overrides": args.overrides, "after": args.after}
     with tempfile.TemporaryDirectory() as tmp:
         cache = ROOT / ".cache" if args.warm_only else args.cache or Path(tmp) / "cache"
         if not args.warm_only and cache.exists() and any(cache.iterdir()):
             raise SystemExit(f"--cache {cache} is not empty: a cold run needs an empty cache")
-        logs = ROOT / "outputs" / "benchmark"
+        logs, inductor = args.logs, Path(tmp) / "inductor"
         if not args.warm_only:
-            runs["cold"] = run_once(cache, logs, args.overrides)
-        runs["warm"] = run_once(cache, logs, args.overrides)
+            runs["cold"] = run_once(cache, logs, args.overrides, inductor / "cold")
+        runs["warm"] = run_once(cache, logs, args.overrides, inductor / "warm")
+        if args.after:
+            for name in ("after", "after_repeat"):
+                runs[name] = run_once(cache, logs, [*args.overrides, *args.after], inductor / "after")
     report(runs)
     write_record(runs, provenance, args.out)
 
@@ -73,7 +87,17 @@ def report(runs: dict) -> None:
             f"{m['base_mask_iou']:.3f} / {m['mask_iou']:.3f} / {m['random_placement_mask_iou']:.3f} | "
             f"{m['base_color_accuracy']:.3f} / {m['color_accuracy']:.3f} |"
         )
+    for name in ("after", "after_repeat"):
+        if name in runs:
+            gain = speedups(runs["warm"], runs[name])
+            print(f"{name} against warm: {gain['wall']:.3f}x as fast (whole run), {gain['until_trained']:.3f}x until trained")
     print_evaluation_cost(runs["warm"]["results"])
+
+
+def speedups(before: dict, after: dict) -> dict:
+    """How many times as fast ``after`` ran: the whole process, and its run from start to the end of training."""
+    return {"wall": round(before["wall_s"] / after["wall_s"], 3),
+            "until_trained": round(before["results"]["wall_time_s"]["until_trained"] / after["results"]["wall_time_s"]["until_trained"], 3)}
 
 
 def write_record(runs: dict, provenance: dict, out: Path) -> None:
@@ -86,6 +110,8 @@ def write_record(runs: dict, provenance: dict, out: Path) -> None:
         "metrics": {k: row["results"]["metrics"][k] for k in SUMMARY_KEYS if k in row["results"]["metrics"]},
         "curve": row["results"]["metrics"].get("curve"),
     } for name, row in runs.items()}}
+    if "after" in runs:
+        record["speedup_over_warm"] = {name: speedups(runs["warm"], runs[name]) for name in ("after", "after_repeat")}
     (out / "default_run.json").write_text(json.dumps(record, indent=2))
     warm = runs["warm"]
     plot_curves(pd.DataFrame([pd.json_normalize(warm["results"]).iloc[0]]), out / "fidelity_curve.png")

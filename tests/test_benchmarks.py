@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import default_profile
+import default_run
 import scaling
 import sd15_shaped
 import speed_options
@@ -117,3 +118,16 @@ def test_the_default_profile_runs_py_spy_on_a_smoke_run(tmp_path, monkeypatch):
     default_profile.main()
     phases = {row["phase"] for row in json.loads(out.read_text())["phases"]}
     assert {"base pretraining", "ControlNet training", "fidelity curve"} <= phases
+
+
+def test_the_default_run_benchmark_measures_a_before_after_pair(tmp_path, monkeypatch):
+    """--after's overrides reach only the after runs (here 3 steps instead of the smoke's 6)."""
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["default_run.py", "--cache", str(tmp_path / "cache"), "--logs", str(tmp_path / "outputs"), "--out", str(out),
+                                      "--after", "trainer.max_steps=3", "--", "experiment=smoke", "eval.fid_domain.enabled=false",
+                                      f"data.cache_dir={SHARED_DATA[0]}", "data.generator.count=2000"])
+    default_run.main()
+    record = json.loads((out / "default_run.json").read_text())
+    assert {name: run["global_step"] for name, run in record["runs"].items()} == {"cold": 6, "warm": 6, "after": 3, "after_repeat": 3}
+    assert set(record["speedup_over_warm"]) == {"after", "after_repeat"} and record["after"] == ["trainer.max_steps=3"]
+    assert (out / "results.json").exists() and (out / "fidelity_curve.png").exists()
