@@ -230,6 +230,18 @@ def test_curve_values_at_chosen_steps_get_intervals_and_paired_differences(tmp_p
         write_tables(tmp_path / "sweep", tmp_path / "out", curve_steps=[30])
 
 
+def test_a_sweep_whose_curves_lack_color_accuracy_joins_one_whose_curves_have_it(tmp_path):
+    """An older arm's curves recorded only the fidelity metric: the color plot shows the jobs that recorded it."""
+    write_sweep(tmp_path / "sweep", {"zero": REFERENCE, "gauss": TREATMENT})
+    for job in (tmp_path / "sweep").iterdir():
+        record = json.loads((job / "results.json").read_text())
+        point = {"step": 0, "edge_f1": 0.2, **({"color_accuracy": 0.7} if record["block"] == "gauss" else {})}
+        record["metrics"].update(curve_images=64, curve_metric="edge_f1", curve=[point])
+        (job / "results.json").write_text(json.dumps(record))
+    _, paths = write_tables(tmp_path / "sweep", tmp_path / "out")
+    assert paths["color_curves"].stat().st_size > 0 and paths["curves"].stat().st_size > 0
+
+
 def test_conditions_with_different_fidelity_metrics_also_get_mask_iou_curves(tmp_path):
     """A condition sweep: edge F1 curves for one condition, seg mIoU for the other. Each keeps its own metric, and mask
     IoU, which every curve records, is plotted on one scale for both; only such a sweep gets that plot."""

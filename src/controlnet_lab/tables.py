@@ -433,6 +433,8 @@ def plot_curves(frame: pd.DataFrame, path: Path, quantity: str | None = None) ->
         if not isinstance(curve, list) or not curve:
             continue
         metric = quantity or row["metrics.curve_metric"]
+        if metric not in curve[0]:
+            continue  # a curve that did not record it (a sweep joined from before the curves recorded color accuracy)
         color = colors.setdefault(label, f"C{len(colors)}")
         steps = [point["step"] for point in curve]
         axis.plot(steps, [point[metric] for point in curve], color=color, alpha=0.8, label=label if label not in axis.get_legend_handles_labels()[1] else None)
