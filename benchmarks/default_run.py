@@ -101,7 +101,7 @@ def speedups(before: dict, after: dict) -> dict:
 
 
 def write_record(runs: dict, provenance: dict, out: Path) -> None:
-    """default_run.json (both runs, with provenance), the warm run's results.json, curve plot and evaluation grid."""
+    """default_run.json (every run, with provenance), the warm run's results.json, curve plot and evaluation grid."""
     out.mkdir(parents=True, exist_ok=True)
     record = {**provenance, "runs": {name: {
         "wall_s": row["wall_s"], "peak_rss_mb": row["peak_rss_mb"], "other_load": row["other_load"],
