@@ -34,6 +34,7 @@ from controlnet_lab.tables import plot_curves
 from controlnet_lab.provenance import OtherLoad, commit, machine
 
 ROOT = Path(__file__).resolve().parents[1]
+AFTER_RUNS = ("after", "after_repeat")  # --after: the first run from an empty Inductor cache, the second from its cache
 SUMMARY_KEYS = ("mask_iou", "color_accuracy", "base_mask_iou", "base_color_accuracy", "random_placement_mask_iou", "edge_f1",
                 "fid_domain", "prompt_settings", "rise", "sudden_convergence_step", "curve_images", "curve_seconds", "eval_images", "seconds",
                 "block_init_std")
@@ -71,13 +72,14 @@ def main() -> None:
             runs["cold"] = run_once(cache, logs, args.overrides, inductor / "cold")
         runs["warm"] = run_once(cache, logs, args.overrides, inductor / "warm")
         if args.after:
-            for name in ("after", "after_repeat"):
+            for name in AFTER_RUNS:
                 runs[name] = run_once(cache, logs, [*args.overrides, *args.after], inductor / "after")
-    report(runs)
-    write_record(runs, provenance, args.out)
+    gains = {name: speedups(runs["warm"], runs[name]) for name in AFTER_RUNS if name in runs}
+    report(runs, gains)
+    write_record(runs, gains, provenance, args.out)
 
 
-def report(runs: dict) -> None:
+def report(runs: dict, gains: dict) -> None:
     print("\n| run | wall time | peak RSS | other programs' CPU | mask IoU: base / +ControlNet / random | color acc.: base / +ControlNet |")
     print("|---|---|---|---|---|---|")
     for name, row in runs.items():
@@ -87,10 +89,8 @@ def report(runs: dict) -> None:
             f"{m['base_mask_iou']:.3f} / {m['mask_iou']:.3f} / {m['random_placement_mask_iou']:.3f} | "
             f"{m['base_color_accuracy']:.3f} / {m['color_accuracy']:.3f} |"
         )
-    for name in ("after", "after_repeat"):
-        if name in runs:
-            gain = speedups(runs["warm"], runs[name])
-            print(f"{name} against warm: {gain['wall']:.3f}x as fast (whole run), {gain['until_trained']:.3f}x until trained")
+    for name, gain in gains.items():
+        print(f"{name} against warm: {gain['wall']:.3f}x as fast (whole run), {gain['until_trained']:.3f}x until trained")
     print_evaluation_cost(runs["warm"]["results"])
 
 
@@ -100,7 +100,7 @@ def speedups(before: dict, after: dict) -> dict:
             "until_trained": round(before["results"]["wall_time_s"]["until_trained"] / after["results"]["wall_time_s"]["until_trained"], 3)}
 
 
-def write_record(runs: dict, provenance: dict, out: Path) -> None:
+def write_record(runs: dict, gains: dict, provenance: dict, out: Path) -> None:
     """default_run.json (every run, with provenance), the warm run's results.json, curve plot and evaluation grid."""
     out.mkdir(parents=True, exist_ok=True)
     record = {**provenance, "runs": {name: {
@@ -110,8 +110,8 @@ def write_record(runs: dict, provenance: dict, out: Path) -> None:
         "metrics": {k: row["results"]["metrics"][k] for k in SUMMARY_KEYS if k in row["results"]["metrics"]},
         "curve": row["results"]["metrics"].get("curve"),
     } for name, row in runs.items()}}
-    if "after" in runs:
-        record["speedup_over_warm"] = {name: speedups(runs["warm"], runs[name]) for name in ("after", "after_repeat")}
+    if gains:
+        record["speedup_over_warm"] = gains
     (out / "default_run.json").write_text(json.dumps(record, indent=2))
     warm = runs["warm"]
     plot_curves(pd.DataFrame([pd.json_normalize(warm["results"]).iloc[0]]), out / "fidelity_curve.png")
