@@ -27,7 +27,7 @@ from controlnet_lab.module import ControlNetModule
 from controlnet_lab.provenance import OtherLoad, commit, machine
 from controlnet_lab.task import wandb_mode
 from controlnet_lab.evaluation import ComposedNet
-from controlnet_lab.training import build_datamodule, condition_fidelity, flat_metrics, held_out_scores, save_eval_grid
+from controlnet_lab.training import build_datamodule, check_no_metric_failed, condition_fidelity, flat_metrics, held_out_scores, save_eval_grid
 
 
 os.environ.setdefault("CONTROLNET_LAB_ROOT", str(Path(__file__).resolve().parents[1]))  # conf/paths: root_dir
@@ -58,7 +58,7 @@ def main(cfg: DictConfig) -> None:
         "controlnets": [{"checkpoint": str(path), "condition": net_cfg.data.condition, "block": net_cfg.block.name, "seed": net_cfg.seed}
                         for path, net_cfg in nets],
         "sampling": OmegaConf.to_container(run_cfg.model.sampling, resolve=True),
-        "eval": OmegaConf.to_container(cfg.eval, resolve=True), "metrics": metrics,
+        "eval": OmegaConf.to_container(run_cfg.eval, resolve=True), "metrics": metrics,
         "wall_time_s": round(time.time() - started, 1),
         # which code scored it, on which machine, and what else used the CPU meanwhile
         "provenance": {**code, "machine": machine(), "other_load": load.result},
@@ -68,6 +68,7 @@ def main(cfg: DictConfig) -> None:
         (ckpt.parent / "eval.json").write_text(record)
         log_to_run_wandb(ckpt.parent.parent, run_cfg, metrics)
     print(record)
+    check_no_metric_failed(metrics, out / "eval.json")
 
 
 def run_config(ckpt: Path, key: str, cfg: DictConfig) -> DictConfig:

@@ -10,7 +10,7 @@ import pytest
 from controlnet_lab.data.colors import parse_prompt, rgb_of
 from controlnet_lab.data.datamodule import permutation, training_subset
 from conftest import fill50k_dataset
-from controlnet_lab.data.fill50k import DatasetFormatError, read_index
+from controlnet_lab.data.fill50k import DatasetFormatError, fill50k_samples, read_index
 from controlnet_lab.data.synthetic import SyntheticFill50kSpec, write_fill50k
 from controlnet_lab.data.outlines import condition_mask
 
@@ -97,7 +97,7 @@ def test_broken_dataset_errors_name_file_and_line(tiny_data, tmp_path, breakage,
     broken = _copy(tiny_data, tmp_path / "broken")
     breakage(broken)
     with pytest.raises(DatasetFormatError, match=message):
-        read_index(broken)
+        fill50k_samples(broken)
 
 
 def test_splits_are_nested_and_validation_fixed():

@@ -36,6 +36,7 @@ def test_domain_fid_is_zero_on_itself_and_grows_with_distortion(tiny_data, tmp_p
     dataset = fill50k_dataset(tiny_data, 16)
     net = domain_net(dataset, list(PALETTE), tmp_path, steps=60)
     images = np.stack([load_rgb(r.target, 16) for r in read_index(tiny_data)])
+    images = np.concatenate([images, images[:, ::-1], images[:, :, ::-1]])  # 144 images: more than the 64 feature dimensions
     extractor = net.clean_fid_extractor()
     assert fid(images, images, extractor) == pytest.approx(0.0, abs=1e-3)
     rng = np.random.default_rng(0)
@@ -69,13 +70,37 @@ def test_fids_run_on_the_suites_device(monkeypatch):
 
     devices = []
 
-    def compute_fid(*args, device, **kwargs):
+    def get_folder_features(folder, model, *, device, **kwargs):
         devices.append(device)
-        return 1.0
+        return np.random.default_rng(len(devices)).normal(size=(4, 2))
 
-    monkeypatch.setattr(fid_module.cleanfid_fid, "compute_fid", compute_fid)
-    images = np.zeros((2, 16, 16, 3), np.uint8)
+    monkeypatch.setattr(fid_module.cleanfid_fid, "get_folder_features", get_folder_features)
+    images = np.zeros((4, 16, 16, 3), np.uint8)
     suite = MetricSuite(domain_features=lambda batch: batch, inception_features=lambda batch: batch, device="cuda:1")
     scores = extra_scores(suite, {"perfect": images, "targets": images}, ["", ""], {})
-    assert scores["fid"] == scores["fid_domain"] == 1.0
-    assert devices == [torch.device("cuda:1")] * 2
+    assert scores["fid"] > 0 and scores["fid_domain"] > 0 and scores["failed"] == {}
+    assert devices == [torch.device("cuda:1")] * 4
+
+
+def test_a_frechet_distance_from_fewer_images_than_dimensions_is_skipped_with_the_reason():
+    """clean-fid's sqrtm fails or gives noise on singular covariances (scipy 1.17: LinAlgError -102 on 8 images in 64-d)."""
+    from controlnet_lab.evaluation import MetricSuite, extra_scores
+
+    images = np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+    wide = MetricSuite(domain_features=lambda batch: batch.flatten(1)[:, :64].float())
+    scores = extra_scores(wide, {"perfect": images, "targets": images[::-1].copy()}, [""] * 8, {})
+    assert "fid_domain" not in scores and scores["skipped"]["fid_domain"].startswith("8 images in a 64-d feature space")
+    narrow = MetricSuite(domain_features=lambda batch: batch.float().mean((2, 3)))  # 3-d: 8 images are enough
+    assert np.isfinite(extra_scores(narrow, {"perfect": images, "targets": images[::-1].copy()}, [""] * 8, {})["fid_domain"])
+
+
+def test_a_metric_that_fails_is_recorded_beside_the_others(monkeypatch):
+    from controlnet_lab.evaluation import MetricSuite, extra_scores
+
+    def broken(batch):
+        raise RuntimeError("the extractor broke")
+
+    images = np.zeros((8, 16, 16, 3), np.uint8)
+    suite = MetricSuite(domain_features=lambda batch: batch.float().mean((2, 3)), inception_features=broken)
+    scores = extra_scores(suite, {"perfect": images, "targets": images}, [""] * 8, {})
+    assert scores["failed"] == {"fid": "RuntimeError: the extractor broke"} and "fid_domain" in scores

@@ -18,9 +18,9 @@ from controlnet_lab.config_checks import check_train_config
 from controlnet_lab.bases import LatentBase, load_base
 from controlnet_lab.bases.sources import BaseNotFoundError, PretrainedBase
 from controlnet_lab.data.datamodule import Fill50kDataModule
-from controlnet_lab.data.encoded import EncodedDataset, LockedEncodings
+from controlnet_lab.data.encoded import EncodedDataset, EncodingStore, LockedEncodings, StoreWriter
 from controlnet_lab.export import export
-from controlnet_lab.locked_encodings import cached_encodings, compute_encodings
+from controlnet_lab.locked_encodings import TargetImages, cached_encodings
 from controlnet_lab.module import ControlNetModule
 
 SD_HINT_CHANNELS = (16, 32, 96, 256)  # the sd15 config's condition encoder: VAE factor 8
@@ -111,22 +111,45 @@ def test_training_leaves_the_locked_vae_unet_and_text_encoder_bitwise_unchanged(
     assert any(not torch.equal(copy_before[k], v) for k, v in module.controlnet.state_dict().items())
 
 
+def stacked(rows) -> torch.Tensor:
+    return torch.stack([rows[i] for i in range(len(rows))])
+
+
 def test_cached_and_computed_encodings_give_the_same_loss(sd_folder, sd_data, tmp_path):
     module = sd_module(sd_folder, block="gauss", block_std=0.05)
     dataset = fill50k_dataset(sd_data, 32, count=6)
-    encodings = cached_encodings(module.base, "fingerprint", dataset, tmp_path)
-    assert encodings.images.shape == (6, 8, 4, 4)  # posterior mean and log-variance of 4 latent channels at 32/8
+    encodings = cached_encodings(module.base, "fingerprint", dataset, tmp_path, batch_size=4)  # two batches, one shard
+    images = stacked(encodings.images)
+    assert images.shape == (6, 8, 4, 4)  # posterior mean and log-variance of 4 latent channels at 32/8
     assert set(encodings.prompt_rows) == set(dataset.prompts) | {""}
-    reread = cached_encodings(module.base, "fingerprint", dataset, tmp_path)  # from the file this time
-    assert torch.equal(reread.images, encodings.images) and torch.equal(reread.text_hidden, encodings.text_hidden)
+    with torch.no_grad():
+        assert torch.equal(images, module.base.image_encoding(stacked(TargetImages(dataset))))  # what the VAE computes, bit for bit
+    reread = cached_encodings(module.base, "fingerprint", dataset, tmp_path)  # from the store this time
+    assert torch.equal(stacked(reread.images), images) and torch.equal(stacked(reread.text_hidden), stacked(encodings.text_hidden))
     computed = next(iter(DataLoader(dataset, batch_size=6)))
     without_targets = fill50k_dataset(sd_data, 32, count=6, with_target=False)  # as the training loader serves cached latents
     without_targets.samples.targets.read = None  # a target's pixels are never decoded
-    cached = next(iter(DataLoader(EncodedDataset(without_targets, reread), batch_size=6)))
+    cached = next(iter(DataLoader(EncodedDataset(without_targets, reread), batch_size=6, num_workers=2)))  # workers open the shards
     assert "target" not in cached and torch.equal(cached["condition"], computed["condition"])
     losses = [module.diffusion_loss(batch, torch.Generator().manual_seed(7)) for batch in (computed, cached)]
-    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    assert torch.equal(losses[0], losses[1])
     assert not torch.equal(losses[0], module.diffusion_loss(computed, torch.Generator().manual_seed(8)))
+
+
+def test_the_encoding_store_is_written_in_shards_and_read_row_by_row(tmp_path):
+    writer = StoreWriter(tmp_path / "store", torch.bfloat16, shard_bytes=3 * 2 * 4)  # 3 rows of 4 bf16 values a shard
+    rows = torch.randn(8, 4)
+    for start in range(0, 8, 2):
+        writer.add(x=rows[start : start + 2])
+    writer.finish(note="kept")
+    store = EncodingStore(tmp_path / "store")
+    assert [s["rows"] for s in store.index["shards"]] == [4, 4] and store.extra == {"note": "kept"}
+    column = store.column("x")
+    assert len(column) == 8 and column[5].dtype == torch.float32
+    assert torch.equal(stacked(column), rows.to(torch.bfloat16).float())
+    assert store.column("absent") is None
+    with pytest.raises(IndexError):
+        column[8]
 
 
 def test_the_training_loader_reads_no_targets_when_their_latents_are_cached(sd_data, tmp_path):
@@ -140,13 +163,19 @@ def test_the_training_loader_reads_no_targets_when_their_latents_are_cached(sd_d
     assert "target" in next(iter(data.train_dataloader()))  # text alone cached: the VAE still encodes each target
 
 
-def test_encodings_are_keyed_by_base_and_samples(sd_folder, sd_data, tmp_path):
+def test_encodings_are_keyed_by_the_locked_parts_and_samples(sd_folder, sd_data, tmp_path):
     base = load_base(sd_folder)
     cached_encodings(base, "a", fill50k_dataset(sd_data, 32, count=4), tmp_path)
-    cached_encodings(base, "b", fill50k_dataset(sd_data, 32, count=4), tmp_path)
+    cached_encodings(base, "b", fill50k_dataset(sd_data, 32, count=4), tmp_path)  # another base fingerprint, the same VAE
     cached_encodings(base, "a", fill50k_dataset(sd_data, 32, count=5), tmp_path)
-    assert len(list(tmp_path.glob("encodings-*.safetensors"))) == 3
-    assert compute_encodings(base, fill50k_dataset(sd_data, 32, count=4), images=False, text=True).images is None
+    store = tmp_path / "encodings"
+    assert len(list(store.glob("images-*"))) == 2 and len(list(store.glob("text-*"))) >= 2
+    with torch.no_grad():
+        base.vae.decoder.conv_out.bias.add_(1.0)  # the decoder changes nothing the cache holds, but the VAE is another one
+        base.vae.encoder.conv_out.bias.add_(1.0)
+    cached_encodings(base, "a", fill50k_dataset(sd_data, 32, count=4), tmp_path)
+    assert len(list(store.glob("images-*"))) == 3
+    assert cached_encodings(base, "a", fill50k_dataset(sd_data, 32, count=4), tmp_path, images=False).images is None
 
 
 def test_export_generates_the_same_images_in_diffusers_own_controlnet_pipeline(sd_folder, sd_data, tmp_path):
@@ -215,7 +244,8 @@ def test_smoke_trains_on_a_saved_sd_folder(sd_folder, tmp_path):
     results = json.loads(next((tmp_path / "outputs").rglob("results.json")).read_text())
     assert results["model"] == "sd15" and results["global_step"] == 6
     assert results["base"]["path"] == str(sd_folder) and "mask_iou" in results["metrics"]
-    assert len(list((tmp_path / "cache" / "encodings").glob("encodings-*.safetensors"))) == 2  # training and held-out samples
+    encodings = tmp_path / "cache" / "encodings"
+    assert len(list(encodings.glob("images-*"))) == 2 and len(list(encodings.glob("text-*"))) == 2  # training and held-out samples
 
     # The run's checkpoint through the other entry points, unchanged for the user.
     run_dir = next((tmp_path / "outputs").rglob("results.json")).parent
@@ -244,7 +274,9 @@ def test_every_model_composes_with_the_experiments(model, experiment):
 
 
 def test_smoke_on_the_embedded_latent_base_pretrains_the_vae_then_the_unet(tmp_path):
-    result = run_train(["model=tiny_sd", "experiment=smoke", "eval.fid_domain.enabled=false"], tmp_path, timeout=400)
+    # All 200 samples but the held-out ones: the ControlNet trains on the pool the base pretrained on.
+    result = run_train(["model=tiny_sd", "experiment=smoke", "eval.fid_domain.enabled=false", "data.size=null", "data.generator.count=200"],
+                       tmp_path, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(next((tmp_path / "outputs").rglob("results.json")).read_text())
     pretraining = results["base"]["pretraining"]
@@ -253,6 +285,9 @@ def test_smoke_on_the_embedded_latent_base_pretrains_the_vae_then_the_unet(tmp_p
     (base,) = (tmp_path / "cache" / "base").glob("base-*")
     assert isinstance(load_base(base), LatentBase) and (base / "vae" / "config.json").is_file()
     assert json.loads((base / "vae" / "config.json").read_text())["scaling_factor"] == pretraining["vae_scaling_factor"]
+    # The VAE encoded each image once: the pretraining's encodings of the pool served the ControlNet's training too.
+    # (a VAE fingerprinted differently after saving and loading would have made a third store for the training set)
+    assert len(list((tmp_path / "cache" / "encodings").glob("images-*"))) == 2  # the pool and the held-out set
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(sd_folder, sd_data):
@@ -309,7 +344,7 @@ def test_the_regression_target_follows_the_base_prediction_type(sd_folder, sd_da
     torch.testing.assert_close(losses["v_prediction"], expected)
 
 
-def test_computing_the_cache_draws_nothing_from_the_run_random_state(sd_folder, sd_data):
+def test_computing_the_cache_draws_nothing_from_the_run_random_state(sd_folder, sd_data, tmp_path):
     """A run that computes its cache and one that reads it must train alike: computing it (over a dataset with
     prompt dropout) leaves Python's and torch's random state untouched."""
     import random
@@ -317,7 +352,7 @@ def test_computing_the_cache_draws_nothing_from_the_run_random_state(sd_folder, 
     base = load_base(sd_folder)
     random.seed(0)
     torch.manual_seed(0)
-    compute_encodings(base, fill50k_dataset(sd_data, 32, prompt_dropout=0.5), images=True, text=True)
+    cached_encodings(base, "fingerprint", fill50k_dataset(sd_data, 32, prompt_dropout=0.5), tmp_path, workers=2)
     after = (random.random(), torch.rand(1))
     random.seed(0)
     torch.manual_seed(0)

@@ -101,7 +101,7 @@ def test_a_folder_with_free_form_captions_trains_and_is_scored_with_what_applies
     metrics, skipped = results["metrics"], results["metrics"]["skipped"]
     assert results["split"]["held_out"] == 6 and results["split"]["train"] == 10 and results["global_step"] == 6
     assert 0.0 <= metrics["edge_f1"] <= 1.0 and metrics["condition_fidelity"]["detector"] == "canny"
-    assert np.isfinite(metrics["fid"]) and metrics["fid_info"]["images"] == 6
+    assert "fid" not in metrics and skipped["fid"].startswith("6 images in a 2048-d feature space")  # Inception on 6 images
     # The fill50k oracle scores and the domain FID are not measured on free-form captions, and say why.
     for name in ("mask_iou", "color_accuracy", "base_mask_iou", "random_placement_mask_iou"):
         assert name not in metrics and "fill50k grammar" in skipped[name]
@@ -193,7 +193,7 @@ def test_a_condition_of_another_size_is_first_resized_to_its_target(tmp_path):
     Image.fromarray(condition).save(tmp_path / "c.png")
     table = datasets.Dataset.from_dict({"image": [str(tmp_path / "t.png")], "conditioning_image": [str(tmp_path / "c.png")], "text": ["x"]},
                                        features=datasets.Features({"image": datasets.Image(), "conditioning_image": datasets.Image(), "text": datasets.Value("string")}))
-    samples = Samples(table, "test")
+    samples = Samples(table, "test", resize={"image": "bilinear", "condition": "nearest"})  # a two-valued map stays two-valued
     fitted_target, fitted_condition = samples.pair(0, 16)
     assert np.array_equal(fitted_condition, fitted_target)  # the target's crop
     assert not np.array_equal(fit_square(condition, 16), fitted_target)

@@ -1,4 +1,5 @@
 """Nothing lost: the training order a resume rebuilds, checkpoints that are loaded safely and checked against their base."""
+import json
 import pickle
 import shutil
 from pathlib import Path
@@ -11,7 +12,8 @@ from conftest import fill50k_dataset
 from controlnet_lab.bases import base_fingerprint, load_base
 from controlnet_lab.bases.pretraining import build_once
 from controlnet_lab.data.order import EpochOrder
-from controlnet_lab.locked_encodings import cached_encodings, read_encodings
+from controlnet_lab.data.encoded import EncodingStore, StoreWriter
+from controlnet_lab.locked_encodings import cached_encodings
 from controlnet_lab.module import ControlNetModule
 from controlnet_lab.resume import read_checkpoint, resume_checkpoint
 from controlnet_lab.storage import check_room
@@ -123,13 +125,27 @@ def test_a_cached_base_cut_short_is_built_again(tiny_base, tmp_path, caplog):
 
 
 @pytest.mark.bad_input
-def test_cached_encodings_cut_short_are_computed_again(tiny_base, tiny_data, tmp_path, caplog):
+def test_cached_encodings_cut_short_or_from_another_version_are_computed_again(tiny_base, tiny_data, tmp_path, caplog):
     base = load_base(tiny_base)
     dataset = fill50k_dataset(tiny_data, 16, count=6)
     first = cached_encodings(base, "fingerprint", dataset, tmp_path)
-    (path,) = tmp_path.glob("encodings-*.safetensors")
-    path.write_bytes(path.read_bytes()[:50])
+    (store,) = (tmp_path / "encodings").glob("text-*")
+    shard = next(store.glob("shard-*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:50])
     again = cached_encodings(base, "fingerprint", dataset, tmp_path)
-    assert f"the cached encodings {path} are unreadable" in caplog.text
-    assert torch.equal(first.text_hidden, again.text_hidden)
-    assert read_encodings(path, len(dataset)) is not None  # written again, whole
+    assert f"the cached encodings {store} are unusable ({shard}: 50 bytes" in caplog.text
+    assert torch.equal(first.text_hidden[0], again.text_hidden[0])
+    EncodingStore(store)  # written again, whole
+    index = json.loads((store / "index.json").read_text())
+    (store / "index.json").write_text(json.dumps({**index, "version": 0}))
+    cached_encodings(base, "fingerprint", dataset, tmp_path)
+    assert "written by store version 0" in caplog.text and EncodingStore(store).index["version"] == index["version"]
+
+
+def test_an_interrupted_encoding_pass_leaves_nothing_that_is_read(tiny_base, tiny_data, tmp_path, monkeypatch):
+    base = load_base(tiny_base)
+    dataset = fill50k_dataset(tiny_data, 16, count=6)
+    monkeypatch.setattr(StoreWriter, "finish", lambda self, **extra: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        cached_encodings(base, "fingerprint", dataset, tmp_path)
+    assert list((tmp_path / "encodings").iterdir()) == []  # the staging folder is gone, nothing was published

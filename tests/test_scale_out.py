@@ -21,7 +21,7 @@ from controlnet_lab.config_checks import ConfigError, check_train_config
 from controlnet_lab.export import export
 from controlnet_lab.module import ControlNetModule
 
-FAST = ["experiment=smoke", "logger=csv", "eval.fid_domain.enabled=false", "~callbacks.fidelity_curve"]
+FAST = ["experiment=smoke", "eval.fid_domain.enabled=false", "~callbacks.fidelity_curve"]  # the default loggers: W&B (offline) and CSV
 
 
 def test_an_optuna_search_returns_each_jobs_metric(tmp_path):
@@ -80,12 +80,13 @@ def test_a_submitit_job_sent_the_time_limit_signal_is_requeued_and_resumes(tmp_p
 
 
 def test_two_process_ddp_gives_one_result_equal_to_a_one_process_evaluation(tmp_path):
-    result = run_train(["experiment=smoke", "logger=csv", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+    result = run_train(["experiment=smoke", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
                         "trainer.precision=32-true", "eval.fid_domain.enabled=false"], tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Starting with 2 processes" in result.stderr
     (run_dir,) = (tmp_path / "outputs" / "smoke" / "runs").iterdir()
     assert len(list(tmp_path.glob("outputs/**/results.json"))) == 1 and len(list((tmp_path / "cache" / "base").iterdir())) == 1
+    assert len(list(run_dir.glob("wandb/offline-run-*"))) == 1  # the default W&B logger, on rank 0 only
     record = json.loads((run_dir / "results.json").read_text())
     assert record["global_step"] == 6
     # Rank 0 evaluated; the same checkpoint evaluated again in one process scores the same.

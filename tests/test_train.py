@@ -72,7 +72,9 @@ def test_smoke_reports_fidelity_fid_and_the_curve(smoke_run):
     metrics = json.loads((run_dir / "results.json").read_text())["metrics"]
     assert 0.0 <= metrics["edge_f1"] <= 1.0 and metrics["condition_fidelity"] == {"metric": "edge_f1", "detector": "canny", "images": 8, "tolerance_px": 1}
     assert all("edge_f1" in scores for scores in metrics["prompt_settings"].values())
-    assert metrics["fid_domain"] >= 0.0 and metrics["fid_domain_info"]["label"] == "FID (domain features)" and metrics["fid_domain_info"]["images"] == 8
+    # 8 images in the domain net's 64-d feature space: no Fréchet distance, and the record says why
+    assert "fid_domain" not in metrics and metrics["skipped"]["fid_domain"].startswith("8 images in a 64-d feature space")
+    assert metrics["failed"] == {}
     assert [point["step"] for point in metrics["curve"]] == [0, 3, 6] and metrics["curve_metric"] == "edge_f1"
     assert all((4 * point["color_accuracy"]).is_integer() and 0 <= point["mask_iou"] <= 1 for point in metrics["curve"])  # 4 images
     steps, values = [p["step"] for p in metrics["curve"]], [p["edge_f1"] for p in metrics["curve"]]
@@ -152,6 +154,10 @@ def test_base_is_pretrained_once_and_reused(smoke_run):
         ("block=gauss block.std=-1", "block.std"),
         ("model.compile=3", "model.compile must be true, false or torch.compile's keyword arguments"),
         ("model.compile=true trainer=fsdp", "model.compile cannot be used with trainer=fsdp"),
+        ("model.base.cache_dtype=int8", "model.base.cache_dtype='int8'"),
+        ("model.base.encode_batch_size=0", "model.base.encode_batch_size"),
+        ("eval.curve_batch_size=0", "eval.curve_batch_size"),
+        ("data.num_proc=0", "data.num_proc"),
     ],
 )
 @pytest.mark.bad_input

@@ -209,16 +209,20 @@ class FidelityCurve(L.Callback):
 
     def __init__(self, every_n_steps: int, num_images: int, condition: str, resolution: int, edge_tolerance: int = 1,
                  seed: int = 1234, num_inference_steps: int = 20, guidance_scale: float = 1.0, resolution_weighting: str = "off",
-                 conditioning_scale: float = 1.0,
-                 detector_weights: str | None = None, canny_thresholds: tuple[int, int] = (100, 200)):
+                 conditioning_scale: float = 1.0, detector_weights: str | None = None,
+                 canny_thresholds: tuple[int, int] = (100, 200), batch_size: int | None = None):
         if every_n_steps < 1 or num_images < 1:
             raise ValueError(f"eval.every_n_steps and eval.curve_images must be >= 1, got {every_n_steps} and {num_images}")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"eval.curve_batch_size must be >= 1 (or null: all curve images in one batch), got {batch_size}")
         self.every_n_steps, self.num_images, self.seed = every_n_steps, num_images, seed
+        self.batch_size = batch_size or num_images
         self.sampling = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "resolution_weighting": resolution_weighting,
                          "conditioning_scale": conditioning_scale}
         self.fidelity = ConditionFidelity(condition, resolution, edge_tolerance, detector_weights, tuple(canny_thresholds))
         self.curve: list[dict] = []
         self.seconds = 0.0
+        self.train_started: float | None = None
         self._held_out: tuple[torch.Tensor, np.ndarray, np.ndarray, list[str]] | None = None
         self._palette: list[str] = []
 
@@ -229,8 +233,22 @@ class FidelityCurve(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Step 0, or a resumed run's first step when it is one of the curve's and not yet measured.
         step = trainer.global_step
+        self.train_started = time.perf_counter()
         if step % self.every_n_steps == 0 and not any(point["step"] == step for point in self.curve):
             self.measure(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        share = self.share_of_training()
+        if share is not None and share > 0.25:
+            log.warning(f"the fidelity curve took {share:.0%} of the training time ({self.seconds:.0f} s): measure it less often "
+                        f"(eval.every_n_steps={self.every_n_steps}) or on fewer conditions (eval.curve_images={self.num_images})")
+
+    def share_of_training(self) -> float | None:
+        """The curve's seconds over the seconds spent training between its points (None before training ran)."""
+        if self.train_started is None:
+            return None
+        training = time.perf_counter() - self.train_started - self.seconds
+        return self.seconds / training if training > 0 else None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step % self.every_n_steps == 0:
@@ -262,7 +280,7 @@ class FidelityCurve(L.Callback):
         was_training = pl_module.controlnet.training
         pl_module.controlnet.eval()
         images = generate(pl_module.base, pl_module.controlnet, conditions, prompts,
-                          batch_size=len(prompts), seed=self.seed, desc="fidelity curve", **self.sampling)
+                          batch_size=self.batch_size, seed=self.seed, desc="fidelity curve", **self.sampling)
         pl_module.controlnet.train(was_training)
         point = {"step": trainer.global_step, self.metric: self.fidelity.score(images, condition_images)["value"]}
         if outlines is not None:
@@ -282,6 +300,7 @@ class FidelityCurve(L.Callback):
             "curve_metric": self.metric,
             "curve_images": self.num_images,
             "curve_seconds": round(self.seconds, 2),
+            "curve_share_of_training": None if (share := self.share_of_training()) is None else round(share, 4),
             "rise": found,
             "sudden_convergence_step": sudden_step(found),
         }
@@ -303,7 +322,7 @@ class ValidationImages(L.Callback):
 
     def __init__(self, images: list[str], prompts: list[str], every_n_steps: int, resolution: int, output_dir: str,
                  seed: int = 1234, num_inference_steps: int = 20, guidance_scale: float = 1.0, resolution_weighting: str = "off",
-                 conditioning_scale: float = 1.0):
+                 conditioning_scale: float = 1.0, batch_size: int = 8):
         images, prompts = [str(i) for i in images or []], [str(p) for p in prompts or []]
         missing = [path for path in images if not Path(path).is_file()]
         if missing:
@@ -317,7 +336,10 @@ class ValidationImages(L.Callback):
         self.conditions = (torch.from_numpy(np.stack([load_rgb(path, resolution) for path in images]).astype(np.float32) / 255.0)
                            .permute(0, 3, 1, 2) if images else None)
         self.prompts = prompts * len(images) if len(prompts) == 1 else prompts
+        if batch_size < 1:
+            raise ValueError(f"eval.validation.batch_size must be >= 1, got {batch_size}")
         self.every_n_steps, self.seed, self.folder = every_n_steps, seed, Path(output_dir) / "validation"
+        self.batch_size = batch_size
         self.sampling = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "resolution_weighting": resolution_weighting,
                          "conditioning_scale": conditioning_scale}
 
@@ -339,7 +361,7 @@ class ValidationImages(L.Callback):
         was_training = pl_module.controlnet.training
         pl_module.controlnet.eval()
         with preserved_rng():
-            images = generate(pl_module.base, pl_module.controlnet, self.conditions, self.prompts, batch_size=len(self.prompts),
+            images = generate(pl_module.base, pl_module.controlnet, self.conditions, self.prompts, batch_size=self.batch_size,
                               seed=self.seed, desc="validation images", **self.sampling)
         pl_module.controlnet.train(was_training)
         path = save_grid([to_uint8(self.conditions, 0.0, 1.0), images], self.folder / f"step_{trainer.global_step:06d}.png")

@@ -8,6 +8,7 @@ from omegaconf import DictConfig, OmegaConf
 from controlnet_lab.blocks import BLOCKS, check_block_std, check_hint_channels
 from controlnet_lab.data.conditions import CONDITIONS, DETECTORS
 from controlnet_lab.evaluation import check_prompt_settings
+from controlnet_lab.locked_encodings import CACHE_DTYPES
 from controlnet_lab.sampling import check_resolution_weighting
 
 
@@ -44,6 +45,16 @@ def check_train_config(cfg: DictConfig) -> None:
     if compile_options(cfg.model.compile) is not None and sharded(cfg.trainer):
         raise ConfigError("model.compile cannot be used with trainer=fsdp (the compiled call would trace the sharded "
                           "ControlNet; not supported here); use trainer=ddp or model.compile=false")
+    base = cfg.model.base
+    if base.get("cache_dtype", "auto") not in ("auto", *CACHE_DTYPES):
+        raise ConfigError(f"model.base.cache_dtype={base.cache_dtype!r}: choose auto or one of {', '.join(CACHE_DTYPES)}")
+    if base.get("encode_batch_size", 1) < 1:
+        raise ConfigError(f"model.base.encode_batch_size must be >= 1, got {base.encode_batch_size}")
+    for key in ("batch_size", "curve_batch_size", "curve_images", "every_n_steps"):
+        if cfg.eval.get(key) is not None and cfg.eval[key] < 1:
+            raise ConfigError(f"eval.{key} must be >= 1, got {cfg.eval[key]}")
+    if data.get("num_proc") is not None and data.num_proc < 1:
+        raise ConfigError(f"data.num_proc must be >= 1 (or null: all the machine's cores), got {data.num_proc}")
     if cfg.eval.num_images < 1:
         raise ConfigError(f"eval.num_images must be >= 1 (the final evaluation scores that many held-out conditions), got {cfg.eval.num_images}")
     check_eval_prompt_settings(cfg.eval)

@@ -7,6 +7,7 @@ condition's detector and the weights at hand (training.metric_suite decides thos
 """
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,9 +20,11 @@ from controlnet_lab.data.colors import make_prompt, parse_prompt
 from controlnet_lab.data.dataset import ControlDataset
 from controlnet_lab.images import to_uint8
 from controlnet_lab.metrics.clip_score import clip_score
-from controlnet_lab.metrics.fid import FeatureExtractor, fid
+from controlnet_lab.metrics.fid import FeatureExtractor, TooFewImages, fid
 from controlnet_lab.metrics.fidelity import ConditionFidelity
 from controlnet_lab.metrics.oracle import random_placement_iou, score_images
+
+log = logging.getLogger(__name__)
 
 ORACLE_METRICS = ("mask_iou", "color_accuracy", "centre_error_px", "base_mask_iou", "base_color_accuracy", "base_centre_error_px",
                   "random_placement_mask_iou")
@@ -245,7 +248,9 @@ def evaluate_held_out(base, controlnet, dataset: ControlDataset, palette: list[s
         samples[setting] = images
     results.update({key: per_setting["perfect"][key] for key in ("mask_iou", "color_accuracy", "centre_error_px") if outlines is not None})
     results.update({"prompt_settings": per_setting, "settings_evaluated": list(per_setting), "eval_images": len(items)})
-    results.update(extra_scores(suite, samples, true_prompts, seconds))
+    extra = extra_scores(suite, samples, true_prompts, seconds)
+    skipped.update(extra.pop("skipped"))
+    results.update(extra)
     for fidelity, _ in fidelities:
         results[fidelity.metric] = per_setting["perfect"][fidelity.metric]
     if composed:
@@ -278,25 +283,35 @@ def evaluate_seen(base, controlnet, dataset: ControlDataset, palette: list[str],
 
 
 def extra_scores(suite: MetricSuite, samples: dict, true_prompts: list[str], seconds: dict) -> dict:
-    """Condition fidelity, FIDs and CLIP score of the perfect prompt's images, each with its image count and backbone."""
+    """Condition fidelity, FIDs and CLIP score of the perfect prompt's images, each with its image count and backbone.
+    A metric that does not apply to these images goes into ``skipped`` with the reason; one that fails goes into
+    ``failed`` with its error, beside the scores that did compute (the run keeps its record and its checkpoint)."""
     images, count = samples["perfect"], len(samples["perfect"])
-    scores = {}
+    scores, skipped, failed = {}, {}, {}
     if suite.fidelity is not None:
         scores["condition_fidelity"] = suite.fidelity.describe(count)
+    measured = []
     if suite.domain_features is not None:
-        with timed(seconds, "fid_domain"):
-            scores["fid_domain"] = fid(images, samples["targets"], suite.domain_features, device=suite.device)
-        scores["fid_domain_info"] = {"label": "FID (domain features)", "backbone": "domain CNN trained on the data (metrics/domain_features.py)",
-                                     "images": count, "reference": "held-out targets of the same conditions"}
+        measured.append(("fid_domain", "fid_domain", lambda: fid(images, samples["targets"], suite.domain_features, device=suite.device),
+                         {"label": "FID (domain features)", "backbone": "domain CNN trained on the data (metrics/domain_features.py)",
+                          "images": count, "reference": "held-out targets of the same conditions"}))
     if suite.inception_features is not None:
-        with timed(seconds, "fid_inception"):
-            scores["fid"] = fid(images, samples["targets"], suite.inception_features, device=suite.device)
-        scores["fid_info"] = {"label": "FID (Inception, clean-fid clean mode)", "backbone": "inception-2015-12-05", "images": count}
+        measured.append(("fid", "fid_inception", lambda: fid(images, samples["targets"], suite.inception_features, device=suite.device),
+                         {"label": "FID (Inception, clean-fid clean mode)", "backbone": "inception-2015-12-05", "images": count}))
     if suite.clip is not None:
-        with timed(seconds, "clip_score"):
-            scores["clip_score"] = clip_score(suite.clip, images, true_prompts)
-        scores["clip_score_info"] = {"backbone": suite.clip_model, "images": count, "prompts": "true (perfect setting)"}
-    return scores
+        measured.append(("clip_score", "clip_score", lambda: clip_score(suite.clip, images, true_prompts),
+                         {"backbone": suite.clip_model, "images": count, "prompts": "true (perfect setting)"}))
+    for name, timing, measure, info in measured:
+        try:
+            with timed(seconds, timing):
+                scores[name] = measure()
+            scores[f"{name}_info"] = info
+        except TooFewImages as reason:
+            skipped[name] = str(reason)
+        except Exception as err:  # noqa: BLE001 - one metric's failure must not cost the run the others
+            log.exception(f"{name} failed")
+            failed[name] = f"{type(err).__name__}: {err}"
+    return {**scores, "skipped": skipped, "failed": failed}
 
 
 @contextmanager

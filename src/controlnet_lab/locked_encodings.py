@@ -1,90 +1,157 @@
-"""Computing and caching what the locked base computes for a dataset (data/encoded.py serves it).
+"""Computing and caching what the locked base computes for a dataset (data/encoded.py stores and serves it).
 
-The cache file is keyed by the base's locked weights (a fingerprint of the saved VAE and
-text encoder), the samples (the content of targets, conditions and prompts, in order), the resolution and
-which parts are cached; a different base, dataset, subset or resolution gets its own
-file. Files are written to a temporary name and renamed, so an interrupted run never
-leaves a partial cache behind.
+Two kinds of store live in ``<cache>/encodings/``:
+
+- ``images-<key>``: the VAE posterior of every sample's target, keyed by the VAE's own
+  weights and dtype (``module_fingerprint``), the samples (the content of targets,
+  conditions and prompts, in order) and the resolution. Keyed by the VAE alone, not the
+  whole base, so that the embedded ``tiny_sd`` base's pretraining, which encodes the same
+  training pool with the same (by then frozen) VAE, and the ControlNet's run share one pass.
+- ``text-<key>``: the text encodings of every distinct prompt and of "", keyed by the
+  base's fingerprint and the prompts.
+
+Each is computed batch by batch (``model.base.encode_batch_size``) and written shard by
+shard into a staging folder that is renamed when complete, so computing holds one shard
+in memory and an interrupted pass leaves nothing behind; stored in the dtype the locked
+part computes in (``model.base.cache_dtype: auto``), so reading a row and casting it to
+float32 gives what the module would compute itself, bit for bit. A store that is cut
+short, from another version, or does not hold one row per sample is reported by path,
+removed and computed again, never trained on.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from controlnet_lab.data.encoded import LockedEncodings
 from controlnet_lab.data.dataset import ControlDataset
+from controlnet_lab.data.encoded import INDEX, EncodingStore, LockedEncodings, StoreError, StoreWriter
+from controlnet_lab.files import publish
 
 log = logging.getLogger(__name__)
+CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def encodings_dir(cache_dir: str | Path) -> Path:
+    return Path(cache_dir) / "encodings"
+
+
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """sha256 over a module's state (names, dtypes, shapes, bytes): the same weights in the same dtype, wherever
+    they were loaded from or whether they were ever saved."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:16]
+
+
+def cache_dtype(setting: str, computed: torch.dtype) -> torch.dtype:
+    """``model.base.cache_dtype``: ``auto`` stores what the locked part computes in; a named dtype converts to it."""
+    if setting == "auto":
+        return computed
+    if setting not in CACHE_DTYPES:
+        raise ValueError(f"model.base.cache_dtype={setting!r}: choose auto or one of {', '.join(CACHE_DTYPES)}")
+    return CACHE_DTYPES[setting]
+
+
+def key(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class TargetImages(Dataset):
+    """A dataset's targets in [-1, 1], channels first, read directly rather than through its items: computing the
+    cache must not draw from the run's random state (prompt dropout), so a run that computes it and one that reads
+    it train alike."""
+
+    def __init__(self, dataset: ControlDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.from_numpy(self.dataset.target(index)).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def stored(folder: Path, write: Callable[[Path], None], rows: int) -> EncodingStore:
+    """The store at ``folder``, written first by ``write(staging)`` unless a whole one with ``rows`` rows is there."""
+    if folder.exists():
+        try:
+            store = EncodingStore(folder)
+            if store.rows != rows:
+                raise StoreError(f"{store.rows} rows stored for {rows}")
+            return store
+        except StoreError as err:
+            log.warning(f"the cached encodings {folder} are unusable ({err}): computing them again")
+            shutil.rmtree(folder, ignore_errors=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        write(staging)
+        publish(staging, folder, INDEX)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return EncodingStore(folder)
 
 
 @torch.no_grad()
-def compute_encodings(base, dataset: ControlDataset, images: bool, text: bool, batch_size: int = 64) -> LockedEncodings:
-    """The base's image encodings of ``dataset``'s targets (when ``images`` and the base has an encoder worth caching)
-    and text encodings of its prompts and of "" (when ``text``)."""
-    encodings = LockedEncodings()
-    if images and base.caches_images:
-        # The targets are read directly, not through the dataset or a DataLoader: computing the cache must not draw
-        # from the run's random state (prompt dropout, loader seeds), so a run that computes it and one that reads it train alike.
-        device = base.unet.device
-        parts = []
-        for start in tqdm(range(0, len(dataset), batch_size), desc="caching image encodings", unit="batch"):
-            targets = np.stack([dataset.target(i) for i in range(start, min(start + batch_size, len(dataset)))])
-            targets = torch.from_numpy(targets).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-            parts.append(base.image_encoding(targets.to(device)).float().cpu())
-        encodings.images = torch.cat(parts)
-    if text:
-        prompts = sorted(set(dataset.prompts) | {""})
-        hidden, pooled = [], []
-        for start in tqdm(range(0, len(prompts), batch_size), desc="caching text encodings", unit="batch"):
-            h, p = base.encode_prompt(prompts[start : start + batch_size])
-            hidden.append(h.float().cpu())
-            pooled.append(None if p is None else p.float().cpu())
-        encodings.text_hidden = torch.cat(hidden)
-        encodings.text_pooled = None if pooled[0] is None else torch.cat(pooled)
-        encodings.prompt_rows = {prompt: row for row, prompt in enumerate(prompts)}
-    return encodings
+def image_encodings(base, dataset: ControlDataset, cache_dir: Path, batch_size: int = 64, dtype: str = "auto",
+                    workers: int = 0) -> EncodingStore:
+    """The VAE posterior of every target of ``dataset``, computed once per VAE, samples and resolution (``workers``
+    processes decode the images while the VAE encodes)."""
+    vae = base.vae
+    stored_dtype = cache_dtype(dtype, vae.dtype)
+    folder = encodings_dir(cache_dir) / "images-{}".format(key({
+        "vae": module_fingerprint(vae), "samples": dataset.fingerprint(), "resolution": dataset.resolution,
+        "dtype": str(stored_dtype)}))
+
+    def write(staging: Path) -> None:
+        writer = StoreWriter(staging, stored_dtype)
+        loader = DataLoader(TargetImages(dataset), batch_size=batch_size, num_workers=workers, generator=torch.Generator())
+        for targets in tqdm(loader, desc=f"encoding {len(dataset)} images with the locked VAE (once; cached)", unit="batch"):
+            writer.add(images=base.image_encoding(targets.to(vae.device)))
+        writer.finish()
+
+    return stored(folder, write, len(dataset))
 
 
-def encodings_key(base_fingerprint: str, dataset: ControlDataset, images: bool, text: bool) -> str:
-    payload = json.dumps({"base": base_fingerprint, "samples": dataset.fingerprint(), "resolution": dataset.resolution,
-                          "images": images, "text": text}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+@torch.no_grad()
+def text_encodings(base, base_fingerprint: str, prompts: list[str], cache_dir: Path, batch_size: int = 64,
+                   dtype: str = "auto") -> EncodingStore:
+    """The text encodings of each of ``prompts`` (distinct), in that order, once per base and prompt list."""
+    stored_dtype = cache_dtype(dtype, base.text_encoder.dtype)
+    digest = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
+    folder = encodings_dir(cache_dir) / f"text-{key({'base': base_fingerprint, 'prompts': digest, 'dtype': str(stored_dtype)})}"
+
+    def write(staging: Path) -> None:
+        writer = StoreWriter(staging, stored_dtype)
+        for start in tqdm(range(0, len(prompts), batch_size), desc=f"encoding {len(prompts)} prompts (once; cached)", unit="batch"):
+            hidden, pooled = base.encode_prompt(prompts[start : start + batch_size])
+            writer.add(text_hidden=hidden, **({} if pooled is None else {"text_pooled": pooled}))
+        writer.finish(prompts=prompts)
+
+    return stored(folder, write, len(prompts))
 
 
 def cached_encodings(base, base_fingerprint: str, dataset: ControlDataset, cache_dir: Path, images: bool = True,
-                     text: bool = True) -> LockedEncodings:
-    """``compute_encodings`` through the disk cache: read when present, computed and stored otherwise."""
-    path = Path(cache_dir) / f"encodings-{encodings_key(base_fingerprint, dataset, images, text)}.safetensors"
-    if path.is_file():
-        cached = read_encodings(path, len(dataset) if images else None)
-        if cached is not None:
-            return cached
-    encodings = compute_encodings(base, dataset, images, text)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in encodings.tensors().items()}, str(partial))
-    path.with_suffix(".json").write_text(json.dumps(encodings.prompt_rows))
-    os.replace(partial, path)  # the tensors last: their presence means the pair is complete
+                     text: bool = True, batch_size: int = 64, dtype: str = "auto", workers: int = 0) -> LockedEncodings:
+    """The base's image encodings of ``dataset``'s targets (when ``images`` and the base has an encoder worth caching)
+    and text encodings of its prompts and of "" (when ``text``), from the disk cache, computed first if absent."""
+    encodings = LockedEncodings()
+    if images and base.caches_images:
+        encodings.images = image_encodings(base, dataset, cache_dir, batch_size, dtype, workers).column("images")
+    if text:
+        store = text_encodings(base, base_fingerprint, sorted(set(dataset.prompts) | {""}), cache_dir, batch_size, dtype)
+        encodings.text_hidden, encodings.text_pooled = store.column("text_hidden"), store.column("text_pooled")
+        encodings.prompt_rows = {prompt: row for row, prompt in enumerate(store.extra["prompts"])}
     return encodings
-
-
-def read_encodings(path: Path, samples: int | None) -> LockedEncodings | None:
-    """The cached encodings, or None (with a warning naming the file) when the file or its prompt index cannot be read
-    or does not hold one encoding per sample: such a cache is computed again, never trained on."""
-    try:
-        tensors = load_file(str(path))
-        prompts = json.loads(path.with_suffix(".json").read_text())
-        if samples is not None and "images" in tensors and len(tensors["images"]) != samples:
-            raise ValueError(f"{len(tensors['images'])} image encodings for {samples} samples")
-    except Exception as err:  # safetensors raises its own error type for a file cut short
-        log.warning(f"the cached encodings {path} are unreadable ({type(err).__name__}: {err}): computing them again")
-        return None
-    return LockedEncodings(tensors.get("images"), tensors.get("text_hidden"), tensors.get("text_pooled"), prompts)

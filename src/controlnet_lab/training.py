@@ -11,6 +11,7 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers.logger import DummyExperiment
 from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
@@ -19,7 +20,7 @@ from controlnet_lab.blocks import connection_init_stds
 from controlnet_lab.callbacks import FidelityCurve, InitialOutputChange
 from controlnet_lab.config_checks import check_train_config, compile_options
 from controlnet_lab.data.datamodule import ControlDataModule
-from controlnet_lab.evaluation import PROMPT_SETTINGS, ComposedNet, MetricSuite, evaluate_held_out, evaluate_seen, palette_of
+from controlnet_lab.evaluation import PROMPT_SETTINGS, ComposedNet, MetricSuite, evaluate_held_out, evaluate_seen, palette_of, timed
 from controlnet_lab.metrics.clip_score import clip_scorer
 from controlnet_lab.metrics.domain_features import domain_net
 from controlnet_lab.metrics.fid import inception_extractor
@@ -134,7 +135,7 @@ def base_folder(cfg: DictConfig, source, data: ControlDataModule) -> Path:
     Lightning would otherwise start the other processes for the pretraining, each of which would build and
     publish a base of its own (one such base was published without its text encoder's weights)."""
     accelerator = {"accelerator": cfg.trainer.accelerator, "devices": 1}
-    return source.folder(data, cfg.data.resolution, Path(cfg.paths.cache_dir) / "base", accelerator)
+    return source.folder(data, cfg.data.resolution, Path(cfg.paths.cache_dir), accelerator)
 
 
 MIXED_PRECISION_DTYPES = {"bf16-mixed": "bfloat16", "16-mixed": "float16"}
@@ -170,10 +171,11 @@ def attach_locked_encodings(cfg: DictConfig, module: ControlNetModule, data: Con
     """Serve the training and held-out batches with cached VAE and text encodings (``model.base.cache_encodings``)."""
     if not cfg.model.base.cache_encodings:
         return
-    cache = Path(cfg.paths.cache_dir) / "encodings"
+    settings = {"batch_size": cfg.model.base.encode_batch_size, "dtype": cfg.model.base.cache_dtype, "workers": cfg.data.num_workers}
+    cache = Path(cfg.paths.cache_dir)
     base = module.base.to(run_device(cfg))
-    data.train_encodings = cached_encodings(base, fingerprint, data.train_dataset(), cache)
-    data.val_encodings = cached_encodings(base, fingerprint, data.val_dataset(), cache)
+    data.train_encodings = cached_encodings(base, fingerprint, data.train_dataset(), cache, **settings)
+    data.val_encodings = cached_encodings(base, fingerprint, data.val_dataset(), cache, **settings)
     base.to("cpu")
 
 
@@ -193,7 +195,8 @@ def instantiate_logger(logger_cfg: DictConfig, output_dir: Path, resumed_step: i
         run_id = wandb_run_id(output_dir) if resumed_step is not None else None
         resumed = {"id": run_id, "resume": "allow"} if run_id else {}
         logger = hydra.utils.instantiate(logger_cfg, **identity, **resumed)
-        remember_wandb_run_id(output_dir, logger.experiment.id)
+        if not isinstance(logger.experiment, DummyExperiment):  # Lightning's stand-in on DDP processes other than rank 0
+            remember_wandb_run_id(output_dir, logger.experiment.id)
         return logger
     if logger_cfg._target_.endswith("CSVLogger") and resumed_step is not None:
         version, rows = csv_rows_before(output_dir, resumed_step)
@@ -230,7 +233,19 @@ def train(cfg: DictConfig) -> dict:
     if record:  # what the tables' reader needs to trust the numbers: which code, which machine, what else ran
         record["provenance"] = {**code, "machine": machine(), "other_load": load.result}
         (Path(cfg.paths.output_dir) / "results.json").write_text(json.dumps(record, indent=2))
+        check_no_metric_failed(record["metrics"], Path(cfg.paths.output_dir) / "results.json")
     return record
+
+
+class MetricFailed(RuntimeError):
+    """A metric raised during the final evaluation; the record with every other score was written first."""
+
+
+def check_no_metric_failed(metrics: dict, record: Path) -> None:
+    """Raise (so the exit status says so) when a metric failed; its error is in the record beside the other scores."""
+    if metrics.get("failed"):
+        raise MetricFailed(f"{record} holds the scores that computed and the checkpoint is kept, but these metrics failed: "
+                           + "; ".join(f"{name} ({error})" for name, error in metrics["failed"].items()))
 
 
 def train_and_evaluate(cfg: DictConfig) -> dict:
@@ -243,7 +258,9 @@ def train_and_evaluate(cfg: DictConfig) -> dict:
     callbacks = training_callbacks(cfg)
     L.seed_everything(cfg.seed, workers=True)
 
-    data = build_datamodule(cfg.data)
+    phases = {}
+    with timed(phases, "data_setup"):
+        data = build_datamodule(cfg.data)
     suite = metric_suite(cfg, data)
     base_path = base_folder(cfg, source, data)
     fingerprint = base_fingerprint(base_path)
@@ -278,7 +295,8 @@ def train_and_evaluate(cfg: DictConfig) -> dict:
     )
     trainable = module.trainable_parameter_count()
     check_room(output_dir / "checkpoints", trainable, module.ema is not None, checkpoints_kept(cfg))
-    attach_locked_encodings(cfg, module, data, fingerprint)
+    with timed(phases, "locked_encodings"):
+        attach_locked_encodings(cfg, module, data, fingerprint)
     loggers = [instantiate_logger(c, output_dir, resumed_step) for c in (cfg.get("logger") or {}).values()]
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     for logger in loggers:
@@ -317,10 +335,20 @@ def train_and_evaluate(cfg: DictConfig) -> dict:
         "base": base_report(base_path, fingerprint, module),
         "data_root": data.origin,
         "split": data.split_report,
-        "wall_time_s": {"total": round(time.time() - started, 1), "until_trained": round(train_seconds, 1)},
+        "wall_time_s": {"total": round(time.time() - started, 1), "until_trained": round(train_seconds, 1),
+                        **{phase: round(seconds, 2) for phase, seconds in phases.items()}},
+        "evaluation_share": evaluation_share(metrics, time.time() - started),
         "peak_rss_mb": peak_rss_mb(),
     })
     return record
+
+
+def evaluation_share(metrics: dict, total_seconds: float) -> dict:
+    """What measuring cost: the fidelity curve's seconds over the training loop's (FidelityCurve), the final
+    evaluation's over the whole run's."""
+    final = sum((metrics.get("seconds") or {}).values())
+    return {"curve_of_training": metrics.get("curve_share_of_training"),
+            "final_evaluation_of_run": round(final / total_seconds, 4) if total_seconds else None}
 
 
 def checkpoints_kept(cfg: DictConfig) -> int:

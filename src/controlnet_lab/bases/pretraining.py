@@ -37,7 +37,7 @@ from controlnet_lab.objective import noisy_batch
 
 # Settings of model.base that do not change the pretrained weights.
 log = logging.getLogger(__name__)
-NOT_IN_KEY = ("_target_", "pretrained_model_name_or_path", "dtype", "cache_encodings")
+NOT_IN_KEY = ("_target_", "pretrained_model_name_or_path", "dtype", "cache_encodings", "cache_dtype", "encode_batch_size")
 
 
 def cache_key(settings: dict, data_fingerprint: str, resolution: int) -> str:

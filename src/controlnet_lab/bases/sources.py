@@ -44,7 +44,8 @@ class BaseSource:
         self.saved
 
     def folder(self, data, resolution: int, cache_dir: Path, trainer_kwargs: dict | None = None) -> Path:
-        """The base's folder; ``data`` is the run's set-up ControlDataModule (an embedded base pretrains on its training pool)."""
+        """The base's folder; ``data`` is the run's set-up ControlDataModule (an embedded base pretrains on its training pool);
+        ``cache_dir`` the run's cache (pretrained bases in base/, the locked encodings in encodings/)."""
         raise NotImplementedError
 
 

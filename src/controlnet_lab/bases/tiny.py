@@ -46,9 +46,9 @@ def pretrained_pixel_base(settings: dict, data: ControlDataModule, resolution: i
         pipeline = build_pixel_base(settings, resolution, pool.prompts())
         module = DenoiserPretraining(pipeline, lr=pretrain["lr"], snr_gamma=pretrain["snr_gamma"],
                                      warmup_steps=pretrain["warmup_steps"], noise_offset=settings["noise_offset"])
-        trainer = pretraining_trainer(pretrain["max_steps"], cache_dir, trainer_kwargs)
+        trainer = pretraining_trainer(pretrain["max_steps"], Path(cache_dir) / "base", trainer_kwargs)
         trainer.fit(module, train_dataloaders=pool.train_dataloader())
         pipeline.save_pretrained(staging)
         return {"steps": trainer.global_step, "data_root": data.origin, "resolution": resolution, "model": settings}
 
-    return build_once(Path(cache_dir) / f"base-{cache_key(settings, data.fingerprint(), resolution)}", build)
+    return build_once(Path(cache_dir) / "base" / f"base-{cache_key(settings, data.fingerprint(), resolution)}", build)

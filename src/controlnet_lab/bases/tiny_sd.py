@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader
 from controlnet_lab.bases.latent import LatentBase
 from controlnet_lab.bases.pretraining import DenoiserPretraining, build_once, cache_key, PretrainingData, pretraining_trainer
 from controlnet_lab.bases.tiny import text_encoder_and_tokenizer
-from controlnet_lab.locked_encodings import compute_encodings
+from controlnet_lab.data.encoded import LockedEncodings
+from controlnet_lab.locked_encodings import image_encodings
 
 
 def vae_scale_factor(vae_settings: dict) -> int:
@@ -89,19 +90,20 @@ def pretrained_tiny_sd(settings: dict, run_data: ControlDataModule, resolution: 
 
         vae = pretrain["vae"]
         autoencoder = AutoencoderPretraining(base.vae, lr=vae["lr"], kl_weight=vae["kl_weight"])
-        pretraining_trainer(vae["max_steps"], cache_dir, trainer_kwargs).fit(autoencoder, datamodule=data)
+        pretraining_trainer(vae["max_steps"], Path(cache_dir) / "base", trainer_kwargs).fit(autoencoder, datamodule=data)
         base.vae.eval().requires_grad_(False)
         base.vae.register_to_config(scaling_factor=latent_scaling_factor(base.vae, data.train_dataloader()))
         mae = reconstruction_mae(base.vae, data.val_dataloader())
 
-        data.train_encodings = compute_encodings(base, data.train_dataset(), images=True, text=False)
+        store = image_encodings(base, data.train_dataset(), cache_dir, settings["encode_batch_size"], settings["cache_dtype"])
+        data.train_encodings = LockedEncodings(images=store.column("images"))
         denoiser = DenoiserPretraining(base, lr=pretrain["lr"], snr_gamma=pretrain["snr_gamma"], warmup_steps=pretrain["warmup_steps"],
                                        noise_offset=settings["noise_offset"])
-        trainer = pretraining_trainer(pretrain["max_steps"], cache_dir, trainer_kwargs)
+        trainer = pretraining_trainer(pretrain["max_steps"], Path(cache_dir) / "base", trainer_kwargs)
         trainer.fit(denoiser, datamodule=data)
         base.save_pretrained(staging)
         return {"steps": {"vae": vae["max_steps"], "unet": trainer.global_step}, "data_root": run_data.origin,
                 "resolution": resolution, "vae_reconstruction_mae_255": round(mae, 2),
                 "vae_scaling_factor": base.vae.config.scaling_factor, "model": settings}
 
-    return build_once(Path(cache_dir) / f"base-{cache_key(settings, run_data.fingerprint(), resolution)}", build)
+    return build_once(Path(cache_dir) / "base" / f"base-{cache_key(settings, run_data.fingerprint(), resolution)}", build)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from controlnet_lab.data.conditions import ConditionMaker
@@ -24,6 +26,7 @@ from controlnet_lab.data.samples import Samples
 
 
 log = logging.getLogger(__name__)
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the empty IEND chunk: length, type, CRC
 
 class CachedConditions:
     """The maps of some rows of ``samples``, read from their files."""
@@ -35,30 +38,62 @@ class CachedConditions:
         return self.folder / f"{self.samples.targets.keys[row]}.png"
 
     def read(self, row: int) -> np.ndarray:
-        return np.ascontiguousarray(cv2.imread(str(self.path(row)), cv2.IMREAD_COLOR)[..., ::-1])
+        image = cv2.imread(str(self.path(row)), cv2.IMREAD_COLOR)
+        if image is None:
+            raise OSError(f"the cached condition map {self.path(row)} does not decode: delete it and it is made again")
+        return np.ascontiguousarray(image[..., ::-1])
 
 
-def cached_conditions(samples: Samples, rows, detect: ConditionMaker, settings: dict, cache_dir: Path) -> CachedConditions:
-    """The detector's maps of ``rows``, computing (with a progress bar) only those not cached yet."""
+class MapMaker(Dataset):
+    """Makes and writes the map of one row per item, so that DataLoader workers make them in parallel."""
+
+    def __init__(self, cache: CachedConditions, rows: list[int], detect: ConditionMaker, resolution: int):
+        self.cache, self.rows, self.detect, self.resolution = cache, rows, detect, resolution
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> int:
+        row = self.rows[index]
+        target = self.cache.samples.target(row, self.resolution)
+        condition = self.detect(target, target, "")
+        partial = self.cache.folder / f".{self.cache.samples.targets.keys[row]}.{os.getpid()}.png"
+        cv2.imwrite(str(partial), np.ascontiguousarray(condition[..., ::-1]))
+        os.replace(partial, self.cache.path(row))
+        return row
+
+
+def cached_conditions(samples: Samples, rows, detect: ConditionMaker, settings: dict, cache_dir: Path,
+                      num_proc: int = 1) -> CachedConditions:
+    """The detector's maps of ``rows``, computing (with a progress bar, in ``num_proc`` DataLoader workers) only those
+    not cached yet."""
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     cache = CachedConditions(Path(cache_dir) / "conditions" / f"{settings['detector']}-{key}", samples)
     cache.folder.mkdir(parents=True, exist_ok=True)
     (cache.folder / "settings.json").write_text(json.dumps(settings, indent=2))
     missing = sorted({int(row) for row in rows if not readable(cache.path(int(row)))})
-    for row in tqdm(missing, desc=f"making {settings['detector']} conditions (once; cached)", unit="img", disable=not missing):
-        target = samples.target(row, settings["resolution"])
-        condition = detect(target, target, "")
-        partial = cache.folder / f".{samples.targets.keys[row]}.{os.getpid()}.png"
-        cv2.imwrite(str(partial), np.ascontiguousarray(condition[..., ::-1]))
-        os.replace(partial, cache.path(row))
+    if missing:
+        workers = num_proc if len(missing) >= 64 and num_proc > 1 else 0
+        # Its own generator: making the maps draws nothing from the run's random state.
+        loader = DataLoader(MapMaker(cache, missing, detect, settings["resolution"]), batch_size=None, num_workers=workers,
+                            generator=torch.Generator())
+        for _ in tqdm(loader, desc=f"making {settings['detector']} conditions (once; cached)", unit="img", total=len(missing)):
+            pass
     return cache
 
 
 def readable(path: Path) -> bool:
-    """Whether a cached map exists and decodes; one that does not (cut short, damaged) is reported and made again."""
-    if not path.is_file():
+    """Whether a cached map exists and is whole: a PNG ends with its IEND chunk, so reading the last 12 bytes (not
+    decoding the map, which every start would pay for every image) tells one cut short; such a map is reported and
+    made again. Maps are written whole and renamed, so one damaged otherwise is a disk fault, found when it is read."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(-12, os.SEEK_END)
+            whole = handle.read(12) == PNG_END
+    except FileNotFoundError:
         return False
-    if cv2.imread(str(path), cv2.IMREAD_COLOR) is None:
+    except OSError:  # shorter than 12 bytes
+        whole = False
+    if not whole:
         log.warning(f"the cached condition map {path} is unreadable: making it again")
-        return False
-    return True
+    return whole

@@ -25,9 +25,10 @@ from controlnet_lab.data.dataset import ControlDataset
 from controlnet_lab.data.encoded import EncodedDataset, LockedEncodings
 from controlnet_lab.data.fill50k import fill50k_samples
 from controlnet_lab.data.held_out import exact_duplicates, near_duplicates, source_ink
+from controlnet_lab.data.manifest import Manifest, default_num_proc
 from controlnet_lab.data.order import EpochOrder
 from controlnet_lab.data.readers import folder_samples, hub_samples
-from controlnet_lab.data.samples import CONDITION, IMAGE, TEXT, DatasetFormatError, Samples
+from controlnet_lab.data.samples import CONDITION, IMAGE, TEXT, DatasetFormatError, Samples, check_resize
 from controlnet_lab.data.synthetic import SyntheticFill50kSpec, write_fill50k
 
 
@@ -56,7 +57,7 @@ class ControlDataModule(L.LightningDataModule):
                  prompt_dropout: float = 0.5, split_seed: int = 0, num_workers: int = 0, condition: str = "stored",
                  detector_weights: str | None = None, canny_thresholds: tuple[int, int] = (100, 200),
                  held_out: dict | None = None, split: str = "train", val_split: str | None = None, cache_dir: str | Path = ".cache",
-                 seed: int = 0):
+                 seed: int = 0, resize: dict | None = None, num_proc: int | None = None):
         super().__init__()
         if not 0.0 <= prompt_dropout <= 1.0:
             raise ValueError(f"data.prompt_dropout must be in [0, 1], got {prompt_dropout}")
@@ -71,6 +72,8 @@ class ControlDataModule(L.LightningDataModule):
         self.exclude_near_duplicates, self.max_distance = held_out["exclude_near_duplicates"], held_out["max_distance"]
         self.split, self.val_split, self.cache_dir = split, val_split, Path(cache_dir)
         self.seed = seed  # of the training order and prompt-dropout draws (data/order.py)
+        self.resize = check_resize(dict(resize or {}))  # how images and stored conditions are enlarged (samples.py)
+        self.num_proc = default_num_proc(num_proc)  # processes of the first pass over the images (manifest.py)
         self.train_samples: Samples | None = None
         self.val_samples: Samples | None = None
         self.train_rows = self.val_rows = self.pool_rows = np.zeros(0, np.int64)
@@ -84,6 +87,10 @@ class ControlDataModule(L.LightningDataModule):
         """The samples of one split of the dataset: where the data comes from, in each subclass."""
         raise NotImplementedError
 
+    def manifest(self, origin: str) -> Manifest:
+        """The first pass over ``origin``'s image files, kept in this cache."""
+        return Manifest(self.cache_dir, origin, self.num_proc)
+
     @property
     def origin(self) -> str:
         return self.train_samples.origin if self.train_samples else ""
@@ -93,9 +100,11 @@ class ControlDataModule(L.LightningDataModule):
         if self.train_samples is not None:
             return
         samples = self.read(self.split)
+        samples.resize = self.resize
         self.check_condition(samples)
         if self.val_split:
             val_samples = self.read(self.val_split)
+            val_samples.resize = self.resize
             if self.val_size < 1 or self.val_size > len(val_samples):
                 raise ValueError(f"data.val_size must be in [1, {len(val_samples)}] for data.val_split={self.val_split}, got {self.val_size}")
             val = np.sort(np.random.default_rng(self.split_seed).permutation(len(val_samples))[: self.val_size])
@@ -143,9 +152,10 @@ class ControlDataModule(L.LightningDataModule):
 
     def detect_conditions(self) -> None:
         detect = condition_maker(self.condition, self.resolution, self.detector_weights, self.canny_thresholds)
-        settings = detector_settings(self.condition, self.resolution, self.detector_weights, self.canny_thresholds)
-        self.detected["train"] = cached_conditions(self.train_samples, self.train_rows, detect, settings, self.cache_dir)
-        self.detected["val"] = cached_conditions(self.val_samples, self.val_rows, detect, settings, self.cache_dir)
+        settings = {**detector_settings(self.condition, self.resolution, self.detector_weights, self.canny_thresholds),
+                    "enlarge": self.resize["image"]}  # the maps are made from the fitted targets
+        for part, samples, rows in (("train", self.train_samples, self.train_rows), ("val", self.val_samples, self.val_rows)):
+            self.detected[part] = cached_conditions(samples, rows, detect, settings, self.cache_dir, self.num_proc)
 
     @property
     def fill50k_style(self) -> bool:
@@ -232,7 +242,8 @@ class Fill50kDataModule(ControlDataModule):
         if split != "train":
             raise DatasetFormatError(f"data.split/data.val_split={split}: a fill50k-format folder has one split; "
                                      "its held-out set is drawn by data.split_seed (set data.val_split=null)")
-        return fill50k_samples(self.dataset_root())
+        root = self.dataset_root()
+        return fill50k_samples(root, self.manifest(str(root.resolve())))
 
 
 def columns(image_column: str, conditioning_image_column: str, caption_column: str) -> dict[str, str]:
@@ -251,7 +262,9 @@ class FolderDataModule(ControlDataModule):
         self.root, self.columns = root, columns(image_column, conditioning_image_column, caption_column)
 
     def read(self, split: str) -> Samples:
-        return folder_samples(self.root, self.columns, split, self.condition in STORED, self.cache_dir / "datasets")
+        root = Path(self.root).expanduser()
+        return folder_samples(root, self.columns, split, self.condition in STORED, self.cache_dir / "datasets",
+                              self.manifest(str(root.resolve())))
 
 
 class HubDataModule(ControlDataModule):
@@ -264,4 +277,5 @@ class HubDataModule(ControlDataModule):
         self.columns = columns(image_column, conditioning_image_column, caption_column)
 
     def read(self, split: str) -> Samples:
-        return hub_samples(self.dataset_name, self.path, split, self.columns, self.cache_dir / "datasets")
+        origin = self.dataset_name or str(Path(self.path).expanduser().resolve())
+        return hub_samples(self.dataset_name, self.path, split, self.columns, self.cache_dir / "datasets", self.manifest(origin))

@@ -5,7 +5,8 @@
   names each row's target image as ``file_name`` (the ``image`` column), further image
   columns as ``<column>_file_name`` (``conditioning_image_file_name``), and the caption.
   Every line is checked first, so a broken folder stops before any work with the file
-  and line that is wrong.
+  and line that is wrong; the images themselves are checked by the first pass
+  (manifest.py), whose errors name the same line.
 - ``hub_samples``: a dataset id (``datasets.load_dataset``) or a folder written by
   ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` (``datasets.load_from_disk``).
 
@@ -14,11 +15,11 @@ The configured column names (diffusers' ``--image_column``, ``--conditioning_ima
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import datasets
-from PIL import Image, UnidentifiedImageError
-
+from controlnet_lab.data.manifest import Manifest
 from controlnet_lab.data.samples import CONDITION, IMAGE, TEXT, DatasetFormatError, Samples, json_lines
 
 
@@ -27,9 +28,11 @@ def metadata_key(column: str) -> str:
     return "file_name" if column == IMAGE else f"{column}_file_name"
 
 
-def check_metadata(path: Path, columns: dict[str, str], needs_conditions: bool) -> None:
-    """Every line of an imagefolder's ``metadata.jsonl``: a JSON object with the configured columns, existing readable
-    images and a string caption. ``columns`` maps the canonical names to the configured ones."""
+def check_metadata(path: Path, columns: dict[str, str], needs_conditions: bool) -> dict[str, str]:
+    """Every line of an imagefolder's ``metadata.jsonl``: a JSON object with the configured columns, existing images
+    and a string caption. ``columns`` maps the canonical names to the configured ones. Returns where each image is
+    named (its absolute path: the file and line)."""
+    named = {}
     image_key, caption = metadata_key(columns[IMAGE]), columns[TEXT]
     condition_key = metadata_key(columns[CONDITION])
     with_conditions = None
@@ -40,33 +43,31 @@ def check_metadata(path: Path, columns: dict[str, str], needs_conditions: bool) 
                                          f"the line has {sorted(row)}")
         if not isinstance(row[caption], str):
             raise DatasetFormatError(f"{where}: the caption {caption!r} is {type(row[caption]).__name__} {row[caption]!r}, not a string")
-        check_image(path.parent / str(row[image_key]), where)
+        named[check_exists(path.parent / str(row[image_key]), where)] = where
         if with_conditions is None:
             with_conditions = condition_key in row
         if (condition_key in row) != with_conditions:
             raise DatasetFormatError(f"{where}: {'has' if condition_key in row else 'lacks'} {condition_key!r}, "
                                      f"unlike the lines before it (data.conditioning_image_column={columns[CONDITION]})")
         if with_conditions:
-            check_image(path.parent / str(row[condition_key]), where)
+            named[check_exists(path.parent / str(row[condition_key]), where)] = where
     if with_conditions is None:
         raise DatasetFormatError(f"{path}: holds no rows")
     if needs_conditions and not with_conditions:
         raise DatasetFormatError(f"{path}: no line has {condition_key!r} (data.conditioning_image_column={columns[CONDITION]}), and "
                                  "data.condition=stored trains on stored conditions: add them, or set data.condition to a "
                                  "controlnet-aux detector that makes them from the images")
+    return named
 
 
-def check_image(path: Path, where: str) -> None:
+def check_exists(path: Path, where: str) -> str:
     if not path.is_file():
         raise DatasetFormatError(f"{where}: image {path} does not exist")
-    try:
-        with Image.open(path) as image:
-            image.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise DatasetFormatError(f"{where}: image {path} is unreadable ({err})") from None
+    return os.path.abspath(path)
 
 
-def folder_samples(root: str | Path, columns: dict[str, str], split: str, needs_conditions: bool, cache_dir: Path) -> Samples:
+def folder_samples(root: str | Path, columns: dict[str, str], split: str, needs_conditions: bool, cache_dir: Path,
+                   manifest: Manifest | None = None) -> Samples:
     """One split of an image folder (module docstring), checked line by line first."""
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -75,13 +76,15 @@ def folder_samples(root: str | Path, columns: dict[str, str], split: str, needs_
     if not metadata:
         raise DatasetFormatError(f"data.root={root}: no metadata.jsonl in the folder or its split subfolders "
                                  "(one JSON object per line: file_name, conditioning_image_file_name, text)")
+    named = {}
     for path in metadata:
-        check_metadata(path, columns, needs_conditions)
+        named.update(check_metadata(path, columns, needs_conditions))
     table = load("imagefolder", split, "data.root", data_dir=str(root), cache_dir=str(cache_dir))
-    return canonical(table, columns, str(root))
+    return canonical(table, columns, str(root), manifest, named)
 
 
-def hub_samples(name: str | None, path: str | None, split: str, columns: dict[str, str], cache_dir: Path) -> Samples:
+def hub_samples(name: str | None, path: str | None, split: str, columns: dict[str, str], cache_dir: Path,
+                manifest: Manifest | None = None) -> Samples:
     """One split of a Hub dataset (``data.name``) or of a ``save_to_disk`` folder (``data.path``)."""
     if bool(name) == bool(path):
         raise DatasetFormatError("data=hf reads data.name (a dataset id) or data.path (a save_to_disk folder): set exactly one")
@@ -96,8 +99,8 @@ def hub_samples(name: str | None, path: str | None, split: str, columns: dict[st
             if split not in loaded:
                 raise DatasetFormatError(f"data.split={split}: data.path={path} has the splits {sorted(loaded)}")
             loaded = loaded[split]
-        return canonical(loaded, columns, str(path))
-    return canonical(load(name, split, "data.name", cache_dir=str(cache_dir)), columns, name)
+        return canonical(loaded, columns, str(path), manifest)
+    return canonical(load(name, split, "data.name", cache_dir=str(cache_dir)), columns, name, manifest)
 
 
 def load(name: str, split: str, key: str, **kwargs) -> datasets.Dataset:
@@ -114,7 +117,8 @@ def load(name: str, split: str, key: str, **kwargs) -> datasets.Dataset:
         ) from None
 
 
-def canonical(table: datasets.Dataset, columns: dict[str, str], origin: str) -> Samples:
+def canonical(table: datasets.Dataset, columns: dict[str, str], origin: str, manifest: Manifest | None = None,
+              named: dict[str, str] | None = None) -> Samples:
     """``table`` with the configured columns checked and renamed to the canonical ones, others dropped."""
     present = dict(table.features)
     renames = {}
@@ -131,4 +135,4 @@ def canonical(table: datasets.Dataset, columns: dict[str, str], origin: str) -> 
             raise DatasetFormatError(f"{key}={configured}: in {origin} the column holds {feature}, not images")
         renames[configured] = canonical_name
     table = table.select_columns(list(renames)).rename_columns({k: v for k, v in renames.items() if k != v})
-    return Samples(table, origin)
+    return Samples(table, origin, manifest, named)

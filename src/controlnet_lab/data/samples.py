@@ -7,10 +7,12 @@ geometry rule and a content key per image (the sha256 of its encoded bytes), whi
 the caches and make the held-out split content-disjoint.
 
 Geometry: an image is resized so that its shorter side is ``resolution`` (area
-averaging when shrinking, nearest neighbour when enlarging, so flat colors and thin
-outlines stay as they are), then center-cropped to ``resolution`` x ``resolution``. A
-condition whose size differs from its target's is first resized to the target's size,
-so both get the same crop.
+averaging when shrinking; when enlarging, ``data.resize.image`` for targets, bilinear
+by default as diffusers' script, and ``data.resize.condition`` for stored conditions:
+bilinear, or nearest where a condition's values are labels or thin lines, as fill50k's
+outlines), then center-cropped to ``resolution`` x ``resolution``. A condition whose
+size differs from its target's is first resized to the target's size, so both get the
+same crop. The rule is part of the rows' fingerprint: caches of resized images follow it.
 
 Images are decoded by ``datasets.Image(mode="RGB")`` from the file, or from the stored
 bytes where the dataset keeps them (``save_to_disk``); the files' paths are read once,
@@ -21,15 +23,20 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from dataclasses import dataclass
+import os
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
 import datasets
 import numpy as np
 import PIL.Image
+import pyarrow as pa
 from PIL import UnidentifiedImageError
 from tqdm import tqdm
+
+from controlnet_lab.data.manifest import FileFacts, Manifest, UnreadableImage, content_key, stored_keys
 
 IMAGE, CONDITION, TEXT = "image", "conditioning_image", "text"
 
@@ -41,64 +48,153 @@ class DatasetFormatError(ValueError):
 def json_lines(path: Path, expected: str):
     """(where, object) for each non-empty line of a JSON-lines file, ``where`` naming the file and line; a line that
     is not a JSON object is an error naming it (``expected`` says which keys an object should have)."""
-    with open(path) as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {number}"
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DatasetFormatError(f"{where}: not valid JSON ({err.msg})") from None
-            if not isinstance(item, dict):
-                raise DatasetFormatError(f"{where}: expected a JSON object with keys {expected}")
-            yield where, item
+    # As datasets reads it (pyarrow's JSON reader): UTF-8 with or without a byte-order mark, any line ending.
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise DatasetFormatError(f"{path}, line {line}: not UTF-8 text ({err.reason}); datasets reads JSON lines as UTF-8: "
+                                 "save the file as UTF-8") from None
+    for number, line in enumerate(re.split(r"\r\n|\r|\n", text), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {number}"
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DatasetFormatError(f"{where}: not valid JSON ({err.msg})") from None
+        if not isinstance(item, dict):
+            raise DatasetFormatError(f"{where}: expected a JSON object with keys {expected}")
+        yield where, item
 
 
-def fit_square(image: np.ndarray, resolution: int) -> np.ndarray:
+ENLARGE = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC, "nearest": cv2.INTER_NEAREST}
+DEFAULT_RESIZE = {"image": "bilinear", "condition": "bilinear"}
+
+
+def check_resize(resize: dict) -> dict:
+    """``data.resize`` with each rule named by its key when unknown."""
+    resize = {**DEFAULT_RESIZE, **(resize or {})}
+    for part, rule in resize.items():
+        if part not in DEFAULT_RESIZE or rule not in ENLARGE:
+            raise ValueError(f"data.resize.{part}={rule!r}: the keys are {', '.join(DEFAULT_RESIZE)}, the rules {', '.join(ENLARGE)}")
+    return resize
+
+
+def resized(image: np.ndarray, size: tuple[int, int], enlarge: str) -> np.ndarray:
+    """``image`` at (width, height) ``size``: area averaging where it shrinks, the ``enlarge`` rule where it grows."""
+    shrinking = size[0] * size[1] < image.shape[0] * image.shape[1]
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA if shrinking else ENLARGE[enlarge])
+
+
+def fit_square(image: np.ndarray, resolution: int, enlarge: str = "bilinear") -> np.ndarray:
     """The geometry rule of the module docstring: shorter side to ``resolution``, then a center crop."""
     height, width = image.shape[:2]
     if (height, width) != (resolution, resolution):
         scale = resolution / min(height, width)
         size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-        interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_NEAREST
-        image = cv2.resize(image, size, interpolation=interpolation)
+        image = resized(image, size, enlarge)
         top, left = (image.shape[0] - resolution) // 2, (image.shape[1] - resolution) // 2
         image = image[top : top + resolution, left : left + resolution]
     return np.ascontiguousarray(image)
 
 
-RGB = datasets.Image(mode="RGB")
+DECODE = datasets.Image()
+WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": None, "F": None}
 
 
 def decode_rgb(encoded: bytes | None, path: str | None, where: str) -> np.ndarray:
-    """An RGB uint8 (H, W, 3) image from its bytes, or from its file when no bytes are stored."""
+    """An RGB uint8 (H, W, 3) image from its bytes, or from its file when no bytes are stored, decoded by ``datasets``
+    and converted faithfully (``to_rgb``); an image that cannot be is an error naming it."""
+    name = path or "(stored bytes)"
     try:
-        return np.asarray(RGB.decode_example({"path": path, "bytes": encoded}))
+        image = DECODE.decode_example({"path": path, "bytes": encoded})
+        image.load()
+        return to_rgb(image, f"{where}: image {name}")
     except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise DatasetFormatError(f"{where}: image {path or '(stored bytes)'} is unreadable ({err})") from None
+        if isinstance(err, DatasetFormatError):
+            raise
+        raise DatasetFormatError(f"{where}: image {name} is unreadable ({err})") from None
 
 
-def load_rgb(path: Path | str, resolution: int) -> np.ndarray:
+def to_rgb(image: PIL.Image.Image, where: str) -> np.ndarray:
+    """RGB uint8 of any PIL mode, keeping what the pixels mean: 16- and 32-bit integer images scaled from their bit
+    depth (not clipped at 255, which whitens them), float images in [0, 1] scaled to 255, transparency composited over
+    white, palette, CMYK and YCbCr through PIL. An image with more than one value that would come out as one flat color
+    is refused (``where`` names it), never trained on."""
+    if image.mode in WIDE_MODES:
+        values = np.asarray(image, dtype=np.float64)
+        top = WIDE_MODES[image.mode] or (65535 if image.mode == "I" and 0 <= values.min() and values.max() <= 65535 else None)
+        if image.mode == "F" and 0 <= values.min() and values.max() <= 1:
+            top = 1.0
+        if top is None:
+            raise DatasetFormatError(f"{where}: mode {image.mode} with values in [{values.min():g}, {values.max():g}] has no "
+                                     "known range to map to 8 bits; save it as 8- or 16-bit PNG")
+        gray = np.round(values / top * 255).astype(np.uint8)
+        rgb, source_varies = np.repeat(gray[..., None], 3, axis=2), values.min() != values.max()
+    else:
+        if image.mode == "P" and "transparency" in image.info:
+            image = image.convert("RGBA")
+        if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+            white = PIL.Image.new("RGBA", image.size, (255, 255, 255, 255))
+            image = PIL.Image.alpha_composite(white, image.convert("RGBA"))
+        extrema = image.getextrema()
+        source_varies = any(low != high for low, high in (extrema if isinstance(extrema[0], tuple) else [extrema]))
+        rgb = np.asarray(image.convert("RGB"))
+    if source_varies and rgb.min() == rgb.max():
+        raise DatasetFormatError(f"{where}: decoding mode {image.mode} gives one flat color from an image whose values vary; "
+                                 "convert it to 8-bit RGB first")
+    return rgb
+
+
+def load_rgb(path: Path | str, resolution: int, enlarge: str = "bilinear") -> np.ndarray:
     """An image file as RGB uint8, fitted to ``resolution`` by the geometry rule."""
-    return fit_square(decode_rgb(None, str(path), str(path)), resolution)
+    return fit_square(decode_rgb(None, str(path), str(path)), resolution, enlarge)
 
 
 class ImageColumn:
-    """One image column: file paths where the images are files, the stored bytes read on demand otherwise."""
+    """One image column: file paths where the images are files, the stored bytes read on demand otherwise; each row's
+    content key and size come from the first pass (manifest.py), paid once per file."""
 
-    def __init__(self, table: datasets.Dataset, column: str):
+    def __init__(self, table: datasets.Dataset, column: str, manifest: Manifest, where: dict[str, str] | None = None):
         self.refs = table.select_columns([column]).cast_column(column, datasets.Image(decode=False))
+        if self.refs._indices is not None:
+            self.refs = self.refs.flatten_indices()
         self.column = column
-        self.paths: list[str | None] = []
-        self.keys: list[str] = []
-        for batch in tqdm(self.refs.iter(batch_size=1024), total=-(-len(table) // 1024), desc=f"hashing {column}",
-                          unit="batch", leave=False, disable=len(table) < 4096):
-            for row in batch[column]:
-                if row is None:
-                    raise DatasetFormatError(f"column {column!r}, row {len(self.keys)}: no image")
-                self.paths.append(row["path"] if row["bytes"] is None else None)
-                self.keys.append(content_key(row["bytes"], row["path"], f"column {column!r}, row {len(self.keys)}"))
+        # The paths and which rows store bytes, read from the Arrow columns without reading the bytes themselves.
+        struct = self.refs.data.column(column)
+        self.paths: list[str | None] = [None if p is None else os.path.abspath(p) for p in
+                                        pa.chunked_array([chunk.field("path") for chunk in struct.chunks], pa.string()).to_pylist()]
+        stored = pa.chunked_array([chunk.field("bytes").is_valid() for chunk in struct.chunks], pa.bool_()).to_pylist()
+        for row, (path, has_bytes) in enumerate(zip(self.paths, stored)):
+            if has_bytes:
+                self.paths[row] = None
+            elif path is None:
+                raise DatasetFormatError(f"column {column!r}, row {row}: no image")
+        where = where or {}
+        files = [row for row, path in enumerate(self.paths) if path is not None]
+        try:
+            facts = manifest.facts([self.paths[r] for r in files],
+                                   [where.get(self.paths[r], f"column {column!r}, row {r}") for r in files])
+        except UnreadableImage as err:
+            raise DatasetFormatError(str(err)) from None
+        self.facts: list[FileFacts | None] = [None] * len(self.paths)
+        for row, found in zip(files, facts):
+            self.facts[row] = found
+        in_table = [row for row, path in enumerate(self.paths) if path is None]
+        stored_rows = stored_keys(manifest.cache_dir, table._fingerprint, column, lambda: self._hash_stored(in_table)) if in_table else []
+        self.keys: list[str] = [f.key if f is not None else "" for f in self.facts]
+        for row, key in zip(in_table, stored_rows):
+            self.keys[row] = key
+
+    def _hash_stored(self, rows: list[int]) -> list[str]:
+        keys = []
+        for start in tqdm(range(0, len(rows), 1024), desc=f"hashing the stored images of {self.column} (once; kept in a manifest)",
+                          unit="batch", disable=len(rows) < 4096):
+            batch = self.refs.select(rows[start : start + 1024])[self.column]
+            keys.extend(content_key(item["bytes"]) for item in batch)
+        return keys
 
     def read(self, index: int) -> np.ndarray:
         path = self.paths[index]
@@ -106,23 +202,15 @@ class ImageColumn:
         return decode_rgb(encoded, path, f"column {self.column!r}, row {index}")
 
     def size(self, index: int) -> tuple[int, int]:
-        """(height, width) from the image's header, without decoding its pixels."""
-        path = self.paths[index]
-        source = path or io.BytesIO(self.refs[index][self.column]["bytes"])
+        """(height, width): the first pass's, or from the image's header, without decoding its pixels."""
+        if self.facts[index] is not None:
+            return self.facts[index].height, self.facts[index].width
         try:
-            with PIL.Image.open(source) as image:
+            with PIL.Image.open(io.BytesIO(self.refs[index][self.column]["bytes"])) as image:
                 width, height = image.size
         except (UnidentifiedImageError, OSError) as err:
-            raise DatasetFormatError(f"column {self.column!r}, row {index}: image {path or '(stored bytes)'} is unreadable ({err})") from None
+            raise DatasetFormatError(f"column {self.column!r}, row {index}: image (stored bytes) is unreadable ({err})") from None
         return height, width
-
-
-def content_key(encoded: bytes | None, path: str | None, where: str) -> str:
-    if encoded is None:
-        if not path or not Path(path).is_file():
-            raise DatasetFormatError(f"{where}: image {path} does not exist")
-        encoded = Path(path).read_bytes()
-    return hashlib.sha256(encoded).hexdigest()[:20]
 
 
 @dataclass
@@ -131,10 +219,14 @@ class Samples:
 
     table: datasets.Dataset
     origin: str
+    manifest: Manifest | None = None  # where the first pass over the files is kept (None: not kept)
+    where: dict[str, str] | None = None  # where each file is named (its metadata line), for errors
+    resize: dict = field(default_factory=lambda: dict(DEFAULT_RESIZE))  # data.resize: the enlarging rule of each part
 
     def __post_init__(self):
-        self.targets = ImageColumn(self.table, IMAGE)
-        self.conditions = ImageColumn(self.table, CONDITION) if CONDITION in self.table.column_names else None
+        manifest = self.manifest or Manifest(None, self.origin)
+        self.targets = ImageColumn(self.table, IMAGE, manifest, self.where)
+        self.conditions = ImageColumn(self.table, CONDITION, manifest, self.where) if CONDITION in self.table.column_names else None
         self.prompts: list[str] = list(self.table[TEXT])
 
     def __len__(self) -> int:
@@ -145,12 +237,12 @@ class Samples:
         return self.conditions is not None
 
     def target(self, index: int, resolution: int) -> np.ndarray:
-        return fit_square(self.targets.read(index), resolution)
+        return fit_square(self.targets.read(index), resolution, self.resize["image"])
 
     def pair(self, index: int, resolution: int) -> tuple[np.ndarray, np.ndarray]:
         """(target, stored condition), the condition given its target's geometry."""
         target = self.targets.read(index)
-        return fit_square(target, resolution), self._fit_condition(index, target.shape[:2], resolution)
+        return fit_square(target, resolution, self.resize["image"]), self._fit_condition(index, target.shape[:2], resolution)
 
     def condition(self, index: int, resolution: int) -> np.ndarray:
         """The stored condition as ``pair`` gives it, with only its target's header read."""
@@ -159,8 +251,8 @@ class Samples:
     def _fit_condition(self, index: int, target_size: tuple[int, int], resolution: int) -> np.ndarray:
         condition = self.conditions.read(index)
         if condition.shape[:2] != tuple(target_size):
-            condition = cv2.resize(condition, tuple(target_size)[::-1], interpolation=cv2.INTER_AREA)
-        return fit_square(condition, resolution)
+            condition = resized(condition, tuple(target_size)[::-1], self.resize["condition"])
+        return fit_square(condition, resolution, self.resize["condition"])
 
     def key(self, index: int) -> str:
         """The row's content: its target's and stored condition's bytes, and its caption."""
@@ -170,4 +262,5 @@ class Samples:
     def fingerprint(self, indices=None) -> str:
         """A hash of the rows (all, or ``indices`` in that order): what caches of these rows are keyed by."""
         rows = range(len(self)) if indices is None else indices
-        return hashlib.sha256("\n".join(self.key(int(i)) for i in rows).encode()).hexdigest()[:16]
+        geometry = json.dumps(self.resize, sort_keys=True)
+        return hashlib.sha256("\n".join([geometry, *(self.key(int(i)) for i in rows)]).encode()).hexdigest()[:16]

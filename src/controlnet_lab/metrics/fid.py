@@ -66,13 +66,23 @@ def write_images(images: np.ndarray, folder: Path) -> Path:
     return folder
 
 
+class TooFewImages(ValueError):
+    """A Fréchet distance that would mean nothing: fewer images than feature dimensions make the covariances singular."""
+
+
 def fid(images_a: np.ndarray, images_b: np.ndarray, extractor: FeatureExtractor, device: str = "cpu", batch_size: int = 64) -> float:
-    """clean-fid's FID (clean mode) between two sets of (N, H, W, 3) uint8 images, in the extractor's feature space."""
+    """clean-fid's FID (clean mode) between two sets of (N, H, W, 3) uint8 images, in the extractor's feature space:
+    its feature extraction and ``frechet_distance``, as its ``compute_fid`` of two folders, after checking that each
+    set has more images than the features have dimensions (``TooFewImages`` otherwise)."""
     with tempfile.TemporaryDirectory(prefix="fid-") as tmp:
-        folder_a = write_images(images_a, Path(tmp) / "a")
-        folder_b = write_images(images_b, Path(tmp) / "b")
-        score = cleanfid_fid.compute_fid(
-            str(folder_a), str(folder_b), mode="clean", custom_feat_extractor=extractor, device=torch.device(device),
-            num_workers=0, batch_size=batch_size, verbose=False, use_dataparallel=False,
-        )
-    return float(score)
+        features = [
+            cleanfid_fid.get_folder_features(str(write_images(images, Path(tmp) / name)), extractor, num_workers=0,
+                                             batch_size=batch_size, device=torch.device(device), mode="clean", verbose=False)
+            for name, images in (("a", images_a), ("b", images_b))
+        ]
+    dims, fewest = features[0].shape[1], min(len(f) for f in features)
+    if fewest <= dims:
+        raise TooFewImages(f"{fewest} images in a {dims}-d feature space give singular covariances, so a Fréchet distance "
+                           f"means nothing; it needs more than {dims} images (eval.num_images)")
+    statistics = [(np.mean(f, axis=0), np.cov(f, rowvar=False)) for f in features]
+    return float(cleanfid_fid.frechet_distance(*statistics[0], *statistics[1]))
