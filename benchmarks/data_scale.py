@@ -1,9 +1,9 @@
 """Memory, start-up and disk against the dataset's size: do they grow with the number of images?
 
-A generated image folder in diffusers' layout at 256 px (stored conditions, a distinct caption per image), of N =
+A generated image folder in diffusers' layout, 256 px files (stored conditions, a distinct caption per image), of N =
 1,000 / 4,000 / 16,000 images (``--sizes``), trained by ``src/train.py`` with ``model=tiny_sd`` (a saved random base of
 tiny_sd's architecture: what is measured does not depend on its weights, and pretraining it at 256 px would take
-hours) for 1 step at batch 1, twice per N, each time in the same cache:
+hours) at ``data.resolution=--resolution`` (256 by default) for 1 step at batch 1, twice per N, in the same cache:
 
 - **first start**: the first pass over the images (content keys, sizes, a decode check; manifest.py), the VAE
   encoding of every image and the text encoding of every caption (locked_encodings.py), written to disk;
@@ -42,7 +42,7 @@ from controlnet_lab.data.manifest import Manifest
 from controlnet_lab.provenance import OtherLoad, commit, machine
 
 ROOT = Path(__file__).resolve().parents[1]
-RESOLUTION = 256
+RESOLUTION = 256  # of the image files
 WORDS = [["red", "green", "blue", "yellow", "cyan", "magenta", "white", "black", "orange", "purple", "pink", "brown", "gray",
           "olive", "navy", "teal", "maroon", "lime", "gold", "silver", "coral", "beige", "ivory", "khaki", "lavender", "plum"],
          ["square", "circle", "ring", "cross", "bar", "dot", "star", "arc", "frame", "band", "blob", "wedge", "grid", "stripe",
@@ -93,16 +93,16 @@ def linked_folder(source: Path, root: Path, count: int) -> Path:
     return root
 
 
-def saved_base(folder: Path, count: int) -> Path:
+def saved_base(folder: Path, count: int, resolution: int) -> Path:
     settings = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / "tiny_sd.yaml").base, resolve=True)
-    build_tiny_sd(settings, RESOLUTION, [caption(i) for i in range(count)] + [""]).save_pretrained(folder)
+    build_tiny_sd(settings, resolution, [caption(i) for i in range(count)] + [""]).save_pretrained(folder)
     return folder
 
 
-def train(data_root: Path, base: Path, cache: Path, out: Path, encode_batch: int) -> dict:
+def train(data_root: Path, base: Path, cache: Path, out: Path, encode_batch: int, resolution: int) -> dict:
     command = [sys.executable, str(ROOT / "src" / "train.py"), "model=tiny_sd", f"model.base.pretrained_model_name_or_path={base}",
                f"model.base.encode_batch_size={encode_batch}", "data=folder", f"data.root={data_root}",
-               f"data.resolution={RESOLUTION}", "data.val_size=4", "data.batch_size=1", "trainer.max_steps=1",
+               f"data.resolution={resolution}", "data.val_size=4", "data.batch_size=1", "trainer.max_steps=1",
                # what is measured is the set-up: the rest of the run as small as it gets (one step, one image sampled)
                "eval.num_images=1", "eval.batch_size=1", "eval.prompt_settings=[perfect]", "eval.fid_domain.enabled=false",
                "~callbacks.fidelity_curve", "~callbacks.initial_output_change", "model.sampling.num_inference_steps=1",
@@ -170,7 +170,7 @@ def plot(rows: list[dict], path: Path) -> None:
         axes[1].plot(sizes, [row[start]["setup_s"] for row in rows], style, label=start.replace("_", " "))
     axes[2].plot(sizes, [row["cache_disk_mb"] for row in rows], "o-")
     for axis, title in zip(axes, ("peak RSS (MB)", "set-up: data + encodings (s)", "cache on disk (MB)")):
-        axis.set_xlabel("images (256 px)")
+        axis.set_xlabel("images")
         axis.set_title(title)
         axis.set_xscale("log")
     axes[0].legend()
@@ -182,6 +182,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000, 16000])
     parser.add_argument("--encode-batch", type=int, default=16)
+    parser.add_argument("--resolution", type=int, default=RESOLUTION,
+                        help="data.resolution the runs train at (the files are 256 px; lower: the VAE encodes fewer pixels)")
     parser.add_argument("--num-proc", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "performance" / "data_scale")
@@ -192,14 +194,14 @@ def main() -> None:
         started = time.perf_counter()
         write_images(tmp / "all", sizes[-1])
         print(f"generated {sizes[-1]} image pairs in {time.perf_counter() - started:.0f} s")
-        base = saved_base(tmp / "base", sizes[-1])
+        base = saved_base(tmp / "base", sizes[-1], args.resolution)
         rows = []
         for count in sizes:
             folder = linked_folder(tmp / "all", tmp / f"n{count}", count)
             cache = tmp / f"cache{count}"
             row = {"images": count}
             for start in ("first_start", "second_start"):
-                row[start] = train(folder, base, cache, tmp / f"out{count}", args.encode_batch)
+                row[start] = train(folder, base, cache, tmp / f"out{count}", args.encode_batch, args.resolution)
                 print(f"N={count:>6} {start}: {row[start]}")
             row["cache_disk_mb"] = disk_mb(cache / "encodings")
             row["manifest_disk_mb"] = disk_mb(cache / "manifests")
@@ -211,7 +213,8 @@ def main() -> None:
     smallest, largest = rows[0], rows[-1]
     result = {
         **commit(), "machine": machine(), "other_load": load.result,
-        "settings": {"resolution": RESOLUTION, "model": "tiny_sd architecture, saved random weights", "train_steps": 1,
+        "settings": {"file_resolution": RESOLUTION, "resolution": args.resolution,
+                     "model": "tiny_sd architecture, saved random weights", "train_steps": 1,
                      "encode_batch_size": args.encode_batch, "sizes": sizes},
         "runs": rows,
         "peak_rss_growth_mb": round(largest["first_start"]["peak_rss_mb"] - smallest["first_start"]["peak_rss_mb"], 1),

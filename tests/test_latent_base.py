@@ -18,6 +18,7 @@ from controlnet_lab.config_checks import check_train_config
 from controlnet_lab.bases import LatentBase, load_base
 from controlnet_lab.bases.sources import BaseNotFoundError, PretrainedBase
 from controlnet_lab.data.datamodule import Fill50kDataModule
+from controlnet_lab.data import encoded as encoded_module
 from controlnet_lab.data.encoded import EncodedDataset, EncodingStore, LockedEncodings, StoreWriter
 from controlnet_lab.export import export
 from controlnet_lab.locked_encodings import TargetImages, cached_encodings
@@ -136,7 +137,7 @@ def test_cached_and_computed_encodings_give_the_same_loss(sd_folder, sd_data, tm
     assert not torch.equal(losses[0], module.diffusion_loss(computed, torch.Generator().manual_seed(8)))
 
 
-def test_the_encoding_store_is_written_in_shards_and_read_row_by_row(tmp_path):
+def test_the_encoding_store_is_written_in_shards_and_read_row_by_row(tmp_path, monkeypatch):
     writer = StoreWriter(tmp_path / "store", torch.bfloat16, shard_bytes=3 * 2 * 4)  # 3 rows of 4 bf16 values a shard
     rows = torch.randn(8, 4)
     for start in range(0, 8, 2):
@@ -150,6 +151,10 @@ def test_the_encoding_store_is_written_in_shards_and_read_row_by_row(tmp_path):
     assert store.column("absent") is None
     with pytest.raises(IndexError):
         column[8]
+    monkeypatch.setattr(encoded_module, "OPEN_SHARDS", 1)  # one shard open at a time: each read reopens the other
+    fresh = store.column("x")
+    assert torch.equal(torch.stack([fresh[i] for i in (0, 5, 1, 7)]), rows[[0, 5, 1, 7]].to(torch.bfloat16).float())
+    assert len(fresh._handles) == 1
 
 
 def test_the_training_loader_reads_no_targets_when_their_latents_are_cached(sd_data, tmp_path):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import json
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from torch.utils.data import Dataset
 
 STORE_VERSION = 1
 INDEX = "index.json"
+SHARD_BYTES = 32 << 20  # what a writer holds before it writes a shard (twice that while it joins the batches)
+OPEN_SHARDS = 64        # memory-mapped shards a process keeps open
 
 
 class StoreError(ValueError):
@@ -44,19 +47,23 @@ class StoredRows:
         self.ends = []
         for shard in shards:
             self.ends.append((self.ends[-1] if self.ends else 0) + shard["rows"])
-        self._handles: dict[int, object] = {}
+        self._handles: OrderedDict[int, object] = OrderedDict()  # the shards open now, least recently used first
         self._pid: int | None = None
 
     def __len__(self) -> int:
         return self.ends[-1] if self.ends else 0
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_handles": {}, "_pid": None}
+        return {**self.__dict__, "_handles": OrderedDict(), "_pid": None}
 
     def _slice(self, shard: int):
         if self._pid != os.getpid():  # a forked worker must not share its parent's handles
-            self._handles, self._pid = {}, os.getpid()
-        if shard not in self._handles:
+            self._handles, self._pid = OrderedDict(), os.getpid()
+        if shard in self._handles:
+            self._handles.move_to_end(shard)
+        else:
+            if len(self._handles) >= OPEN_SHARDS:  # a cache of millions of rows has thousands of shards: bound the open files
+                self._handles.popitem(last=False)
             self._handles[shard] = safe_open(str(self.folder / self.files[shard]), framework="pt")
         return self._handles[shard].get_slice(self.name)
 
@@ -111,7 +118,7 @@ class StoreWriter:
     """Writes rows batch by batch into shards of about ``shard_bytes`` each, so that writing a cache of any size holds
     one shard in memory; ``finish`` writes the index last, so a folder without one is incomplete."""
 
-    def __init__(self, folder: Path, dtype: torch.dtype, shard_bytes: int = 256 << 20):
+    def __init__(self, folder: Path, dtype: torch.dtype, shard_bytes: int = SHARD_BYTES):
         self.folder, self.dtype, self.shard_bytes = Path(folder), dtype, shard_bytes
         self.folder.mkdir(parents=True, exist_ok=True)
         self.pending: dict[str, list[torch.Tensor]] = {}

@@ -15,12 +15,23 @@ The configured column names (diffusers' ``--image_column``, ``--conditioning_ima
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from controlnet_lab.data.manifest import Manifest
 from controlnet_lab.data.samples import CONDITION, IMAGE, TEXT, DatasetFormatError, Samples, json_lines
+from controlnet_lab.files import publish
+
+log = logging.getLogger(__name__)
 
 
 def metadata_key(column: str) -> str:
@@ -79,8 +90,50 @@ def folder_samples(root: str | Path, columns: dict[str, str], split: str, needs_
     named = {}
     for path in metadata:
         named.update(check_metadata(path, columns, needs_conditions))
-    table = load("imagefolder", split, "data.root", data_dir=str(root), cache_dir=str(cache_dir))
+    table = kept_table(Path(cache_dir), metadata, split,
+                       lambda: load("imagefolder", split, "data.root", data_dir=str(root), cache_dir=str(cache_dir)))
     return canonical(table, columns, str(root), manifest, named)
+
+
+def kept_table(cache_dir: Path, metadata: list[Path], split: str, build) -> datasets.Dataset:
+    """The imagefolder table of these ``metadata`` files (``build()`` loads it), kept after its first load as its
+    columns with each image as its file's path (a small Parquet file) and read back on later starts: each
+    ``load_dataset`` matches every file of the folder against the builder's split patterns again, which grows with the
+    folder's size (benchmarks/data_scale.py), and ``save_to_disk`` would copy the images' bytes into the cache. The
+    table holds only what the metadata says, so it is keyed by those files' paths, sizes and times."""
+    stamps = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in metadata]
+    key = hashlib.sha256(json.dumps({"metadata": stamps, "split": split, "datasets": datasets.__version__}).encode()).hexdigest()[:16]
+    folder = cache_dir / "tables" / key
+    if (folder / "columns.json").is_file():
+        try:
+            return with_image_columns(pq.read_table(folder / "table.parquet"), json.loads((folder / "columns.json").read_text()))
+        except Exception as err:  # noqa: BLE001 - pyarrow and datasets raise several types for a damaged file
+            log.warning(f"the kept table {folder} is unreadable ({type(err).__name__}: {err}): loading the folder again")
+            shutil.rmtree(folder, ignore_errors=True)
+    table = build()
+    images = [name for name, feature in table.features.items() if isinstance(feature, datasets.Image)]
+    if table._indices is not None or any(chunk.field("bytes").null_count < len(chunk) for name in images
+                                         for chunk in table.data.column(name).chunks):
+        return table  # images stored in the table itself: nothing to gain
+    columns = {name: pa.chunked_array([chunk.field("path") for chunk in table.data.column(name).chunks], pa.string())
+               if name in images else table.data.column(name) for name in table.column_names}
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        pq.write_table(pa.table(columns), staging / "table.parquet")
+        (staging / "columns.json").write_text(json.dumps(images))
+        publish(staging, folder, "columns.json")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return table
+
+
+def with_image_columns(arrow: pa.Table, images: list[str]) -> datasets.Dataset:
+    table = datasets.Dataset(arrow)
+    for name in images:
+        table = table.cast_column(name, datasets.Image())
+    return table
 
 
 def hub_samples(name: str | None, path: str | None, split: str, columns: dict[str, str], cache_dir: Path,
