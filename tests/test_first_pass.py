@@ -3,6 +3,7 @@ import json
 import os
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -45,6 +46,8 @@ def test_a_second_start_reads_the_manifest_and_a_changed_file_is_read_again(tmp_
     again = FolderDataModule(root=str(root), cache_dir=tmp_path / "cache", num_proc=1, **SETTINGS)
     again.setup()
     assert counted == [] and again.train_samples.targets.keys == keys and again.fingerprint() == first.fingerprint()
+    (kept,) = (tmp_path / "cache" / "datasets" / "tables").iterdir()  # the folder's table, not loaded again by datasets
+    assert str(pq.read_table(kept / "table.parquet").schema.field("image").type) == "string"  # paths, not the images' bytes
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "images" / "3.png")  # another image under the same name
     changed = FolderDataModule(root=str(root), cache_dir=tmp_path / "cache", num_proc=1, **SETTINGS)
     changed.setup()
