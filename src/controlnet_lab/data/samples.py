@@ -14,9 +14,10 @@ outlines), then center-cropped to ``resolution`` x ``resolution``. A condition w
 size differs from its target's is first resized to the target's size, so both get the
 same crop. The rule is part of the rows' fingerprint: caches of resized images follow it.
 
-Images are decoded by ``datasets.Image(mode="RGB")`` from the file, or from the stored
-bytes where the dataset keeps them (``save_to_disk``); the files' paths are read once,
-so serving a sample does not go through the Arrow table.
+Images are decoded by ``datasets.Image()`` from the file, or from the stored bytes where
+the dataset keeps them (``save_to_disk``), and converted to RGB keeping what each PIL
+mode's pixels mean (``to_rgb``); the files' paths are read once, so serving a sample
+does not go through the Arrow table.
 """
 from __future__ import annotations
 
