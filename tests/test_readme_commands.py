@@ -1,4 +1,4 @@
-"""Every `src/train.py` command line the README quotes composes, and does what its words promise."""
+"""Every `src/train.py` command line the README and docs/ quote composes, and does what its words promise."""
 import re
 import shlex
 
@@ -10,8 +10,8 @@ PLACEHOLDERS = {"PATH": "/data/folder", "...": None}
 
 
 def readme_train_commands() -> list[str]:
-    """The README's code-block lines that run src/train.py, comments removed."""
-    text = (ROOT / "README.md").read_text()
+    """The code-block lines of the README and docs/ that run src/train.py, comments removed."""
+    text = "\n".join(path.read_text() for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
     blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
     lines = [re.split(r"\s#\s", re.sub(r"<[^>]*>", "x", line))[0].strip() for block in blocks for line in block.splitlines()]
     return [line for line in lines if "src/train.py" in line]
