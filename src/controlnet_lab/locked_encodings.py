@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from tqdm import tqdm
 
 from controlnet_lab.data.dataset import ControlDataset
 from controlnet_lab.data.encoded import INDEX, EncodingStore, LockedEncodings, StoreError, StoreWriter
-from controlnet_lab.files import publish
+from controlnet_lab.files import build_published
 
 log = logging.getLogger(__name__)
 CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -93,14 +92,7 @@ def stored(folder: Path, write: Callable[[Path], None], rows: int) -> EncodingSt
         except StoreError as err:
             log.warning(f"the cached encodings {folder} are unusable ({err}): computing them again")
             shutil.rmtree(folder, ignore_errors=True)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        write(staging)
-        publish(staging, folder, INDEX)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    build_published(folder, INDEX, write)
     return EncodingStore(folder)
 
 

@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from torch.utils.data import DataLoader
 from controlnet_lab.bases.fingerprint import base_fingerprint
 from controlnet_lab.data.datamodule import ControlDataModule
 from controlnet_lab.data.encoded import EncodedDataset, LockedEncodings
-from controlnet_lab.files import publish
+from controlnet_lab.files import build_published
 from controlnet_lab.objective import noisy_batch
 
 # Settings of model.base that do not change the pretrained weights.
@@ -57,15 +56,12 @@ def build_once(folder: Path, build: Callable[[Path], dict]) -> Path:
         if intact(folder):
             return folder
         shutil.rmtree(folder, ignore_errors=True)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+
+    def build_and_record(staging: Path) -> None:
         report = {**build(staging), "fingerprint": base_fingerprint(staging)}
         (staging / "pretrain_config.json").write_text(json.dumps(report, indent=2))
-        publish(staging, folder, "model_index.json")
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    build_published(folder, "model_index.json", build_and_record)
     return folder
 
 

@@ -20,12 +20,13 @@ import json
 import logging
 import multiprocessing
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
+
+from controlnet_lab.files import write_json
 
 log = logging.getLogger(__name__)
 MANIFEST_VERSION = 1
@@ -134,12 +135,8 @@ class Manifest:
 
     def _write(self) -> None:
         """Written to a temporary name and renamed: a killed pass leaves the previous manifest (or none)."""
-        if self.path is None:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=self.path.parent, prefix=f".{self.path.name}.", delete=False) as partial:
-            json.dump({"version": MANIFEST_VERSION, "origin": self.origin, "files": self.entries}, partial)
-        os.replace(partial.name, self.path)
+        if self.path is not None:
+            write_json(self.path, {"version": MANIFEST_VERSION, "origin": self.origin, "files": self.entries})
 
 
 def stored_keys(cache_dir: Path | str | None, fingerprint: str | None, column: str, compute) -> list[str]:
@@ -154,8 +151,5 @@ def stored_keys(cache_dir: Path | str | None, fingerprint: str | None, column: s
         except ValueError as err:
             log.warning(f"the manifest {path} is unreadable ({err}): hashing the images again")
     keys = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as partial:
-        json.dump(keys, partial)
-    os.replace(partial.name, path)
+    write_json(path, keys)
     return keys

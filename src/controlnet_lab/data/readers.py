@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import datasets
@@ -29,7 +28,7 @@ import pyarrow.parquet as pq
 
 from controlnet_lab.data.manifest import Manifest
 from controlnet_lab.data.samples import CONDITION, IMAGE, TEXT, DatasetFormatError, Samples, json_lines
-from controlnet_lab.files import publish
+from controlnet_lab.files import build_published
 
 log = logging.getLogger(__name__)
 
@@ -117,15 +116,12 @@ def kept_table(cache_dir: Path, metadata: list[Path], split: str, build) -> data
         return table  # images stored in the table itself: nothing to gain
     columns = {name: pa.chunked_array([chunk.field("path") for chunk in table.data.column(name).chunks], pa.string())
                if name in images else table.data.column(name) for name in table.column_names}
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+
+    def write(staging: Path) -> None:
         pq.write_table(pa.table(columns), staging / "table.parquet")
         (staging / "columns.json").write_text(json.dumps(images))
-        publish(staging, folder, "columns.json")
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    build_published(folder, "columns.json", write)
     return table
 
 

@@ -102,6 +102,7 @@ def fit_square(image: np.ndarray, resolution: int, enlarge: str = "bilinear") ->
 
 
 DECODE = datasets.Image()
+LOSSLESS_MODES = ("RGB", "L", "1")
 WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": None, "F": None}
 
 
@@ -113,9 +114,9 @@ def decode_rgb(encoded: bytes | None, path: str | None, where: str) -> np.ndarra
         image = DECODE.decode_example({"path": path, "bytes": encoded})
         image.load()
         return to_rgb(image, f"{where}: image {name}")
+    except DatasetFormatError:
+        raise
     except (UnidentifiedImageError, OSError, ValueError) as err:
-        if isinstance(err, DatasetFormatError):
-            raise
         raise DatasetFormatError(f"{where}: image {name} is unreadable ({err})") from None
 
 
@@ -124,6 +125,8 @@ def to_rgb(image: PIL.Image.Image, where: str) -> np.ndarray:
     depth (not clipped at 255, which whitens them), float images in [0, 1] scaled to 255, transparency composited over
     white, palette, CMYK and YCbCr through PIL. An image with more than one value that would come out as one flat color
     is refused (``where`` names it), never trained on."""
+    if image.mode in LOSSLESS_MODES:  # the common case, on every item a step reads: nothing can be flattened
+        return np.asarray(image.convert("RGB"))
     if image.mode in WIDE_MODES:
         values = np.asarray(image, dtype=np.float64)
         top = WIDE_MODES[image.mode] or (65535 if image.mode == "I" and 0 <= values.min() and values.max() <= 65535 else None)
