@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test test-fast benchmark clean
+.PHONY: install train test test-fast benchmark base clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Pretrain the embedded base from its recipe and compare it with the shipped copy (ARGS=ship=true replaces that copy).
+base: $(STAMP)
+	$(BIN)/python src/build_base.py $(ARGS)
 
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/default_run.py $(ARGS)

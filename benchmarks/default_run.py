@@ -2,6 +2,7 @@
 
     python benchmarks/default_run.py                # cold then warm, caches in a fresh temp folder
     python benchmarks/default_run.py --warm-only    # reuse the project's .cache
+    python benchmarks/default_run.py --cold-only --out experiments/embedded_default/shipped_base   # one cold run
     python benchmarks/default_run.py --warm-only --out experiments/performance/default_compile --after model.compile=true
                                                     # a before/after pair: what an option buys the default run
 
@@ -54,6 +55,7 @@ def run_once(cache_dir: Path, log_dir: Path, overrides: list[str], inductor_cach
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--warm-only", action="store_true")
+    parser.add_argument("--cold-only", action="store_true", help="only the cold run (empty cache: data made, shipped base copied)")
     parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "embedded_default")
     parser.add_argument("--cache", type=Path, help="an empty folder for the cold run's cache, kept afterwards (default: a temporary one)")
     parser.add_argument("--logs", type=Path, default=ROOT / "outputs" / "benchmark", help="the runs' log folder (paths.log_dir)")
@@ -61,6 +63,8 @@ def main() -> None:
                         help="overrides added for two more warm runs (after, after_repeat): a before/after pair in one run")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides passed to src/train.py")
     args = parser.parse_args()
+    if args.cold_only and (args.warm_only or args.after):
+        parser.error("--cold-only runs no warm run: it goes with neither --warm-only nor --after")
     runs = {}
     provenance = {**commit(), "machine": machine(), "overrides": args.overrides, "after": args.after}
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,7 +74,8 @@ def main() -> None:
         logs, inductor = args.logs, Path(tmp) / "inductor"
         if not args.warm_only:
             runs["cold"] = run_once(cache, logs, args.overrides, inductor / "cold")
-        runs["warm"] = run_once(cache, logs, args.overrides, inductor / "warm")
+        if not args.cold_only:
+            runs["warm"] = run_once(cache, logs, args.overrides, inductor / "warm")
         if args.after:
             for name in AFTER_RUNS:
                 runs[name] = run_once(cache, logs, [*args.overrides, *args.after], inductor / "after")
@@ -91,7 +96,12 @@ def report(runs: dict, gains: dict) -> None:
         )
     for name, gain in gains.items():
         print(f"{name} against warm: {gain['wall']:.3f}x as fast (whole run), {gain['until_trained']:.3f}x until trained")
-    print_evaluation_cost(runs["warm"]["results"])
+    print_evaluation_cost(shown_run(runs)["results"])
+
+
+def shown_run(runs: dict) -> dict:
+    """The run whose results.json, curve and grid are kept: the warm one, or the cold one where it ran alone."""
+    return runs.get("warm") or runs["cold"]
 
 
 def speedups(before: dict, after: dict) -> dict:
@@ -101,7 +111,7 @@ def speedups(before: dict, after: dict) -> dict:
 
 
 def write_record(runs: dict, gains: dict, provenance: dict, out: Path) -> None:
-    """default_run.json (every run, with provenance), the warm run's results.json, curve plot and evaluation grid."""
+    """default_run.json (every run, with provenance), the warm (or only) run's results.json, curve plot and evaluation grid."""
     out.mkdir(parents=True, exist_ok=True)
     record = {**provenance, "runs": {name: {
         "wall_s": row["wall_s"], "peak_rss_mb": row["peak_rss_mb"], "other_load": row["other_load"],
@@ -113,10 +123,10 @@ def write_record(runs: dict, gains: dict, provenance: dict, out: Path) -> None:
     if gains:
         record["speedup_over_warm"] = gains
     (out / "default_run.json").write_text(json.dumps(record, indent=2))
-    warm = runs["warm"]
-    plot_curves(pd.DataFrame([pd.json_normalize(warm["results"]).iloc[0]]), out / "fidelity_curve.png")
+    shown = shown_run(runs)
+    plot_curves(pd.DataFrame([pd.json_normalize(shown["results"]).iloc[0]]), out / "fidelity_curve.png")
     for name in ("results.json", "eval_samples.png"):
-        shutil.copyfile(Path(warm["run_dir"]) / name, out / name)
+        shutil.copyfile(Path(shown["run_dir"]) / name, out / name)
     print(f"\nwrote {out / 'default_run.json'}, results.json, fidelity_curve.png, eval_samples.png")
 
 

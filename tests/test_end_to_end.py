@@ -9,6 +9,7 @@ smaller `data.size` subsets.
 """
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,7 +33,10 @@ def default_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_default_run_learns_control_and_keeps_colors(default_run):
-    metrics = json.loads((default_run / "results.json").read_text())["metrics"]
+    results = json.loads((default_run / "results.json").read_text())
+    # The locked base is the one shipped for the default recipe (the data generated here has the key it was built for).
+    assert results["base"]["pretraining"]["shipped_from"].endswith(f"shipped/{Path(results['base']['path']).name}"), results["base"]
+    metrics = results["metrics"]
     assert metrics["mask_iou"] >= 0.75, metrics
     assert metrics["mask_iou"] > metrics["base_mask_iou"] + 0.4, metrics
     assert metrics["base_mask_iou"] < metrics["random_placement_mask_iou"] + 0.1, metrics

@@ -5,6 +5,7 @@ import hydra
 from diffusers.optimization import SchedulerType
 from omegaconf import DictConfig, OmegaConf
 
+from controlnet_lab.bases.sources import EmbeddedBase
 from controlnet_lab.blocks import BLOCKS, check_block_std, check_hint_channels
 from controlnet_lab.data.conditions import CONDITIONS, DETECTORS
 from controlnet_lab.evaluation import check_prompt_settings
@@ -50,6 +51,8 @@ def check_train_config(cfg: DictConfig) -> None:
         raise ConfigError(f"model.base.cache_dtype={base.cache_dtype!r}: choose auto or one of {', '.join(CACHE_DTYPES)}")
     if base.get("encode_batch_size", 1) < 1:
         raise ConfigError(f"model.base.encode_batch_size must be >= 1, got {base.encode_batch_size}")
+    if not isinstance(base.get("shipped", False), bool):
+        raise ConfigError(f"model.base.shipped must be true or false, got {base.shipped!r}")
     for key in ("batch_size", "curve_batch_size", "curve_images", "every_n_steps"):
         if cfg.eval.get(key) is not None and cfg.eval[key] < 1:
             raise ConfigError(f"eval.{key} must be >= 1, got {cfg.eval[key]}")
@@ -58,6 +61,21 @@ def check_train_config(cfg: DictConfig) -> None:
     if cfg.eval.num_images < 1:
         raise ConfigError(f"eval.num_images must be >= 1 (the final evaluation scores that many held-out conditions), got {cfg.eval.num_images}")
     check_eval_prompt_settings(cfg.eval)
+    if data.get("streaming"):
+        check_streaming(cfg)
+
+
+def check_streaming(cfg: DictConfig) -> None:
+    """What a stream cannot give (data/streaming.py): the whole training pool before training."""
+    base = cfg.model.base
+    if issubclass(hydra.utils.get_class(base._target_), EmbeddedBase) and not base.get("pretrained_model_name_or_path"):
+        raise ConfigError(f"data.streaming=true: model={cfg.model.name} pretrains its base on the whole training pool, which a stream does "
+                          "not hold; stream onto a saved base (model=sd15, or model.base.pretrained_model_name_or_path=<folder>)")
+    if cfg.eval.get("train_images"):
+        raise ConfigError("eval.train_images > 0 scores training conditions, which data.streaming=true does not hold in advance: set it to 0")
+    if cfg.data.held_out.exclude_near_duplicates:
+        raise ConfigError("data.held_out.exclude_near_duplicates=true compares every training condition with the held-out ones before "
+                          "training, which data.streaming=true does not read in advance: set it to false")
 
 
 def check_eval_prompt_settings(eval_cfg: DictConfig) -> None:

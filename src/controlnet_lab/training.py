@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import resource
 import time
 from pathlib import Path
@@ -31,6 +32,8 @@ from controlnet_lab.module import ControlNetModule
 from controlnet_lab.provenance import OtherLoad, commit, machine
 from controlnet_lab.resume import continue_csv_log, csv_rows_before, remember_wandb_run_id, resume_checkpoint, wandb_run_id
 from controlnet_lab.storage import check_room
+
+log = logging.getLogger(__name__)
 
 
 def build_datamodule(data_cfg: DictConfig) -> ControlDataModule:
@@ -98,6 +101,8 @@ def metric_suite(cfg: DictConfig, data: ControlDataModule) -> MetricSuite:
         suite.skipped["clip_score"] = "eval.clip.enabled=false (CLIP score needs a local CLIP model, eval.clip.model)"
     if not metrics.fid_domain.enabled:
         suite.skipped["fid_domain"] = "eval.fid_domain.enabled=false"
+    elif data.streaming:
+        suite.skipped["fid_domain"] = "data.streaming=true: its feature net trains on the whole training pool, which a stream does not hold"
     elif not data.fill50k_style:
         suite.skipped["fid_domain"] = "its feature net learns fill50k attributes (colors named by the prompt, the outline's circle); this data is not fill50k-format"
     else:
@@ -128,14 +133,15 @@ def base_source(cfg: DictConfig):
     return hydra.utils.instantiate(OmegaConf.to_container(cfg.model.base, resolve=True), _convert_="all")
 
 
-def base_folder(cfg: DictConfig, source, data: ControlDataModule) -> Path:
-    """The locked base's folder: saved, fetched, or pretrained here on the run's training pool (and cached).
+def base_folder(cfg: DictConfig, source, data: ControlDataModule, cache_dir: Path | None = None) -> Path:
+    """The locked base's folder: saved, fetched, shipped, or pretrained here on the run's training pool (and cached in
+    ``cache_dir``, by default the run's ``paths.cache_dir``).
 
     An embedded base is pretrained in this one process on one device of the run's accelerator: under DDP,
     Lightning would otherwise start the other processes for the pretraining, each of which would build and
     publish a base of its own (one such base was published without its text encoder's weights)."""
     accelerator = {"accelerator": cfg.trainer.accelerator, "devices": 1}
-    return source.folder(data, cfg.data.resolution, Path(cfg.paths.cache_dir), accelerator)
+    return source.folder(data, cfg.data.resolution, Path(cache_dir or cfg.paths.cache_dir), accelerator)
 
 
 MIXED_PRECISION_DTYPES = {"bf16-mixed": "bfloat16", "16-mixed": "float16"}
@@ -174,7 +180,10 @@ def attach_locked_encodings(cfg: DictConfig, module: ControlNetModule, data: Con
     settings = {"batch_size": cfg.model.base.encode_batch_size, "dtype": cfg.model.base.cache_dtype, "workers": cfg.data.num_workers}
     cache = Path(cfg.paths.cache_dir)
     base = module.base.to(run_device(cfg))
-    data.train_encodings = cached_encodings(base, fingerprint, data.train_dataset(), cache, **settings)
+    if data.streaming:
+        log.info("data.streaming=true: the training rows are encoded as they stream by (only the held-out set's encodings are cached)")
+    else:
+        data.train_encodings = cached_encodings(base, fingerprint, data.train_dataset(), cache, **settings)
     data.val_encodings = cached_encodings(base, fingerprint, data.val_dataset(), cache, **settings)
     base.to("cpu")
 

@@ -10,6 +10,11 @@ The denoiser is pretrained with the Min-SNR-gamma loss weighting (Hang et al. 20
 diffusers' ``compute_snr``), which shifts effort toward the high-noise steps where
 the image's global colors are decided; with plain epsilon MSE the colors are learned
 far more slowly.
+
+The embedded default's base also ships with the project (``bases/shipped/base-<key>``, made by
+``make base``): a run whose recipe has that key copies it into the cache, checked against the
+fingerprint recorded when it was built, instead of pretraining (``model.base.shipped=false``
+pretrains anyway).
 """
 from __future__ import annotations
 
@@ -33,10 +38,13 @@ from controlnet_lab.data.datamodule import ControlDataModule
 from controlnet_lab.data.encoded import EncodedDataset, LockedEncodings
 from controlnet_lab.files import build_published
 from controlnet_lab.objective import noisy_batch
+from controlnet_lab.provenance import commit, machine
 
 # Settings of model.base that do not change the pretrained weights.
 log = logging.getLogger(__name__)
-NOT_IN_KEY = ("_target_", "pretrained_model_name_or_path", "dtype", "cache_encodings", "cache_dtype", "encode_batch_size")
+NOT_IN_KEY = ("_target_", "pretrained_model_name_or_path", "dtype", "cache_encodings", "cache_dtype", "encode_batch_size", "shipped")
+# Pretrained bases committed with the project, one folder per recipe key (src/build_base.py writes them).
+SHIPPED_BASES = Path(__file__).parent / "shipped"
 
 
 def cache_key(settings: dict, data_fingerprint: str, resolution: int) -> str:
@@ -47,21 +55,43 @@ def cache_key(settings: dict, data_fingerprint: str, resolution: int) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def build_once(folder: Path, build: Callable[[Path], dict]) -> Path:
-    """``folder`` if it holds a saved pipeline; otherwise ``build(staging)`` writes one into a staging folder, which is
-    renamed to ``folder`` only when complete (an interrupted pretraining leaves no half-written base). The weights'
-    fingerprint is recorded at build time; a cached folder whose weights no longer match it (a file cut short or
-    changed on disk) is reported by path, set aside and built again, never trained on."""
+def build_once(folder: Path, build: Callable[[Path], dict], use_shipped: bool = False) -> Path:
+    """``folder`` if it holds a saved pipeline; otherwise the shipped copy of this key (``use_shipped``), or
+    ``build(staging)`` writes one into a staging folder, which is renamed to ``folder`` only when complete (an
+    interrupted pretraining leaves no half-written base). The weights' fingerprint is recorded at build time, with the
+    commit and machine that built them; a cached folder whose weights no longer match it (a file cut short or changed
+    on disk) is reported by path, set aside and built again, never trained on."""
     if (folder / "model_index.json").is_file():
         if intact(folder):
             return folder
         shutil.rmtree(folder, ignore_errors=True)
+    shipped = SHIPPED_BASES / folder.name
+    if use_shipped and (shipped / "model_index.json").is_file():
+        return copy_shipped(shipped, folder)
 
     def build_and_record(staging: Path) -> None:
-        report = {**build(staging), "fingerprint": base_fingerprint(staging)}
+        report = {**build(staging), "fingerprint": base_fingerprint(staging), "built_by": {**commit(), "machine": machine()}}
         (staging / "pretrain_config.json").write_text(json.dumps(report, indent=2))
 
     build_published(folder, "model_index.json", build_and_record)
+    return folder
+
+
+def copy_shipped(shipped: Path, folder: Path) -> Path:
+    """The shipped base of this recipe copied to the cache ``folder``, refused (naming the file to restore and the key
+    that pretrains instead) unless its weights still have the fingerprint recorded when it was built."""
+    def copy_and_check(staging: Path) -> None:
+        shutil.copytree(shipped, staging, dirs_exist_ok=True)
+        report = json.loads((staging / "pretrain_config.json").read_text())
+        found = base_fingerprint(staging)
+        if found != report.get("fingerprint"):
+            raise ValueError(f"the shipped base {shipped} has weights fingerprint {found}, not the {report.get('fingerprint')} recorded "
+                             f"when it was built: restore it (git checkout -- {shipped}) or pretrain it here with model.base.shipped=false")
+        (staging / "pretrain_config.json").write_text(json.dumps({**report, "shipped_from": str(shipped)}, indent=2))
+
+    log.info(f"the pretrained base of this recipe ships with the project: {shipped} copied to {folder} "
+             "(model.base.shipped=false pretrains it here instead)")
+    build_published(folder, "model_index.json", copy_and_check)
     return folder
 
 

@@ -51,4 +51,5 @@ def pretrained_pixel_base(settings: dict, data: ControlDataModule, resolution: i
         pipeline.save_pretrained(staging)
         return {"steps": trainer.global_step, "data_root": data.origin, "resolution": resolution, "model": settings}
 
-    return build_once(Path(cache_dir) / "base" / f"base-{cache_key(settings, data.fingerprint(), resolution)}", build)
+    return build_once(Path(cache_dir) / "base" / f"base-{cache_key(settings, data.fingerprint(), resolution)}", build,
+                      use_shipped=settings.get("shipped", False))

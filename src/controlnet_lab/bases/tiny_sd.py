@@ -106,4 +106,5 @@ def pretrained_tiny_sd(settings: dict, run_data: ControlDataModule, resolution: 
                 "resolution": resolution, "vae_reconstruction_mae_255": round(mae, 2),
                 "vae_scaling_factor": base.vae.config.scaling_factor, "model": settings}
 
-    return build_once(Path(cache_dir) / "base" / f"base-{cache_key(settings, run_data.fingerprint(), resolution)}", build)
+    return build_once(Path(cache_dir) / "base" / f"base-{cache_key(settings, run_data.fingerprint(), resolution)}", build,
+                      use_shipped=settings.get("shipped", False))

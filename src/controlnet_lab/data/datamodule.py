@@ -4,7 +4,8 @@
 each ``data=`` option instantiates one of its subclasses from its ``_target_``:
 ``Fill50kDataModule`` (the synthetic default and any fill50k-format folder),
 ``FolderDataModule`` (an image folder with ``metadata.jsonl``) and ``HubDataModule``
-(a Hugging Face dataset id or a ``save_to_disk`` folder).
+(a Hugging Face dataset id or a ``save_to_disk`` folder; ``data.streaming=true`` streams
+an id's rows instead of reading them first, data/streaming.py).
 """
 from __future__ import annotations
 
@@ -27,8 +28,9 @@ from controlnet_lab.data.fill50k import fill50k_samples
 from controlnet_lab.data.held_out import exact_duplicates, near_duplicates, source_ink
 from controlnet_lab.data.manifest import Manifest, default_num_proc
 from controlnet_lab.data.order import EpochOrder
-from controlnet_lab.data.readers import folder_samples, hub_samples
+from controlnet_lab.data.readers import canonical_columns, folder_samples, hub_samples, load
 from controlnet_lab.data.samples import CONDITION, IMAGE, TEXT, DatasetFormatError, Samples, check_resize
+from controlnet_lab.data.streaming import StreamedRows, StreamLoader, held_out_samples
 from controlnet_lab.data.synthetic import SyntheticFill50kSpec, write_fill50k
 
 
@@ -52,6 +54,8 @@ def training_subset(pool: np.ndarray, size: int | None, dropped: str) -> np.ndar
 
 class ControlDataModule(L.LightningDataModule):
     """The split, the datasets and the loaders; subclasses say where the samples come from (``read_samples``)."""
+
+    streaming = False  # True: the training rows are a stream, not a table (StreamedHubDataModule)
 
     def __init__(self, name: str, resolution: int, batch_size: int, val_size: int, size: int | None = None,
                  prompt_dropout: float = 0.5, split_seed: int = 0, num_workers: int = 0, condition: str = "stored",
@@ -150,11 +154,12 @@ class ControlDataModule(L.LightningDataModule):
         if self.condition in SYNTHETIC and self.condition != "outline" and not fill50k_style(samples):
             raise ValueError(f"data.condition={self.condition} is drawn from fill50k circle outlines; {samples.origin} is not fill50k-format data")
 
-    def detect_conditions(self) -> None:
+    def detect_conditions(self, parts: tuple[str, ...] = ("train", "val")) -> None:
         detect = condition_maker(self.condition, self.resolution, self.detector_weights, self.canny_thresholds)
         settings = {**detector_settings(self.condition, self.resolution, self.detector_weights, self.canny_thresholds),
                     "enlarge": self.resize["image"]}  # the maps are made from the fitted targets
-        for part, samples, rows in (("train", self.train_samples, self.train_rows), ("val", self.val_samples, self.val_rows)):
+        for part in parts:
+            samples, rows = (self.train_samples, self.train_rows) if part == "train" else (self.val_samples, self.val_rows)
             self.detected[part] = cached_conditions(samples, rows, detect, settings, self.cache_dir, self.num_proc)
 
     @property
@@ -279,3 +284,87 @@ class HubDataModule(ControlDataModule):
     def read(self, split: str) -> Samples:
         origin = self.dataset_name or str(Path(self.path).expanduser().resolve())
         return hub_samples(self.dataset_name, self.path, split, self.columns, self.cache_dir / "datasets", self.manifest(origin))
+
+
+def hub_datamodule(streaming: bool = False, shuffle_buffer: int = 1000, **settings) -> HubDataModule:
+    """``data=hf``: the dataset read whole (``HubDataModule``), or streamed (``StreamedHubDataModule``)."""
+    return StreamedHubDataModule(shuffle_buffer=shuffle_buffer, **settings) if streaming else HubDataModule(**settings)
+
+
+class StreamedHubDataModule(HubDataModule):
+    """A dataset id's rows streamed (data/streaming.py): the first ``val_size`` rows held out in memory, the rest a
+    shuffled stream that only ``train_dataloader`` serves."""
+
+    streaming = True
+
+    def __init__(self, shuffle_buffer: int = 1000, **settings):
+        super().__init__(**settings)
+        if self.path or not self.dataset_name:
+            raise ValueError("data.streaming=true streams data.name (a dataset id, or a local folder load_dataset reads); a save_to_disk "
+                             "folder (data.path) is memory-mapped already: set data.streaming=false")
+        if shuffle_buffer < 1:
+            raise ValueError(f"data.shuffle_buffer must be >= 1, got {shuffle_buffer}")
+        self.shuffle_buffer = shuffle_buffer
+        self.train_stream = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_stream is not None:
+            return
+        stream = self.open_stream(self.split)
+        held_out_split = self.val_split or self.split
+        self.val_samples = held_out_samples(self.open_stream(self.val_split) if self.val_split else stream, self.val_size,
+                                            self.dataset_name, held_out_split)
+        self.val_samples.resize = self.resize
+        self.check_condition(self.val_samples)
+        self.val_rows = np.arange(self.val_size)
+        train = stream if self.val_split else stream.skip(self.val_size)
+        self.train_stream = train if self.size is None else train.take(self.size)
+        self.split_report = {
+            "held_out": self.val_size,
+            "train": self.size,  # None: the whole stream, whose length is not read
+            "val_split": self.val_split,
+            "streaming": {"held_out_rows": f"the first {self.val_size} of split {held_out_split}", "shuffle_buffer": self.shuffle_buffer},
+            "exact_duplicates_excluded": None,  # dropped as they stream by, not counted in advance
+            "near_duplicates_excluded": None,
+            "max_distance": None,
+            "nearest_train_distance": None,
+        }
+        if self.condition in DETECTORS:
+            self.detect_conditions(("val",))
+
+    def open_stream(self, split: str):
+        return canonical_columns(load(self.dataset_name, split, "data.name", cache_dir=str(self.cache_dir / "datasets"), streaming=True),
+                                 self.columns, self.dataset_name)
+
+    @property
+    def origin(self) -> str:
+        return self.dataset_name
+
+    @property
+    def fill50k_style(self) -> bool:
+        return fill50k_style(self.val_samples)
+
+    def prompts(self) -> list[str]:
+        """The held-out prompts (the training prompts are not read in advance)."""
+        return list(self.val_samples.prompts)
+
+    def fingerprint(self) -> str:
+        raise ValueError("data.streaming=true: a stream has no content fingerprint (it is not read in advance)")
+
+    def dataset(self, part: str, prompt_dropout: float = 0.0, with_target: bool = True) -> ControlDataset:
+        if part != "val":
+            raise ValueError(f"data.streaming=true: the {part} rows are a stream, served by train_dataloader only")
+        return super().dataset(part, prompt_dropout, with_target)
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        held_out = self.val_samples
+        keys = ({held_out.targets.keys[r] for r in self.val_rows},
+                {held_out.conditions.keys[r] for r in self.val_rows} if held_out.has_conditions else set())
+        make = condition_maker(self.condition, self.resolution, self.detector_weights, self.canny_thresholds)
+        rows = StreamedRows(self.train_stream, self.resolution, self.resize, self.prompt_dropout, self.seed, self.shuffle_buffer,
+                            make, keys, self.batch_size, rank, world_size, self.dataset_name)
+        epoch, trained = self.resume_position()
+        return StreamLoader(rows, epoch, trained // self.batch_size, num_workers=self.num_workers,
+                            generator=torch.Generator().manual_seed(self.seed))

@@ -67,15 +67,15 @@ class ControlDataset(Dataset):
                 target, source = self.samples.pair(row, self.resolution)
             else:
                 target, source = None, self.samples.condition(row, self.resolution)
-            item["source"] = _chw(source.astype(np.float32) / 255.0)
+            item["source"] = chw(source.astype(np.float32) / 255.0)
         else:
             target, source = self.samples.target(row, self.resolution) if self.with_target else None, None
         if self.with_condition:
             condition = self.detected.read(row) if self.detected is not None else self.make_condition(source, target, self.name(row))
-            item["condition"] = _chw(condition.astype(np.float32) / 255.0)
+            item["condition"] = chw(condition.astype(np.float32) / 255.0)
         true_prompt = self.samples.prompts[row]
         if target is not None:
-            item["target"] = _chw(target.astype(np.float32) / 127.5 - 1.0)
+            item["target"] = chw(target.astype(np.float32) / 127.5 - 1.0)
         item.update({"prompt": "" if dropped else true_prompt, "true_prompt": true_prompt, "index": index})
         return item
 
@@ -85,5 +85,5 @@ class ControlDataset(Dataset):
         return f"{Path(path).parent.name}/{Path(path).name}" if path else self.samples.key(row)
 
 
-def _chw(image: np.ndarray) -> torch.Tensor:
+def chw(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)

@@ -168,7 +168,16 @@ def load(name: str, split: str, key: str, **kwargs) -> datasets.Dataset:
 
 def canonical(table: datasets.Dataset, columns: dict[str, str], origin: str, manifest: Manifest | None = None,
               named: dict[str, str] | None = None) -> Samples:
-    """``table`` with the configured columns checked and renamed to the canonical ones, others dropped."""
+    """The samples of ``table``'s configured columns."""
+    return Samples(canonical_columns(table, columns, origin), origin, manifest, named)
+
+
+def canonical_columns(table, columns: dict[str, str], origin: str):
+    """``table`` (a Dataset or an IterableDataset) with the configured columns checked and renamed to the canonical
+    ones, others dropped."""
+    if table.features is None:
+        raise DatasetFormatError(f"{origin}: its stream declares no features (column types), so its columns cannot be checked; "
+                                 "set data.streaming=false")
     present = dict(table.features)
     renames = {}
     for canonical_name, configured in columns.items():
@@ -183,5 +192,4 @@ def canonical(table: datasets.Dataset, columns: dict[str, str], origin: str, man
         if canonical_name != TEXT and not isinstance(feature, datasets.Image):
             raise DatasetFormatError(f"{key}={configured}: in {origin} the column holds {feature}, not images")
         renames[configured] = canonical_name
-    table = table.select_columns(list(renames)).rename_columns({k: v for k, v in renames.items() if k != v})
-    return Samples(table, origin, manifest, named)
+    return table.select_columns(list(renames)).rename_columns({k: v for k, v in renames.items() if k != v})
