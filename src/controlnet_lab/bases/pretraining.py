@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 NOT_IN_KEY = ("_target_", "pretrained_model_name_or_path", "dtype", "cache_encodings", "cache_dtype", "encode_batch_size", "shipped")
 # Pretrained bases committed with the project, one folder per recipe key (src/build_base.py writes them).
 SHIPPED_BASES = Path(__file__).parent / "shipped"
+# Pretrained bases are saved in weight files of at most this size (diffusers' sharded save_pretrained), so that a shipped
+# one is stored as files git keeps well; the fingerprint hashes the files, so a rebuild is saved the same way.
+SAVED_SHARD_SIZE = "1MB"
 
 
 def cache_key(settings: dict, data_fingerprint: str, resolution: int) -> str:

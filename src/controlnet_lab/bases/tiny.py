@@ -8,7 +8,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from controlnet_lab.bases.pixel import TinyTextToImagePipeline
-from controlnet_lab.bases.pretraining import DenoiserPretraining, build_once, cache_key, PretrainingData, pretraining_trainer
+from controlnet_lab.bases.pretraining import SAVED_SHARD_SIZE, DenoiserPretraining, build_once, cache_key, PretrainingData, pretraining_trainer
 from controlnet_lab.data.datamodule import ControlDataModule
 from controlnet_lab.tokenizer import build_word_tokenizer
 
@@ -48,7 +48,7 @@ def pretrained_pixel_base(settings: dict, data: ControlDataModule, resolution: i
                                      warmup_steps=pretrain["warmup_steps"], noise_offset=settings["noise_offset"])
         trainer = pretraining_trainer(pretrain["max_steps"], Path(cache_dir) / "base", trainer_kwargs)
         trainer.fit(module, train_dataloaders=pool.train_dataloader())
-        pipeline.save_pretrained(staging)
+        pipeline.save_pretrained(staging, max_shard_size=SAVED_SHARD_SIZE)
         return {"steps": trainer.global_step, "data_root": data.origin, "resolution": resolution, "model": settings}
 
     return build_once(Path(cache_dir) / "base" / f"base-{cache_key(settings, data.fingerprint(), resolution)}", build,

@@ -20,7 +20,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNe
 from torch.utils.data import DataLoader
 
 from controlnet_lab.bases.latent import LatentBase
-from controlnet_lab.bases.pretraining import DenoiserPretraining, build_once, cache_key, PretrainingData, pretraining_trainer
+from controlnet_lab.bases.pretraining import SAVED_SHARD_SIZE, DenoiserPretraining, build_once, cache_key, PretrainingData, pretraining_trainer
 from controlnet_lab.bases.tiny import text_encoder_and_tokenizer
 from controlnet_lab.data.encoded import LockedEncodings
 from controlnet_lab.locked_encodings import image_encodings
@@ -101,7 +101,7 @@ def pretrained_tiny_sd(settings: dict, run_data: ControlDataModule, resolution: 
                                        noise_offset=settings["noise_offset"])
         trainer = pretraining_trainer(pretrain["max_steps"], Path(cache_dir) / "base", trainer_kwargs)
         trainer.fit(denoiser, datamodule=data)
-        base.save_pretrained(staging)
+        base.save_pretrained(staging, max_shard_size=SAVED_SHARD_SIZE)
         return {"steps": {"vae": vae["max_steps"], "unet": trainer.global_step}, "data_root": run_data.origin,
                 "resolution": resolution, "vae_reconstruction_mae_255": round(mae, 2),
                 "vae_scaling_factor": base.vae.config.scaling_factor, "model": settings}
