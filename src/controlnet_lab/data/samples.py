@@ -101,6 +101,13 @@ def fit_square(image: np.ndarray, resolution: int, enlarge: str = "bilinear") ->
     return np.ascontiguousarray(image)
 
 
+def fit_condition(condition: np.ndarray, target_size: tuple[int, int], resolution: int, enlarge: str) -> np.ndarray:
+    """A stored condition given its target's geometry: resized to the target's (height, width), then fitted."""
+    if condition.shape[:2] != tuple(target_size):
+        condition = resized(condition, tuple(target_size)[::-1], enlarge)
+    return fit_square(condition, resolution, enlarge)
+
+
 DECODE = datasets.Image()
 LOSSLESS_MODES = ("RGB", "L", "1")
 WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": None, "F": None}
@@ -253,10 +260,7 @@ class Samples:
         return self._fit_condition(index, self.targets.size(index), resolution)
 
     def _fit_condition(self, index: int, target_size: tuple[int, int], resolution: int) -> np.ndarray:
-        condition = self.conditions.read(index)
-        if condition.shape[:2] != tuple(target_size):
-            condition = resized(condition, tuple(target_size)[::-1], self.resize["condition"])
-        return fit_square(condition, resolution, self.resize["condition"])
+        return fit_condition(self.conditions.read(index), target_size, resolution, self.resize["condition"])
 
     def key(self, index: int) -> str:
         """The row's content: its target's and stored condition's bytes, and its caption."""

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from controlnet_lab.data.conditions import ConditionMaker
 from controlnet_lab.data.dataset import chw
 from controlnet_lab.data.manifest import content_key
-from controlnet_lab.data.samples import CONDITION, IMAGE, TEXT, DatasetFormatError, Samples, decode_rgb, fit_square, resized
+from controlnet_lab.data.samples import CONDITION, IMAGE, TEXT, DatasetFormatError, Samples, decode_rgb, fit_condition, fit_square
 
 log = logging.getLogger(__name__)
 UNDECODED = datasets.Image(decode=False)
@@ -108,9 +108,7 @@ class StreamedRows(IterableDataset):
         item, source = {}, None
         if condition_bytes is not None:
             condition = decode_rgb(condition_bytes, None, f"{self.origin}, streamed row {index}")
-            if condition.shape[:2] != target.shape[:2]:
-                condition = resized(condition, target.shape[1::-1], self.resize["condition"])
-            source = fit_square(condition, self.resolution, self.resize["condition"])
+            source = fit_condition(condition, target.shape[:2], self.resolution, self.resize["condition"])
             item["source"] = chw(source.astype(np.float32) / 255.0)
         target = fit_square(target, self.resolution, self.resize["image"])
         condition = self.make_condition(source, target, f"streamed/{index}")
