@@ -12,8 +12,10 @@ hours) at ``data.resolution=--resolution`` (256 by default) for 1 step at batch 
 For each N: the set-up time (``wall_time_s.data_setup`` + ``wall_time_s.locked_encodings`` of the run's
 results.json), the run's peak RSS, the cache's size on disk. Then a least-squares line of each against N, a plot,
 and a projection (arithmetic from the per-sample sizes, stated as such) for SD 1.5 at 512 px and SDXL at 1,024 px
-with 50,000 and 3,000,000 images. Separately, the first pass over the 4,000-image folder's 8,000 files in one process
-and in ``--num-proc`` processes (alternating, ``--rounds`` times): its speed-up.
+with 50,000 and 3,000,000 images. Separately, the first pass in one process and in ``--num-proc`` processes
+(alternating, ``--rounds`` times), its speed-up: over the 4,000-image folder's 8,000 files (1-2 KB each: the pass's
+fixed costs weigh most) and over ``--photos`` photo-like 512 px PNG files (about 0.5 MB each, as real images); the
+projection's first-pass hours use the photo-like rate.
 
     python benchmarks/data_scale.py [--sizes 1000 4000 16000]
 
@@ -43,6 +45,7 @@ from controlnet_lab.provenance import OtherLoad, commit, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 RESOLUTION = 256  # of the image files
+PHOTO_RESOLUTION = 512  # of the photo-like files the first pass's speed-up is also measured on
 WORDS = [["red", "green", "blue", "yellow", "cyan", "magenta", "white", "black", "orange", "purple", "pink", "brown", "gray",
           "olive", "navy", "teal", "maroon", "lime", "gold", "silver", "coral", "beige", "ivory", "khaki", "lavender", "plum"],
          ["square", "circle", "ring", "cross", "bar", "dot", "star", "arc", "frame", "band", "blob", "wedge", "grid", "stripe",
@@ -121,17 +124,30 @@ def disk_mb(folder: Path) -> float:
     return round(sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20, 2) if folder.exists() else 0.0
 
 
-def first_pass_speedup(root: Path, num_proc: int, rounds: int) -> dict:
-    """The first pass over ``root``'s files from an empty manifest, one process against ``num_proc``, alternating."""
-    paths = sorted(str(p) for sub in ("images", "conditions") for p in (root / sub).glob("*.png"))
+def write_photos(root: Path, count: int, resolution: int = PHOTO_RESOLUTION) -> Path:
+    """``count`` photo-like PNG files (smooth color fields with fine grain, about 0.5 MB each, as a 512 px photo saved
+    as PNG): the first pass over them costs what it costs on real images, where the 256 px flat circles above are 1-2 KB."""
+    rng = np.random.default_rng(1)
+    root.mkdir(parents=True)
+    for i in range(count):
+        coarse = rng.uniform(0, 255, (8, 8, 3)).astype(np.float32)
+        field = cv2.resize(coarse, (resolution, resolution), interpolation=cv2.INTER_CUBIC)
+        grain = rng.normal(0, 6, (resolution, resolution, 3))
+        cv2.imwrite(str(root / f"{i}.png"), np.clip(field + grain, 0, 255).astype(np.uint8))
+    return root
+
+
+def first_pass_speedup(paths: list[str], num_proc: int, rounds: int) -> dict:
+    """The first pass over ``paths`` from an empty manifest, one process against ``num_proc``, alternating."""
     seconds = {1: [], num_proc: []}
     for _ in range(rounds):
         for processes in (1, num_proc):
             started = time.perf_counter()
-            Manifest(None, str(root), processes).facts(paths, paths)
+            Manifest(None, "benchmark", processes).facts(paths, lambda i: paths[i])
             seconds[processes].append(time.perf_counter() - started)
     one, many = statistics.median(seconds[1]), statistics.median(seconds[num_proc])
-    return {"files": len(paths), "num_proc": num_proc, "rounds_s": {str(k): [round(s, 2) for s in v] for k, v in seconds.items()},
+    return {"files": len(paths), "mean_file_kb": round(sum(os.path.getsize(p) for p in paths) / len(paths) / 1024, 1),
+            "num_proc": num_proc, "rounds_s": {str(k): [round(s, 2) for s in v] for k, v in seconds.items()},
             "files_per_s": {"1": round(len(paths) / one, 1), str(num_proc): round(len(paths) / many, 1)},
             "speedup": round(one / many, 3)}
 
@@ -186,6 +202,7 @@ def main() -> None:
                         help="data.resolution the runs train at (the files are 256 px; lower: the VAE encodes fewer pixels)")
     parser.add_argument("--num-proc", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--photos", type=int, default=2000, help="photo-like files the first pass's speed-up is also measured on")
     parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "performance" / "data_scale")
     args = parser.parse_args()
     sizes = sorted(args.sizes)
@@ -207,9 +224,13 @@ def main() -> None:
             row["manifest_disk_mb"] = disk_mb(cache / "manifests")
             rows.append(row)
             shutil.rmtree(cache)
-        middle = next((count for count in sizes if count >= 4000), sizes[-1])
-        speedup = first_pass_speedup(tmp / f"n{middle}", args.num_proc, args.rounds)
-        print(f"first pass over {speedup['files']} files: {speedup['speedup']:.2f}x with {args.num_proc} processes")
+        middle = tmp / f"n{next((count for count in sizes if count >= 4000), sizes[-1])}"
+        speedup = first_pass_speedup(sorted(str(p) for sub in ("images", "conditions") for p in (middle / sub).glob("*.png")),
+                                     args.num_proc, args.rounds)
+        photos = write_photos(tmp / "photos", args.photos)
+        photo_speedup = first_pass_speedup(sorted(str(p) for p in photos.glob("*.png")), args.num_proc, args.rounds)
+        for name, measured in (("circle", speedup), ("photo-like", photo_speedup)):
+            print(f"first pass over {measured['files']} {name} files: {measured['speedup']:.2f}x with {args.num_proc} processes")
     smallest, largest = rows[0], rows[-1]
     result = {
         **commit(), "machine": machine(), "other_load": load.result,
@@ -228,12 +249,13 @@ def main() -> None:
             "second_start_setup_s": lambda r: r["second_start"]["setup_s"],
             "cache_disk_mb": lambda r: r["cache_disk_mb"]}.items()},
         "first_pass": speedup,
-        "projection": projections(speedup["files_per_s"][str(args.num_proc)]),
+        "first_pass_photos": {**photo_speedup, "resolution": PHOTO_RESOLUTION},
+        "projection": projections(photo_speedup["files_per_s"][str(args.num_proc)]),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "data_scale.json").write_text(json.dumps(result, indent=2))
     plot(rows, args.out / "data_scale.png")
-    print(json.dumps({k: result[k] for k in ("peak_rss_growth_mb", "second_start_setup_s", "first_pass")}, indent=2))
+    print(json.dumps({k: result[k] for k in ("peak_rss_growth_mb", "second_start_setup_s", "first_pass", "first_pass_photos")}, indent=2))
     print(f"wrote {args.out / 'data_scale.json'}")
 
 

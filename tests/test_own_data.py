@@ -13,6 +13,7 @@ from PIL import Image
 from conftest import run_train
 from controlnet_lab.data import datamodule as datamodule_module
 from controlnet_lab.data.datamodule import FolderDataModule, HubDataModule
+from controlnet_lab.data.readers import metadata_splits
 from controlnet_lab.data.samples import DatasetFormatError, Samples, fit_square
 from controlnet_lab.evaluation import FREE_FORM_SETTINGS, other_captions
 from controlnet_lab.tables import display_table, summarize
@@ -210,6 +211,16 @@ def test_the_dataset_own_validation_split_is_the_held_out_set(tmp_path):
     assert data.split_report["held_out"] == 3 and data.split_report["train"] == 8 and data.split_report["val_split"] == "validation"
     with pytest.raises(DatasetFormatError, match="data.split/data.val_split=test"):
         FolderDataModule(root=str(root), condition="canny", val_split="test", cache_dir=tmp_path, **SETTINGS).setup()
+
+
+def test_split_subfolders_are_named_as_datasets_names_them(tmp_path):
+    """The split each metadata.jsonl holds, given to datasets instead of its inference over every file of the folder."""
+    metadata = [tmp_path / folder / "metadata.jsonl" for folder in ("train", "validation-2023", "my_test", "extra")]
+    splits = metadata_splits(tmp_path, metadata)
+    assert {split: [Path(path).parent.name for path in paths] for split, paths in splits.items()} == {
+        "train": ["train"], "validation": ["validation-2023"], "test": ["my_test"]}
+    flat = [tmp_path / "metadata.jsonl", tmp_path / "images" / "metadata.jsonl", tmp_path / "trainee" / "metadata.jsonl"]
+    assert metadata_splits(tmp_path, flat) == {"train": [str(path) for path in flat]}
 
 
 def test_exact_duplicates_of_held_out_samples_leave_training(tmp_path):

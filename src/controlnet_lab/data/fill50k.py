@@ -7,6 +7,7 @@ paths) whose stored condition is the source outline.
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ class Record:
 
 
 def read_index(root: Path) -> list[Record]:
-    """Parse and check ``root/prompt.json``: each line's keys, and that the images it names exist."""
+    """Parse and check ``root/prompt.json``: each line's keys (the images it names are checked by the first pass)."""
     root = Path(root)
     index = root / "prompt.json"
     if not index.is_file():
@@ -36,11 +37,7 @@ def read_index(root: Path) -> list[Record]:
         missing = [key for key in ("source", "target", "prompt") if key not in item]
         if missing:
             raise DatasetFormatError(f"{where}: lacks key(s) {', '.join(missing)}")
-        record = Record(root / item["source"], root / item["target"], str(item["prompt"]), where)
-        for path in (record.source, record.target):
-            if not path.is_file():
-                raise DatasetFormatError(f"{where}: image {path} does not exist")
-        records.append(record)
+        records.append(Record(root / item["source"], root / item["target"], str(item["prompt"]), where))
     if not records:
         raise DatasetFormatError(f"{index}: holds no records")
     return records
@@ -53,8 +50,8 @@ def fill50k_samples(root: Path, manifest: Manifest | None = None) -> Samples:
     table = datasets.Dataset.from_dict({
         IMAGE: [str(r.target) for r in records], CONDITION: [str(r.source) for r in records], TEXT: [r.prompt for r in records],
     }).cast_column(IMAGE, datasets.Image()).cast_column(CONDITION, datasets.Image())
-    named = {os.path.abspath(path): r.where for r in records for path in (r.source, r.target)}
-    samples = Samples(table, str(root), manifest, named)
+    named = functools.cache(lambda: {os.path.abspath(path): r.where for r in records for path in (r.source, r.target)})
+    samples = Samples(table, str(root), manifest, lambda path: named().get(path))
     for row, record in enumerate(records):
         source, target = samples.conditions.size(row), samples.targets.size(row)
         if source != target:

@@ -15,16 +15,20 @@ The configured column names (diffusers' ``--image_column``, ``--conditioning_ima
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
+from datasets.data_files import NON_WORDS_CHARS, SPLIT_KEYWORDS
 
 from controlnet_lab.data.manifest import Manifest
 from controlnet_lab.data.samples import CONDITION, IMAGE, TEXT, DatasetFormatError, Samples, json_lines
@@ -39,12 +43,13 @@ def metadata_key(column: str) -> str:
 
 
 def check_metadata(path: Path, columns: dict[str, str], needs_conditions: bool) -> dict[str, str]:
-    """Every line of an imagefolder's ``metadata.jsonl``: a JSON object with the configured columns, existing images
-    and a string caption. ``columns`` maps the canonical names to the configured ones. Returns where each image is
-    named (its absolute path: the file and line)."""
+    """Every line of an imagefolder's ``metadata.jsonl``: a JSON object with the configured columns and a string
+    caption. ``columns`` maps the canonical names to the configured ones. Returns where each image is named (its
+    absolute path: the file and line); whether the images exist and decode is the first pass's check (manifest.py)."""
     named = {}
     image_key, caption = metadata_key(columns[IMAGE]), columns[TEXT]
     condition_key = metadata_key(columns[CONDITION])
+    folder = os.path.abspath(path.parent)
     with_conditions = None
     for where, row in json_lines(path, f"{image_key}, {caption}"):
         for key, setting in ((image_key, "data.image_column"), (caption, "data.caption_column")):
@@ -53,14 +58,14 @@ def check_metadata(path: Path, columns: dict[str, str], needs_conditions: bool) 
                                          f"the line has {sorted(row)}")
         if not isinstance(row[caption], str):
             raise DatasetFormatError(f"{where}: the caption {caption!r} is {type(row[caption]).__name__} {row[caption]!r}, not a string")
-        named[check_exists(path.parent / str(row[image_key]), where)] = where
+        named[os.path.normpath(os.path.join(folder, str(row[image_key])))] = where
         if with_conditions is None:
             with_conditions = condition_key in row
         if (condition_key in row) != with_conditions:
             raise DatasetFormatError(f"{where}: {'has' if condition_key in row else 'lacks'} {condition_key!r}, "
                                      f"unlike the lines before it (data.conditioning_image_column={columns[CONDITION]})")
         if with_conditions:
-            named[check_exists(path.parent / str(row[condition_key]), where)] = where
+            named[os.path.normpath(os.path.join(folder, str(row[condition_key])))] = where
     if with_conditions is None:
         raise DatasetFormatError(f"{path}: holds no rows")
     if needs_conditions and not with_conditions:
@@ -70,15 +75,29 @@ def check_metadata(path: Path, columns: dict[str, str], needs_conditions: bool) 
     return named
 
 
-def check_exists(path: Path, where: str) -> str:
-    if not path.is_file():
-        raise DatasetFormatError(f"{where}: image {path} does not exist")
-    return os.path.abspath(path)
+def metadata_splits(root: Path, metadata: list[Path]) -> dict[str, list[str]]:
+    """Which split each ``metadata.jsonl`` holds, by the rule datasets' imagefolder applies to folder names (its
+    ``SPLIT_KEYWORDS``: a subfolder named ``train``, ``validation``, ``val``, ``test``..., alone or joined to other words
+    by ``-._ `` or digits); without such subfolders, every file is the ``train`` split. Given these files, datasets
+    reads the rows from them alone: inferring the splits itself globs the whole folder with each of its 66 patterns,
+    which took 88 of 125 s of a first start at 16,000 images (benchmarks/data_scale.py)."""
+    def split_of(folder_name: str) -> str | None:
+        for split, keywords in SPLIT_KEYWORDS.items():
+            if any(re.fullmatch(rf"(.*[{NON_WORDS_CHARS}])?{keyword}([{NON_WORDS_CHARS}].*)?", folder_name) for keyword in keywords):
+                return str(split)
+        return None
+
+    splits: dict[str, list[str]] = {}
+    for path in metadata:
+        split = split_of(path.parent.name) if path.parent != root else None
+        if split:
+            splits.setdefault(split, []).append(str(path.resolve()))
+    return splits or {"train": [str(path.resolve()) for path in metadata]}
 
 
 def folder_samples(root: str | Path, columns: dict[str, str], split: str, needs_conditions: bool, cache_dir: Path,
                    manifest: Manifest | None = None) -> Samples:
-    """One split of an image folder (module docstring), checked line by line first."""
+    """One split of an image folder (module docstring), checked line by line when first read."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DatasetFormatError(f"data.root={root}: no such folder")
@@ -86,12 +105,22 @@ def folder_samples(root: str | Path, columns: dict[str, str], split: str, needs_
     if not metadata:
         raise DatasetFormatError(f"data.root={root}: no metadata.jsonl in the folder or its split subfolders "
                                  "(one JSON object per line: file_name, conditioning_image_file_name, text)")
-    named = {}
-    for path in metadata:
-        named.update(check_metadata(path, columns, needs_conditions))
-    table = kept_table(Path(cache_dir), metadata, split,
-                       lambda: load("imagefolder", split, "data.root", data_dir=str(root), cache_dir=str(cache_dir)))
-    return canonical(table, columns, str(root), manifest, named)
+
+    @functools.cache
+    def lines() -> dict[str, str]:
+        """Where each image is named, every line checked: before datasets first reads the folder, and for an error."""
+        return {path: where for file in metadata for path, where in check_metadata(file, columns, needs_conditions).items()}
+
+    def build() -> datasets.Dataset:
+        lines()
+        splits = metadata_splits(root, metadata)
+        if split not in splits:
+            raise DatasetFormatError(f"data.split/data.val_split={split}: data.root={root} has the splits {sorted(splits)} "
+                                     "(split subfolders such as train/, validation/, test/)")
+        return datasets.load_dataset("imagefolder", split=split, data_files={split: splits[split]}, cache_dir=str(cache_dir))
+
+    table = kept_table(Path(cache_dir), metadata, split, build)
+    return canonical(table, columns, str(root), manifest, lambda path: lines().get(path))
 
 
 def kept_table(cache_dir: Path, metadata: list[Path], split: str, build) -> datasets.Dataset:
@@ -161,13 +190,13 @@ def load(name: str, split: str, key: str, **kwargs) -> datasets.Dataset:
         raise
     except (FileNotFoundError, ConnectionError, OSError) as err:
         raise DatasetFormatError(
-            f"{key}={kwargs.get('data_dir', name)}: the dataset is not on this machine and could not be fetched "
+            f"{key}={name}: the dataset is not on this machine and could not be fetched "
             f"({type(err).__name__}: {str(err)[:200]}). Without network, save it elsewhere with save_to_disk and set data.path."
         ) from None
 
 
 def canonical(table: datasets.Dataset, columns: dict[str, str], origin: str, manifest: Manifest | None = None,
-              named: dict[str, str] | None = None) -> Samples:
+              named: Callable[[str], str | None] | None = None) -> Samples:
     """The samples of ``table``'s configured columns."""
     return Samples(canonical_columns(table, columns, origin), origin, manifest, named)
 

@@ -26,6 +26,7 @@ import io
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -168,14 +169,14 @@ class ImageColumn:
     """One image column: file paths where the images are files, the stored bytes read on demand otherwise; each row's
     content key and size come from the first pass (manifest.py), paid once per file."""
 
-    def __init__(self, table: datasets.Dataset, column: str, manifest: Manifest, where: dict[str, str] | None = None):
+    def __init__(self, table: datasets.Dataset, column: str, manifest: Manifest, where: Callable[[str], str | None] | None = None):
         self.refs = table.select_columns([column]).cast_column(column, datasets.Image(decode=False))
         if self.refs._indices is not None:
             self.refs = self.refs.flatten_indices()
         self.column = column
         # The paths and which rows store bytes, read from the Arrow columns without reading the bytes themselves.
         struct = self.refs.data.column(column)
-        self.paths: list[str | None] = [None if p is None else os.path.abspath(p) for p in
+        self.paths: list[str | None] = [p if p is None or os.path.isabs(p) else os.path.abspath(p) for p in
                                         pa.chunked_array([chunk.field("path") for chunk in struct.chunks], pa.string()).to_pylist()]
         stored = pa.chunked_array([chunk.field("bytes").is_valid() for chunk in struct.chunks], pa.bool_()).to_pylist()
         for row, (path, has_bytes) in enumerate(zip(self.paths, stored)):
@@ -183,11 +184,13 @@ class ImageColumn:
                 self.paths[row] = None
             elif path is None:
                 raise DatasetFormatError(f"column {column!r}, row {row}: no image")
-        where = where or {}
         files = [row for row, path in enumerate(self.paths) if path is not None]
+
+        def named(i: int) -> str:
+            return (where and where(os.path.abspath(self.paths[files[i]]))) or f"column {column!r}, row {files[i]}"
+
         try:
-            facts = manifest.facts([self.paths[r] for r in files],
-                                   [where.get(self.paths[r], f"column {column!r}, row {r}") for r in files])
+            facts = manifest.facts([self.paths[r] for r in files], named)
         except UnreadableImage as err:
             raise DatasetFormatError(str(err)) from None
         self.facts: list[FileFacts | None] = [None] * len(self.paths)
@@ -231,14 +234,14 @@ class Samples:
     table: datasets.Dataset
     origin: str
     manifest: Manifest | None = None  # where the first pass over the files is kept (None: not kept)
-    where: dict[str, str] | None = None  # where each file is named (its metadata line), for errors
+    where: Callable[[str], str | None] | None = None  # where a file (absolute path) is named, e.g. its metadata line; for errors
     resize: dict = field(default_factory=lambda: dict(DEFAULT_RESIZE))  # data.resize: the enlarging rule of each part
 
     def __post_init__(self):
         manifest = self.manifest or Manifest(None, self.origin)
         self.targets = ImageColumn(self.table, IMAGE, manifest, self.where)
         self.conditions = ImageColumn(self.table, CONDITION, manifest, self.where) if CONDITION in self.table.column_names else None
-        self.prompts: list[str] = list(self.table[TEXT])
+        self.prompts: list[str] = self.table.with_format("arrow")[TEXT].to_pylist()
 
     def __len__(self) -> int:
         return len(self.prompts)
