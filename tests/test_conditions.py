@@ -1,12 +1,13 @@
 import numpy as np
 import pytest
+import torch
 from matplotlib.colors import CSS4_COLORS
 
 from conftest import PALETTE, compose_train, fill50k_dataset
 from controlnet_lab.bases import load_base
 from controlnet_lab.config_checks import ConfigError, check_train_config
 from controlnet_lab.data.colors import parse_prompt
-from controlnet_lab.data.conditions import SEG_COLORS, condition_maker
+from controlnet_lab.data.conditions import SEG_COLORS, condition_maker, detector_device_for, detector_settings
 from controlnet_lab.data.fill50k import read_index
 from controlnet_lab.data.samples import load_rgb
 from controlnet_lab.evaluation import INSUFFICIENT_PROMPT, OUT_OF_VOCABULARY_PROMPT, PROMPT_SETTINGS, setting_prompts
@@ -66,6 +67,31 @@ def test_condition_config_errors_name_the_key():
         check_train_config(compose_train(["data.condition=depth"]))
     with pytest.raises(ConfigError, match="data.detector_weights"):
         check_train_config(compose_train(["data.condition=hed"]))
+
+
+def test_a_detector_network_runs_on_the_gpu_when_there_is_one(monkeypatch):
+    assert detector_device_for("canny", "cuda") == "cpu"  # OpenCV: on the CPU whatever the setting
+    assert detector_device_for("hed", "auto") == "cpu"  # this machine has no CUDA device
+    with pytest.raises(ValueError, match="data.detector_device=cuda: this machine has no CUDA device"):
+        detector_device_for("hed", "cuda")
+    with pytest.raises(ConfigError, match="data.detector_device='gpu'"):
+        check_train_config(compose_train(["data.detector_device=gpu"]))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert detector_device_for("hed", "auto") == "cuda" and detector_device_for("hed", "cuda:1") == "cuda:1"
+    # maps a GPU made are cached apart from the CPU's (other float kernels); the CPU's key is what it was
+    assert detector_settings("hed", 64, "w", (100, 200), "cuda:1")["device"] == "cuda"
+    assert "device" not in detector_settings("hed", 64, "w", (100, 200), "cpu")
+
+
+def test_a_detector_with_weights_loads_them_from_a_local_folder(tmp_path):
+    from controlnet_aux.hed import ControlNetHED_Apache2
+
+    torch.manual_seed(0)
+    torch.save(ControlNetHED_Apache2().state_dict(), tmp_path / "ControlNetHED.pth")  # random weights, as the file is named
+    detect = condition_maker("hed", 64, str(tmp_path), device=detector_device_for("hed", "auto"))
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    edges = detect(image, image, "")
+    assert edges.shape == (64, 64, 3) and edges.dtype == np.uint8 and edges.std() > 0
 
 
 def test_prompt_settings(tiny_data):

@@ -7,7 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from controlnet_lab.data import datamodule as datamodule_module
 from controlnet_lab.data import manifest as manifest_module
+from controlnet_lab.data.condition_cache import cached_conditions
 from controlnet_lab.data.datamodule import FolderDataModule
 from controlnet_lab.data.manifest import Manifest, content_key
 from controlnet_lab.data.samples import DatasetFormatError
@@ -78,19 +80,23 @@ def test_an_interrupted_first_pass_keeps_no_manifest_and_an_unreadable_image_is_
 def test_the_parallel_pass_finds_what_one_process_finds(tmp_path):
     root = write_folder(tmp_path / "own", rows=300)
     paths = sorted(str(p) for p in (root / "images").glob("*.png"))
-    serial = Manifest(None, "x", num_proc=1).facts(paths, paths)
-    parallel = Manifest(tmp_path / "cache", "x", num_proc=2).facts(paths, paths)
+    serial = Manifest(None, "x", num_proc=1).facts(paths, lambda i: paths[i])
+    parallel = Manifest(tmp_path / "cache", "x", num_proc=2).facts(paths, lambda i: paths[i])
     assert serial == parallel and parallel[0].width == 8
     with pytest.raises(ValueError, match="data.num_proc must be >= 1"):
         Manifest(None, "x", num_proc=0)
 
 
-def test_detector_maps_made_in_worker_processes_equal_those_made_in_one(tmp_path):
+def test_detector_maps_made_in_worker_processes_equal_those_made_in_one(tmp_path, monkeypatch):
     root = write_folder(tmp_path / "own", rows=72)
     maps = []
-    for num_proc in (1, 2):
-        data = FolderDataModule(root=str(root), cache_dir=tmp_path / f"cache{num_proc}", num_proc=num_proc, **SETTINGS)
+    for num_proc, detector_in_workers in ((1, True), (2, True), (2, False)):
+        if not detector_in_workers:  # as on a GPU: the workers read the targets, the detector runs in this process
+            monkeypatch.setattr(datamodule_module, "cached_conditions",
+                                lambda *args, **kwargs: cached_conditions(*args, **{**kwargs, "in_workers": False}))
+        cache = tmp_path / f"cache{len(maps)}"
+        data = FolderDataModule(root=str(root), cache_dir=cache, num_proc=num_proc, **SETTINGS)
         data.setup()
         folder = data.detected["train"].folder
         maps.append({p.name: p.read_bytes() for p in folder.glob("*.png")})
-    assert len(maps[0]) == 72 and maps[0] == maps[1]  # the training and held-out maps
+    assert len(maps[0]) == 72 and maps[0] == maps[1] == maps[2]  # the training and held-out maps

@@ -210,7 +210,7 @@ class FidelityCurve(L.Callback):
     def __init__(self, every_n_steps: int, num_images: int, condition: str, resolution: int, edge_tolerance: int = 1,
                  seed: int = 1234, num_inference_steps: int = 20, guidance_scale: float = 1.0, resolution_weighting: str = "off",
                  conditioning_scale: float = 1.0, detector_weights: str | None = None,
-                 canny_thresholds: tuple[int, int] = (100, 200), batch_size: int | None = None):
+                 canny_thresholds: tuple[int, int] = (100, 200), batch_size: int | None = None, detector_device: str = "cpu"):
         if every_n_steps < 1 or num_images < 1:
             raise ValueError(f"eval.every_n_steps and eval.curve_images must be >= 1, got {every_n_steps} and {num_images}")
         if batch_size is not None and batch_size < 1:
@@ -219,7 +219,7 @@ class FidelityCurve(L.Callback):
         self.batch_size = batch_size or num_images
         self.sampling = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "resolution_weighting": resolution_weighting,
                          "conditioning_scale": conditioning_scale}
-        self.fidelity = ConditionFidelity(condition, resolution, edge_tolerance, detector_weights, tuple(canny_thresholds))
+        self.fidelity = ConditionFidelity(condition, resolution, edge_tolerance, detector_weights, tuple(canny_thresholds), detector_device)
         self.curve: list[dict] = []
         self.seconds = 0.0
         self.train_started: float | None = None

@@ -7,7 +7,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from controlnet_lab.bases.sources import EmbeddedBase
 from controlnet_lab.blocks import BLOCKS, check_block_std, check_hint_channels
-from controlnet_lab.data.conditions import CONDITIONS, DETECTORS
+from controlnet_lab.data.conditions import CONDITIONS, DETECTORS, detector_device_for
 from controlnet_lab.evaluation import check_prompt_settings
 from controlnet_lab.locked_encodings import CACHE_DTYPES
 from controlnet_lab.sampling import check_resolution_weighting
@@ -38,6 +38,10 @@ def check_train_config(cfg: DictConfig) -> None:
     if DETECTORS.get(data.condition, (None, False))[1] and not data.detector_weights:
         raise ConfigError(f"data.condition={data.condition} needs detector weights: set data.detector_weights to a local folder "
                           "holding the lllyasviel/Annotators files")
+    try:
+        detector_device_for(data.condition, data.detector_device)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     check_model_shape(cfg.model, data.resolution)
     if cfg.trainer.max_steps is None or cfg.trainer.max_steps < 1:
         raise ConfigError(f"trainer.max_steps must be >= 1, got {cfg.trainer.max_steps}")

@@ -117,7 +117,7 @@ def condition_fidelity(cfg: DictConfig) -> ConditionFidelity | None:
     if fidelity_skip_reason(cfg.data.condition):
         return None
     return ConditionFidelity(cfg.data.condition, cfg.data.resolution, cfg.eval.edge_tolerance, cfg.data.detector_weights,
-                             tuple(cfg.data.canny_thresholds))
+                             tuple(cfg.data.canny_thresholds), cfg.data.detector_device)
 
 
 def fidelity_skip_reason(condition: str) -> str | None:

@@ -5,7 +5,8 @@ settings (detector_settings: name, class, weights, resolution, thresholds) and
 ``<image>`` is the target's content key (samples.py), so a map is computed once per
 image, detector and resolution, whatever dataset, split or run asks for it. Each map is
 written to a temporary name and renamed, so an interrupted pass leaves only whole maps;
-one that no longer decodes is made again.
+one that no longer decodes is made again. DataLoader workers read the targets; a
+detector on the CPU runs in them too, one on a GPU in the main process that feeds it.
 """
 from __future__ import annotations
 
@@ -37,6 +38,11 @@ class CachedConditions:
     def path(self, row: int) -> Path:
         return self.folder / f"{self.samples.targets.keys[row]}.png"
 
+    def write(self, row: int, condition: np.ndarray) -> None:
+        partial = self.folder / f".{self.samples.targets.keys[row]}.{os.getpid()}.png"
+        cv2.imwrite(str(partial), np.ascontiguousarray(condition[..., ::-1]))
+        os.replace(partial, self.path(row))
+
     def read(self, row: int) -> np.ndarray:
         image = cv2.imread(str(self.path(row)), cv2.IMREAD_COLOR)
         if image is None:
@@ -45,28 +51,33 @@ class CachedConditions:
 
 
 class MapMaker(Dataset):
-    """Makes and writes the map of one row per item, so that DataLoader workers make them in parallel."""
+    """One row per item, so that DataLoader workers work in parallel: its target read and, with ``detect``, its map
+    made and written (the item is the row); without, the target is the item, for a detector on a GPU."""
 
-    def __init__(self, cache: CachedConditions, rows: list[int], detect: ConditionMaker, resolution: int):
+    def __init__(self, cache: CachedConditions, rows: list[int], detect: ConditionMaker | None, resolution: int):
         self.cache, self.rows, self.detect, self.resolution = cache, rows, detect, resolution
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, index: int) -> int:
+    def __getitem__(self, index: int) -> int | tuple[int, np.ndarray]:
         row = self.rows[index]
         target = self.cache.samples.target(row, self.resolution)
-        condition = self.detect(target, target, "")
-        partial = self.cache.folder / f".{self.cache.samples.targets.keys[row]}.{os.getpid()}.png"
-        cv2.imwrite(str(partial), np.ascontiguousarray(condition[..., ::-1]))
-        os.replace(partial, self.cache.path(row))
+        if self.detect is None:
+            return row, target
+        self.cache.write(row, self.detect(target, target, ""))
         return row
 
 
+def as_read(item):
+    """The DataLoader's item as the dataset gives it (its default would make the target a tensor)."""
+    return item
+
+
 def cached_conditions(samples: Samples, rows, detect: ConditionMaker, settings: dict, cache_dir: Path,
-                      num_proc: int = 1) -> CachedConditions:
-    """The detector's maps of ``rows``, computing (with a progress bar, in ``num_proc`` DataLoader workers) only those
-    not cached yet."""
+                      num_proc: int = 1, in_workers: bool = True) -> CachedConditions:
+    """The detector's maps of ``rows``, computing (with a progress bar, ``num_proc`` DataLoader workers reading the
+    targets) only those not cached yet; the detector runs in the workers, or (``in_workers=False``: a GPU's) here."""
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     cache = CachedConditions(Path(cache_dir) / "conditions" / f"{settings['detector']}-{key}", samples)
     cache.folder.mkdir(parents=True, exist_ok=True)
@@ -75,10 +86,12 @@ def cached_conditions(samples: Samples, rows, detect: ConditionMaker, settings: 
     if missing:
         workers = num_proc if len(missing) >= 64 and num_proc > 1 else 0
         # Its own generator: making the maps draws nothing from the run's random state.
-        loader = DataLoader(MapMaker(cache, missing, detect, settings["resolution"]), batch_size=None, num_workers=workers,
-                            generator=torch.Generator())
-        for _ in tqdm(loader, desc=f"making {settings['detector']} conditions (once; cached)", unit="img", total=len(missing)):
-            pass
+        loader = DataLoader(MapMaker(cache, missing, detect if in_workers else None, settings["resolution"]), batch_size=None,
+                            num_workers=workers, collate_fn=as_read, generator=torch.Generator())
+        for item in tqdm(loader, desc=f"making {settings['detector']} conditions (once; cached)", unit="img", total=len(missing)):
+            if not in_workers:
+                row, target = item
+                cache.write(row, detect(target, target, ""))
     return cache
 
 

@@ -8,8 +8,10 @@
   pen pressure and width, and one or two gaps; fixed per sample (seeded by the file name).
 - any controlnet-aux detector by name (``canny``, ``lineart_standard``, ``hed``, ...),
   run on the target image, on any dataset. Detectors that need weights load them from
-  ``data.detector_weights`` (a local folder holding lllyasviel/Annotators files). The
-  data module runs them once per image and caches the maps (condition_cache.py).
+  ``data.detector_weights`` (a local folder holding lllyasviel/Annotators files) and run
+  where ``data.detector_device`` says (a GPU when ``auto`` finds one); the OpenCV ones
+  (canny, lineart_standard) run on the CPU. The data module runs them once per image
+  and caches the maps (condition_cache.py).
 
 Every maker maps (stored condition, target, record name) as RGB uint8 (H, W, 3) arrays
 to an RGB uint8 condition of the same size. ``seg`` and ``sketch`` are drawn from the
@@ -18,11 +20,13 @@ circle a fill50k outline encloses, so they need fill50k-format data.
 from __future__ import annotations
 
 import importlib
+import re
 import zlib
 from typing import Callable
 
 import cv2
 import numpy as np
+import torch
 
 from controlnet_lab.data.outlines import condition_mask
 
@@ -95,7 +99,22 @@ def sketch(source: np.ndarray, target: np.ndarray, name: str, supersample: int =
     return np.repeat(small[..., None], 3, axis=2)
 
 
-def detector_maker(name: str, resolution: int, weights: str | None, canny_thresholds: tuple[int, int]) -> ConditionMaker:
+def detector_device_for(name: str, setting: str = "auto") -> str:
+    """Where detector ``name`` runs (``data.detector_device``): a controlnet-aux network (a detector with weights) on
+    the GPU when ``auto`` finds one, or on the device named; the OpenCV detectors and the other conditions on the CPU."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(setting)):
+        raise ValueError(f"data.detector_device={setting!r}: choose auto, cpu, cuda or cuda:<index>")
+    if name not in DETECTORS or not DETECTORS[name][1]:
+        return "cpu"
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if setting != "cpu" and not torch.cuda.is_available():
+        raise ValueError(f"data.detector_device={setting}: this machine has no CUDA device; set it to auto or cpu")
+    return setting
+
+
+def detector_maker(name: str, resolution: int, weights: str | None, canny_thresholds: tuple[int, int],
+                   device: str = "cpu") -> ConditionMaker:
     """A controlnet-aux detector run on the target.
 
     controlnet-aux resizes to multiples of 64 px, so the detector runs at the nearest
@@ -109,7 +128,7 @@ def detector_maker(name: str, resolution: int, weights: str | None, canny_thresh
                 f"data.condition={name} runs controlnet-aux's {class_name}, which needs weights: set data.detector_weights "
                 "to a local folder holding the lllyasviel/Annotators files (or a Hub id where the network allows)"
             )
-        detector = detector_class.from_pretrained(weights)
+        detector = detector_class.from_pretrained(weights).to(device)
     else:
         detector = detector_class()
     detect_resolution = max(64, int(round(resolution / 64)) * 64)
@@ -126,16 +145,20 @@ def detector_maker(name: str, resolution: int, weights: str | None, canny_thresh
     return detect
 
 
-def detector_settings(name: str, resolution: int, weights: str | None, canny_thresholds: tuple[int, int]) -> dict:
-    """Everything that determines a detector's maps at this resolution: what their cache is keyed by."""
+def detector_settings(name: str, resolution: int, weights: str | None, canny_thresholds: tuple[int, int], device: str = "cpu") -> dict:
+    """Everything that determines a detector's maps at this resolution: what their cache is keyed by. A network run on
+    a GPU computes in other float kernels than on the CPU, so its maps are kept apart (``device``, only then)."""
+    on_gpu = {"device": "cuda"} if device.startswith("cuda") else {}
     return {"detector": name, "class": DETECTORS[name][0], "weights": weights, "resolution": resolution,
-            "canny_thresholds": list(canny_thresholds) if name == "canny" else None}
+            "canny_thresholds": list(canny_thresholds) if name == "canny" else None, **on_gpu}
 
 
-def condition_maker(name: str, resolution: int, weights: str | None = None, canny_thresholds: tuple[int, int] = (100, 200)) -> ConditionMaker:
-    """The maker for ``data.condition=name``; an unknown name is an error that lists the known ones."""
+def condition_maker(name: str, resolution: int, weights: str | None = None, canny_thresholds: tuple[int, int] = (100, 200),
+                    device: str = "cpu") -> ConditionMaker:
+    """The maker for ``data.condition=name`` (a detector on ``device``, detector_device_for's answer); an unknown name is an
+    error that lists the known ones."""
     if name not in CONDITIONS:
         raise ValueError(f"data.condition={name!r} is unknown; choose one of {', '.join(CONDITIONS)}")
     if name in STORED + SYNTHETIC:
         return {"stored": outline, "outline": outline, "seg": segmentation, "sketch": sketch}[name]
-    return detector_maker(name, resolution, weights, canny_thresholds)
+    return detector_maker(name, resolution, weights, canny_thresholds, device)

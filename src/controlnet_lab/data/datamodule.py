@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader
 
 from controlnet_lab.data.colors import parse_prompt
 from controlnet_lab.data.condition_cache import CachedConditions, cached_conditions
-from controlnet_lab.data.conditions import CONDITIONS, DETECTORS, STORED, SYNTHETIC, condition_maker, detector_settings
+from controlnet_lab.data.conditions import (CONDITIONS, DETECTORS, STORED, SYNTHETIC, condition_maker, detector_device_for,
+                                            detector_settings)
 from controlnet_lab.data.dataset import ControlDataset
 from controlnet_lab.data.encoded import EncodedDataset, LockedEncodings
 from controlnet_lab.data.fill50k import fill50k_samples
@@ -61,7 +62,7 @@ class ControlDataModule(L.LightningDataModule):
                  prompt_dropout: float = 0.5, split_seed: int = 0, num_workers: int = 0, condition: str = "stored",
                  detector_weights: str | None = None, canny_thresholds: tuple[int, int] = (100, 200),
                  held_out: dict | None = None, split: str = "train", val_split: str | None = None, cache_dir: str | Path = ".cache",
-                 seed: int = 0, resize: dict | None = None, num_proc: int | None = None):
+                 seed: int = 0, resize: dict | None = None, num_proc: int | None = None, detector_device: str = "auto"):
         super().__init__()
         if not 0.0 <= prompt_dropout <= 1.0:
             raise ValueError(f"data.prompt_dropout must be in [0, 1], got {prompt_dropout}")
@@ -78,6 +79,7 @@ class ControlDataModule(L.LightningDataModule):
         self.seed = seed  # of the training order and prompt-dropout draws (data/order.py)
         self.resize = check_resize(dict(resize or {}))  # how images and stored conditions are enlarged (samples.py)
         self.num_proc = default_num_proc(num_proc)  # processes of the first pass over the images (manifest.py)
+        self.detector_device = detector_device_for(condition, detector_device)  # where a detector makes the maps
         self.train_samples: Samples | None = None
         self.val_samples: Samples | None = None
         self.train_rows = self.val_rows = self.pool_rows = np.zeros(0, np.int64)
@@ -155,12 +157,13 @@ class ControlDataModule(L.LightningDataModule):
             raise ValueError(f"data.condition={self.condition} is drawn from fill50k circle outlines; {samples.origin} is not fill50k-format data")
 
     def detect_conditions(self, parts: tuple[str, ...] = ("train", "val")) -> None:
-        detect = condition_maker(self.condition, self.resolution, self.detector_weights, self.canny_thresholds)
-        settings = {**detector_settings(self.condition, self.resolution, self.detector_weights, self.canny_thresholds),
+        detect = condition_maker(self.condition, self.resolution, self.detector_weights, self.canny_thresholds, self.detector_device)
+        settings = {**detector_settings(self.condition, self.resolution, self.detector_weights, self.canny_thresholds, self.detector_device),
                     "enlarge": self.resize["image"]}  # the maps are made from the fitted targets
         for part in parts:
             samples, rows = (self.train_samples, self.train_rows) if part == "train" else (self.val_samples, self.val_rows)
-            self.detected[part] = cached_conditions(samples, rows, detect, settings, self.cache_dir, self.num_proc)
+            self.detected[part] = cached_conditions(samples, rows, detect, settings, self.cache_dir, self.num_proc,
+                                                    in_workers=self.detector_device == "cpu")
 
     @property
     def fill50k_style(self) -> bool:

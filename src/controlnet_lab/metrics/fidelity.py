@@ -19,7 +19,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from controlnet_lab.data.conditions import SEG_COLORS, condition_maker
+from controlnet_lab.data.conditions import SEG_COLORS, condition_maker, detector_device_for
 from controlnet_lab.metrics.oracle import mask_iou, segment_circle
 
 EDGE_THRESHOLD = 32  # of 255: a pixel of an edge map is an edge above this
@@ -57,12 +57,13 @@ class ConditionFidelity:
     """Scores generated images against their input conditions for one condition type."""
 
     def __init__(self, condition: str, resolution: int, tolerance: int = 1, detector_weights: str | None = None,
-                 canny_thresholds: tuple[int, int] = (100, 200)):
+                 canny_thresholds: tuple[int, int] = (100, 200), detector_device: str = "cpu"):
         if condition == "seg":
             self.metric, self.detector_name = "seg_miou", "oracle 2-means segmenter"
         elif condition in EDGE_CONDITIONS:
             self.metric, self.detector_name = "edge_f1", EDGE_CONDITIONS[condition]
-            self.detect = condition_maker(self.detector_name, resolution, detector_weights, canny_thresholds)
+            self.detect = condition_maker(self.detector_name, resolution, detector_weights, canny_thresholds,
+                                          detector_device_for(self.detector_name, detector_device))
         else:
             raise ValueError(f"data.condition={condition}: no re-detection fidelity for this condition type "
                              f"(edge F1 covers {', '.join(EDGE_CONDITIONS)}; seg has mIoU)")
