@@ -43,6 +43,8 @@ def test_export_then_load_gives_bitwise_the_same_noise_prediction(trained_checkp
     assert not torch.equal(expected, trained.base.predict_noise(sample, t, hidden, pooled))  # the ControlNet acts
     assert info["controlnet_class"] == diffusers_class.__name__ and info["block"] == block
     assert info["base_fingerprint"] == base_fingerprint(tmp_path / "export" / "base")
+    card = (tmp_path / "export" / "README.md").read_text()  # diffusers' pipelines do not run the pixel base: the harness's loader
+    assert f"load_trained('{tmp_path / 'export'}')" in card and "StableDiffusionControlNetPipeline" not in card
     weights = {p.suffix for p in (tmp_path / "export").rglob("*") if p.is_file() and p.suffix not in (".json", ".txt", ".md", ".png")}
     assert weights == {".safetensors"}  # nothing to unpickle
 

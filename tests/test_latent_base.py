@@ -197,7 +197,9 @@ def test_export_generates_the_same_images_in_diffusers_own_controlnet_pipeline(s
     info = export(ckpt, tmp_path / "export")
     assert not info["base_copied"]  # a base given as a folder or id is named, not copied
     card = (tmp_path / "export" / "README.md").read_text()
-    assert f"base_model: {sd_folder}" in card and "library_name: diffusers" in card and "controlnet" in card
+    assert "library_name: diffusers" in card and "controlnet" in card
+    assert "base_model:" not in card  # the card's field names Hub models; this base is a local folder, named in the text
+    assert f"StableDiffusionControlNetPipeline.from_pretrained('{sd_folder}', controlnet=controlnet)" in card
 
     batch = batch_of(sd_data, 2)
     seeds = lambda: [torch.Generator().manual_seed(s) for s in (0, 1)]  # noqa: E731
@@ -225,7 +227,7 @@ def test_training_starts_from_an_existing_controlnet(sd_folder, tmp_path):
 
 @pytest.mark.bad_input
 def test_a_missing_hub_id_offline_names_the_key_and_the_id():
-    with pytest.raises(BaseNotFoundError, match=r"model\.base\.pretrained_model_name_or_path=nobody/no-such-model: .*not in the local"):
+    with pytest.raises(BaseNotFoundError, match=r"model\.base\.pretrained_model_name_or_path=nobody/no-such-model: .*not in the local.*\(hf download nobody/no-such-model\)"):
         PretrainedBase(pretrained_model_name_or_path="nobody/no-such-model").check()
     with pytest.raises(BaseNotFoundError, match="no model_index.json"):
         PretrainedBase(pretrained_model_name_or_path=str(Path(__file__).parent)).check()

@@ -65,20 +65,34 @@ def test_a_checkpoint_whose_base_changed_is_refused(tmp_path, trained_checkpoint
         ControlNetModule.for_inference(path)
 
 
+def test_a_checkpoint_path_copied_from_ls_works_as_an_override(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from conftest import ROOT, compose_train
+
+    checkpoint = instantiate(compose_train([f"paths.output_dir={tmp_path}"]).callbacks.checkpoint)
+    name = Path(checkpoint.format_checkpoint_name({"step": torch.tensor(6)})).name
+    assert name == "step-000006.ckpt"
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        for entry_point in ("sample", "export", "eval"):
+            assert compose(config_name=entry_point, overrides=[f"ckpt={tmp_path}/checkpoints/{name}"]).ckpt.endswith(name)
+
+
 @pytest.mark.bad_input
 def test_resume_finds_the_newest_readable_checkpoint_and_never_writes_over_another_run(tmp_path, trained_checkpoints, caplog):
     folder = tmp_path / "checkpoints"
     folder.mkdir()
     assert resume_checkpoint("last", tmp_path) is None  # a requeued job before its first checkpoint starts afresh
     good = trained_checkpoints["zero"].read_bytes()
-    (folder / "step=000002.ckpt").write_bytes(good)
-    (folder / "step=000004.ckpt").write_bytes(good[: len(good) // 2])  # a write cut short
+    (folder / "step=000002.ckpt").write_bytes(good)  # as runs before named them
+    (folder / "step-000004.ckpt").write_bytes(good[: len(good) // 2])  # a write cut short
     (folder / "last.ckpt").write_bytes(good[:100])
     with pytest.raises(FileExistsError, match="holds another run's checkpoints: resume it with ckpt_path=last"):
         resume_checkpoint(None, tmp_path)
     resumed = resume_checkpoint("latest", tmp_path)
     assert resumed.path == folder / "step=000002.ckpt" and resumed.global_step == 2
-    assert [reason.split(":")[0] for reason in resumed.passed_over] == [str(folder / "last.ckpt"), str(folder / "step=000004.ckpt")]
+    assert [reason.split(":")[0] for reason in resumed.passed_over] == [str(folder / "last.ckpt"), str(folder / "step-000004.ckpt")]
     assert "passing over an unreadable checkpoint" in caplog.text
     (folder / "step=000002.ckpt").unlink()
     with pytest.raises(RuntimeError, match="no readable checkpoint to resume from"):

@@ -8,6 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
 import yaml
@@ -20,12 +21,21 @@ from conftest import ROOT, compose_train, run_train, train_command
 from controlnet_lab.config_checks import ConfigError, check_train_config
 from controlnet_lab.export import export
 from controlnet_lab.module import ControlNetModule
+from controlnet_lab.search_space import block_parameters
 
 FAST = ["experiment=smoke", "eval.fid_domain.enabled=false", "~callbacks.fidelity_curve"]  # the default loggers: W&B (offline) and CSV
 
 
+def test_an_optuna_search_runs_on_any_block_and_searches_the_std_only_with_gauss():
+    assert compose_train(["hparams_search=optuna"]).block.name == "zero"  # the default block, not forced to gauss
+    for block, searched in (("zero", set()), ("single", set()), ("gauss", {"block.std"})):
+        trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+        block_parameters(OmegaConf.create({"block": {"name": block}}), trial)
+        assert set(trial.params) == searched
+
+
 def test_an_optuna_search_returns_each_jobs_metric(tmp_path):
-    result = run_train(["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", *FAST], tmp_path, timeout=600)
+    result = run_train(["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", "block=gauss", *FAST], tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     (sweep,) = (tmp_path / "outputs" / "smoke" / "multiruns").iterdir()
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())

@@ -7,8 +7,10 @@ An export is a folder with
 - ``base/``: the locked base it was trained on, unless the run named it
   (``model.base.pretrained_model_name_or_path``: SD 1.5's id, a folder), which is then
   named, not copied (``tiny``: the pixel pipeline; ``tiny_sd``: a ``StableDiffusionPipeline`` folder).
-- ``README.md``: a model card as diffusers' training script writes one (``base_model``,
-  ``library_name: diffusers``, tags), with the training config and the run's sample grid.
+- ``README.md``: a model card as diffusers' training script writes one (``base_model`` when
+  the base is a Hub id, ``library_name: diffusers``, tags), with how to load it (diffusers'
+  own pipeline where it runs the export, the harness's loader otherwise), the training
+  config and the run's sample grid.
 - ``export.json``: where it came from and how to load it.
 Loading reads safetensors only (``use_safetensors=True``): nothing is unpickled.
 """
@@ -26,7 +28,8 @@ from diffusers import ControlNetModel
 from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_card
 from huggingface_hub import ModelCard, ModelCardData
 
-from controlnet_lab.bases import base_fingerprint
+from controlnet_lab.bases import LatentBase, base_fingerprint
+from controlnet_lab.bases.sources import is_hub_id
 from controlnet_lab.controlnet_lite import ControlNetLiteModel
 from controlnet_lab.module import ControlNetModule
 
@@ -80,10 +83,7 @@ def model_card(module: ControlNetModule, base_model: str, run_dir: Path, out: Pa
     config = run_dir / ".hydra" / "config.yaml"
     grid = run_dir / "eval_samples.png"
     description = [f"# ControlNet ({module.hparams.block} connection) trained with controlnet-lab\n",
-                   f"A `{type(module.controlnet).__name__}` trained on the locked base `{base_model}`.\n",
-                   "```python\nfrom diffusers import ControlNetModel, StableDiffusionControlNetPipeline\n"
-                   f"controlnet = ControlNetModel.from_pretrained('{out}/controlnet')\n"
-                   f"pipe = StableDiffusionControlNetPipeline.from_pretrained('{base_model}', controlnet=controlnet)\n```\n"]
+                   f"A `{type(module.controlnet).__name__}` trained on the locked base `{base_model}`.\n", usage(module, base_model, out)]
     if grid.is_file():
         shutil.copyfile(grid, staging / "eval_samples.png")
         description.append("Held-out samples (rows: condition, target, base alone, then base + ControlNet under each prompt setting):\n\n"
@@ -91,10 +91,22 @@ def model_card(module: ControlNetModule, base_model: str, run_dir: Path, out: Pa
     if config.is_file():
         description.append(f"## Training config\n\n```yaml\n{config.read_text()}```\n")
     card = ModelCard.from_template(
-        ModelCardData(library_name="diffusers", base_model=base_model, inference=True),
+        ModelCardData(library_name="diffusers", base_model=base_model if is_hub_id(base_model) else None, inference=True),
         template_path=MODEL_CARD_TEMPLATE_PATH, model_description="\n".join(description),
     )
     return populate_model_card(card, tags=["controlnet", "diffusers", "controlnet-lab", f"block-{module.hparams.block}", "diffusers-training"])
+
+
+def usage(module: ControlNetModule, base_model: str, out: Path) -> str:
+    """How to load the export: in diffusers' ``StableDiffusionControlNetPipeline`` where that pipeline runs it (a
+    ``ControlNetModel`` on a Stable Diffusion base); with the harness otherwise (``ControlNetLiteModel``, the pixel base)."""
+    if isinstance(module.controlnet, ControlNetModel) and isinstance(module.base, LatentBase):
+        return ("```python\nfrom diffusers import ControlNetModel, StableDiffusionControlNetPipeline\n"
+                f"controlnet = ControlNetModel.from_pretrained('{out}/controlnet')\n"
+                f"pipe = StableDiffusionControlNetPipeline.from_pretrained('{base_model}', controlnet=controlnet)\n```\n")
+    return (f"diffusers' pipelines do not run a `{type(module.controlnet).__name__}` on this base; the harness does:\n\n"
+            f"```bash\npython src/sample.py ckpt={out} condition=<an image or a folder> prompt=\"...\"\n```\n\n"
+            f"```python\nfrom controlnet_lab.export import load_trained\ntrained = load_trained('{out}')  # .controlnet, .base (its folder)\n```\n")
 
 
 def export(ckpt: Path, out: Path) -> dict:

@@ -37,7 +37,7 @@ def resume_checkpoint(ckpt_path: str | None, output_dir: Path) -> Resume | None:
     """The checkpoint this run resumes from, or None for a fresh run (which must not write over another run's).
 
     ``last``: the readable one of the highest step among ``checkpoints/interrupted.ckpt`` (written on SIGTERM),
-    ``checkpoints/last.ckpt`` and ``checkpoints/step=<n>.ckpt``: one that cannot be read (a write cut short) is passed
+    ``checkpoints/last.ckpt`` and ``checkpoints/step-<n>.ckpt`` (``step=<n>.ckpt`` as runs before named them): one that cannot be read (a write cut short) is passed
     over with a warning. A SLURM job requeued by Lightning (which saved ``hpc_ckpt_<n>.ckpt`` in the run
     directory on the requeue signal) resumes from its newest such checkpoint, as Lightning itself would."""
     if not ckpt_path:
@@ -50,7 +50,7 @@ def resume_checkpoint(ckpt_path: str | None, output_dir: Path) -> Resume | None:
         return None
     if str(ckpt_path) in LAST:
         folder = output_dir / "checkpoints"
-        steps = sorted(folder.glob("step=*.ckpt"), key=lambda p: int(p.stem.split("=")[1]), reverse=True)
+        steps = sorted([*folder.glob("step-*.ckpt"), *folder.glob("step=*.ckpt")], key=lambda p: int(p.stem[5:]), reverse=True)
         return newest_readable([p for p in (folder / "interrupted.ckpt", folder / "last.ckpt") if p.is_file()] + steps)
     path = Path(ckpt_path)
     if not path.is_file():

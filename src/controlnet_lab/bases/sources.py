@@ -82,6 +82,12 @@ class PretrainedBase(BaseSource):
         return self.saved
 
 
+def is_hub_id(name_or_path: str) -> bool:
+    """Whether ``name_or_path`` names a Hub model (owner/name) rather than a local folder."""
+    return not (Path(name_or_path).expanduser().exists() or Path(name_or_path).suffix
+                or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1)
+
+
 def saved_folder(name_or_path: str) -> Path:
     """The local folder of a saved pipeline: ``name_or_path`` itself, or the Hub snapshot of that id (fetched if needed,
     without the safety checker, which training never runs)."""
@@ -91,13 +97,13 @@ def saved_folder(name_or_path: str) -> Path:
             raise BaseNotFoundError(f"{KEY}={name_or_path}: the folder has no model_index.json "
                                     "(save the base with StableDiffusionPipeline.save_pretrained)")
         return path
-    if path.suffix or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
+    if not is_hub_id(name_or_path):
         raise BaseNotFoundError(f"{KEY}={name_or_path}: no such folder, and not a Hub id of the form owner/name")
     try:
         return Path(StableDiffusionPipeline.download(name_or_path, safety_checker=None, feature_extractor=None))
     except Exception as err:  # the hub client raises many types (offline, not found, gated, network)
         raise BaseNotFoundError(
             f"{KEY}={name_or_path}: the base is not in the local Hugging Face cache and could not be fetched "
-            f"({type(err).__name__}). Without network, download it elsewhere (huggingface-cli download {name_or_path}) "
+            f"({type(err).__name__}). Without network, download it elsewhere (hf download {name_or_path}) "
             f"and copy the cache, or set {KEY} to a local folder saved with save_pretrained."
         ) from None
