@@ -34,7 +34,7 @@ PHASES = (
     ("data generation", "write_fill50k"),
     ("held-out split", "controlnet_lab/data/held_out.py"),
     ("domain FID network", "controlnet_lab/metrics/domain_features.py"),
-    ("final evaluation", "controlnet_lab/evaluation.py"),
+    ("final evaluation", "controlnet_lab/evaluation/"),
     ("ControlNet training", "lightning/pytorch/loops/"),
     ("imports", "<module>"),
 )

@@ -22,12 +22,14 @@ import wandb
 from omegaconf import DictConfig, OmegaConf
 
 from controlnet_lab.config_checks import check_eval_prompt_settings, check_sampling_config
+from controlnet_lab.data.datamodule import build_datamodule
+from controlnet_lab.evaluation.held_out import ComposedNet
+from controlnet_lab.evaluation.suite import condition_fidelity
+from controlnet_lab.evaluation.task import check_no_metric_failed, flat_metrics, held_out_scores, save_eval_grid
 from controlnet_lab.export import checkpoint_path
 from controlnet_lab.module import ControlNetModule
 from controlnet_lab.provenance import OtherLoad, commit, machine
-from controlnet_lab.task import wandb_mode
-from controlnet_lab.evaluation import ComposedNet
-from controlnet_lab.training import build_datamodule, check_no_metric_failed, condition_fidelity, flat_metrics, held_out_scores, save_eval_grid
+from controlnet_lab.tracking import wandb_mode
 
 
 os.environ.setdefault("CONTROLNET_LAB_ROOT", str(Path(__file__).resolve().parents[1]))  # conf/paths: root_dir
@@ -78,9 +80,11 @@ def run_config(ckpt: Path, key: str, cfg: DictConfig) -> DictConfig:
         raise FileNotFoundError(f"{key}={ckpt}: the run's config {path} is missing")
     return OmegaConf.merge(
         # Runs configured before these keys existed sampled without resolution weighting, trained without dropping
-        # near-duplicates of held-out samples (the held-out set itself is the same), and read fill50k-format data.
+        # near-duplicates of held-out samples (the held-out set itself is the same), read fill50k-format data, and
+        # ran their detectors where detector_device=auto would.
         {"model": {"sampling": {"resolution_weighting": "off", "conditioning_scale": 1.0}},
-         "data": {"held_out": {"exclude_near_duplicates": False, "max_distance": 0.2}, "_target_": "controlnet_lab.data.datamodule.Fill50kDataModule"}},
+         "data": {"held_out": {"exclude_near_duplicates": False, "max_distance": 0.2}, "detector_device": "auto",
+                  "_target_": "controlnet_lab.data.datamodule.Fill50kDataModule"}},
         OmegaConf.load(path), {"eval": cfg.eval, "paths": {"cache_dir": cfg.paths.cache_dir}},
     )
 
@@ -104,7 +108,7 @@ def run_data_config(run_cfg: DictConfig) -> DictConfig:
 
 
 def log_to_run_wandb(run_dir: Path, run_cfg: DictConfig, metrics: dict) -> None:
-    """Resume the run's W&B run by its id (offline unless WANDB_OFFLINE=false, as in training) and add the scores."""
+    """Resume the run's W&B run by its id (WANDB_MODE; offline when unset, as in training) and add the scores."""
     runs = sorted((run_dir / "wandb").glob("*run-*"))
     if not runs:
         return

@@ -23,15 +23,15 @@ from controlnet_lab.tables import archive_sweep, log_to_wandb, write_tables
 def main(cfg: DictConfig) -> None:
     extra = list(cfg.extra_sweeps or ())
     only = list(cfg.only or ())
-    table, paths = write_tables(cfg.sweep, cfg.out, cfg.rescored, cfg.level, cfg.comparisons, cfg.correction, cfg.curve_steps or (), extra,
-                                cfg.average_eval_seeds, only)
+    _, paths = write_tables(cfg.sweep, cfg.out, cfg.rescored, cfg.level, cfg.comparisons, cfg.correction, cfg.curve_steps or (), extra,
+                            cfg.average_eval_seeds, only)
     if cfg.archive:
         out = Path(cfg.out or cfg.sweep)
         copied = archive_sweep(cfg.sweep, out, only) + [path for sweep in extra
                                                         for path in archive_sweep(sweep, out / "extra_sweeps" / Path(sweep).name, only)]
         print(f"archived {len(copied)} files (multirun.yaml, each job's record)")
     if cfg.wandb:
-        log_to_wandb(table, paths, cfg.sweep)
+        log_to_wandb(paths, cfg.sweep)
     print(paths["markdown"].read_text())
     for kind, path in paths.items():
         print(f"{kind}: {path}")

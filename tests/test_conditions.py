@@ -10,7 +10,7 @@ from controlnet_lab.data.colors import parse_prompt
 from controlnet_lab.data.conditions import SEG_COLORS, condition_maker, detector_device_for, detector_settings
 from controlnet_lab.data.fill50k import read_index
 from controlnet_lab.data.samples import load_rgb
-from controlnet_lab.evaluation import INSUFFICIENT_PROMPT, OUT_OF_VOCABULARY_PROMPT, PROMPT_SETTINGS, setting_prompts
+from controlnet_lab.evaluation.prompts import INSUFFICIENT_PROMPT, OUT_OF_VOCABULARY_PROMPT, PROMPT_SETTINGS, setting_prompts
 from controlnet_lab.data.outlines import condition_mask
 
 

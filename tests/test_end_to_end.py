@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from conftest import run_train, stored_paths
 from controlnet_lab.data.fill50k import read_index
 from controlnet_lab.data.samples import load_rgb
-from controlnet_lab.training import build_datamodule
+from controlnet_lab.data.datamodule import build_datamodule
 
 
 @pytest.fixture(scope="module")

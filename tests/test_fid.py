@@ -66,7 +66,7 @@ def test_missing_inception_weights_name_the_file(tmp_path, monkeypatch):
 def test_fids_run_on_the_suites_device(monkeypatch):
     """Inception (and domain) FID go to clean-fid on the device the suite's extractors were moved to, not always the CPU."""
     import controlnet_lab.metrics.fid as fid_module
-    from controlnet_lab.evaluation import MetricSuite, extra_scores
+    from controlnet_lab.evaluation.held_out import MetricSuite, extra_scores
 
     devices = []
 
@@ -84,7 +84,7 @@ def test_fids_run_on_the_suites_device(monkeypatch):
 
 def test_a_frechet_distance_from_fewer_images_than_dimensions_is_skipped_with_the_reason():
     """clean-fid's sqrtm fails or gives noise on singular covariances (scipy 1.17: LinAlgError -102 on 8 images in 64-d)."""
-    from controlnet_lab.evaluation import MetricSuite, extra_scores
+    from controlnet_lab.evaluation.held_out import MetricSuite, extra_scores
 
     images = np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
     wide = MetricSuite(domain_features=lambda batch: batch.flatten(1)[:, :64].float())
@@ -95,7 +95,7 @@ def test_a_frechet_distance_from_fewer_images_than_dimensions_is_skipped_with_th
 
 
 def test_a_metric_that_fails_is_recorded_beside_the_others(monkeypatch):
-    from controlnet_lab.evaluation import MetricSuite, extra_scores
+    from controlnet_lab.evaluation.held_out import MetricSuite, extra_scores
 
     def broken(batch):
         raise RuntimeError("the extractor broke")

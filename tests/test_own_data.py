@@ -15,7 +15,7 @@ from controlnet_lab.data import datamodule as datamodule_module
 from controlnet_lab.data.datamodule import FolderDataModule, HubDataModule
 from controlnet_lab.data.readers import metadata_splits
 from controlnet_lab.data.samples import DatasetFormatError, Samples, fit_square
-from controlnet_lab.evaluation import FREE_FORM_SETTINGS, other_captions
+from controlnet_lab.evaluation.prompts import FREE_FORM_SETTINGS, other_captions
 from controlnet_lab.tables import display_table, summarize
 
 COLORS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 190, 60), "yellow": (230, 220, 40)}

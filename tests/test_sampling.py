@@ -9,13 +9,13 @@ from diffusers import ControlNetModel, UNet2DConditionModel
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from conftest import ROOT, run_train
+from conftest import ROOT, compose_train, run_train
 from controlnet_lab.bases import load_base
 from controlnet_lab.blocks import build_trainable_copy, connection_convs
 from controlnet_lab.data.fill50k import read_index
-from controlnet_lab.evaluation import generate
+from controlnet_lab.evaluation.held_out import generate
 from controlnet_lab.generation import sample
-from controlnet_lab.sampling import control_residuals, resolution_weights, residual_heights
+from controlnet_lab.sampling import Sampling, control_residuals, resolution_weights, residual_heights
 
 PROMPTS = ["red circle with blue background", "green circle with yellow background"]
 
@@ -100,11 +100,12 @@ def test_with_cfg_resolution_weighting_conditions_only_the_conditional_branch(pi
 @torch.no_grad()
 def test_the_evaluation_conditioning_scale_scales_the_control_and_zero_is_the_base_alone(pipeline):
     controlnet, conditions = _acting(pipeline, "zero", 1), _conditions(2)
-    settings = dict(batch_size=2, seed=5, num_inference_steps=3, guidance_scale=1.0, desc="test")
-    alone = generate(pipeline, None, conditions, PROMPTS, **settings)
-    assert np.array_equal(generate(pipeline, controlnet, conditions, PROMPTS, conditioning_scale=0.0, **settings), alone)
-    full = generate(pipeline, controlnet, conditions, PROMPTS, **settings)
-    doubled = generate(pipeline, controlnet, conditions, PROMPTS, conditioning_scale=2.0, **settings)
+    settings = dict(batch_size=2, seed=5, desc="test")
+    at = lambda scale: Sampling(num_inference_steps=3, guidance_scale=1.0, conditioning_scale=scale)  # noqa: E731
+    alone = generate(pipeline, None, conditions, PROMPTS, sampling=at(1.0), **settings)
+    assert np.array_equal(generate(pipeline, controlnet, conditions, PROMPTS, sampling=at(0.0), **settings), alone)
+    full = generate(pipeline, controlnet, conditions, PROMPTS, sampling=at(1.0), **settings)
+    doubled = generate(pipeline, controlnet, conditions, PROMPTS, sampling=at(2.0), **settings)
     assert not np.array_equal(full, alone) and not np.array_equal(doubled, full)
 
 
@@ -234,3 +235,12 @@ def test_controlnets_of_different_bases_are_not_composed(trained_checkpoints, ti
     cfg = compose_sample([f"ckpt=[{trained_checkpoints['zero']},{other}]", f"condition={condition_folder}", f"paths.output_dir={tmp_path / 'out'}"])
     with pytest.raises(ValueError, match="different locked bases"):
         sample(cfg)
+
+
+def test_the_sampling_settings_are_read_once_from_their_config_node():
+    node = OmegaConf.create({"num_inference_steps": 4, "guidance_scale": 2.0, "resolution_weighting": False, "conditioning_scale": None})
+    sampling = Sampling.from_config(node)  # YAML's unquoted off is false; a null key keeps its default
+    assert sampling == Sampling(num_inference_steps=4, guidance_scale=2.0, resolution_weighting="off", conditioning_scale=1.0)
+    assert sampling.kwargs() == {"num_inference_steps": 4, "guidance_scale": 2.0, "resolution_weighting": "off", "conditioning_scale": 1.0}
+    callbacks = compose_train(["model.sampling.num_inference_steps=7"]).callbacks
+    assert callbacks.fidelity_curve.sampling.num_inference_steps == 7 == callbacks.validation_images.sampling.num_inference_steps

@@ -263,3 +263,15 @@ def test_conditions_with_different_fidelity_metrics_also_get_mask_iou_curves(tmp
         record["metrics"].update(curve_images=64, curve_metric="edge_f1", curve=[{"step": 0, "edge_f1": 0.2, "mask_iou": 0.1}])
         (job / "results.json").write_text(json.dumps(record))
     assert "mask_iou_curves" not in write_tables(tmp_path / "one_metric", tmp_path / "out_one")[1]
+
+
+def test_the_tables_read_results_without_loading_the_models_libraries():
+    """eval/tables.py reads JSON files: it must not pay for (or need) torch, diffusers, transformers or clean-fid."""
+    import subprocess
+    import sys
+
+    heavy = ("torch", "diffusers", "transformers", "cleanfid", "lightning")
+    code = f"import sys, runpy; runpy.run_path('eval/tables.py', run_name='imported'); print([m for m in {heavy!r} if m in sys.modules])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"

@@ -20,7 +20,8 @@ from controlnet_lab.metrics.convergence import rise, sudden_convergence_step
 from controlnet_lab.metrics.oracle import random_placement_iou
 from controlnet_lab.images import to_uint8
 from controlnet_lab.tables import write_tables
-from controlnet_lab.training import build_datamodule, metric_suite
+from controlnet_lab.data.datamodule import build_datamodule
+from controlnet_lab.evaluation.suite import metric_suite
 
 
 @pytest.fixture(scope="module")

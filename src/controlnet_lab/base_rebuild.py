@@ -19,7 +19,8 @@ from controlnet_lab.bases.fingerprint import base_fingerprint
 from controlnet_lab.bases.pretraining import SHIPPED_BASES
 from controlnet_lab.bases.sources import EmbeddedBase
 from controlnet_lab.files import write_json
-from controlnet_lab.training import base_folder, base_source, build_datamodule
+from controlnet_lab.data.datamodule import build_datamodule
+from controlnet_lab.training import base_folder, base_source
 
 
 def rebuild_and_compare(cfg: DictConfig) -> dict:

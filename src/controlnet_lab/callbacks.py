@@ -20,11 +20,13 @@ import torch
 from torch.utils.data import default_collate
 
 from controlnet_lab.data.samples import load_rgb
-from controlnet_lab.evaluation import generate, oracle_applies, palette_of
+from controlnet_lab.evaluation.held_out import generate, oracle_skip_reason
+from controlnet_lab.evaluation.prompts import palette_of
 from controlnet_lab.images import save_grid, to_uint8
 from controlnet_lab.metrics.convergence import rise, sudden_step
 from controlnet_lab.metrics.fidelity import ConditionFidelity
 from controlnet_lab.metrics.oracle import score_images
+from controlnet_lab.sampling import Sampling
 
 log = logging.getLogger(__name__)
 # The signal submitit sends before a job's time limit and on preemption (its SUBMITIT_PREEMPT_SIGNAL, USR2 by default).
@@ -208,8 +210,7 @@ class FidelityCurve(L.Callback):
     """
 
     def __init__(self, every_n_steps: int, num_images: int, condition: str, resolution: int, edge_tolerance: int = 1,
-                 seed: int = 1234, num_inference_steps: int = 20, guidance_scale: float = 1.0, resolution_weighting: str = "off",
-                 conditioning_scale: float = 1.0, detector_weights: str | None = None,
+                 seed: int = 1234, sampling: dict | None = None, detector_weights: str | None = None,
                  canny_thresholds: tuple[int, int] = (100, 200), batch_size: int | None = None, detector_device: str = "cpu"):
         if every_n_steps < 1 or num_images < 1:
             raise ValueError(f"eval.every_n_steps and eval.curve_images must be >= 1, got {every_n_steps} and {num_images}")
@@ -217,8 +218,7 @@ class FidelityCurve(L.Callback):
             raise ValueError(f"eval.curve_batch_size must be >= 1 (or null: all curve images in one batch), got {batch_size}")
         self.every_n_steps, self.num_images, self.seed = every_n_steps, num_images, seed
         self.batch_size = batch_size or num_images
-        self.sampling = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "resolution_weighting": resolution_weighting,
-                         "conditioning_scale": conditioning_scale}
+        self.sampling = Sampling.from_config(sampling or {})
         self.fidelity = ConditionFidelity(condition, resolution, edge_tolerance, detector_weights, tuple(canny_thresholds), detector_device)
         self.curve: list[dict] = []
         self.seconds = 0.0
@@ -268,7 +268,7 @@ class FidelityCurve(L.Callback):
             dataset = trainer.datamodule.val_dataset()
             items = [dataset[i] for i in range(min(self.num_images, len(dataset)))]
             conditions = torch.stack([item["condition"] for item in items])
-            outlines = None if oracle_applies(items) else to_uint8(torch.stack([item["source"] for item in items]), 0.0, 1.0)
+            outlines = None if oracle_skip_reason(items) else to_uint8(torch.stack([item["source"] for item in items]), 0.0, 1.0)
             self._held_out = (conditions, to_uint8(conditions, 0.0, 1.0), outlines, [item["true_prompt"] for item in items])
             self._palette = palette_of(trainer.datamodule.prompts()) if outlines is not None else []
         return self._held_out
@@ -280,7 +280,7 @@ class FidelityCurve(L.Callback):
         was_training = pl_module.controlnet.training
         pl_module.controlnet.eval()
         images = generate(pl_module.base, pl_module.controlnet, conditions, prompts,
-                          batch_size=self.batch_size, seed=self.seed, desc="fidelity curve", **self.sampling)
+                          batch_size=self.batch_size, seed=self.seed, sampling=self.sampling, desc="fidelity curve")
         pl_module.controlnet.train(was_training)
         point = {"step": trainer.global_step, self.metric: self.fidelity.score(images, condition_images)["value"]}
         if outlines is not None:
@@ -321,8 +321,7 @@ class ValidationImages(L.Callback):
     """
 
     def __init__(self, images: list[str], prompts: list[str], every_n_steps: int, resolution: int, output_dir: str,
-                 seed: int = 1234, num_inference_steps: int = 20, guidance_scale: float = 1.0, resolution_weighting: str = "off",
-                 conditioning_scale: float = 1.0, batch_size: int = 8):
+                 seed: int = 1234, sampling: dict | None = None, batch_size: int = 8):
         images, prompts = [str(i) for i in images or []], [str(p) for p in prompts or []]
         missing = [path for path in images if not Path(path).is_file()]
         if missing:
@@ -340,8 +339,7 @@ class ValidationImages(L.Callback):
             raise ValueError(f"eval.validation.batch_size must be >= 1, got {batch_size}")
         self.every_n_steps, self.seed, self.folder = every_n_steps, seed, Path(output_dir) / "validation"
         self.batch_size = batch_size
-        self.sampling = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "resolution_weighting": resolution_weighting,
-                         "conditioning_scale": conditioning_scale}
+        self.sampling = Sampling.from_config(sampling or {})
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.sample(trainer, pl_module)
@@ -362,7 +360,7 @@ class ValidationImages(L.Callback):
         pl_module.controlnet.eval()
         with preserved_rng():
             images = generate(pl_module.base, pl_module.controlnet, self.conditions, self.prompts, batch_size=self.batch_size,
-                              seed=self.seed, desc="validation images", **self.sampling)
+                              seed=self.seed, sampling=self.sampling, desc="validation images")
         pl_module.controlnet.train(was_training)
         path = save_grid([to_uint8(self.conditions, 0.0, 1.0), images], self.folder / f"step_{trainer.global_step:06d}.png")
         for logger in trainer.loggers:

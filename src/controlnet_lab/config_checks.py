@@ -8,7 +8,7 @@ from omegaconf import DictConfig, OmegaConf
 from controlnet_lab.bases.sources import EmbeddedBase
 from controlnet_lab.blocks import BLOCKS, check_block_std, check_hint_channels
 from controlnet_lab.data.conditions import CONDITIONS, DETECTORS, detector_device_for
-from controlnet_lab.evaluation import check_prompt_settings
+from controlnet_lab.evaluation.prompts import check_prompt_settings
 from controlnet_lab.locked_encodings import CACHE_DTYPES
 from controlnet_lab.sampling import check_resolution_weighting
 

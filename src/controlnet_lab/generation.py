@@ -23,7 +23,7 @@ from controlnet_lab.bases import load_base
 from controlnet_lab.data.colors import parse_prompt
 from controlnet_lab.data.conditions import DETECTORS, condition_maker
 from controlnet_lab.data.samples import load_rgb
-from controlnet_lab.evaluation import PROMPT_SETTINGS, setting_prompts
+from controlnet_lab.evaluation.prompts import PROMPT_SETTINGS, setting_prompts
 from controlnet_lab.bases import base_fingerprint
 from controlnet_lab.export import TrainedControlNet, load_trained
 from controlnet_lab.images import save_grid, to_uint8

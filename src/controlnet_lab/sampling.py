@@ -17,16 +17,43 @@ then the middle block's) by a weight:
 
 Several ControlNets are composed with diffusers' ``MultiControlNetModel``: each net's
 residuals times its own conditioning scale, summed.
+
+``Sampling`` holds how images are sampled (steps, guidance, resolution weighting,
+conditioning scale), built once from a config node and passed whole to the callbacks,
+the evaluation and generation.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, fields
 
 import torch
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
 RESOLUTION_WEIGHTINGS = ("off", "uniform", "paper", "code")
 CODE_RATIO = 0.825
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How images are sampled: built from one config node (``model.sampling``) by ``from_config`` and passed whole."""
+
+    num_inference_steps: int = 20
+    guidance_scale: float = 1.0
+    resolution_weighting: str = "off"
+    conditioning_scale: float | Sequence[float] = 1.0  # one per ControlNet where several are composed
+
+    @classmethod
+    def from_config(cls, node) -> Sampling:
+        """From a config node (or dict) holding these keys; one it lacks or leaves null keeps its default."""
+        given = {f.name: node.get(f.name) for f in fields(cls) if node.get(f.name) is not None}
+        if "resolution_weighting" in given:
+            given["resolution_weighting"] = check_resolution_weighting(given["resolution_weighting"])
+        return cls(**given)
+
+    def kwargs(self) -> dict:
+        """As the bases' ``__call__`` takes them."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def check_resolution_weighting(mode, guidance_scale: float | None = None) -> str:

@@ -25,10 +25,10 @@ import wandb  # noqa: E402
 import yaml  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from controlnet_lab.evaluation import PROMPT_SETTINGS  # noqa: E402
+from controlnet_lab.evaluation.prompts import PROMPT_SETTINGS  # noqa: E402
 from controlnet_lab.failures import failed_jobs  # noqa: E402
 from controlnet_lab.intervals import difference, half_width  # noqa: E402
-from controlnet_lab.task import wandb_mode  # noqa: E402
+from controlnet_lab.tracking import sweep_group, typed_tables, wandb_mode  # noqa: E402
 
 METHOD_KEYS = ("block", "block_std", "data.size", "data.prompt_dropout", "data.condition", "composition", "sampling.guidance_scale",
                "sampling.resolution_weighting", "sampling.conditioning_scale")
@@ -399,10 +399,11 @@ def unfinished_note(sweep_dir: Path, unfinished: list[Path]) -> str:
     return f"\n\n{len(unfinished)} job(s) of the sweep {Path(sweep_dir).name} are not in the table:\n\n" + "\n".join(lines) + "\n"
 
 
-def log_to_wandb(table: pd.DataFrame, paths: dict[str, Path], sweep_dir: Path, project: str = "controlnet-lab") -> None:
-    """The table and plots as a W&B run of job type "tables", grouped with the sweep's runs (offline unless WANDB_OFFLINE=false)."""
-    run = wandb.init(project=project, group=Path(sweep_dir).name, job_type="tables", name="tables", dir=str(sweep_dir), mode=wandb_mode())
-    run.log({"table": wandb.Table(dataframe=table.astype(str)),
+def log_to_wandb(paths: dict[str, Path], sweep_dir: Path, project: str = "controlnet-lab") -> None:
+    """The tables (numbers typed) and plots as a W&B run of job type "tables", in the sweep's group (WANDB_MODE; offline
+    when unset)."""
+    run = wandb.init(project=project, group=sweep_group(sweep_dir), job_type="tables", name="tables", dir=str(sweep_dir), mode=wandb_mode())
+    run.log({**{name: wandb.Table(dataframe=frame) for name, frame in typed_tables(paths).items()},
              **{name: wandb.Image(str(path)) for name, path in paths.items() if path.suffix == ".png"}})
     run.finish()
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
@@ -61,9 +60,3 @@ def task_wrapper(task):
 
     return wrapped
 
-
-def wandb_mode() -> str | None:
-    """The mode for a wandb.init outside the Lightning logger: WANDB_MODE if set, else offline unless WANDB_OFFLINE=false (as the logger config)."""
-    if "WANDB_MODE" in os.environ:
-        return None
-    return "online" if os.environ.get("WANDB_OFFLINE") == "false" else "offline"

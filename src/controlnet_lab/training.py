@@ -20,112 +20,18 @@ from controlnet_lab.bases import base_fingerprint, check_same_base
 from controlnet_lab.blocks import connection_init_stds
 from controlnet_lab.callbacks import FidelityCurve, InitialOutputChange
 from controlnet_lab.config_checks import check_train_config, compile_options
-from controlnet_lab.data.datamodule import ControlDataModule
-from controlnet_lab.evaluation import PROMPT_SETTINGS, ComposedNet, MetricSuite, evaluate_held_out, evaluate_seen, palette_of, timed
-from controlnet_lab.metrics.clip_score import clip_scorer
-from controlnet_lab.metrics.domain_features import domain_net
-from controlnet_lab.metrics.fid import inception_extractor
-from controlnet_lab.metrics.fidelity import FIDELITY_CONDITIONS, ConditionFidelity
-from controlnet_lab.images import save_grid
+from controlnet_lab.data.datamodule import ControlDataModule, build_datamodule
+from controlnet_lab.evaluation.held_out import timed
+from controlnet_lab.evaluation.suite import fidelity_skip_reason, metric_suite, run_device
+from controlnet_lab.evaluation.task import check_no_metric_failed, flat_metrics, held_out_scores, save_eval_grid, seen_scores
 from controlnet_lab.locked_encodings import cached_encodings
 from controlnet_lab.module import ControlNetModule
 from controlnet_lab.provenance import OtherLoad, commit, machine
 from controlnet_lab.resume import continue_csv_log, csv_rows_before, remember_wandb_run_id, resume_checkpoint, wandb_run_id
 from controlnet_lab.storage import check_room
+from controlnet_lab.tracking import flat_config, group_name, run_tags
 
 log = logging.getLogger(__name__)
-
-
-def build_datamodule(data_cfg: DictConfig) -> ControlDataModule:
-    """The run's DataModule from ``data._target_``, set up: every sample is read and checked now, before any training."""
-    data = hydra.utils.instantiate(data_cfg, _convert_="all")
-    data.setup()
-    return data
-
-
-def held_out_scores(cfg: DictConfig, module: ControlNetModule, data: ControlDataModule, suite: MetricSuite | None = None,
-                    composed: list[ComposedNet] | None = None) -> dict:
-    """The final evaluation on the held-out split, with the run's sampling and eval settings and every enabled metric
-    (and the ``composed`` ControlNets sampled with the run's, eval/evaluate.py's ``compose``)."""
-    return evaluate_held_out(module.base, module.controlnet, data.val_dataset(), dataset_palette(data), count=cfg.eval.num_images,
-                             suite=suite or metric_suite(cfg, data), prompt_settings=prompt_settings(cfg), composed=composed,
-                             **sampling_settings(cfg))
-
-
-def seen_scores(cfg: DictConfig, module: ControlNetModule, data: ControlDataModule, held_out: dict, suite: MetricSuite) -> dict:
-    """The perfect prompt's scores on ``eval.train_images`` training conditions, and each one's gap to the held-out score
-    (seen minus unseen)."""
-    seen = evaluate_seen(module.base, module.controlnet, data.dataset("train"), dataset_palette(data), count=cfg.eval.train_images,
-                         suite=suite, **sampling_settings(cfg))
-    gap = {key: seen[key] - held_out[key] for key in seen if key != "images" and held_out.get(key) is not None}
-    return {"seen": seen, "seen_minus_held_out": gap}
-
-
-def sampling_settings(cfg: DictConfig) -> dict:
-    """How the final evaluation samples: the eval batch and seed, and the run's sampling settings."""
-    sampling = cfg.model.sampling
-    return {"batch_size": cfg.eval.batch_size, "seed": cfg.eval.seed, "num_inference_steps": sampling.num_inference_steps,
-            "guidance_scale": sampling.guidance_scale, "resolution_weighting": sampling.resolution_weighting,
-            "conditioning_scale": sampling.get("conditioning_scale", 1.0)}
-
-
-def prompt_settings(cfg: DictConfig) -> list[str] | None:
-    chosen = cfg.eval.get("prompt_settings")
-    return None if chosen is None else list(chosen)
-
-
-def dataset_palette(data: ControlDataModule) -> list[str]:
-    return palette_of(data.prompts())
-
-
-def run_device(cfg: DictConfig) -> str:
-    return "cuda" if cfg.trainer.accelerator == "gpu" else "cpu"
-
-
-def metric_suite(cfg: DictConfig, data: ControlDataModule) -> MetricSuite:
-    """The metrics ``cfg.eval`` enables and the data allows, loaded now: missing weights fail here, with the file
-    they need, so training calls this before any training. Each one left out is in ``suite.skipped`` with the reason."""
-    metrics = cfg.eval
-    device = run_device(cfg)
-    suite = MetricSuite(device=device)
-    suite.fidelity = condition_fidelity(cfg)
-    if suite.fidelity is None:
-        suite.skipped["condition_fidelity"] = fidelity_skip_reason(cfg.data.condition)
-    if metrics.fid.inception:
-        suite.inception_features = inception_extractor(metrics.fid.inception_dir, device, metrics.fid.download)
-    else:
-        suite.skipped["fid"] = "eval.fid.inception=false (Inception FID needs inception-2015-12-05.pt in eval.fid.inception_dir)"
-    if metrics.clip.enabled:
-        suite.clip, suite.clip_model = clip_scorer(metrics.clip.model, device), metrics.clip.model
-    else:
-        suite.skipped["clip_score"] = "eval.clip.enabled=false (CLIP score needs a local CLIP model, eval.clip.model)"
-    if not metrics.fid_domain.enabled:
-        suite.skipped["fid_domain"] = "eval.fid_domain.enabled=false"
-    elif data.streaming:
-        suite.skipped["fid_domain"] = "data.streaming=true: its feature net trains on the whole training pool, which a stream does not hold"
-    elif not data.fill50k_style:
-        suite.skipped["fid_domain"] = "its feature net learns fill50k attributes (colors named by the prompt, the outline's circle); this data is not fill50k-format"
-    else:
-        net = domain_net(data.pool_dataset(0.0), dataset_palette(data), Path(cfg.paths.cache_dir) / "fid_domain",
-                         steps=metrics.fid_domain.steps, count=metrics.fid_domain.count)
-        suite.domain_features = net.to(device).clean_fid_extractor()
-    return suite
-
-
-def condition_fidelity(cfg: DictConfig) -> ConditionFidelity | None:
-    """The re-detection fidelity of the run's condition type (None where it has none: fidelity_skip_reason)."""
-    if fidelity_skip_reason(cfg.data.condition):
-        return None
-    return ConditionFidelity(cfg.data.condition, cfg.data.resolution, cfg.eval.edge_tolerance, cfg.data.detector_weights,
-                             tuple(cfg.data.canny_thresholds), cfg.data.detector_device)
-
-
-def fidelity_skip_reason(condition: str) -> str | None:
-    """Why condition fidelity cannot be measured for ``data.condition`` (None when it can)."""
-    if condition in FIDELITY_CONDITIONS:
-        return None
-    return (f"data.condition={condition}: no detector re-detects this condition type (edge F1 covers "
-            f"{', '.join(c for c in FIDELITY_CONDITIONS if c != 'seg')}; seg has mIoU)")
 
 
 def base_source(cfg: DictConfig):
@@ -188,19 +94,21 @@ def attach_locked_encodings(cfg: DictConfig, module: ControlNetModule, data: Con
     base.to("cpu")
 
 
-def wandb_identity() -> dict:
-    """W&B group and name: the sweep's directory and the job's overrides, so multirun jobs line up as one group."""
+def wandb_identity(config: dict) -> dict:
+    """W&B group, name and tags: the experiment and its sweep's time, the job's overrides, and the settings W&B filters
+    by (tracking.py), so a sweep's jobs line up as one group."""
     hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode == RunMode.MULTIRUN:
-        return {"group": Path(hydra_cfg.sweep.dir).name, "name": hydra_cfg.job.override_dirname or f"job{hydra_cfg.job.num}"}
-    return {"group": "single-runs", "name": Path(hydra_cfg.runtime.output_dir).name}
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    name = hydra_cfg.job.override_dirname or f"job{hydra_cfg.job.num}" if multirun else Path(hydra_cfg.runtime.output_dir).name
+    return {"group": group_name(config["task_name"], hydra_cfg.sweep.dir if multirun else None), "name": name,
+            "tags": run_tags(config)}
 
 
-def instantiate_logger(logger_cfg: DictConfig, output_dir: Path, resumed_step: int | None):
-    """A logger from its config; a WandbLogger without group or name gets them from the Hydra run. A run resumed in its
-    own directory continues its W&B run and its CSV log (resume.py)."""
+def instantiate_logger(logger_cfg: DictConfig, config: dict, output_dir: Path, resumed_step: int | None):
+    """A logger from its config; a WandbLogger without group, name or tags gets them from the Hydra run and ``config``
+    (the run's, resolved). A run resumed in its own directory continues its W&B run and its CSV log (resume.py)."""
     if logger_cfg._target_.endswith("WandbLogger"):
-        identity = {k: v for k, v in wandb_identity().items() if logger_cfg.get(k) is None}
+        identity = {k: v for k, v in wandb_identity(config).items() if logger_cfg.get(k) is None}
         run_id = wandb_run_id(output_dir) if resumed_step is not None else None
         resumed = {"id": run_id, "resume": "allow"} if run_id else {}
         logger = hydra.utils.instantiate(logger_cfg, **identity, **resumed)
@@ -244,17 +152,6 @@ def train(cfg: DictConfig) -> dict:
         (Path(cfg.paths.output_dir) / "results.json").write_text(json.dumps(record, indent=2))
         check_no_metric_failed(record["metrics"], Path(cfg.paths.output_dir) / "results.json")
     return record
-
-
-class MetricFailed(RuntimeError):
-    """A metric raised during the final evaluation; the record with every other score was written first."""
-
-
-def check_no_metric_failed(metrics: dict, record: Path) -> None:
-    """Raise (so the exit status says so) when a metric failed; its error is in the record beside the other scores."""
-    if metrics.get("failed"):
-        raise MetricFailed(f"{record} holds the scores that computed and the checkpoint is kept, but these metrics failed: "
-                           + "; ".join(f"{name} ({error})" for name, error in metrics["failed"].items()))
 
 
 def train_and_evaluate(cfg: DictConfig) -> dict:
@@ -306,10 +203,11 @@ def train_and_evaluate(cfg: DictConfig) -> dict:
     check_room(output_dir / "checkpoints", trainable, module.ema is not None, checkpoints_kept(cfg))
     with timed(phases, "locked_encodings"):
         attach_locked_encodings(cfg, module, data, fingerprint)
-    loggers = [instantiate_logger(c, output_dir, resumed_step) for c in (cfg.get("logger") or {}).values()]
+    config = OmegaConf.to_container(cfg, resolve=True)
+    loggers = [instantiate_logger(c, config, output_dir, resumed_step) for c in (cfg.get("logger") or {}).values()]
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
-    for logger in loggers:
-        logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True), "trainable_params": trainable})
+    for logger in loggers:  # flat (block.name, data.prompt_dropout, ...): what W&B's panels and sweeps group by
+        logger.log_hyperparams({**flat_config(config), "trainable_params": trainable})
 
     trainer.fit(module, datamodule=data, ckpt_path=resumed.path if resumed else None, weights_only=True)
     train_seconds = time.time() - started
@@ -407,12 +305,6 @@ def log_wandb_summary(logger: WandbLogger, metrics: dict, grid: Path) -> None:
     logger.experiment.summary.update(flat_metrics(metrics, "final"))
 
 
-def save_eval_grid(samples: dict, path: Path, columns: int = 16) -> Path:
-    """Rows: condition, target, base alone (perfect prompt), then base + ControlNet under each prompt setting evaluated."""
-    rows = ["conditions", "targets", "base", *[s for s in PROMPT_SETTINGS if s in samples]]
-    return save_grid([samples[row][:columns] for row in rows], path)
-
-
 def training_callbacks(cfg: DictConfig) -> list[L.Callback]:
     """The configured callbacks, made before any data or training work (their inputs are checked as they are made);
     the fidelity curve only where the condition has a re-detection fidelity (``metrics.skipped.curve`` otherwise)."""
@@ -420,17 +312,6 @@ def training_callbacks(cfg: DictConfig) -> list[L.Callback]:
     if fidelity_skip_reason(cfg.data.condition):
         configured.pop("fidelity_curve", None)
     return [hydra.utils.instantiate(c) for c in configured.values()]
-
-
-def flat_metrics(metrics: dict, prefix: str) -> dict:
-    """Nested metrics as flat ``prefix/a/b`` keys, numbers only (what loggers accept)."""
-    flat = {}
-    for key, value in metrics.items():
-        if isinstance(value, dict):
-            flat.update(flat_metrics(value, f"{prefix}/{key}"))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            flat[f"{prefix}/{key}"] = value
-    return flat
 
 
 def peak_rss_mb() -> float:

@@ -14,9 +14,11 @@ import hashlib
 import json
 from pathlib import Path
 
+import hydra
 import lightning as L
 import numpy as np
 import torch
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from controlnet_lab.data.colors import parse_prompt
@@ -371,3 +373,10 @@ class StreamedHubDataModule(HubDataModule):
         epoch, trained = self.resume_position()
         return StreamLoader(rows, epoch, trained // self.batch_size, num_workers=self.num_workers,
                             generator=torch.Generator().manual_seed(self.seed))
+
+
+def build_datamodule(data_cfg: DictConfig) -> ControlDataModule:
+    """The run's DataModule from ``data._target_``, set up: every sample is read and checked now, before any training."""
+    data = hydra.utils.instantiate(data_cfg, _convert_="all")
+    data.setup()
+    return data

@@ -3,7 +3,7 @@
 Each metric is measured only where it means what its name says; the others are listed
 in ``skipped`` with the reason: the fill50k oracle scores need fill50k-format data
 (stored outlines, every held-out prompt in the fill50k grammar); the rest depend on the
-condition's detector and the weights at hand (training.metric_suite decides those).
+condition's detector and the weights at hand (suite.py decides those).
 """
 from __future__ import annotations
 
@@ -16,53 +16,25 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from controlnet_lab.data.colors import make_prompt, parse_prompt
+from controlnet_lab.data.colors import parse_prompt
 from controlnet_lab.data.dataset import ControlDataset
+from controlnet_lab.evaluation.prompts import FREE_FORM_SETTINGS, PROMPT_SETTINGS, setting_prompts
 from controlnet_lab.images import to_uint8
 from controlnet_lab.metrics.clip_score import clip_score
 from controlnet_lab.metrics.fid import FeatureExtractor, TooFewImages, fid
 from controlnet_lab.metrics.fidelity import ConditionFidelity
 from controlnet_lab.metrics.oracle import random_placement_iou, score_images
+from controlnet_lab.sampling import Sampling
 
 log = logging.getLogger(__name__)
 
 ORACLE_METRICS = ("mask_iou", "color_accuracy", "centre_error_px", "base_mask_iou", "base_color_accuracy", "base_centre_error_px",
                   "random_placement_mask_iou")
-PROMPT_SETTINGS = ("none", "insufficient", "out_of_vocabulary", "conflicting", "perfect")
-# On free-form captions: the paper's four settings, the insufficient prompt being the paper's sentence.
-FREE_FORM_SETTINGS = ("none", "insufficient", "conflicting", "perfect")
-# Uninformative but known: every word is in the fill50k tokenizer's vocabulary, and it names no color.
-INSUFFICIENT_PROMPT = "circle with background"
-# The paper's literal insufficient prompt; the tiny base's word tokenizer knows none of its words
-# (six <unk>), so it tests an out-of-vocabulary input and is reported as a setting of its own.
-OUT_OF_VOCABULARY_PROMPT = "a high-quality, detailed, and professional image"
-
-
-def check_prompt_settings(settings: list[str] | None) -> None:
-    """A subset of PROMPT_SETTINGS that includes ``perfect`` (the top-level scores and FID are the perfect prompt's)."""
-    if settings is None:
-        return
-    unknown = [s for s in settings if s not in PROMPT_SETTINGS]
-    if unknown:
-        raise ValueError(f"unknown prompt setting(s) {', '.join(map(str, unknown))}; choose among {', '.join(PROMPT_SETTINGS)}")
-    if "perfect" not in settings:
-        raise ValueError("must include perfect: the top-level scores and the FIDs are the perfect prompt's")
-
-
-def palette_of(prompts: list[str]) -> list[str]:
-    """The colors a dataset's prompts name: the candidates for nearest-color matching."""
-    names = set()
-    for prompt in prompts:
-        named = parse_prompt(prompt)
-        if named:
-            names.update(named)
-    return sorted(names)
 
 
 @torch.no_grad()
-def generate(base, controlnet, conditions: torch.Tensor, prompts: list[str], batch_size: int,
-             seed: int, num_inference_steps: int, guidance_scale: float, desc: str, resolution_weighting: str = "off",
-             conditioning_scale: float = 1.0) -> np.ndarray:
+def generate(base, controlnet, conditions: torch.Tensor, prompts: list[str], batch_size: int, seed: int, sampling: Sampling,
+             desc: str) -> np.ndarray:
     """uint8 images, one per (condition, prompt); batch b always gets the same noise. ``controlnet`` and ``conditions``
     may be lists, one condition tensor per ControlNet: the nets are composed (residuals summed)."""
     images = []
@@ -73,17 +45,13 @@ def generate(base, controlnet, conditions: torch.Tensor, prompts: list[str], bat
             condition=None if controlnet is None else
             [c[batch].to(base.unet.device) for c in conditions] if isinstance(conditions, list) else conditions[batch].to(base.unet.device),
             controlnet=controlnet,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            resolution_weighting=resolution_weighting,
-            conditioning_scale=conditioning_scale,
+            **sampling.kwargs(),
             generator=torch.Generator().manual_seed(seed + start),
         )
         images.append(to_uint8(generated, -1.0, 1.0))
     return np.concatenate(images)
 
-
-def oracle_applies(items: list[dict]) -> str | None:
+def oracle_skip_reason(items: list[dict]) -> str | None:
     """None where the fill50k oracle scores apply to these held-out items, else why they do not."""
     unparsed = next((item["true_prompt"] for item in items if parse_prompt(item["true_prompt"]) is None), None)
     if unparsed is not None:
@@ -91,51 +59,6 @@ def oracle_applies(items: list[dict]) -> str | None:
     if "source" not in items[0]:
         return "the dataset stores no condition images, so no fill50k circle outline to score against"
     return None
-
-
-def setting_prompts(setting: str, true_prompts: list[str], palette: list[str], seed: int, fill50k: bool = True) -> list[str]:
-    """The prompts of one of the paper's prompt settings (Sec. 4.2, Fig. 8) for these samples.
-
-    none: ""; insufficient: a known but uninformative prompt (INSUFFICIENT_PROMPT; on
-    free-form captions the paper's sentence); out_of_vocabulary (fill50k only): the
-    paper's generic sentence, unknown words to the tiny base; conflicting: on fill50k, a
-    prompt whose circle and background colors both differ from the true ones, on free-form
-    captions the caption of another held-out sample that differs from the true one (both
-    seeded); perfect: the true prompt.
-    """
-    if setting == "none":
-        return [""] * len(true_prompts)
-    if setting == "insufficient":
-        return [INSUFFICIENT_PROMPT if fill50k else OUT_OF_VOCABULARY_PROMPT] * len(true_prompts)
-    if setting == "conflicting" and not fill50k:
-        return other_captions(true_prompts, seed)
-    if setting == "out_of_vocabulary":
-        return [OUT_OF_VOCABULARY_PROMPT] * len(true_prompts)
-    if setting == "perfect":
-        return list(true_prompts)
-    if setting == "conflicting":
-        rng = np.random.default_rng(seed)
-        prompts = []
-        for prompt in true_prompts:
-            circle, background = parse_prompt(prompt)
-            other_circle = rng.choice([c for c in palette if c not in (circle, background)])
-            other_background = rng.choice([c for c in palette if c not in (circle, background, other_circle)])
-            prompts.append(make_prompt(str(other_circle), str(other_background)))
-        return prompts
-    raise ValueError(f"unknown prompt setting {setting!r}; choose one of {', '.join(PROMPT_SETTINGS)}")
-
-
-def other_captions(true_prompts: list[str], seed: int) -> list[str]:
-    """For each sample, the caption of another sample drawn at random (seeded) among those whose caption differs."""
-    rng = np.random.default_rng(seed)
-    captions = []
-    for caption in true_prompts:
-        others = [other for other in true_prompts if other != caption]
-        if not others:
-            raise ValueError("the conflicting setting takes another held-out sample's caption; every held-out caption is the same")
-        captions.append(others[int(rng.integers(len(others)))])
-    return captions
-
 
 @dataclass
 class MetricSuite:
@@ -149,7 +72,6 @@ class MetricSuite:
     device: str = "cpu"  # where the feature extractors live: clean-fid moves each batch there
     skipped: dict[str, str] = field(default_factory=dict)  # the metrics left out, with the reason
 
-
 @dataclass
 class ComposedNet:
     """A further ControlNet sampled together with the evaluated one (residuals summed, paper Sec. 3.4), given its own
@@ -158,7 +80,6 @@ class ComposedNet:
     controlnet: object
     dataset: ControlDataset
     fidelity: ConditionFidelity | None
-
 
 def composed_conditions(items: list[dict], composed: list[ComposedNet]) -> list[torch.Tensor]:
     """Each composed net's conditions of the evaluated samples, checked to be of the same samples (targets and prompts)."""
@@ -173,13 +94,11 @@ def composed_conditions(items: list[dict], composed: list[ComposedNet]) -> list[
         conditions.append(torch.stack([item["condition"] for item in others]))
     return conditions
 
-
-def evaluate_held_out(base, controlnet, dataset: ControlDataset, palette: list[str],
-                      count: int, batch_size: int, seed: int, num_inference_steps: int, guidance_scale: float,
-                      suite: MetricSuite | None = None, resolution_weighting: str = "off", conditioning_scale: float = 1.0,
-                      prompt_settings: list[str] | None = None, composed: list[ComposedNet] | None = None) -> dict:
+def evaluate_held_out(base, controlnet, dataset: ControlDataset, palette: list[str], count: int, batch_size: int, seed: int,
+                      sampling: Sampling, suite: MetricSuite | None = None, prompt_settings: list[str] | None = None,
+                      composed: list[ComposedNet] | None = None) -> dict:
     """Scores of base + ControlNet (composed with the ``composed`` nets, each given its own condition of the same
-    samples, all at ``conditioning_scale``) under each prompt setting (``prompt_settings``: those of them that apply to the
+    samples, all at ``sampling.conditioning_scale``) under each prompt setting (``prompt_settings``: those of them that apply to the
     data; None: all that apply) and of the base alone, and what was skipped.
 
     On fill50k-format data: the oracle scores, top-level ``mask_iou`` and ``color_accuracy``
@@ -201,7 +120,7 @@ def evaluate_held_out(base, controlnet, dataset: ControlDataset, palette: list[s
     controlnet_input = [controlnet, *(net.controlnet for net in composed)] if composed else controlnet
     control_conditions = [condition_tensor, *extra_conditions] if composed else condition_tensor
     true_prompts = [item["true_prompt"] for item in items]
-    not_oracle = oracle_applies(items)
+    not_oracle = oracle_skip_reason(items)
     skipped = dict(suite.skipped)
     fidelities = [(suite.fidelity, condition_tensor)] if suite.fidelity is not None else []
     for net, conditions in zip(composed, extra_conditions, strict=True):
@@ -212,8 +131,7 @@ def evaluate_held_out(base, controlnet, dataset: ControlDataset, palette: list[s
     if not_oracle:
         skipped.update({name: not_oracle for name in ORACLE_METRICS})
     outlines = None if not_oracle else to_uint8(torch.stack([item["source"] for item in items]), 0.0, 1.0)
-    settings = dict(batch_size=batch_size, seed=seed, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                    resolution_weighting=resolution_weighting, conditioning_scale=conditioning_scale)
+    settings = dict(batch_size=batch_size, seed=seed, sampling=sampling)
 
     with timed(seconds, "generation"):
         base_images = generate(base, None, condition_tensor, true_prompts, desc="evaluating base alone", **settings)
@@ -260,27 +178,23 @@ def evaluate_held_out(base, controlnet, dataset: ControlDataset, palette: list[s
     results["samples"] = samples
     return results
 
-
 def evaluate_seen(base, controlnet, dataset: ControlDataset, palette: list[str], count: int, batch_size: int, seed: int,
-                  num_inference_steps: int, guidance_scale: float, suite: MetricSuite | None = None,
-                  resolution_weighting: str = "off", conditioning_scale: float = 1.0) -> dict:
+                  sampling: Sampling, suite: MetricSuite | None = None) -> dict:
     """The perfect prompt's scores on the first ``count`` samples of ``dataset`` (the training set: conditions the
     ControlNet trained on), with the same sampling as the held-out evaluation: what its gap to the held-out scores
     is measured with (over-fitting shows as seen scores above unseen ones)."""
     items = [dataset[i] for i in range(min(count, len(dataset)))]
     conditions = torch.stack([item["condition"] for item in items])
     prompts = [item["true_prompt"] for item in items]
-    images = generate(base, controlnet, conditions, prompts, batch_size=batch_size, seed=seed, num_inference_steps=num_inference_steps,
-                      guidance_scale=guidance_scale, resolution_weighting=resolution_weighting, conditioning_scale=conditioning_scale,
+    images = generate(base, controlnet, conditions, prompts, batch_size=batch_size, seed=seed, sampling=sampling,
                       desc="evaluating on training conditions")
     scores = {"images": len(items)}
-    if not oracle_applies(items):
+    if not oracle_skip_reason(items):
         oracle = score_images(images, to_uint8(torch.stack([item["source"] for item in items]), 0.0, 1.0), prompts, palette)
         scores.update({key: oracle[key] for key in ("mask_iou", "color_accuracy", "centre_error_px")})
     if suite is not None and suite.fidelity is not None:
         scores[suite.fidelity.metric] = suite.fidelity.score(images, to_uint8(conditions, 0.0, 1.0))["value"]
     return scores
-
 
 def extra_scores(suite: MetricSuite, samples: dict, true_prompts: list[str], seconds: dict) -> dict:
     """Condition fidelity, FIDs and CLIP score of the perfect prompt's images, each with its image count and backbone.
@@ -312,7 +226,6 @@ def extra_scores(suite: MetricSuite, samples: dict, true_prompts: list[str], sec
             log.exception(f"{name} failed")
             failed[name] = f"{type(err).__name__}: {err}"
     return {**scores, "skipped": skipped, "failed": failed}
-
 
 @contextmanager
 def timed(seconds: dict, key: str):
