@@ -9,6 +9,7 @@ from scipy import stats
 from controlnet_lab.intervals import _detectable, difference, t_interval
 from controlnet_lab.tables import (SweepError, archive_sweep, average_evaluation_seeds, differences, display_table, job_number, load_sweep,
                                    method_columns, summarize, write_tables)
+from controlnet_lab.tracking import sweep_group, typed_tables
 
 
 def test_jobs_are_taken_in_launch_order_not_name_order():
@@ -275,3 +276,11 @@ def test_the_tables_read_results_without_loading_the_models_libraries():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"
+
+
+def test_the_tables_go_to_wandb_with_their_numbers_typed(tmp_path):
+    (tmp_path / "table.csv").write_text("block,metrics.mask_iou.mean,n\nzero,0.83,3\ngauss,0.80,3\n")
+    (tmp_path / "multirun.yaml").write_text("task_name: ablation_block\n")
+    frames = typed_tables({"csv": tmp_path / "table.csv"})
+    assert frames["table"]["metrics.mask_iou.mean"].dtype == float and frames["table"]["n"].dtype == int
+    assert sweep_group(tmp_path) == f"ablation_block-{tmp_path.name}"  # the group the sweep's training runs are in

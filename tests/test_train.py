@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 
+import hydra
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -20,6 +21,7 @@ from controlnet_lab.metrics.convergence import rise, sudden_convergence_step
 from controlnet_lab.metrics.oracle import random_placement_iou
 from controlnet_lab.images import to_uint8
 from controlnet_lab.tables import write_tables
+from controlnet_lab.tracking import wandb_mode
 from controlnet_lab.data.datamodule import build_datamodule
 from controlnet_lab.evaluation.suite import metric_suite
 
@@ -182,6 +184,17 @@ def test_unknown_block_and_broken_dataset_fail_before_training(tmp_path):
     assert not (tmp_path / "cache" / "base").exists(), "no base was pretrained for a broken dataset"
 
 
+def test_wandb_follows_its_own_wandb_mode(tmp_path, monkeypatch):
+    """WANDB_MODE decides in training as in eval/ (Lightning's offline flag used to override it); unset, offline."""
+    for mode in ("disabled", "offline"):
+        monkeypatch.setenv("WANDB_MODE", mode)
+        logger = hydra.utils.instantiate(compose_train([f"paths.output_dir={tmp_path / mode}"]).logger.wandb)
+        assert logger.experiment.settings.mode == mode
+        logger.experiment.finish()
+    monkeypatch.delenv("WANDB_MODE")
+    assert compose_train().logger.wandb.mode == "offline" == wandb_mode()
+
+
 def test_block_sweep_gives_one_result_per_block(tmp_path):
     result = run_train(["-m", "experiment=smoke", "block=zero,gauss,single"], tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -193,9 +206,13 @@ def test_block_sweep_gives_one_result_per_block(tmp_path):
     init = {r["block"]: r["metrics"]["block_init_std"] for r in records}
     assert init["gauss"]["controlnet_down_blocks.0"] == pytest.approx(1 / (3 * 16) ** 0.5)  # standard init of a 1x1 conv on 16 channels
     assert set(init["zero"].values()) == set(init["single"].values()) == {0.0}
-    # One W&B run per job, grouped by the sweep.
+    # One W&B run per job, in the group <experiment>-<sweep time>, tagged, its config flat (block.name, ...): strings of
+    # W&B's offline run log (its records, synced later as they are).
     runs = list(sweep.glob("*/wandb/offline-run-*"))
     assert len(runs) == 3
+    logs = [next(run.glob("run-*.wandb")).read_bytes() for run in runs]
+    assert all(f"smoke-{sweep.name}".encode() in log and b"experiment:smoke" in log and b"data.prompt_dropout" in log for log in logs)
+    assert {block for block in ("zero", "gauss", "single") for log in logs if f"block:{block}".encode() in log} == {"zero", "gauss", "single"}
     # Every model is scored under the paper's prompt settings and the out-of-vocabulary one.
     assert all(set(r["metrics"]["prompt_settings"]) == {"none", "insufficient", "out_of_vocabulary", "conflicting", "perfect"} for r in records)
 
