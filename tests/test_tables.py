@@ -6,10 +6,11 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from controlnet_lab.evaluation.task import flat_metrics
 from controlnet_lab.intervals import _detectable, difference, t_interval
 from controlnet_lab.tables import (SweepError, archive_sweep, average_evaluation_seeds, differences, display_table, job_number, load_sweep,
                                    method_columns, summarize, write_tables)
-from controlnet_lab.tracking import sweep_group, typed_tables
+from controlnet_lab.tracking import flat, sweep_group, typed_tables
 
 
 def test_jobs_are_taken_in_launch_order_not_name_order():
@@ -284,3 +285,10 @@ def test_the_tables_go_to_wandb_with_their_numbers_typed(tmp_path):
     frames = typed_tables({"csv": tmp_path / "table.csv"})
     assert frames["table"]["metrics.mask_iou.mean"].dtype == float and frames["table"]["n"].dtype == int
     assert sweep_group(tmp_path) == f"ablation_block-{tmp_path.name}"  # the group the sweep's training runs are in
+
+
+def test_the_run_config_and_the_scores_are_logged_flat():
+    config = {"block": {"name": "zero", "std": None}, "data": {"prompt_dropout": 0.5, "held_out": {}}, "tags": ["a"]}
+    assert flat(config) == {"block.name": "zero", "block.std": None, "data.prompt_dropout": 0.5, "data.held_out": {}, "tags": ["a"]}
+    metrics = {"mask_iou": 0.8, "prompt_settings": {"none": {"mask_iou": 0.5, "color_accuracy": None}}, "ok": True, "label": "x"}
+    assert flat_metrics(metrics, "final") == {"final/mask_iou": 0.8, "final/prompt_settings/none/mask_iou": 0.5}

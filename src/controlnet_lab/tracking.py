@@ -35,17 +35,17 @@ def run_tags(config: dict) -> list[str]:
             f"data:{config['data']['name']}"]
 
 
-def flat_config(config: dict, prefix: str = "") -> dict:
-    """The run config as dotted keys (``block.name``, ``data.prompt_dropout``), so W&B's panels and sweeps group and
-    filter by each setting."""
-    flat = {}
-    for key, value in config.items():
+def flat(nested: dict, separator: str = ".", prefix: str = "") -> dict:
+    """Nested dicts as one level of keys joined by ``separator``: the run config as ``block.name``,
+    ``data.prompt_dropout`` (so W&B's panels and sweeps group and filter by each setting), scores as ``final/a/b``."""
+    leaves = {}
+    for key, value in nested.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict) and value:
-            flat.update(flat_config(value, f"{name}."))
+            leaves.update(flat(value, separator, f"{name}{separator}"))
         else:
-            flat[name] = value
-    return flat
+            leaves[name] = value
+    return leaves
 
 
 def typed_tables(paths: dict[str, Path]) -> dict[str, pd.DataFrame]:

@@ -29,7 +29,7 @@ from controlnet_lab.module import ControlNetModule
 from controlnet_lab.provenance import OtherLoad, commit, machine
 from controlnet_lab.resume import continue_csv_log, csv_rows_before, remember_wandb_run_id, resume_checkpoint, wandb_run_id
 from controlnet_lab.storage import check_room
-from controlnet_lab.tracking import flat_config, group_name, run_tags
+from controlnet_lab.tracking import flat, group_name, run_tags
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ def train_and_evaluate(cfg: DictConfig) -> dict:
     loggers = [instantiate_logger(c, config, output_dir, resumed_step) for c in (cfg.get("logger") or {}).values()]
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     for logger in loggers:  # flat (block.name, data.prompt_dropout, ...): what W&B's panels and sweeps group by
-        logger.log_hyperparams({**flat_config(config), "trainable_params": trainable})
+        logger.log_hyperparams({**flat(config), "trainable_params": trainable})
 
     trainer.fit(module, datamodule=data, ckpt_path=resumed.path if resumed else None, weights_only=True)
     train_seconds = time.time() - started

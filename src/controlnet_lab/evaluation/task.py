@@ -13,6 +13,7 @@ from controlnet_lab.evaluation.suite import dataset_palette, metric_suite
 from controlnet_lab.images import save_grid
 from controlnet_lab.module import ControlNetModule
 from controlnet_lab.sampling import Sampling
+from controlnet_lab.tracking import flat
 
 
 def held_out_scores(cfg: DictConfig, module: ControlNetModule, data: ControlDataModule, suite: MetricSuite | None = None,
@@ -42,13 +43,9 @@ def save_eval_grid(samples: dict, path: Path, columns: int = 16) -> Path:
 
 def flat_metrics(metrics: dict, prefix: str) -> dict:
     """Nested metrics as flat ``prefix/a/b`` keys, numbers only (what loggers accept)."""
-    flat = {}
-    for key, value in metrics.items():
-        if isinstance(value, dict):
-            flat.update(flat_metrics(value, f"{prefix}/{key}"))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            flat[f"{prefix}/{key}"] = value
-    return flat
+    return {key: value for key, value in flat(metrics, "/", f"{prefix}/").items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)}
+
 
 class MetricFailed(RuntimeError):
     """A metric raised during the final evaluation; the record with every other score was written first."""
