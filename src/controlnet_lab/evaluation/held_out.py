@@ -51,6 +51,7 @@ def generate(base, controlnet, conditions: torch.Tensor, prompts: list[str], bat
         images.append(to_uint8(generated, -1.0, 1.0))
     return np.concatenate(images)
 
+
 def oracle_skip_reason(items: list[dict]) -> str | None:
     """None where the fill50k oracle scores apply to these held-out items, else why they do not."""
     unparsed = next((item["true_prompt"] for item in items if parse_prompt(item["true_prompt"]) is None), None)
@@ -59,6 +60,7 @@ def oracle_skip_reason(items: list[dict]) -> str | None:
     if "source" not in items[0]:
         return "the dataset stores no condition images, so no fill50k circle outline to score against"
     return None
+
 
 @dataclass
 class MetricSuite:
@@ -72,6 +74,7 @@ class MetricSuite:
     device: str = "cpu"  # where the feature extractors live: clean-fid moves each batch there
     skipped: dict[str, str] = field(default_factory=dict)  # the metrics left out, with the reason
 
+
 @dataclass
 class ComposedNet:
     """A further ControlNet sampled together with the evaluated one (residuals summed, paper Sec. 3.4), given its own
@@ -80,6 +83,7 @@ class ComposedNet:
     controlnet: object
     dataset: ControlDataset
     fidelity: ConditionFidelity | None
+
 
 def composed_conditions(items: list[dict], composed: list[ComposedNet]) -> list[torch.Tensor]:
     """Each composed net's conditions of the evaluated samples, checked to be of the same samples (targets and prompts)."""
@@ -93,6 +97,7 @@ def composed_conditions(items: list[dict], composed: list[ComposedNet]) -> list[
                              "needs runs on the same data and held-out split (only data.condition may differ)")
         conditions.append(torch.stack([item["condition"] for item in others]))
     return conditions
+
 
 def evaluate_held_out(base, controlnet, dataset: ControlDataset, palette: list[str], count: int, batch_size: int, seed: int,
                       sampling: Sampling, suite: MetricSuite | None = None, prompt_settings: list[str] | None = None,
@@ -178,6 +183,7 @@ def evaluate_held_out(base, controlnet, dataset: ControlDataset, palette: list[s
     results["samples"] = samples
     return results
 
+
 def evaluate_seen(base, controlnet, dataset: ControlDataset, palette: list[str], count: int, batch_size: int, seed: int,
                   sampling: Sampling, suite: MetricSuite | None = None) -> dict:
     """The perfect prompt's scores on the first ``count`` samples of ``dataset`` (the training set: conditions the
@@ -195,6 +201,7 @@ def evaluate_seen(base, controlnet, dataset: ControlDataset, palette: list[str],
     if suite is not None and suite.fidelity is not None:
         scores[suite.fidelity.metric] = suite.fidelity.score(images, to_uint8(conditions, 0.0, 1.0))["value"]
     return scores
+
 
 def extra_scores(suite: MetricSuite, samples: dict, true_prompts: list[str], seconds: dict) -> dict:
     """Condition fidelity, FIDs and CLIP score of the perfect prompt's images, each with its image count and backbone.
@@ -226,6 +233,7 @@ def extra_scores(suite: MetricSuite, samples: dict, true_prompts: list[str], sec
             log.exception(f"{name} failed")
             failed[name] = f"{type(err).__name__}: {err}"
     return {**scores, "skipped": skipped, "failed": failed}
+
 
 @contextmanager
 def timed(seconds: dict, key: str):

@@ -26,6 +26,7 @@ def check_prompt_settings(settings: list[str] | None) -> None:
     if "perfect" not in settings:
         raise ValueError("must include perfect: the top-level scores and the FIDs are the perfect prompt's")
 
+
 def palette_of(prompts: list[str]) -> list[str]:
     """The colors a dataset's prompts name: the candidates for nearest-color matching."""
     names = set()
@@ -34,6 +35,7 @@ def palette_of(prompts: list[str]) -> list[str]:
         if named:
             names.update(named)
     return sorted(names)
+
 
 def setting_prompts(setting: str, true_prompts: list[str], palette: list[str], seed: int, fill50k: bool = True) -> list[str]:
     """The prompts of one of the paper's prompt settings (Sec. 4.2, Fig. 8) for these samples.
@@ -65,6 +67,7 @@ def setting_prompts(setting: str, true_prompts: list[str], palette: list[str], s
             prompts.append(make_prompt(str(other_circle), str(other_background)))
         return prompts
     raise ValueError(f"unknown prompt setting {setting!r}; choose one of {', '.join(PROMPT_SETTINGS)}")
+
 
 def other_captions(true_prompts: list[str], seed: int) -> list[str]:
     """For each sample, the caption of another sample drawn at random (seeded) among those whose caption differs."""

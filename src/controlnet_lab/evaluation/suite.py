@@ -18,8 +18,10 @@ from controlnet_lab.metrics.fidelity import FIDELITY_CONDITIONS, ConditionFideli
 def run_device(cfg: DictConfig) -> str:
     return "cuda" if cfg.trainer.accelerator == "gpu" else "cpu"
 
+
 def dataset_palette(data: ControlDataModule) -> list[str]:
     return palette_of(data.prompts())
+
 
 def metric_suite(cfg: DictConfig, data: ControlDataModule) -> MetricSuite:
     """The metrics ``cfg.eval`` enables and the data allows, loaded now: missing weights fail here, with the file
@@ -50,12 +52,14 @@ def metric_suite(cfg: DictConfig, data: ControlDataModule) -> MetricSuite:
         suite.domain_features = net.to(device).clean_fid_extractor()
     return suite
 
+
 def condition_fidelity(cfg: DictConfig) -> ConditionFidelity | None:
     """The re-detection fidelity of the run's condition type (None where it has none: fidelity_skip_reason)."""
     if fidelity_skip_reason(cfg.data.condition):
         return None
     return ConditionFidelity(cfg.data.condition, cfg.data.resolution, cfg.eval.edge_tolerance, cfg.data.detector_weights,
                              tuple(cfg.data.canny_thresholds), cfg.data.detector_device)
+
 
 def fidelity_skip_reason(condition: str) -> str | None:
     """Why condition fidelity cannot be measured for ``data.condition`` (None when it can)."""

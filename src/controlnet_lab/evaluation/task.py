@@ -24,6 +24,7 @@ def held_out_scores(cfg: DictConfig, module: ControlNetModule, data: ControlData
                              batch_size=cfg.eval.batch_size, seed=cfg.eval.seed, sampling=Sampling.from_config(cfg.model.sampling),
                              suite=suite or metric_suite(cfg, data), prompt_settings=prompt_settings(cfg), composed=composed)
 
+
 def seen_scores(cfg: DictConfig, module: ControlNetModule, data: ControlDataModule, held_out: dict, suite: MetricSuite) -> dict:
     """The perfect prompt's scores on ``eval.train_images`` training conditions, and each one's gap to the held-out score
     (seen minus unseen)."""
@@ -32,14 +33,17 @@ def seen_scores(cfg: DictConfig, module: ControlNetModule, data: ControlDataModu
     gap = {key: seen[key] - held_out[key] for key in seen if key != "images" and held_out.get(key) is not None}
     return {"seen": seen, "seen_minus_held_out": gap}
 
+
 def prompt_settings(cfg: DictConfig) -> list[str] | None:
     chosen = cfg.eval.get("prompt_settings")
     return None if chosen is None else list(chosen)
+
 
 def save_eval_grid(samples: dict, path: Path, columns: int = 16) -> Path:
     """Rows: condition, target, base alone (perfect prompt), then base + ControlNet under each prompt setting evaluated."""
     rows = ["conditions", "targets", "base", *[s for s in PROMPT_SETTINGS if s in samples]]
     return save_grid([samples[row][:columns] for row in rows], path)
+
 
 def flat_metrics(metrics: dict, prefix: str) -> dict:
     """Nested metrics as flat ``prefix/a/b`` keys, numbers only (what loggers accept)."""
@@ -49,6 +53,7 @@ def flat_metrics(metrics: dict, prefix: str) -> dict:
 
 class MetricFailed(RuntimeError):
     """A metric raised during the final evaluation; the record with every other score was written first."""
+
 
 def check_no_metric_failed(metrics: dict, record: Path) -> None:
     """Raise (so the exit status says so) when a metric failed; its error is in the record beside the other scores."""
