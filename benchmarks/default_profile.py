@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PHASES = (
     ("fidelity curve", "_measure (controlnet_lab/callbacks.py"),
     ("other callbacks", "controlnet_lab/callbacks.py"),
+    ("other callbacks", "controlnet_lab/run_state.py"),
     ("base pretraining", "build_once (controlnet_lab/bases/pretraining.py"),
     ("data generation", "write_fill50k"),
     ("held-out split", "controlnet_lab/data/held_out.py"),

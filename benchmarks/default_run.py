@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from controlnet_lab.tables import plot_curves
+from controlnet_lab.tables.plots import plot_curves
 from controlnet_lab.provenance import OtherLoad, commit, machine
 
 ROOT = Path(__file__).resolve().parents[1]

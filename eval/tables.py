@@ -16,7 +16,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from controlnet_lab.tables import archive_sweep, log_to_wandb, write_tables
+from controlnet_lab.tables.report import log_to_wandb, write_tables
+from controlnet_lab.tables.sweeps import archive_sweep
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="tables")

@@ -1,6 +1,5 @@
 """The first pass over a dataset's images is paid once: kept in a manifest, re-read only for files that changed."""
 import json
-import os
 
 import numpy as np
 import pyarrow.parquet as pq

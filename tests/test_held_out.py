@@ -1,6 +1,5 @@
 """Held-out means unseen: continuous geometry, and a split that is disjoint by content, not only by index."""
 import hashlib
-import json
 import shutil
 
 import numpy as np

@@ -16,7 +16,8 @@ from controlnet_lab.data.datamodule import FolderDataModule, HubDataModule
 from controlnet_lab.data.readers import metadata_splits
 from controlnet_lab.data.samples import DatasetFormatError, Samples, fit_square
 from controlnet_lab.evaluation.prompts import FREE_FORM_SETTINGS, other_captions
-from controlnet_lab.tables import display_table, summarize
+from controlnet_lab.tables.render import display_table
+from controlnet_lab.tables.statistics import summarize
 
 COLORS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 190, 60), "yellow": (230, 220, 40)}
 SETTINGS = dict(name="own", resolution=16, batch_size=4, val_size=4, split_seed=0)

@@ -1,8 +1,10 @@
 """Every `src/train.py` command line the README and docs/ quote composes, and does what its words promise."""
 import re
 import shlex
+import textwrap
 
 import pytest
+from omegaconf import OmegaConf
 
 from conftest import ROOT, compose_train
 
@@ -60,3 +62,21 @@ def test_each_readme_command_composes_and_does_what_it_says(command):
         assert cfg.data.streaming and cfg.data._target_.endswith("hub_datamodule"), command
     if "model=tiny_sd" in command or command.endswith("src/train.py"):
         assert cfg.trainer.accelerator == "cpu" and cfg.eval.every_n_steps == 50 and cfg.eval.curve_images == 64
+
+
+def test_every_trial_of_the_documented_wandb_sweep_composes():
+    """The W&B sweep in docs/: the agent runs the program with each trial's values as key=value (${args_no_hyphens})."""
+    import itertools
+
+    import yaml
+
+    text = (ROOT / "docs" / "scale-out.md").read_text()
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", text, flags=re.S) if "program: src/train.py" in b]
+    sweep = yaml.safe_load(textwrap.dedent(block))
+    assert (ROOT / sweep["program"]).is_file() and sweep["command"][-1] == "${args_no_hyphens}"
+    names = list(sweep["parameters"])
+    trials = list(itertools.product(*(sweep["parameters"][name]["values"] for name in names)))
+    assert len(trials) == 6
+    for values in trials:
+        cfg = compose_train([f"{name}={value}" for name, value in zip(names, values)])
+        assert OmegaConf.select(cfg, "block.name") == values[0] and cfg.data.prompt_dropout == values[1]

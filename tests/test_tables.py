@@ -8,8 +8,10 @@ from scipy import stats
 
 from controlnet_lab.evaluation.task import flat_metrics
 from controlnet_lab.intervals import _detectable, difference, t_interval
-from controlnet_lab.tables import (SweepError, archive_sweep, average_evaluation_seeds, differences, display_table, job_number, load_sweep,
-                                   method_columns, summarize, write_tables)
+from controlnet_lab.tables.render import display_table
+from controlnet_lab.tables.report import write_tables
+from controlnet_lab.tables.statistics import average_evaluation_seeds, differences, summarize
+from controlnet_lab.tables.sweeps import SweepError, archive_sweep, job_number, load_sweep, method_columns
 from controlnet_lab.tracking import flat, sweep_group, typed_tables
 
 

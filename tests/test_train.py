@@ -21,7 +21,7 @@ from controlnet_lab.config_checks import ConfigError, check_train_config
 from controlnet_lab.metrics.convergence import rise, sudden_convergence_step
 from controlnet_lab.metrics.oracle import random_placement_iou
 from controlnet_lab.images import to_uint8
-from controlnet_lab.tables import write_tables
+from controlnet_lab.tables.report import write_tables
 from controlnet_lab.tracking import wandb_mode
 from controlnet_lab.data.datamodule import build_datamodule
 from controlnet_lab.evaluation.suite import metric_suite

@@ -175,30 +175,10 @@ def train_and_evaluate(cfg: DictConfig) -> dict:
     resumed_step = resumed.global_step if resumed else None
 
     L.seed_everything(cfg.seed, workers=True)
-    module = ControlNetModule(
-        base_path=str(base_path),
-        block=cfg.block.name,
-        block_std=cfg.block.get("std"),
-        hint_channels=tuple(cfg.model.controlnet.hint_channels),
-        lr=cfg.model.controlnet.lr,
-        noise_offset=cfg.model.base.noise_offset,
-        num_inference_steps=cfg.model.sampling.num_inference_steps,
-        guidance_scale=cfg.model.sampling.guidance_scale,
-        resolution_weighting=cfg.model.sampling.resolution_weighting,
-        sample_dir=str(output_dir / "samples"),
-        base_dtype=locked_dtype(cfg.model.base.dtype, cfg.trainer.get("precision")),
-        gradient_checkpointing=cfg.model.controlnet.get("gradient_checkpointing", False),
-        controlnet_path=cfg.model.controlnet.pretrained_model_name_or_path,
-        base_name=cfg.model.base.pretrained_model_name_or_path,
-        resolution=cfg.data.resolution,
-        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
-        lr_scheduler=OmegaConf.to_container(cfg.lr_scheduler, resolve=True),
-        max_steps=cfg.trainer.max_steps,
-        ema=ema_settings(cfg.model.ema),
-        base_fingerprint=fingerprint,
-        skip_nonfinite=cfg.skip_nonfinite,
-        compile=compile_options(cfg.model.compile),
-    )
+    module: ControlNetModule = hydra.utils.instantiate(  # conf/train.yaml's module node, with the run-time pieces
+        cfg.module, base_path=str(base_path), sample_dir=str(output_dir / "samples"),
+        base_dtype=locked_dtype(cfg.model.base.dtype, cfg.trainer.get("precision")), ema=ema_settings(cfg.model.ema),
+        base_fingerprint=fingerprint, compile=compile_options(cfg.model.compile))
     trainable = module.trainable_parameter_count()
     check_room(output_dir / "checkpoints", trainable, module.ema is not None, checkpoints_kept(cfg))
     with timed(phases, "locked_encodings"):

@@ -4,7 +4,7 @@ Before a job's time limit (or on preemption) submitit sends its signal (USR2 unl
 otherwise), calls the launcher's ``checkpoint`` and requeues what it returns. The plugin's ``checkpoint`` requeues the
 job with its original overrides, so a requeued training would start afresh (and be refused, its directory holding
 checkpoints). These requeue it with ``ckpt_path=last``: it continues in its own job directory from its newest
-checkpoint, which ``callbacks.PreemptionCheckpoint`` writes before handing the signal to submitit.
+checkpoint, which ``run_state.PreemptionCheckpoint`` writes before handing the signal to submitit.
 """
 from __future__ import annotations
 
