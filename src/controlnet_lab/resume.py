@@ -37,9 +37,10 @@ def resume_checkpoint(ckpt_path: str | None, output_dir: Path) -> Resume | None:
     """The checkpoint this run resumes from, or None for a fresh run (which must not write over another run's).
 
     ``last``: the readable one of the highest step among ``checkpoints/interrupted.ckpt`` (written on SIGTERM),
-    ``checkpoints/last.ckpt`` and ``checkpoints/step-<n>.ckpt`` (``step=<n>.ckpt`` as runs before named them): one that cannot be read (a write cut short) is passed
-    over with a warning. A SLURM job requeued by Lightning (which saved ``hpc_ckpt_<n>.ckpt`` in the run
-    directory on the requeue signal) resumes from its newest such checkpoint, as Lightning itself would."""
+    ``checkpoints/last.ckpt`` and ``checkpoints/step-<n>.ckpt`` (``step=<n>.ckpt`` as earlier runs named them): one
+    that cannot be read (a write cut short) is passed over with a warning. A SLURM job requeued by Lightning (which
+    saved ``hpc_ckpt_<n>.ckpt`` in the run directory on the requeue signal) resumes from its newest such checkpoint,
+    as Lightning itself would."""
     if not ckpt_path:
         requeued = sorted(output_dir.glob("hpc_ckpt_*.ckpt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]), reverse=True)
         if requeued:

@@ -1,6 +1,6 @@
 """The locked bases: pixel space (``tiny``) and latent Stable Diffusion-family (``tiny_sd``, SD 1.x/2.x).
 
-Both kinds give the harness one interface (what module.py, evaluation.py and
+Both kinds give the harness one interface (what module.py, evaluation/ and
 generation.py use): ``encode_prompt``, ``image_encoding`` / ``latents`` (targets to the
 denoiser's input), ``predict_noise`` with ControlNet residuals, ``__call__`` to
 generate images in [-1, 1], ``noise_scheduler`` (training) and ``scheduler``
