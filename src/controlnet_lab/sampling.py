@@ -19,13 +19,13 @@ Several ControlNets are composed with diffusers' ``MultiControlNetModel``: each 
 residuals times its own conditioning scale, summed.
 
 ``Sampling`` holds how images are sampled (steps, guidance, resolution weighting,
-conditioning scale), built once from a config node and passed whole to the callbacks,
-the evaluation and generation.
+conditioning scale), built once from a config node and passed whole to the callbacks
+and the evaluation.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
@@ -53,7 +53,7 @@ class Sampling:
 
     def kwargs(self) -> dict:
         """As the bases' ``__call__`` takes them."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return asdict(self)
 
 
 def check_resolution_weighting(mode, guidance_scale: float | None = None) -> str:
