@@ -71,7 +71,7 @@ def exported_controlnet(tmp: Path, data: Path, resolution: int) -> Path:
 def harness(export_dir: Path, conditions: Path, prompts: list[str], args, out: Path) -> list[np.ndarray]:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="sample", overrides=[
-            f"ckpt={export_dir}", f"condition={conditions}", f"num_inference_steps={args.steps}", f"guidance_scale={args.guidance}",
+            f"ckpt={export_dir}", f"condition={conditions}", f"sampling.num_inference_steps={args.steps}", f"sampling.guidance_scale={args.guidance}",
             f"batch_size={args.batch}", "seeds=[0]", "device=cpu", f"paths.output_dir={out}"])
     cfg.prompt = prompts
     report = sample(cfg)

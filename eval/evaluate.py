@@ -1,35 +1,20 @@
 """Evaluate a trained checkpoint again: `python eval/evaluate.py ckpt=<run dir or .ckpt> [eval.num_images=N eval.seed=S]`.
 
-The run's own composed config (``<run>/.hydra/config.yaml``) supplies the data and
-sampling settings; these overrides change only the evaluation, and ``sampling.*``
-(guidance scale, CFG resolution weighting) the sampling, e.g. as a sweep:
+The run's own composed config supplies the data and sampling settings; these overrides change only the evaluation, and
+``sampling.*`` (guidance scale, CFG resolution weighting, conditioning scale) the sampling, e.g. as a sweep:
 `python eval/evaluate.py -m ckpt=... sampling.guidance_scale=2,3 sampling.resolution_weighting=off,paper,code`.
-``compose=[<run>,...]`` samples further ControlNets together with ``ckpt``'s (residuals summed, each at
-``sampling.conditioning_scale``; paper Sec. 3.4), each given its own run's condition type of the same held-out samples.
-Writes eval.json and eval_samples.png into its own output directory, with every metric
-``eval`` enables (conf/eval/default.yaml): oracle scores and re-detection fidelity under
-the prompt settings (evaluation.PROMPT_SETTINGS), FID (domain features; Inception and CLIP score when enabled).
-With the run's own sampling it also writes ``eval.json`` beside the checkpoint (what
-``eval/tables.py rescored=true`` reads) and adds the scores to the run's own W&B run.
+``compose=[<run>,...]`` samples further ControlNets together with ``ckpt``'s. Writes eval.json (the shape of training's
+results.json) and eval_samples.png into its own output directory, with every metric ``eval`` enables
+(conf/eval/default.yaml); controlnet_lab/evaluation/rescoring.py does the work.
 """
 import json
 import os
-import time
 from pathlib import Path
 
 import hydra
-import wandb
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from controlnet_lab.config_checks import check_eval_prompt_settings, check_sampling_config
-from controlnet_lab.data.datamodule import build_datamodule
-from controlnet_lab.evaluation.held_out import ComposedNet
-from controlnet_lab.evaluation.suite import condition_fidelity
-from controlnet_lab.evaluation.task import check_no_metric_failed, flat_metrics, held_out_scores, save_eval_grid
-from controlnet_lab.export import checkpoint_path
-from controlnet_lab.module import ControlNetModule
-from controlnet_lab.provenance import OtherLoad, commit, machine
-from controlnet_lab.tracking import wandb_mode
+from controlnet_lab.evaluation.rescoring import rescore
 
 
 os.environ.setdefault("CONTROLNET_LAB_ROOT", str(Path(__file__).resolve().parents[1]))  # conf/paths: root_dir
@@ -37,85 +22,7 @@ os.environ.setdefault("CONTROLNET_LAB_ROOT", str(Path(__file__).resolve().parent
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    started, code = time.time(), commit()
-    ckpt = checkpoint_path(cfg.ckpt)
-    check_eval_prompt_settings(cfg.eval)
-    sampling = {key: value for key, value in cfg.sampling.items() if value is not None}
-    run_cfg = OmegaConf.merge(run_config(ckpt, "ckpt", cfg), {"model": {"sampling": sampling}})
-    check_sampling_config(run_cfg.model.sampling, "sampling")
-    composed_runs = [(checkpoint_path(path), f"compose[{i}]") for i, path in enumerate(cfg.compose)]
-    composed_cfgs = [run_config(path, key, cfg) for path, key in composed_runs]
-    with OtherLoad() as load:
-        data = build_datamodule(run_data_config(run_cfg))
-        module = ControlNetModule.for_inference(ckpt)
-        composed = [composed_net(path, key, composed_cfg, module) for (path, key), composed_cfg in zip(composed_runs, composed_cfgs)]
-        metrics = held_out_scores(run_cfg, module, data, composed=composed)
-    out = Path(cfg.paths.output_dir)
-    save_eval_grid(metrics.pop("samples"), out / "eval_samples.png")
-    nets = [(ckpt, run_cfg), *((path, composed_cfg) for (path, _), composed_cfg in zip(composed_runs, composed_cfgs))]
-    record = json.dumps({
-        "checkpoint": str(ckpt), "block": run_cfg.block.name, "seed": run_cfg.seed,
-        # the condition types of the ControlNets sampled together ("sketch+seg"), a method of eval/tables.py
-        "composition": "+".join(net_cfg.data.condition for _, net_cfg in nets),
-        "controlnets": [{"checkpoint": str(path), "condition": net_cfg.data.condition, "block": net_cfg.block.name, "seed": net_cfg.seed}
-                        for path, net_cfg in nets],
-        "sampling": OmegaConf.to_container(run_cfg.model.sampling, resolve=True),
-        "eval": OmegaConf.to_container(run_cfg.eval, resolve=True), "metrics": metrics,
-        "wall_time_s": round(time.time() - started, 1),
-        # which code scored it, on which machine, and what else used the CPU meanwhile
-        "provenance": {**code, "machine": machine(), "other_load": load.result},
-    }, indent=2)
-    (out / "eval.json").write_text(record)
-    if not sampling and not composed:
-        (ckpt.parent / "eval.json").write_text(record)
-        log_to_run_wandb(ckpt.parent.parent, run_cfg, metrics)
-    print(record)
-    check_no_metric_failed(metrics, out / "eval.json")
-
-
-def run_config(ckpt: Path, key: str, cfg: DictConfig) -> DictConfig:
-    """The composed config of the run that wrote ``ckpt`` (given as ``key``), with this evaluation's settings."""
-    path = ckpt.parent.parent / ".hydra" / "config.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{key}={ckpt}: the run's config {path} is missing")
-    return OmegaConf.merge(
-        # Runs configured before these keys existed sampled without resolution weighting, trained without dropping
-        # near-duplicates of held-out samples (the held-out set itself is the same), read fill50k-format data, and
-        # ran their detectors where detector_device=auto would.
-        {"model": {"sampling": {"resolution_weighting": "off", "conditioning_scale": 1.0}},
-         "data": {"held_out": {"exclude_near_duplicates": False, "max_distance": 0.2}, "detector_device": "auto",
-                  "_target_": "controlnet_lab.data.datamodule.Fill50kDataModule"}},
-        OmegaConf.load(path), {"eval": cfg.eval, "paths": {"cache_dir": cfg.paths.cache_dir}},
-    )
-
-
-def composed_net(ckpt: Path, key: str, net_cfg: DictConfig, evaluated: ControlNetModule) -> ComposedNet:
-    """A ControlNet to compose with the evaluated one: trained on the same locked base, given its own run's condition
-    type of its own held-out split (evaluate_held_out checks that those are the same samples)."""
-    module = ControlNetModule.for_inference(ckpt)
-    if module.hparams.get("base_fingerprint") != evaluated.hparams.get("base_fingerprint"):
-        raise ValueError(f"{key}={ckpt}: trained on another locked base ({module.hparams.base_path}) than ckpt "
-                         f"({evaluated.hparams.base_path}); ControlNets compose only on the base they were trained on")
-    data = build_datamodule(run_data_config(net_cfg))
-    return ComposedNet(module.controlnet, data.val_dataset(), condition_fidelity(net_cfg))
-
-
-def run_data_config(run_cfg: DictConfig) -> DictConfig:
-    """The run's data settings as this version's data modules take them (older runs' configs lack a few keys)."""
-    data = OmegaConf.to_container(run_cfg.data, resolve=True)
-    data.setdefault("cache_dir", run_cfg.paths.cache_dir)
-    return OmegaConf.create(data)
-
-
-def log_to_run_wandb(run_dir: Path, run_cfg: DictConfig, metrics: dict) -> None:
-    """Resume the run's W&B run by its id (WANDB_MODE; offline when unset, as in training) and add the scores."""
-    runs = sorted((run_dir / "wandb").glob("*run-*"))
-    if not runs:
-        return
-    project = OmegaConf.select(run_cfg, "logger.wandb.project", default="controlnet-lab")
-    run = wandb.init(project=project, id=runs[-1].name.rsplit("-", 1)[-1], resume="allow", dir=str(run_dir), mode=wandb_mode(), job_type="eval")
-    run.summary.update(flat_metrics(metrics, "reeval"))
-    run.finish()
+    print(json.dumps(rescore(cfg), indent=2))
 
 
 if __name__ == "__main__":

@@ -9,15 +9,18 @@ verdict; `comparisons=all_pairs correction=bonferroni`; fidelity-curve values at
 `extra_sweeps=[<dir>,...]`, and only the jobs whose records match with `"only=['data.prompt_dropout=0.5']"` (quoted: Hydra reads an unquoted = as an override); an evaluation sweep's seeds of one checkpoint averaged into one row with
 `average_eval_seeds=true`) and two plots (mask IoU per prompt setting;
 each method's sample grid; fidelity curves when the jobs recorded them) into the sweep
-directory, or ``out``, and logs the table and plots to W&B, grouped with the sweep's runs.
+directory, or ``out``, and logs the table and plots to W&B, grouped with the sweep's runs; `dashboard=true` makes the
+sweep's W&B workspace (controlnet_lab/tables/dashboard.py).
 """
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
+from controlnet_lab.tables.dashboard import save_dashboard
 from controlnet_lab.tables.report import log_to_wandb, write_tables
-from controlnet_lab.tables.sweeps import archive_sweep
+from controlnet_lab.tables.sweeps import archive_sweep, load_sweeps, rows_where
+from controlnet_lab.tracking import sweep_group
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="tables")
@@ -33,6 +36,11 @@ def main(cfg: DictConfig) -> None:
         print(f"archived {len(copied)} files (multirun.yaml, each job's record)")
     if cfg.wandb:
         log_to_wandb(paths, cfg.sweep)
+    if cfg.dashboard:
+        frame, _ = load_sweeps([cfg.sweep, *extra])
+        saved = save_dashboard(rows_where(frame, only), cfg.dashboard_group or sweep_group(cfg.sweep), Path(cfg.out or cfg.sweep),
+                               entity=cfg.dashboard_entity)
+        print(f"dashboard: {saved}")
     print(paths["markdown"].read_text())
     for kind, path in paths.items():
         print(f"{kind}: {path}")

@@ -6,7 +6,8 @@ import hydra
 from omegaconf import DictConfig
 
 from controlnet_lab.task import task_wrapper
-from controlnet_lab.training import optimized_value, train
+from controlnet_lab.run_record import optimized_value
+from controlnet_lab.training import train
 
 
 os.environ.setdefault("CONTROLNET_LAB_ROOT", str(Path(__file__).resolve().parents[1]))  # conf/paths: root_dir

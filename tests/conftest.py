@@ -14,6 +14,7 @@ from controlnet_lab.bases import build_pixel_base
 from controlnet_lab.data.dataset import ControlDataset
 from controlnet_lab.data.fill50k import fill50k_samples, read_index
 from controlnet_lab.data.synthetic import SyntheticFill50kSpec, write_fill50k
+from sd_fixtures import sd_data, sd_folder  # noqa: F401  (session fixtures of the latent-path tests)
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("CONTROLNET_LAB_ROOT", str(ROOT))
@@ -119,3 +120,13 @@ def trained_checkpoints(tmp_path_factory, tiny_base, tiny_data) -> dict[str, Pat
     """One briefly trained checkpoint per connection block, on the tiny base."""
     folder = tmp_path_factory.mktemp("checkpoints")
     return {block: train_checkpoint(tiny_base, tiny_data, block, folder) for block in ("zero", "gauss", "single")}
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """One smoke run of src/train.py (CSV logger), shared by the tests that read, re-score or resume it."""
+    tmp = tmp_path_factory.mktemp("smoke")
+    result = run_train(["experiment=smoke", "logger=csv", "eval.train_images=8"], tmp)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = (tmp / "outputs" / "smoke" / "runs").iterdir()
+    return tmp, run_dir

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from controlnet_lab.data.colors import parse_prompt, rgb_of
-from controlnet_lab.data.datamodule import permutation, training_subset
+from controlnet_lab.data.control_datamodule import permutation, training_subset
 from conftest import fill50k_dataset
 from controlnet_lab.data.fill50k import DatasetFormatError, fill50k_samples, read_index
 from controlnet_lab.data.synthetic import SyntheticFill50kSpec, write_fill50k
@@ -134,6 +134,6 @@ def test_prompt_dropout_is_redrawn_and_seeded(tiny_data):
 
 
 def test_subsets_are_the_same_in_another_process():
-    code = "from controlnet_lab.data.datamodule import permutation; print(permutation(500, 50, 7)[50:70].tolist())"
+    code = "from controlnet_lab.data.control_datamodule import permutation; print(permutation(500, 50, 7)[50:70].tolist())"
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert other == str([int(i) for i in split_indices(500, 50, 20, 7)[0]])

@@ -1,4 +1,5 @@
 
+import json
 import numpy as np
 import pytest
 import torch
@@ -58,10 +59,16 @@ def test_export_never_overwrites(trained_checkpoints, tmp_path):
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 
-def test_export_entry_point_writes_the_folder(trained_checkpoints, tmp_path):
-    result = run_train([f"ckpt={trained_checkpoints['single']}", f"out={tmp_path / 'lite'}"], tmp_path, script="src/export.py")
+def test_export_entry_point_writes_the_folder_and_logs_it_as_a_wandb_model(trained_checkpoints, tmp_path):
+    result = run_train([f"ckpt={trained_checkpoints['single']}", f"out={tmp_path / 'lite'}", "wandb=true"], tmp_path, script="src/export.py")
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "lite" / "controlnet" / "config.json").is_file() and (tmp_path / "lite" / "export.json").is_file()
+    # A model artifact (offline here: W&B's run log, synced later) holding the folder, the model card its description.
+    artifact = json.loads(result.stdout[result.stdout.index("{"):])["wandb_artifact"]
+    (log,) = trained_checkpoints["single"].parent.parent.glob("wandb/offline-run-*/run-*.wandb")
+    recorded = log.read_bytes()
+    assert artifact.startswith("controlnet-") and artifact.encode() in recorded
+    assert all(part in recorded for part in (b"controlnet/config.json", b"export.json", b"README.md", b"trained with controlnet-lab"))
     with pytest.raises(FileNotFoundError, match="ckpt=.*nowhere: no checkpoint there"):  # what src/export.py runs first
         export(checkpoint_path(tmp_path / "nowhere"), tmp_path / "x")
     assert not (tmp_path / "x").exists()

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from controlnet_lab.data import datamodule as datamodule_module
+from controlnet_lab.data import control_datamodule
 from controlnet_lab.data import manifest as manifest_module
 from controlnet_lab.data.condition_cache import cached_conditions
 from controlnet_lab.data.datamodule import FolderDataModule
@@ -91,7 +91,7 @@ def test_detector_maps_made_in_worker_processes_equal_those_made_in_one(tmp_path
     maps = []
     for num_proc, detector_in_workers in ((1, True), (2, True), (2, False)):
         if not detector_in_workers:  # as on a GPU: the workers read the targets, the detector runs in this process
-            monkeypatch.setattr(datamodule_module, "cached_conditions",
+            monkeypatch.setattr(control_datamodule, "cached_conditions",
                                 lambda *args, **kwargs: cached_conditions(*args, **{**kwargs, "in_workers": False}))
         cache = tmp_path / f"cache{len(maps)}"
         data = FolderDataModule(root=str(root), cache_dir=cache, num_proc=num_proc, **SETTINGS)

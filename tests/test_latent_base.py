@@ -8,66 +8,16 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from diffusers import (AutoencoderKL, ControlNetModel, DDIMScheduler, PNDMScheduler, StableDiffusionControlNetPipeline,
-                       StableDiffusionPipeline, UNet2DConditionModel)
+from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline
 from torch.utils.data import DataLoader
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from conftest import compose_train, fill50k_dataset, run_train
+from sd_fixtures import sd_module
 from controlnet_lab.config_checks import check_train_config
 from controlnet_lab.bases import LatentBase, load_base
-from controlnet_lab.bases.sources import BaseNotFoundError, PretrainedBase
-from controlnet_lab.data.datamodule import Fill50kDataModule
-from controlnet_lab.data import encoded as encoded_module
-from controlnet_lab.data.encoded import EncodedDataset, EncodingStore, LockedEncodings, StoreWriter
+from controlnet_lab.bases.sources import BaseNotFoundError, PretrainedBaseSource
 from controlnet_lab.export import export
-from controlnet_lab.locked_encodings import TargetImages, cached_encodings
 from controlnet_lab.module import ControlNetModule
-
-SD_HINT_CHANNELS = (16, 32, 96, 256)  # the sd15 config's condition encoder: VAE factor 8
-
-
-def clip_tokenizer(folder: Path) -> CLIPTokenizer:
-    """A real CLIP BPE tokenizer over single characters (no merges): no download needed."""
-    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("-,.'")
-    vocab = {token: i for i, token in enumerate(["<|startoftext|>", "<|endoftext|>", *letters, *[c + "</w>" for c in letters]])}
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=24, pad_token="<|endoftext|>")
-
-
-@pytest.fixture(scope="session")
-def sd_folder(tmp_path_factory) -> Path:
-    """SD 1.5's layout at toy size: VAE factor 8, a 2-level UNet with cross-attention, CLIP text, PNDM (as SD 1.5 ships)."""
-    torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("sd")
-    tokenizer = clip_tokenizer(root / "tokenizer_src")
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                                                num_attention_heads=4, max_position_embeddings=24, pad_token_id=1, bos_token_id=0, eos_token_id=1))
-    vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        latent_channels=4, norm_num_groups=4, layers_per_block=1, sample_size=32)
-    unet = UNet2DConditionModel(sample_size=4, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-                                cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8)
-    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1)
-    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipeline.save_pretrained(root / "sd")
-    return root / "sd"
-
-
-@pytest.fixture(scope="session")
-def sd_data(tmp_path_factory) -> Path:
-    from controlnet_lab.data.synthetic import SyntheticFill50kSpec, write_fill50k
-
-    spec = SyntheticFill50kSpec(count=24, resolution=32, palette=("red", "green", "blue", "yellow"), radius_range=(0.2, 0.35),
-                                outline_thickness=1, seed=0)
-    return write_fill50k(spec, tmp_path_factory.mktemp("sd_data") / "fill")
-
-
-def sd_module(sd_folder: Path, **kwargs) -> ControlNetModule:
-    return ControlNetModule(str(sd_folder), hint_channels=SD_HINT_CHANNELS, num_val_images=0, resolution=32, **kwargs)
 
 
 def batch_of(data: Path, size: int = 4) -> dict:
@@ -110,77 +60,6 @@ def test_training_leaves_the_locked_vae_unet_and_text_encoder_bitwise_unchanged(
     for name, part in module.base.locked_modules().items():
         assert all(torch.equal(before[name][k], v) for k, v in part.state_dict().items()), name
     assert any(not torch.equal(copy_before[k], v) for k, v in module.controlnet.state_dict().items())
-
-
-def stacked(rows) -> torch.Tensor:
-    return torch.stack([rows[i] for i in range(len(rows))])
-
-
-def test_cached_and_computed_encodings_give_the_same_loss(sd_folder, sd_data, tmp_path):
-    module = sd_module(sd_folder, block="gauss", block_std=0.05)
-    dataset = fill50k_dataset(sd_data, 32, count=6)
-    encodings = cached_encodings(module.base, "fingerprint", dataset, tmp_path, batch_size=4)  # two batches, one shard
-    images = stacked(encodings.images)
-    assert images.shape == (6, 8, 4, 4)  # posterior mean and log-variance of 4 latent channels at 32/8
-    assert set(encodings.prompt_rows) == set(dataset.prompts) | {""}
-    with torch.no_grad():
-        assert torch.equal(images, module.base.image_encoding(stacked(TargetImages(dataset))))  # what the VAE computes, bit for bit
-    reread = cached_encodings(module.base, "fingerprint", dataset, tmp_path)  # from the store this time
-    assert torch.equal(stacked(reread.images), images) and torch.equal(stacked(reread.text_hidden), stacked(encodings.text_hidden))
-    computed = next(iter(DataLoader(dataset, batch_size=6)))
-    without_targets = fill50k_dataset(sd_data, 32, count=6, with_target=False)  # as the training loader serves cached latents
-    without_targets.samples.targets.read = None  # a target's pixels are never decoded
-    cached = next(iter(DataLoader(EncodedDataset(without_targets, reread), batch_size=6, num_workers=2)))  # workers open the shards
-    assert "target" not in cached and torch.equal(cached["condition"], computed["condition"])
-    losses = [module.diffusion_loss(batch, torch.Generator().manual_seed(7)) for batch in (computed, cached)]
-    assert torch.equal(losses[0], losses[1])
-    assert not torch.equal(losses[0], module.diffusion_loss(computed, torch.Generator().manual_seed(8)))
-
-
-def test_the_encoding_store_is_written_in_shards_and_read_row_by_row(tmp_path, monkeypatch):
-    writer = StoreWriter(tmp_path / "store", torch.bfloat16, shard_bytes=3 * 2 * 4)  # 3 rows of 4 bf16 values a shard
-    rows = torch.randn(8, 4)
-    for start in range(0, 8, 2):
-        writer.add(x=rows[start : start + 2])
-    writer.finish(note="kept")
-    store = EncodingStore(tmp_path / "store")
-    assert [s["rows"] for s in store.index["shards"]] == [4, 4] and store.extra == {"note": "kept"}
-    column = store.column("x")
-    assert len(column) == 8 and column[5].dtype == torch.float32
-    assert torch.equal(stacked(column), rows.to(torch.bfloat16).float())
-    assert store.column("absent") is None
-    with pytest.raises(IndexError):
-        column[8]
-    monkeypatch.setattr(encoded_module, "OPEN_SHARDS", 1)  # one shard open at a time: each read reopens the other
-    fresh = store.column("x")
-    assert torch.equal(torch.stack([fresh[i] for i in (0, 5, 1, 7)]), rows[[0, 5, 1, 7]].to(torch.bfloat16).float())
-    assert len(fresh._handles) == 1
-
-
-def test_the_training_loader_reads_no_targets_when_their_latents_are_cached(sd_data, tmp_path):
-    data = Fill50kDataModule(root=str(sd_data), name="sd", resolution=32, batch_size=4, val_size=4, cache_dir=tmp_path)
-    data.setup()
-    assert "target" in next(iter(data.train_dataloader()))
-    data.train_encodings = LockedEncodings(images=torch.zeros(len(data.train_rows), 8, 4, 4))
-    batch = next(iter(data.train_dataloader()))
-    assert "target" not in batch and batch["image_encoding"].shape == (4, 8, 4, 4) and batch["condition"].shape == (4, 3, 32, 32)
-    data.train_encodings = LockedEncodings(text_hidden=torch.zeros(1, 2, 3), prompt_rows={p: 0 for p in [*data.prompts(), ""]})
-    assert "target" in next(iter(data.train_dataloader()))  # text alone cached: the VAE still encodes each target
-
-
-def test_encodings_are_keyed_by_the_locked_parts_and_samples(sd_folder, sd_data, tmp_path):
-    base = load_base(sd_folder)
-    cached_encodings(base, "a", fill50k_dataset(sd_data, 32, count=4), tmp_path)
-    cached_encodings(base, "b", fill50k_dataset(sd_data, 32, count=4), tmp_path)  # another base fingerprint, the same VAE
-    cached_encodings(base, "a", fill50k_dataset(sd_data, 32, count=5), tmp_path)
-    store = tmp_path / "encodings"
-    assert len(list(store.glob("images-*"))) == 2 and len(list(store.glob("text-*"))) >= 2
-    with torch.no_grad():
-        base.vae.decoder.conv_out.bias.add_(1.0)  # the decoder changes nothing the cache holds, but the VAE is another one
-        base.vae.encoder.conv_out.bias.add_(1.0)
-    cached_encodings(base, "a", fill50k_dataset(sd_data, 32, count=4), tmp_path)
-    assert len(list(store.glob("images-*"))) == 3
-    assert cached_encodings(base, "a", fill50k_dataset(sd_data, 32, count=4), tmp_path, images=False).images is None
 
 
 def test_export_generates_the_same_images_in_diffusers_own_controlnet_pipeline(sd_folder, sd_data, tmp_path):
@@ -228,9 +107,9 @@ def test_training_starts_from_an_existing_controlnet(sd_folder, tmp_path):
 @pytest.mark.bad_input
 def test_a_missing_hub_id_offline_names_the_key_and_the_id():
     with pytest.raises(BaseNotFoundError, match=r"model\.base\.pretrained_model_name_or_path=nobody/no-such-model: .*not in the local.*\(hf download nobody/no-such-model\)"):
-        PretrainedBase(pretrained_model_name_or_path="nobody/no-such-model").check()
+        PretrainedBaseSource(pretrained_model_name_or_path="nobody/no-such-model").check()
     with pytest.raises(BaseNotFoundError, match="no model_index.json"):
-        PretrainedBase(pretrained_model_name_or_path=str(Path(__file__).parent)).check()
+        PretrainedBaseSource(pretrained_model_name_or_path=str(Path(__file__).parent)).check()
 
 
 @pytest.mark.bad_input
@@ -257,8 +136,8 @@ def test_smoke_trains_on_a_saved_sd_folder(sd_folder, tmp_path):
     # The run's checkpoint through the other entry points, unchanged for the user.
     run_dir = next((tmp_path / "outputs").rglob("results.json")).parent
     source = next(Path(results["data_root"]).rglob("source/*.png"))
-    sampled = run_train([f"ckpt={run_dir}", f"condition={source}", "prompt=red circle with blue background", "num_inference_steps=2",
-                         "guidance_scale=2.0", "resolution_weighting=paper"], tmp_path, script="src/sample.py")
+    sampled = run_train([f"ckpt={run_dir}", f"condition={source}", "prompt=red circle with blue background", "sampling.num_inference_steps=2",
+                         "sampling.guidance_scale=2.0", "sampling.resolution_weighting=paper"], tmp_path, script="src/sample.py")
     assert sampled.returncode == 0, sampled.stderr[-3000:]
     report = json.loads(next((tmp_path / "outputs" / "sample").rglob("samples.json")).read_text())
     assert report["sampling"]["resolution"] == 32 and len(report["sampling"]["resolution_weights"]) == 5  # SD-shaped: 4x4 and 2x2 latents
@@ -349,18 +228,3 @@ def test_the_regression_target_follows_the_base_prediction_type(sd_folder, sd_da
     prediction = module.base.predict_noise(noisy, steps, hidden, None, module.controlnet, batch["condition"])
     expected = torch.nn.functional.mse_loss(prediction, module.base.noise_scheduler.get_velocity(latents, noise, steps))
     torch.testing.assert_close(losses["v_prediction"], expected)
-
-
-def test_computing_the_cache_draws_nothing_from_the_run_random_state(sd_folder, sd_data, tmp_path):
-    """A run that computes its cache and one that reads it must train alike: computing it (over a dataset with
-    prompt dropout) leaves Python's and torch's random state untouched."""
-    import random
-
-    base = load_base(sd_folder)
-    random.seed(0)
-    torch.manual_seed(0)
-    cached_encodings(base, "fingerprint", fill50k_dataset(sd_data, 32, prompt_dropout=0.5), tmp_path, workers=2)
-    after = (random.random(), torch.rand(1))
-    random.seed(0)
-    torch.manual_seed(0)
-    assert after == (random.random(), torch.rand(1))

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from conftest import run_train
-from controlnet_lab.data import datamodule as datamodule_module
+from controlnet_lab.data import control_datamodule
 from controlnet_lab.data.datamodule import FolderDataModule, HubDataModule
 from controlnet_lab.data.readers import metadata_splits
 from controlnet_lab.data.samples import DatasetFormatError, Samples, fit_square
@@ -148,13 +148,13 @@ def test_a_save_to_disk_copy_gives_the_same_first_batch(photo_folder, tmp_path):
 
 def test_a_detector_condition_is_computed_once(photo_folder, tmp_path, monkeypatch):
     calls = []
-    real = datamodule_module.condition_maker
+    real = control_datamodule.condition_maker
 
     def counting(*args, **kwargs):
         detect = real(*args, **kwargs)
         return lambda *images: calls.append(1) or detect(*images)
 
-    monkeypatch.setattr(datamodule_module, "condition_maker", counting)
+    monkeypatch.setattr(control_datamodule, "condition_maker", counting)
     data = FolderDataModule(root=str(photo_folder), condition="canny", cache_dir=tmp_path, **SETTINGS)
     data.setup()
     assert len(calls) == 16  # 12 training + 4 held-out images, once each

@@ -1,34 +1,46 @@
-"""Every `src/train.py` command line the README and docs/ quote composes, and does what its words promise."""
+"""Every command line of an entry point that the README and docs/ quote composes with that entry point's config, and
+the training ones do what their words promise."""
 import re
 import shlex
 import textwrap
 
 import pytest
+import yaml
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import ROOT, compose_train
 
-PLACEHOLDERS = {"PATH": "/data/folder", "...": None}
+ENTRY_POINTS = {"src/train.py": "train", "src/sample.py": "sample", "src/export.py": "export", "eval/evaluate.py": "eval",
+                "eval/tables.py": "tables", "src/build_base.py": "build_base"}  # each script's Hydra config
 
 
-def readme_train_commands() -> list[str]:
-    """The code-block lines of the README and docs/ that run src/train.py, comments removed."""
+def quoted_commands() -> list[str]:
+    """The code-block lines of the README and docs/ (comments removed, <placeholders> as x); ``make train ARGS="..."``
+    as the src/train.py line it runs."""
     text = "\n".join(path.read_text() for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
     blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
     lines = [re.split(r"\s#\s", re.sub(r"<[^>]*>", "x", line))[0].strip() for block in blocks for line in block.splitlines()]
-    return [line for line in lines if "src/train.py" in line]
+    lines = [f"src/train.py {shlex.split(line)[2].removeprefix('ARGS=')}" if line.startswith("make train ARGS=") else line for line in lines]
+    return [line for line in lines if script_of(line)]
+
+
+def script_of(command: str) -> str | None:
+    return next((script for script in ENTRY_POINTS if f"{script} " in f"{command} "), None)
 
 
 def overrides(command: str) -> list[str] | None:
-    """The Hydra overrides of one command line, sweeps reduced to their first value (None: not a composable line)."""
-    words = shlex.split(command.split("src/train.py", 1)[1])
+    """The Hydra overrides of one command line, sweeps reduced to their first value and [optional] parts kept (None: not
+    a composable line)."""
+    words = shlex.split(command.split(script_of(command), 1)[1])
     if "..." in words or "--cfg" in words:
         return None
     result = []
     for word in words:
         if word == "-m":
             continue
-        word = word.strip("[]")
+        if word.startswith("[") and word.endswith("]"):  # an optional part of the line: [data.split=train]
+            word = word[1:-1]
         key, _, value = word.partition("=")
         if "," in value and not value.startswith("["):
             value = value.split(",")[0]
@@ -36,11 +48,25 @@ def overrides(command: str) -> list[str] | None:
     return result
 
 
-COMMANDS = [c for c in readme_train_commands() if overrides(c) is not None]
+ALL_COMMANDS = [c for c in quoted_commands() if overrides(c) is not None]
+COMMANDS = [c for c in ALL_COMMANDS if script_of(c) == "src/train.py"]
 
 
 def test_the_readme_quotes_the_real_use_commands():
-    assert any("experiment=sd15_folder" in c for c in COMMANDS) and any("hydra/launcher=slurm" in c for c in COMMANDS)
+    for words in ("experiment=sd15_folder", "hydra/launcher=slurm", "hparams_search=optuna", "data=hf", "ckpt_path=last", "src/sample.py",
+                  "src/export.py", "eval/tables.py", "eval/evaluate.py", "block=zero,gauss,single"):
+        assert any(words in c for c in ALL_COMMANDS), words
+
+
+@pytest.mark.parametrize("command", [c for c in ALL_COMMANDS if script_of(c) != "src/train.py"])
+def test_each_quoted_command_of_the_other_entry_points_composes(command):
+    words = [w for w in overrides(command) if not w.startswith("hydra.")]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name=ENTRY_POINTS[script_of(command)], overrides=words)
+    for word in words:  # each override lands where the line says
+        key, _, value = word.partition("=")
+        if "/" not in key and not value.startswith("["):
+            assert OmegaConf.select(cfg, key) == yaml.safe_load(value), word
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -67,8 +93,6 @@ def test_each_readme_command_composes_and_does_what_it_says(command):
 def test_every_trial_of_the_documented_wandb_sweep_composes():
     """The W&B sweep in docs/: the agent runs the program with each trial's values as key=value (${args_no_hyphens})."""
     import itertools
-
-    import yaml
 
     text = (ROOT / "docs" / "scale-out.md").read_text()
     (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", text, flags=re.S) if "program: src/train.py" in b]

@@ -166,8 +166,8 @@ def condition_folder(tiny_data, tmp_path_factory) -> Path:
 
 
 def test_the_same_seed_and_settings_give_the_same_image_twice(trained_checkpoints, condition_folder, tmp_path):
-    common = [f"ckpt={trained_checkpoints['zero']}", f"condition={condition_folder}", f"prompt={PROMPTS[0]}", "num_inference_steps=3",
-              "guidance_scale=2.0", "resolution_weighting=code", "batch_size=2"]
+    common = [f"ckpt={trained_checkpoints['zero']}", f"condition={condition_folder}", f"prompt={PROMPTS[0]}", "sampling.num_inference_steps=3",
+              "sampling.guidance_scale=2.0", "sampling.resolution_weighting=code", "batch_size=2"]
     runs = {}
     for name, seeds in [("first", "[0,7]"), ("again", "[0,7]"), ("other", "[1]")]:
         sample(compose_sample([*common, f"seeds={seeds}", f"paths.output_dir={tmp_path / name}"]))
@@ -190,7 +190,7 @@ def test_sample_entry_point_composes_two_controlnets_under_the_prompt_settings(t
         Image.open(record.target).save(photos / record.target.name)
     ckpts = f"[{trained_checkpoints['zero']},{trained_checkpoints['single']}]"
     result = run_train([f"ckpt={ckpts}", f"condition=[{condition_folder},{photos}]", "detector=[null,canny]",
-                        "conditioning_scale=[1.0,0.5]", f"prompt={PROMPTS[0]}", "prompt_settings=true", "num_inference_steps=2",
+                        "sampling.conditioning_scale=[1.0,0.5]", f"prompt={PROMPTS[0]}", "prompt_settings=true", "sampling.num_inference_steps=2",
                         "scheduler=DPMSolverMultistepScheduler",
                         f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, script="src/sample.py")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -209,9 +209,9 @@ def test_sample_entry_point_composes_two_controlnets_under_the_prompt_settings(t
     ("detector=sobel", "detector='sobel'"),
     ("detector=hed", "set detector_weights"),
     ("scheduler=NoSuchScheduler", "scheduler='NoSuchScheduler'"),
-    ("resolution_weighting=loud", "resolution_weighting='loud'"),
-    ("resolution_weighting=paper", "resolution_weighting=paper needs classifier-free guidance"),  # guidance_scale=1 by default
-    ("conditioning_scale=[1,2,3]", "conditioning_scale has 3 entries"),
+    ("sampling.resolution_weighting=loud", "sampling.resolution_weighting='loud'"),
+    ("sampling.resolution_weighting=paper", "sampling.resolution_weighting=paper needs classifier-free guidance"),  # guidance_scale=1 by default
+    ("sampling.conditioning_scale=[1,2,3]", "sampling.conditioning_scale has 3 entries"),
     ("prompt=[a,b]", "prompt has 2 entries for 3 conditions"),
 ])
 @pytest.mark.bad_input

@@ -6,13 +6,12 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from controlnet_lab.evaluation.task import flat_metrics
 from controlnet_lab.intervals import _detectable, difference, t_interval
+from controlnet_lab.run_record import read_record
 from controlnet_lab.tables.render import display_table
 from controlnet_lab.tables.report import write_tables
 from controlnet_lab.tables.statistics import average_evaluation_seeds, differences, summarize
 from controlnet_lab.tables.sweeps import SweepError, archive_sweep, job_number, load_sweep, method_columns
-from controlnet_lab.tracking import flat, sweep_group, typed_tables
 
 
 def test_jobs_are_taken_in_launch_order_not_name_order():
@@ -281,16 +280,9 @@ def test_the_tables_read_results_without_loading_the_models_libraries():
     assert done.stdout.strip() == "[]"
 
 
-def test_the_tables_go_to_wandb_with_their_numbers_typed(tmp_path):
-    (tmp_path / "table.csv").write_text("block,metrics.mask_iou.mean,n\nzero,0.83,3\ngauss,0.80,3\n")
-    (tmp_path / "multirun.yaml").write_text("task_name: ablation_block\n")
-    frames = typed_tables({"csv": tmp_path / "table.csv"})
-    assert frames["table"]["metrics.mask_iou.mean"].dtype == float and frames["table"]["n"].dtype == int
-    assert sweep_group(tmp_path) == f"ablation_block-{tmp_path.name}"  # the group the sweep's training runs are in
-
-
-def test_the_run_config_and_the_scores_are_logged_flat():
-    config = {"block": {"name": "zero", "std": None}, "data": {"prompt_dropout": 0.5, "held_out": {}}, "tags": ["a"]}
-    assert flat(config) == {"block.name": "zero", "block.std": None, "data.prompt_dropout": 0.5, "data.held_out": {}, "tags": ["a"]}
-    metrics = {"mask_iou": 0.8, "prompt_settings": {"none": {"mask_iou": 0.5, "color_accuracy": None}}, "ok": True, "label": "x"}
-    assert flat_metrics(metrics, "final") == {"final/mask_iou": 0.8, "final/prompt_settings/none/mask_iou": 0.5}
+def test_records_of_either_entry_point_and_of_earlier_versions_read_in_one_shape():
+    experiments = Path(__file__).resolve().parents[1] / "experiments"
+    rescored = read_record(next((experiments / "multi_controlnet" / "jobs").glob("*/eval.json")))  # written before kind existed
+    assert rescored["kind"] == "eval" and rescored["wall_time_s"] == {"total": pytest.approx(rescored["wall_time_s"]["total"])}
+    trained = read_record(next((experiments / "ablation_block" / "jobs").glob("*/results.json")))
+    assert trained["kind"] == "train" and trained["wall_time_s"]["total"] > trained["wall_time_s"]["until_trained"]

@@ -27,15 +27,6 @@ from controlnet_lab.data.datamodule import build_datamodule
 from controlnet_lab.evaluation.suite import metric_suite
 
 
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("smoke")
-    result = run_train(["experiment=smoke", "logger=csv", "eval.train_images=8"], tmp)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (run_dir,) = (tmp / "outputs" / "smoke" / "runs").iterdir()
-    return tmp, run_dir
-
-
 def test_smoke_writes_results_and_checkpoint(smoke_run):
     tmp, run_dir = smoke_run
     results = json.loads((run_dir / "results.json").read_text())
@@ -197,7 +188,7 @@ def test_wandb_follows_its_own_wandb_mode(tmp_path, monkeypatch):
 
 
 def test_block_sweep_gives_one_result_per_block(tmp_path):
-    result = run_train(["-m", "experiment=smoke", "block=zero,gauss,single"], tmp_path, timeout=600)
+    result = run_train(["-m", "experiment=smoke", "block=zero,gauss,single", "logger.wandb.log_model=all"], tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     (sweep,) = (tmp_path / "outputs" / "smoke" / "multiruns").iterdir()
     records = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/results.json"))]
@@ -214,14 +205,26 @@ def test_block_sweep_gives_one_result_per_block(tmp_path):
     logs = [next(run.glob("run-*.wandb")).read_bytes() for run in runs]
     assert all(f"smoke-{sweep.name}".encode() in log and b"experiment:smoke" in log and b"data.prompt_dropout" in log for log in logs)
     assert {block for block in ("zero", "gauss", "single") for log in logs if f"block:{block}".encode() in log} == {"zero", "gauss", "single"}
+    # logger.wandb.log_model=all: each checkpoint as a model artifact of its run, offline too.
+    assert all(f"model-{run.name.rsplit('-', 1)[-1]}".encode() in log and b"model.ckpt" in log for run, log in zip(runs, logs))
     # Every model is scored under the paper's prompt settings and the out-of-vocabulary one.
     assert all(set(r["metrics"]["prompt_settings"]) == {"none", "insufficient", "out_of_vocabulary", "conflicting", "perfect"} for r in records)
 
-    tables = subprocess.run([sys.executable, str(ROOT / "eval" / "tables.py"), f"sweep={sweep}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    tables = subprocess.run([sys.executable, str(ROOT / "eval" / "tables.py"), f"sweep={sweep}", "dashboard=true"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
     assert tables.returncode == 0, tables.stderr[-3000:]
     for name in ("table.md", "table.csv", "table.tex", "mask_iou_by_prompt.png", "samples.png", "fidelity_curves.png"):
         assert (sweep / name).stat().st_size > 0, name
     assert list((sweep / "wandb").glob("offline-run-*")), "the table goes to W&B too"
+    # The sweep's W&B workspace (offline: written to save later): its runs, grouped by block, and the keys the jobs logged.
+    dashboard = json.loads((sweep / "dashboard.json").read_text())
+    assert f"smoke-{sweep.name}" in dashboard["workspace"]["runset_settings"]["filters"]
+    assert dashboard["workspace"]["runset_settings"]["groupby"] == [{"name": "block.name"}]
+    logged = b"".join(logs)
+    assert all(key.encode() in logged for section in ("Fidelity curves by arm", "Final scores by prompt setting")
+               for key in dashboard["panel_keys"][section])
+    assert "curve/mask_iou" in dashboard["panel_keys"]["Fidelity curves by arm"]
+    assert "final/prompt_settings/none/mask_iou" in dashboard["panel_keys"]["Final scores by prompt setting"]
     rows = (sweep / "table.csv").read_text().splitlines()
     assert len(rows) == 4 and [row.split(",")[0] for row in rows[1:]] == ["zero", "gauss", "single"]
 
@@ -254,62 +257,6 @@ def test_run_seeds_share_one_locked_base(tiny_data):
     assert len(keys) == 1
     other = cache_key(OmegaConf.to_container(compose_train(["model.base.pretrain.seed=1"]).model.base, resolve=True), "split", 16)
     assert other not in keys
-
-
-def test_evaluate_rescores_a_checkpoint(smoke_run):
-    tmp, run_dir = smoke_run
-    result = run_train([f"ckpt={run_dir}", "eval.num_images=8"], tmp, script="eval/evaluate.py")
-    assert result.returncode == 0, result.stderr[-3000:]
-    scores = json.loads((run_dir / "checkpoints" / "eval.json").read_text())["metrics"]
-    original = json.loads((run_dir / "results.json").read_text())["metrics"]
-    # Same checkpoint, same held-out conditions, same seeds: the same scores.
-    assert scores["mask_iou"] == original["mask_iou"] and scores["eval_images"] == 8
-
-
-def test_an_evaluation_sweep_over_resolution_weighting_tabulates(smoke_run):
-    """eval/evaluate.py as a multirun over sampling settings, then eval/tables.py on it: one row per setting."""
-    tmp, run_dir = smoke_run
-    sweep = tmp / "eval_sweep"
-    result = run_train(["-m", f"ckpt={run_dir}", "eval.num_images=4", "sampling.guidance_scale=2", "sampling.resolution_weighting=off,paper",
-                        "eval.prompt_settings=[none,perfect]", f"hydra.sweep.dir={sweep}"], tmp, script="eval/evaluate.py")
-    assert result.returncode == 0, result.stderr[-3000:]
-    records = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/eval.json"))]
-    assert [r["sampling"]["resolution_weighting"] for r in records] == ["off", "paper"]
-    assert all(r["metrics"]["settings_evaluated"] == ["none", "perfect"] for r in records)
-    assert all(len(r["provenance"]["commit"]) == 40 and r["provenance"]["machine"]["cores"] >= 1 for r in records)
-    assert all(r["sampling"]["guidance_scale"] == 2 for r in records)
-    assert records[0]["metrics"]["prompt_settings"] != records[1]["metrics"]["prompt_settings"]
-    table = subprocess.run([sys.executable, str(ROOT / "eval" / "tables.py"), f"sweep={sweep}", "wandb=false"], cwd=ROOT,
-                           capture_output=True, text=True, timeout=120)
-    assert table.returncode == 0, table.stderr[-3000:]
-    rows = (sweep / "table.csv").read_text().splitlines()
-    assert rows[0].split(",")[0] == "sampling.resolution_weighting" and [row.split(",")[0] for row in rows[1:]] == ["off", "paper"]
-
-
-def test_evaluate_composes_controlnets_each_given_its_own_condition(smoke_run):
-    """compose=[...]: a seg ControlNet sampled with the outline one. Swapping which is ckpt and which composed gives the
-    same images (residuals summed), which holds only if each net gets its own condition type of the same samples."""
-    tmp, outline_run = smoke_run
-    seg_run = tmp / "seg_run"  # trained at a high learning rate, so that its residuals change the images
-    trained = run_train(["experiment=smoke", "logger=csv", "data.condition=seg", "model.controlnet.lr=1e-2", f"hydra.run.dir={seg_run}"], tmp)
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    records = []
-    for first, second in ((outline_run, seg_run), (seg_run, outline_run)):
-        sweep = tmp / f"composed_{first.name}"  # as a multirun: its job folder is named without the run paths
-        result = run_train(["-m", f"ckpt={first}", f"compose=[{second}]", "sampling.conditioning_scale=0.5", "eval.num_images=8",
-                            f"hydra.sweep.dir={sweep}"], tmp, script="eval/evaluate.py")
-        assert result.returncode == 0, result.stderr[-3000:]
-        (record,) = sweep.glob("*/eval.json")
-        assert record.parent.name == "0_eval.num_images=8,sampling.conditioning_scale=0.5"
-        records.append(json.loads(record.read_text()))
-    assert [r["composition"] for r in records] == ["outline+seg", "seg+outline"]
-    assert [[net["condition"] for net in r["controlnets"]] for r in records] == [["outline", "seg"], ["seg", "outline"]]
-    outline_first, seg_first = (r["metrics"] for r in records)
-    assert outline_first["prompt_settings"] == seg_first["prompt_settings"]  # every setting's oracle and fidelity scores
-    assert {"edge_f1", "seg_miou"} <= set(outline_first["prompt_settings"]["perfect"])  # each net's condition re-detected
-    assert [(f["metric"], f["images"]) for f in outline_first["composed_fidelity"]] == [("seg_miou", 8)]
-    # Not the runs' own sampling: no eval.json beside their checkpoints (what tables read as a run's re-scoring).
-    assert not (seg_run / "checkpoints" / "eval.json").exists()
 
 
 def test_the_domain_feature_net_does_not_depend_on_the_training_size(tiny_data, tmp_path):

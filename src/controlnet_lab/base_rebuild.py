@@ -17,10 +17,10 @@ from omegaconf import DictConfig, open_dict
 
 from controlnet_lab.bases.fingerprint import base_fingerprint
 from controlnet_lab.bases.pretraining import SHIPPED_BASES
-from controlnet_lab.bases.sources import EmbeddedBase
+from controlnet_lab.bases.sources import EmbeddedBaseSource
 from controlnet_lab.files import write_json
 from controlnet_lab.data.datamodule import build_datamodule
-from controlnet_lab.training import base_folder, base_source
+from controlnet_lab.locked_base import base_folder, base_source
 
 
 def rebuild_and_compare(cfg: DictConfig) -> dict:
@@ -30,7 +30,7 @@ def rebuild_and_compare(cfg: DictConfig) -> dict:
     with open_dict(cfg):
         cfg.model.base.shipped = False
     source = base_source(cfg)
-    if not isinstance(source, EmbeddedBase) or source.saved:
+    if not isinstance(source, EmbeddedBaseSource) or source.saved:
         raise ValueError(f"model={cfg.model.name} names a saved base ({cfg.model.base.get('pretrained_model_name_or_path')}), "
                          "not a recipe: only the embedded bases (model=tiny, model=tiny_sd) are built here")
     started = time.time()

@@ -5,7 +5,7 @@ import hydra
 from diffusers.optimization import SchedulerType
 from omegaconf import DictConfig, OmegaConf
 
-from controlnet_lab.bases.sources import EmbeddedBase
+from controlnet_lab.bases.sources import EmbeddedBaseSource
 from controlnet_lab.blocks import BLOCKS, check_block_std, check_hint_channels
 from controlnet_lab.data.conditions import CONDITIONS, DETECTORS, detector_device_for
 from controlnet_lab.evaluation.prompts import check_prompt_settings
@@ -72,7 +72,7 @@ def check_train_config(cfg: DictConfig) -> None:
 def check_streaming(cfg: DictConfig) -> None:
     """What a stream cannot give (data/streaming.py): the whole training pool before training."""
     base = cfg.model.base
-    if issubclass(hydra.utils.get_class(base._target_), EmbeddedBase) and not base.get("pretrained_model_name_or_path"):
+    if issubclass(hydra.utils.get_class(base._target_), EmbeddedBaseSource) and not base.get("pretrained_model_name_or_path"):
         raise ConfigError(f"data.streaming=true: model={cfg.model.name} pretrains its base on the whole training pool, which a stream does "
                           "not hold; stream onto a saved base (model=sd15, or model.base.pretrained_model_name_or_path=<folder>)")
     if cfg.eval.get("train_images"):
@@ -111,6 +111,13 @@ def check_optimization(cfg: DictConfig) -> None:
         if sharded(cfg.trainer):
             raise ConfigError("model.ema.enabled=true cannot be used with trainer=fsdp: the average would need the whole "
                               "ControlNet on every device, which FSDP shards; use trainer=ddp or model.ema.enabled=false")
+
+
+def ema_settings(ema: DictConfig) -> dict | None:
+    """``model.ema`` as EMAModel's keyword arguments, or None when it is off."""
+    if not ema.enabled:
+        return None
+    return {k: v for k, v in OmegaConf.to_container(ema, resolve=True).items() if k != "enabled"}
 
 
 def compile_options(setting) -> dict | None:

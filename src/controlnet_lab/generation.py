@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import diffusers
@@ -28,7 +28,8 @@ from controlnet_lab.bases import base_fingerprint
 from controlnet_lab.export import TrainedControlNet, load_trained
 from controlnet_lab.images import save_grid, to_uint8
 from controlnet_lab.bases.pixel import TinyTextToImagePipeline
-from controlnet_lab.sampling import check_resolution_weighting, residual_heights, resolution_weights
+from controlnet_lab.config_checks import check_sampling_config
+from controlnet_lab.sampling import Sampling, residual_heights, resolution_weights
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -49,13 +50,13 @@ def as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
 
 
-def per_net(cfg: DictConfig, key: str, count: int) -> list:
-    """``cfg[key]`` as one value per ControlNet: a list of ``count``, or one value for all."""
+def per_net(cfg: DictConfig, key: str, count: int, node: str = "") -> list:
+    """``cfg[key]`` (the config's ``<node><key>``) as one value per ControlNet: a list of ``count``, or one value for all."""
     values = as_list(cfg[key]) or [None]
     if len(values) == 1:
         return values * count
     if len(values) != count:
-        raise ValueError(f"{key} has {len(values)} entries for {count} ControlNets (ckpt): give one for all or one per ControlNet")
+        raise ValueError(f"{node}{key} has {len(values)} entries for {count} ControlNets (ckpt): give one for all or one per ControlNet")
     return values
 
 
@@ -78,7 +79,7 @@ def control_inputs(cfg: DictConfig) -> list[ControlInput]:
     if not ckpts:
         raise ValueError("ckpt: give a checkpoint, run directory or export folder (a list [a,b] composes several)")
     conditions = per_net(cfg, "condition", len(ckpts))
-    detectors, scales = per_net(cfg, "detector", len(ckpts)), per_net(cfg, "conditioning_scale", len(ckpts))
+    detectors, scales = per_net(cfg, "detector", len(ckpts)), per_net(cfg.sampling, "conditioning_scale", len(ckpts), "sampling.")
     inputs = []
     for ckpt, condition, detector, scale in zip(ckpts, conditions, detectors, scales, strict=True):
         if condition is None:
@@ -95,11 +96,11 @@ def control_inputs(cfg: DictConfig) -> list[ControlInput]:
 
 
 def check_sampling(cfg: DictConfig) -> None:
-    check_resolution_weighting(cfg.resolution_weighting, cfg.guidance_scale)
-    if cfg.num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps={cfg.num_inference_steps} must be >= 1")
-    if cfg.guidance_scale < 0:
-        raise ValueError(f"guidance_scale={cfg.guidance_scale} must be >= 0 (1: no classifier-free guidance)")
+    check_sampling_config(cfg.sampling, "sampling")
+    if cfg.sampling.num_inference_steps < 1:
+        raise ValueError(f"sampling.num_inference_steps={cfg.sampling.num_inference_steps} must be >= 1")
+    if cfg.sampling.guidance_scale < 0:
+        raise ValueError(f"sampling.guidance_scale={cfg.sampling.guidance_scale} must be >= 0 (1: no classifier-free guidance)")
     if cfg.batch_size < 1:
         raise ValueError(f"batch_size={cfg.batch_size} must be >= 1")
     if not as_list(cfg.seeds):
@@ -193,11 +194,8 @@ def sample(cfg: DictConfig) -> dict:
     sets = prompt_sets(cfg, count, vocabulary_palette(pipeline))
     seeds = [int(s) for s in as_list(cfg.seeds)]
     controlnets = [net.controlnet.to(device) for net in nets]
-    mode = check_resolution_weighting(cfg.resolution_weighting)
-    generate = functools.partial(
-        pipeline, controlnet=controlnets, conditioning_scale=[control.scale for control in controls],
-        num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale, resolution_weighting=mode,
-    )
+    sampling = replace(Sampling.from_config(cfg.sampling), conditioning_scale=[control.scale for control in controls])
+    generate = functools.partial(pipeline, controlnet=controlnets, **sampling.kwargs())
     scheduler = scheduler_class(cfg.scheduler)
 
     records, grids = [], {}
@@ -228,10 +226,8 @@ def sample(cfg: DictConfig) -> dict:
         ],
         "base": {"path": str(base), "fingerprint": fingerprint},
         "sampling": {
-            "num_inference_steps": cfg.num_inference_steps,
-            "guidance_scale": cfg.guidance_scale,
-            "resolution_weighting": mode,
-            "resolution_weights": resolution_weights(mode, residual_heights(pipeline.unet.config)),
+            **sampling.kwargs(),
+            "resolution_weights": resolution_weights(sampling.resolution_weighting, residual_heights(pipeline.unet.config)),
             "scheduler": cfg.scheduler,
             "batch_size": cfg.batch_size,
             "device": device,

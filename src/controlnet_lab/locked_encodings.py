@@ -147,3 +147,16 @@ def cached_encodings(base, base_fingerprint: str, dataset: ControlDataset, cache
         encodings.text_hidden, encodings.text_pooled = store.column("text_hidden"), store.column("text_pooled")
         encodings.prompt_rows = {prompt: row for row, prompt in enumerate(store.extra["prompts"])}
     return encodings
+
+
+def attach_locked_encodings(base, data, base_fingerprint: str, cache_dir: Path, device: str, **settings) -> None:
+    """Serve a data module's training and held-out batches with the locked ``base``'s cached VAE and text encodings
+    (``model.base.cache_encodings``), computed on ``device``; ``settings``: cached_encodings' batch size, dtype and
+    workers. Streamed training rows are encoded as they stream by; only the held-out set's are cached then."""
+    base.to(device)
+    if data.streaming:
+        log.info("data.streaming=true: the training rows are encoded as they stream by (only the held-out set's encodings are cached)")
+    else:
+        data.train_encodings = cached_encodings(base, base_fingerprint, data.train_dataset(), cache_dir, **settings)
+    data.val_encodings = cached_encodings(base, base_fingerprint, data.val_dataset(), cache_dir, **settings)
+    base.to("cpu")

@@ -30,6 +30,7 @@ from torch.distributed.fsdp.wrap import wrap
 from controlnet_lab.bases import check_same_base, load_base
 from controlnet_lab.blocks import build_trainable_copy, check_hint_channels
 from controlnet_lab.objective import noisy_batch
+from controlnet_lab.sampling import Sampling
 from controlnet_lab.images import save_grid, to_uint8
 
 LOCKED_PREFIXES = ("locked_unet.", "text_encoder.", "vae.")
@@ -46,9 +47,7 @@ class ControlNetModule(L.LightningModule):
         hint_channels: tuple[int, ...] = (16,),
         lr: float = 1e-5,
         noise_offset: float = 0.0,
-        num_inference_steps: int = 20,
-        guidance_scale: float = 1.0,
-        resolution_weighting: str = "off",
+        sampling: dict | None = None,  # how validation images are sampled (Sampling's fields; conf: model.sampling)
         num_val_images: int = 8,
         sample_dir: str | None = None,
         base_dtype: str = "float32",
@@ -192,9 +191,7 @@ class ControlNetModule(L.LightningModule):
             batch["prompt"][:count],
             condition=batch["condition"][:count],
             controlnet=self.controlnet,
-            num_inference_steps=self.hparams.num_inference_steps,
-            guidance_scale=self.hparams.guidance_scale,
-            resolution_weighting=self.hparams.resolution_weighting,
+            **Sampling.from_config(self.hparams.sampling or {}).kwargs(),
             generator=torch.Generator().manual_seed(0),
         )
         rows = [to_uint8(batch["condition"][:count], 0.0, 1.0), to_uint8(generated, -1.0, 1.0), to_uint8(batch["target"][:count], -1.0, 1.0)]

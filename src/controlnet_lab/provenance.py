@@ -13,8 +13,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[2]  # the checkout (src/controlnet_lab/provenance.py)
 
 
@@ -35,7 +33,8 @@ def commit() -> dict:
 
 
 def machine() -> dict:
-    import diffusers
+    import diffusers  # imported here: the record readers (tables) import this module without torch
+    import torch
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return {"cpu": platform.processor() or platform.machine(), "cpu_model": cpu_model(), "cores": os.cpu_count(), "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),

@@ -35,3 +35,15 @@ def check_room(folder: Path, trainable_parameters: int, ema: bool, kept: int) ->
         raise OSError(f"{folder}: the run's checkpoints need about {need / 2**30:.2f} GiB ({kept + 1} files of {each / 2**30:.2f} GiB: "
                       f"the ControlNet's weights and AdamW state{' and EMA' if ema else ''}), but {free / 2**30:.2f} GiB are free; "
                       "free some space, lower callbacks.checkpoint.save_top_k, or set paths.log_dir to another disk")
+
+
+def checkpoints_kept(callbacks_cfg, max_steps: int) -> int:
+    """How many checkpoints a run keeps at once (``callbacks``' config): the step checkpoints (``save_top_k``; -1 keeps
+    one per ``every_n_train_steps`` of ``max_steps``) and last.ckpt."""
+    checkpoint = (callbacks_cfg or {}).get("checkpoint")
+    if checkpoint is None:
+        return 0
+    top_k = checkpoint.get("save_top_k", 1)
+    if top_k < 0:
+        top_k = max_steps // checkpoint.every_n_train_steps
+    return top_k + int(bool(checkpoint.get("save_last")))

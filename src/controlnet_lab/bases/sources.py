@@ -49,7 +49,7 @@ class BaseSource:
         raise NotImplementedError
 
 
-class EmbeddedBase(BaseSource):
+class EmbeddedBaseSource(BaseSource):
     """A base the harness pretrains itself (``pretrain`` is its function), unless a saved one is named."""
 
     pretrain = None
@@ -60,15 +60,15 @@ class EmbeddedBase(BaseSource):
         return self.pretrain(self.settings, data, resolution, Path(cache_dir), trainer_kwargs)
 
 
-class PixelBase(EmbeddedBase):
+class PixelBaseSource(EmbeddedBaseSource):
     pretrain = staticmethod(pretrained_pixel_base)
 
 
-class TinySDBase(EmbeddedBase):
+class TinySDBaseSource(EmbeddedBaseSource):
     pretrain = staticmethod(pretrained_tiny_sd)
 
 
-class PretrainedBase(BaseSource):
+class PretrainedBaseSource(BaseSource):
     """A Stable Diffusion-family base from a Hub id or a ``save_pretrained`` folder (SD 1.x, 2.x)."""
 
     def check(self) -> None:

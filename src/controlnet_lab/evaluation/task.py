@@ -1,5 +1,5 @@
 """The final evaluation of a trained ControlNet, as training and eval/evaluate.py run it: the held-out and seen
-scores with the run's settings, the sample grid, the scores as loggers take them, and the failure of a metric."""
+scores with the run's settings, the sample grid, and the scores as loggers take them."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -50,13 +50,3 @@ def flat_metrics(metrics: dict, prefix: str) -> dict:
     return {key: value for key, value in flat(metrics, "/", f"{prefix}/").items()
             if isinstance(value, (int, float)) and not isinstance(value, bool)}
 
-
-class MetricFailed(RuntimeError):
-    """A metric raised during the final evaluation; the record with every other score was written first."""
-
-
-def check_no_metric_failed(metrics: dict, record: Path) -> None:
-    """Raise (so the exit status says so) when a metric failed; its error is in the record beside the other scores."""
-    if metrics.get("failed"):
-        raise MetricFailed(f"{record} holds the scores that computed and the checkpoint is kept, but these metrics failed: "
-                           + "; ".join(f"{name} ({error})" for name, error in metrics["failed"].items()))

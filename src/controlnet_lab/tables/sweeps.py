@@ -1,6 +1,7 @@
 """Reading a sweep: its jobs in launch order, each job's record (results.json or eval.json, or a re-scored
-checkpoints/eval.json) flattened into one row, the methods (the values that vary among ``METHOD_KEYS``), the jobs
-kept by ``only`` and their labels, the fidelity-curve points joined as metrics, and copying a sweep's records into the repository."""
+checkpoints/eval.json, all read by run_record.read_record) flattened into one row, the methods (the values that vary
+among ``METHOD_KEYS``), the jobs kept by ``only`` and their labels, the fidelity-curve points joined as metrics, and
+copying a sweep's records into the repository."""
 from __future__ import annotations
 
 import json
@@ -12,10 +13,10 @@ import pandas as pd
 import yaml
 
 from controlnet_lab.failures import failed_jobs
+from controlnet_lab.run_record import RECORD_FILES, read_record
 
 METHOD_KEYS = ("block", "block_std", "data.size", "data.prompt_dropout", "data.condition", "composition", "sampling.guidance_scale",
                "sampling.resolution_weighting", "sampling.conditioning_scale")
-RECORD_FILES = ("results.json", "eval.json")  # what a job of src/train.py, or of eval/evaluate.py, leaves
 CURVE_QUANTITIES = (("mask_iou", "mask IoU"), ("edge_f1", "edge F1"), ("seg_miou", "seg mIoU"), ("color_accuracy", "color acc."))
 
 
@@ -41,12 +42,12 @@ def load_sweep(sweep_dir: Path, rescored: bool = False) -> tuple[pd.DataFrame, l
     rows = []
     for job in finished:
         try:
-            record = json.loads(records[job].read_text())
+            record = read_record(records[job])
         except json.JSONDecodeError as err:
             raise SweepError(f"{records[job]}: not valid JSON ({err.msg})") from None
         rescore = rescore_record(job)
         if rescored and rescore is not None:
-            record["metrics"] = {**record["metrics"], **json.loads(rescore.read_text())["metrics"]}
+            record["metrics"] = {**record["metrics"], **read_record(rescore)["metrics"]}
         rows.append({**pd.json_normalize(record).iloc[0].to_dict(), "job_dir": str(job)})
     return pd.DataFrame(rows), [job for job in jobs if job not in finished]
 
@@ -166,7 +167,7 @@ def archive_sweep(sweep_dir: Path, out_dir: Path, only=()) -> list[Path]:
         copied[-1].write_text((sweep_dir / "multirun.yaml").read_text())
     for job in job_dirs(sweep_dir):
         record = job_record(job)
-        if record is None or not row_matches(pd.json_normalize(json.loads(record.read_text())).iloc[0].to_dict(), pairs):
+        if record is None or not row_matches(pd.json_normalize(read_record(record)).iloc[0].to_dict(), pairs):
             continue
         for source, name in ((record, record.name), (rescore_record(job), "checkpoints_eval.json")):
             if source is not None:

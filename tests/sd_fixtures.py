@@ -1,0 +1,58 @@
+"""A tiny random SD-shaped pipeline built here and saved with ``save_pretrained`` (the loading code a Hub id such as SD 1.5
+takes) and fill50k-format data for it: session fixtures (registered in conftest.py) and helpers of the latent-path tests."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from controlnet_lab.module import ControlNetModule
+
+SD_HINT_CHANNELS = (16, 32, 96, 256)  # the sd15 config's condition encoder: VAE factor 8
+
+
+def clip_tokenizer(folder: Path) -> CLIPTokenizer:
+    """A real CLIP BPE tokenizer over single characters (no merges): no download needed."""
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("-,.'")
+    vocab = {token: i for i, token in enumerate(["<|startoftext|>", "<|endoftext|>", *letters, *[c + "</w>" for c in letters]])}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=24, pad_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="session")
+def sd_folder(tmp_path_factory) -> Path:
+    """SD 1.5's layout at toy size: VAE factor 8, a 2-level UNet with cross-attention, CLIP text, PNDM (as SD 1.5 ships)."""
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("sd")
+    tokenizer = clip_tokenizer(root / "tokenizer_src")
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                                num_attention_heads=4, max_position_embeddings=24, pad_token_id=1, bos_token_id=0, eos_token_id=1))
+    vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        latent_channels=4, norm_num_groups=4, layers_per_block=1, sample_size=32)
+    unet = UNet2DConditionModel(sample_size=4, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                                cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8)
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1)
+    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipeline.save_pretrained(root / "sd")
+    return root / "sd"
+
+
+@pytest.fixture(scope="session")
+def sd_data(tmp_path_factory) -> Path:
+    from controlnet_lab.data.synthetic import SyntheticFill50kSpec, write_fill50k
+
+    spec = SyntheticFill50kSpec(count=24, resolution=32, palette=("red", "green", "blue", "yellow"), radius_range=(0.2, 0.35),
+                                outline_thickness=1, seed=0)
+    return write_fill50k(spec, tmp_path_factory.mktemp("sd_data") / "fill")
+
+
+def sd_module(sd_folder: Path, **kwargs) -> ControlNetModule:
+    return ControlNetModule(str(sd_folder), hint_channels=SD_HINT_CHANNELS, num_val_images=0, resolution=32, **kwargs)
