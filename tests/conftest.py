@@ -97,6 +97,13 @@ def run_train(args: list[str], tmp: Path, timeout: int = 300, script: str = "src
     return subprocess.run(**train_command(args, tmp, script), capture_output=True, text=True, timeout=timeout)
 
 
+def every_traceback(stderr: str, tail: int = 3000) -> str:
+    """Each Python traceback in ``stderr`` (a multi-process run's may come from any rank, not only the last lines),
+    then its last ``tail`` characters: what a failed run's assertion shows."""
+    blocks = [block.split("\n\n")[0] for block in stderr.split("Traceback (most recent call last):")[1:]]
+    return "\n---\n".join([*(f"Traceback{b[:4000]}" for b in blocks), stderr[-tail:]])
+
+
 def train_checkpoint(base: Path, data: Path, block: str, folder: Path, steps: int = 2) -> Path:
     """A Lightning checkpoint of a ControlNet trained ``steps`` steps at a high learning rate, so its connection convs are no longer zero."""
     import lightning as L

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from torch.distributed.fsdp.wrap import enable_wrap
 
-from conftest import ROOT, compose_train, run_train, train_command
+from conftest import ROOT, compose_train, every_traceback, run_train, train_command
 from controlnet_lab.config_checks import ConfigError, check_train_config
 from controlnet_lab.export import export
 from controlnet_lab.module import ControlNetModule
@@ -92,7 +92,7 @@ def test_a_submitit_job_sent_the_time_limit_signal_is_requeued_and_resumes(tmp_p
 def test_two_process_ddp_gives_one_result_equal_to_a_one_process_evaluation(tmp_path):
     result = run_train(["experiment=smoke", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
                         "trainer.precision=32-true", "eval.fid_domain.enabled=false"], tmp_path, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, every_traceback(result.stderr)
     assert "Starting with 2 processes" in result.stderr
     (run_dir,) = (tmp_path / "outputs" / "smoke" / "runs").iterdir()
     assert len(list(tmp_path.glob("outputs/**/results.json"))) == 1 and len(list((tmp_path / "cache" / "base").iterdir())) == 1

@@ -50,13 +50,13 @@ def as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
 
 
-def per_net(cfg: DictConfig, key: str, count: int, node: str = "") -> list:
-    """``cfg[key]`` (the config's ``<node><key>``) as one value per ControlNet: a list of ``count``, or one value for all."""
-    values = as_list(cfg[key]) or [None]
+def one_per_net(cfg: DictConfig, key: str, count: int) -> list:
+    """The config's ``key`` (dotted) as one value per ControlNet: a list of ``count``, or one value for all."""
+    values = as_list(OmegaConf.select(cfg, key)) or [None]
     if len(values) == 1:
         return values * count
     if len(values) != count:
-        raise ValueError(f"{node}{key} has {len(values)} entries for {count} ControlNets (ckpt): give one for all or one per ControlNet")
+        raise ValueError(f"{key} has {len(values)} entries for {count} ControlNets (ckpt): give one for all or one per ControlNet")
     return values
 
 
@@ -78,8 +78,8 @@ def control_inputs(cfg: DictConfig) -> list[ControlInput]:
     ckpts = as_list(cfg.ckpt)
     if not ckpts:
         raise ValueError("ckpt: give a checkpoint, run directory or export folder (a list [a,b] composes several)")
-    conditions = per_net(cfg, "condition", len(ckpts))
-    detectors, scales = per_net(cfg, "detector", len(ckpts)), per_net(cfg.sampling, "conditioning_scale", len(ckpts), "sampling.")
+    conditions = one_per_net(cfg, "condition", len(ckpts))
+    detectors, scales = one_per_net(cfg, "detector", len(ckpts)), one_per_net(cfg, "sampling.conditioning_scale", len(ckpts))
     inputs = []
     for ckpt, condition, detector, scale in zip(ckpts, conditions, detectors, scales, strict=True):
         if condition is None:

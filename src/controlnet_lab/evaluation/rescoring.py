@@ -6,6 +6,7 @@ its own run's condition type of the same held-out samples. The record has the sh
 rescored=true`` reads) and its scores join the run's own W&B run."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -50,7 +51,7 @@ def rescore(cfg: DictConfig) -> dict:
         recording.write(record, out / "eval.json")
     finally:
         if own_sampling:  # the checkpoint's own re-scoring, what eval/tables.py rescored=true reads
-            (ckpt.parent / "eval.json").write_text((out / "eval.json").read_text())
+            shutil.copyfile(out / "eval.json", ckpt.parent / "eval.json")
             log_to_run_wandb(ckpt.parent.parent, run_cfg, metrics)
     return record
 
