@@ -25,17 +25,15 @@ def clip_tokenizer(folder: Path) -> CLIPTokenizer:
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=24, pad_token="<|endoftext|>")
 
 
-@pytest.fixture(scope="session")
-def sd_folder(tmp_path_factory) -> Path:
+def save_sd(root: Path, layers_per_block: int = 1) -> Path:
     """SD 1.5's layout at toy size: VAE factor 8, a 2-level UNet with cross-attention, CLIP text, PNDM (as SD 1.5 ships)."""
     torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("sd")
     tokenizer = clip_tokenizer(root / "tokenizer_src")
     text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
                                                 num_attention_heads=4, max_position_embeddings=24, pad_token_id=1, bos_token_id=0, eos_token_id=1))
     vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                         latent_channels=4, norm_num_groups=4, layers_per_block=1, sample_size=32)
-    unet = UNet2DConditionModel(sample_size=4, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+    unet = UNet2DConditionModel(sample_size=4, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=layers_per_block,
                                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
                                 cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8)
     scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1)
@@ -43,6 +41,17 @@ def sd_folder(tmp_path_factory) -> Path:
                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipeline.save_pretrained(root / "sd")
     return root / "sd"
+
+
+@pytest.fixture(scope="session")
+def sd_folder(tmp_path_factory) -> Path:
+    return save_sd(tmp_path_factory.mktemp("sd"))
+
+
+@pytest.fixture(scope="session")
+def sd_folder_two_layers(tmp_path_factory) -> Path:
+    """The same with SD's two ResNet layers per UNet block: what diffusers' ControlNet-XS needs."""
+    return save_sd(tmp_path_factory.mktemp("sd2"), layers_per_block=2)
 
 
 @pytest.fixture(scope="session")

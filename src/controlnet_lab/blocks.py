@@ -15,6 +15,11 @@
   those stds; a number sets one std for all. Biases start at 0.
 - ``single`` (ControlNet-lite): each block of the trainable copy is one convolution
   (``ControlNetLiteModel``), joined by the same zero convs.
+
+The architectures since ControlNet, on the same axis: ``controlnet_lora`` (``zero``'s copy adapted by LoRA;
+controlnet_lora.py), ``t2i_adapter`` (a condition encoder whose features enter the locked encoder, no copy and no
+connection convs; t2i_adapter.py) and ``controlnet_xs`` (a small control network fused with the base, exchanging
+features both ways; controlnet_xs.py).
 """
 from __future__ import annotations
 
@@ -23,11 +28,15 @@ import re
 from collections.abc import Iterator
 
 import torch
-from diffusers import ControlNetModel, UNet2DConditionModel
+from diffusers import ControlNetModel, ControlNetXSAdapter, T2IAdapter, UNet2DConditionModel
 
 from controlnet_lab.controlnet_lite import ControlNetLiteModel
+from controlnet_lab.controlnet_lora import add_lora
+from controlnet_lab.controlnet_xs import build_xs, fused_xs
+from controlnet_lab.t2i_adapter import build_adapter
 
-BLOCKS = ("zero", "gauss", "single")
+BLOCKS = ("zero", "gauss", "single", "controlnet_lora", "t2i_adapter", "controlnet_xs")
+WITHOUT_CONNECTION_CONVS = ("t2i_adapter", "controlnet_xs")  # no ControlNet-style connection convs (XS's are its own, zero-initialised)
 
 
 STANDARD_STD = "standard"
@@ -58,8 +67,10 @@ def standard_init_std(conv: torch.nn.Conv2d) -> float:
 
 
 def connection_init_stds(controlnet, block: str, std: float | str | None) -> dict[str, float]:
-    """The std each connection conv's weight is drawn with (0: zero-initialised)."""
+    """The std each connection conv's weight is drawn with (0: zero-initialised); none for a block without them."""
     check_block_std(block, std)
+    if block in WITHOUT_CONNECTION_CONVS:
+        return {}
     if block != "gauss":
         return {name: 0.0 for name, _ in connection_convs(controlnet)}
     factor = standard_factor(std)
@@ -89,25 +100,35 @@ def check_hint_channels(hint_channels, vae_scale_factor: int) -> None:
 def load_pretrained_copy(name_or_path: str, block: str, unet: UNet2DConditionModel):
     """An existing ControlNet (folder or Hub id) to train on from, instead of a fresh copy of the UNet's encoder."""
     key = "model.controlnet.pretrained_model_name_or_path"
-    cls = ControlNetLiteModel if block == "single" else ControlNetModel
+    cls = {"single": ControlNetLiteModel, "t2i_adapter": T2IAdapter, "controlnet_xs": ControlNetXSAdapter}.get(block, ControlNetModel)
     try:
         copy = cls.from_pretrained(str(name_or_path))
     except Exception as err:  # the hub client raises many types (offline, not found, network)
         raise FileNotFoundError(f"{key}={name_or_path}: cannot load a {cls.__name__} from it ({type(err).__name__}: {err})") from None
-    if tuple(copy.config.block_out_channels) != tuple(unet.config.block_out_channels):
+    if cls is ControlNetXSAdapter:
+        return fused_xs(unet, copy)
+    if cls is not T2IAdapter and tuple(copy.config.block_out_channels) != tuple(unet.config.block_out_channels):
         raise ValueError(f"{key}={name_or_path}: its block_out_channels {list(copy.config.block_out_channels)} do not match "
                          f"the base UNet's {list(unet.config.block_out_channels)}: it was trained for another base")
     return copy
 
 
 def build_trainable_copy(unet: UNet2DConditionModel, block: str, hint_channels: tuple[int, ...], std: float | str | None = STANDARD_STD,
-                         pretrained: str | None = None):
+                         pretrained: str | None = None, lora: dict | None = None, adapter: dict | None = None, vae_scale_factor: int = 1,
+                         xs: dict | None = None):
     """The trainable copy for the named block variant, its connection convs initialised accordingly; or, with
-    ``pretrained``, an existing ControlNet of the block's class, its trained connections kept."""
+    ``pretrained``, an existing ControlNet of the block's class, its trained connections kept. ``lora``, ``adapter``,
+    ``xs``: the settings of ``block=controlnet_lora``, ``t2i_adapter`` and ``controlnet_xs`` (conf/block/);
+    ``vae_scale_factor``: the base's, which a T2I-Adapter's downscaling matches."""
     if block not in BLOCKS:
         raise ValueError(f"block={block!r} is not one of {', '.join(BLOCKS)}")
     if pretrained:
-        return load_pretrained_copy(pretrained, block, unet)
+        copy = load_pretrained_copy(pretrained, block, unet)
+        return add_lora(copy, lora) if block == "controlnet_lora" else copy
+    if block == "t2i_adapter":
+        return build_adapter(unet, vae_scale_factor, adapter)
+    if block == "controlnet_xs":
+        return build_xs(unet, hint_channels, xs)
     hint_channels = tuple(hint_channels)
     if block == "single":
         copy = ControlNetLiteModel.from_unet(unet, conditioning_embedding_out_channels=hint_channels)
@@ -120,4 +141,4 @@ def build_trainable_copy(unet: UNet2DConditionModel, block: str, hint_channels: 
         else:
             torch.nn.init.zeros_(conv.weight)
         torch.nn.init.zeros_(conv.bias)
-    return copy
+    return add_lora(copy, lora) if block == "controlnet_lora" else copy

@@ -7,6 +7,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from controlnet_lab.bases.sources import EmbeddedBaseSource
 from controlnet_lab.blocks import BLOCKS, check_block_std, check_hint_channels
+from controlnet_lab.controlnet_lora import check_lora_settings
+from controlnet_lab.controlnet_xs import check_xs_sampling, check_xs_settings
+from controlnet_lab.t2i_adapter import check_adapter_sampling, check_adapter_settings
 from controlnet_lab.data.conditions import CONDITIONS, DETECTORS, detector_device_for
 from controlnet_lab.evaluation.prompts import check_prompt_settings
 from controlnet_lab.locked_encodings import CACHE_DTYPES
@@ -22,6 +25,17 @@ def check_train_config(cfg: DictConfig) -> None:
         raise ConfigError(f"block.name={cfg.block.name!r} is unknown; choose one of {', '.join(BLOCKS)}")
     try:
         check_block_std(cfg.block.name, cfg.block.get("std"))
+        if cfg.block.name == "controlnet_lora":
+            check_lora_settings(cfg.block.get("lora"))
+        if cfg.block.name == "t2i_adapter":  # against the base's layout where its config has it (a base from a folder: when loaded)
+            unet = cfg.model.base.get("unet")
+            check_adapter_settings(cfg.block.get("adapter"), unet.down_block_types if unet else None,
+                                   configured_vae_factor(cfg.model.base) if unet else None)
+            check_adapter_sampling(check_resolution_weighting(cfg.model.sampling.resolution_weighting), "model.sampling.")
+        if cfg.block.name == "controlnet_xs":
+            unet = cfg.model.base.get("unet")
+            check_xs_settings(cfg.block.get("xs"), OmegaConf.to_container(unet, resolve=True) if unet else None)
+            check_xs_sampling(check_resolution_weighting(cfg.model.sampling.resolution_weighting), "model.sampling.")
     except ValueError as err:
         raise ConfigError(str(err)) from None
     data = cfg.data
@@ -145,7 +159,7 @@ def check_model_shape(model: DictConfig, resolution: int) -> None:
     base = model.base
     if not base.get("unet"):
         return
-    factor = 2 ** (len(base.vae.block_out_channels) - 1) if base.get("vae") else 1
+    factor = configured_vae_factor(base)
     try:
         check_hint_channels(model.controlnet.hint_channels, factor)
     except ValueError as err:
@@ -156,6 +170,11 @@ def check_model_shape(model: DictConfig, resolution: int) -> None:
             f"data.resolution={resolution} is not supported by the model: it must be a multiple of {multiple} (the VAE's factor "
             f"{factor} times 2 to the number of downsamplings of model.base.unet.block_out_channels={list(base.unet.block_out_channels)})"
         )
+
+
+def configured_vae_factor(base: DictConfig) -> int:
+    """The VAE factor of a base built from its config (1: the pixel base, which has no VAE)."""
+    return 2 ** (len(base.vae.block_out_channels) - 1) if base.get("vae") else 1
 
 
 def check_sampling_config(sampling: DictConfig, key: str) -> None:

@@ -1,9 +1,13 @@
 """Trained ControlNets in diffusers' format, and loading a trained ControlNet from a checkpoint or an export.
 
 An export is a folder with
-- ``controlnet/``: ``save_pretrained`` of the trained ControlNet (safetensors). The zero
-  and gauss variants are diffusers ``ControlNetModel``s; the single-conv variant is a
-  ``ControlNetLiteModel`` with the same ``save_pretrained``/``from_pretrained`` pair.
+- ``controlnet/``: ``save_pretrained`` of the trained ControlNet (safetensors). The zero,
+  gauss and controlnet_lora (LoRA merged) variants are diffusers ``ControlNetModel``s; the
+  single-conv variant is a ``ControlNetLiteModel`` with the same ``save_pretrained``/``from_pretrained``
+  pair; t2i_adapter's is a diffusers ``T2IAdapter``, controlnet_xs's a ``ControlNetXSAdapter`` (read out of
+  the fused model it trained as).
+- ``controlnet_lora/`` (``block=controlnet_lora`` only, whose ``controlnet/`` has the LoRA merged in): the LoRA
+  adapter alone and the connections trained in full (controlnet_lora.py's ``save_lora``/``load_lora``).
 - ``base/``: the locked base it was trained on, unless the run named it
   (``model.base.pretrained_model_name_or_path``: SD 1.5's id, a folder), which is then
   named, not copied (``tiny``: the pixel pipeline; ``tiny_sd``: a ``StableDiffusionPipeline`` folder).
@@ -24,16 +28,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import ControlNetModel
+from diffusers import ControlNetModel, ControlNetXSAdapter, T2IAdapter
 from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_card
 from huggingface_hub import ModelCard, ModelCardData
 
 from controlnet_lab.bases import LatentBase, base_fingerprint
 from controlnet_lab.bases.sources import is_hub_id
 from controlnet_lab.controlnet_lite import ControlNetLiteModel
+from controlnet_lab.controlnet_lora import save_lora
+from controlnet_lab.controlnet_xs import is_xs, trained_adapter
 from controlnet_lab.module import ControlNetModule
 
-CONTROLNET_CLASSES = {cls.__name__: cls for cls in (ControlNetModel, ControlNetLiteModel)}
+CONTROLNET_CLASSES = {cls.__name__: cls for cls in (ControlNetModel, ControlNetLiteModel, T2IAdapter, ControlNetXSAdapter)}
 
 
 @dataclass
@@ -78,12 +84,17 @@ def load_trained(path: str | Path, key: str = "ckpt") -> TrainedControlNet:
     return TrainedControlNet(module.controlnet.eval(), Path(module.hparams.base_path), ckpt)
 
 
+def exported_net(module: ControlNetModule) -> torch.nn.Module:
+    """What ``controlnet/`` holds: the trained net, or for ControlNet-XS the adapter read out of the fused model."""
+    return trained_adapter(module.controlnet, module.base.unet) if is_xs(module.controlnet) else module.controlnet
+
+
 def model_card(module: ControlNetModule, base_model: str, run_dir: Path, out: Path, staging: Path) -> ModelCard:
     """diffusers' training model card for the export, with the run's config and evaluation grid when the run has them."""
     config = run_dir / ".hydra" / "config.yaml"
     grid = run_dir / "eval_samples.png"
     description = [f"# ControlNet ({module.hparams.block} connection) trained with controlnet-lab\n",
-                   f"A `{type(module.controlnet).__name__}` trained on the locked base `{base_model}`.\n", usage(module, base_model, out)]
+                   f"A `{type(exported_net(module)).__name__}` trained on the locked base `{base_model}`.\n", usage(module, base_model, out)]
     if grid.is_file():
         shutil.copyfile(grid, staging / "eval_samples.png")
         description.append("Held-out samples (rows: condition, target, base alone, then base + ControlNet under each prompt setting):\n\n"
@@ -98,13 +109,19 @@ def model_card(module: ControlNetModule, base_model: str, run_dir: Path, out: Pa
 
 
 def usage(module: ControlNetModule, base_model: str, out: Path) -> str:
-    """How to load the export: in diffusers' ``StableDiffusionControlNetPipeline`` where that pipeline runs it (a
-    ``ControlNetModel`` on a Stable Diffusion base); with the harness otherwise (``ControlNetLiteModel``, the pixel base)."""
-    if isinstance(module.controlnet, ControlNetModel) and isinstance(module.base, LatentBase):
-        return ("```python\nfrom diffusers import ControlNetModel, StableDiffusionControlNetPipeline\n"
-                f"controlnet = ControlNetModel.from_pretrained('{out}/controlnet')\n"
-                f"pipe = StableDiffusionControlNetPipeline.from_pretrained('{base_model}', controlnet=controlnet)\n```\n")
-    return (f"diffusers' pipelines do not run a `{type(module.controlnet).__name__}` on this base; the harness does:\n\n"
+    """How to load the export: in diffusers' own pipeline where one runs it on this base (``StableDiffusionControlNetPipeline``
+    for a ``ControlNetModel``, ``StableDiffusionAdapterPipeline`` for a ``T2IAdapter``, ``StableDiffusionControlNetXSPipeline``
+    for a ``ControlNetXSAdapter``, on a Stable Diffusion base); with the harness otherwise (``ControlNetLiteModel``, the
+    pixel base)."""
+    pipelines = {ControlNetModel: ("StableDiffusionControlNetPipeline", "controlnet"), T2IAdapter: ("StableDiffusionAdapterPipeline", "adapter"),
+                 ControlNetXSAdapter: ("StableDiffusionControlNetXSPipeline", "controlnet")}
+    cls = type(exported_net(module))
+    if cls in pipelines and isinstance(module.base, LatentBase):
+        pipeline, argument = pipelines[cls]
+        return (f"```python\nfrom diffusers import {cls.__name__}, {pipeline}\n"
+                f"{argument} = {cls.__name__}.from_pretrained('{out}/controlnet')\n"
+                f"pipe = {pipeline}.from_pretrained('{base_model}', {argument}={argument})\n```\n")
+    return (f"diffusers' pipelines do not run a `{cls.__name__}` on this base; the harness does:\n\n"
             f"```bash\npython src/sample.py ckpt={out} condition=<an image or a folder> prompt=\"...\"\n```\n\n"
             f"```python\nfrom controlnet_lab.export import load_trained\ntrained = load_trained('{out}')  # .controlnet, .base (its folder)\n```\n")
 
@@ -116,6 +133,7 @@ def export(ckpt: Path, out: Path) -> dict:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"out={out} exists and is not an empty folder: choose a new one (an export never overwrites)")
     module = ControlNetModule.for_inference(ckpt)
+    net = exported_net(module)
     global_step = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
     base_path = Path(module.hparams.base_path)
     # A base the run was given by name (model.base.pretrained_model_name_or_path: SD 1.5's id, a folder) is named;
@@ -127,19 +145,25 @@ def export(ckpt: Path, out: Path) -> dict:
         "source_checkpoint": str(Path(ckpt).resolve()),
         "global_step": global_step,
         "block": module.hparams.block,
-        "controlnet_class": type(module.controlnet).__name__,
+        "controlnet_class": type(net).__name__,
         "base_source": str(base_path),
         "base_fingerprint": base_fingerprint(base_path),
         "base_copied": copy_base,
         "load": {
-            "controlnet": f"{type(module.controlnet).__name__}.from_pretrained('{out}/controlnet')",
+            "controlnet": f"{type(net).__name__}.from_pretrained('{out}/controlnet')",
             "base": f"controlnet_lab.bases.load_base('{base_model}')",
         },
     }
+    if module.hparams.block == "controlnet_lora":
+        info["load"]["lora"] = (f"controlnet_lab.controlnet_lora.load_lora(<the base's UNet>, '{out}/controlnet_lora', "
+                                f"hint_channels={list(module.hparams.hint_channels)})")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        module.controlnet.save_pretrained(staging / "controlnet", safe_serialization=True)
+        if module.hparams.block == "controlnet_lora":  # merged into a ControlNetModel, and as the LoRA adapter alone
+            save_lora(module.controlnet, staging / "controlnet", staging / "controlnet_lora")
+        else:
+            net.save_pretrained(staging / "controlnet", safe_serialization=True)
         if copy_base:
             module.base.save_pretrained(staging / "base", safe_serialization=True)
         model_card(module, base_model, Path(ckpt).resolve().parent.parent, out, staging).save(staging / "README.md")

@@ -44,6 +44,9 @@ class ControlNetModule(L.LightningModule):
         base_path: str,
         block: str = "zero",
         block_std: float | str | None = "standard",
+        lora: dict | None = None,  # block=controlnet_lora's settings (conf: block.lora)
+        adapter: dict | None = None,  # block=t2i_adapter's settings (conf: block.adapter)
+        xs: dict | None = None,  # block=controlnet_xs's settings (conf: block.xs)
         hint_channels: tuple[int, ...] = (16,),
         lr: float = 1e-5,
         noise_offset: float = 0.0,
@@ -74,7 +77,8 @@ class ControlNetModule(L.LightningModule):
         for name, part in locked.items():
             setattr(self, name, part.requires_grad_(False).eval())
         check_hint_channels(hint_channels, self.base.vae_scale_factor)
-        self.controlnet = build_trainable_copy(self.base.unet, block, hint_channels, block_std, controlnet_path)
+        self.controlnet = build_trainable_copy(self.base.unet, block, hint_channels, block_std, controlnet_path, lora, adapter,
+                                               self.base.vae_scale_factor, xs)
         if gradient_checkpointing:
             if not self.controlnet._supports_gradient_checkpointing:
                 raise ValueError(f"model.controlnet.gradient_checkpointing=true: {type(self.controlnet).__name__} (block={block}) does not support it")
@@ -201,8 +205,9 @@ class ControlNetModule(L.LightningModule):
                 logger.log_image("val/samples", images=[str(path)], step=self.global_step, caption=["condition | generated | target"])
 
     def configure_optimizers(self):
-        """The configured optimizer over the ControlNet's parameters, and diffusers' learning-rate schedule stepped per optimizer step."""
-        parameters = self.controlnet.parameters()
+        """The configured optimizer over the ControlNet's trainable parameters, and diffusers' learning-rate schedule
+        stepped per optimizer step."""
+        parameters = [p for p in self.controlnet.parameters() if p.requires_grad]
         if self.hparams.optimizer is None:
             optimizer = torch.optim.AdamW(parameters, lr=self.hparams.lr, foreach=True)
         else:

@@ -16,7 +16,8 @@ then the middle block's) by a weight:
   residual counts the two differ, and this option keeps the released code's ratio.
 
 Several ControlNets are composed with diffusers' ``MultiControlNetModel``: each net's
-residuals times its own conditioning scale, summed.
+residuals times its own conditioning scale, summed (several T2I-Adapters: ``MultiAdapter``).
+``control_inputs`` gives the locked UNet what a ControlNet or a T2I-Adapter contributes.
 
 ``Sampling`` holds how images are sampled (steps, guidance, resolution weighting,
 conditioning scale), built once from a config node and passed whole to the callbacks
@@ -28,7 +29,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 
 import torch
+from diffusers import MultiAdapter
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+
+from controlnet_lab.t2i_adapter import adapter_features, is_adapter
 
 RESOLUTION_WEIGHTINGS = ("off", "uniform", "paper", "code")
 CODE_RATIO = 0.825
@@ -97,11 +101,35 @@ def per_net(controlnets: Sequence, conditions: Sequence[torch.Tensor], scales: f
 
 def compose(controlnets: Sequence, conditions: Sequence[torch.Tensor], scales: float | Sequence[float]):
     """(model, condition, scale) for a list of ControlNets with one condition each and one scale each (or one
-    for all): a single net as is, several as diffusers' ``MultiControlNetModel`` with lists."""
+    for all): a single net as is, several as diffusers' ``MultiControlNetModel`` (T2I-Adapters: ``MultiAdapter``) with lists."""
     controlnets, conditions, scales = per_net(controlnets, conditions, scales)
     if len(controlnets) == 1:
         return controlnets[0], conditions[0], scales[0]
-    return MultiControlNetModel(controlnets), conditions, scales
+    adapters = [is_adapter(net) for net in controlnets]
+    if any(adapters) and not all(adapters):
+        raise ValueError("ControlNets and T2I-Adapters do not compose (diffusers has no pipeline for both): compose one kind")
+    return (MultiAdapter if all(adapters) else MultiControlNetModel)(controlnets), conditions, scales
+
+
+def control_inputs(controlnet, sample, timestep, hidden_states, class_labels, condition, conditioning_scale, resolution_weighting: str,
+                   guided: bool, dtype: torch.dtype) -> dict:
+    """The locked UNet's keyword arguments for what ``controlnet`` contributes (nothing when None): a ControlNet's
+    residuals (``down_block_additional_residuals``, ``mid_block_additional_residual``) or a T2I-Adapter's features
+    (``down_intrablock_additional_residuals``), computed in the net's dtype (float32 beside a bf16/fp16 base) and
+    returned in ``dtype``, the UNet's."""
+    if controlnet is None:
+        return {}
+    if is_adapter(controlnet):
+        features = adapter_features(controlnet, condition, conditioning_scale, resolution_weighting, guided)
+        return {"down_intrablock_additional_residuals": [f.to(dtype) for f in features]}
+    net_dtype = controlnet.dtype
+    down, mid = control_residuals(controlnet, sample.to(net_dtype), timestep, hidden_states.to(net_dtype), cast(class_labels, net_dtype),
+                                  condition, conditioning_scale, resolution_weighting, guided)
+    return {"down_block_additional_residuals": [r.to(dtype) for r in down], "mid_block_additional_residual": mid.to(dtype)}
+
+
+def cast(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if tensor is None else tensor.to(dtype)
 
 
 def weighted_residuals(down: list[torch.Tensor], mid: torch.Tensor, mode: str) -> tuple[list[torch.Tensor], torch.Tensor]:

@@ -12,10 +12,13 @@ target follows its ``prediction_type``.
 from __future__ import annotations
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, SchedulerMixin, StableDiffusionControlNetPipeline, StableDiffusionPipeline
+from diffusers import (ControlNetXSAdapter, DDIMScheduler, DDPMScheduler, SchedulerMixin, StableDiffusionAdapterPipeline,
+                       StableDiffusionControlNetPipeline, StableDiffusionControlNetXSPipeline, StableDiffusionPipeline)
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-from controlnet_lab.sampling import WeightedControlNets, check_resolution_weighting, control_residuals, per_net
+from controlnet_lab.controlnet_xs import check_xs_sampling, is_xs, xs_prediction
+from controlnet_lab.sampling import WeightedControlNets, check_resolution_weighting, compose, control_inputs, per_net
+from controlnet_lab.t2i_adapter import check_adapter_sampling, is_adapter
 
 
 class LatentBase:
@@ -80,16 +83,39 @@ class LatentBase:
 
     def predict_noise(self, sample, timestep, hidden_states, pooled=None, controlnet=None, condition=None,
                       conditioning_scale=1.0, resolution_weighting: str = "off", guided: bool = False) -> torch.Tensor:
-        """The locked UNet's prediction, with the residuals of ``controlnet`` added (computed in the ControlNet's dtype,
-        added in the UNet's)."""
-        down = mid = None
-        if controlnet is not None:
-            dtype = controlnet.dtype  # the trainable copy stays float32 on a bf16/fp16 base
-            down, mid = control_residuals(controlnet, sample.to(dtype), timestep, hidden_states.to(dtype), None, condition,
-                                          conditioning_scale, resolution_weighting, guided)
-            down, mid = [r.to(self.unet.dtype) for r in down], mid.to(self.unet.dtype)
-        return self.unet(sample.to(self.unet.dtype), timestep, encoder_hidden_states=hidden_states.to(self.unet.dtype),
-                         down_block_additional_residuals=down, mid_block_additional_residual=mid, return_dict=False)[0]
+        """The locked UNet's prediction, with what ``controlnet`` (a ControlNet, a T2I-Adapter) adds (sampling.py's
+        ``control_inputs``)."""
+        dtype = self.unet.dtype
+        if is_xs(controlnet):  # the fused model predicts in place of the locked UNet
+            return xs_prediction(controlnet, sample, timestep, hidden_states, condition, conditioning_scale, resolution_weighting, guided, dtype)
+        control = control_inputs(controlnet, sample, timestep, hidden_states, None, condition, conditioning_scale, resolution_weighting,
+                                 guided, dtype)
+        return self.unet(sample.to(dtype), timestep, encoder_hidden_states=hidden_states.to(dtype), **control, return_dict=False)[0]
+
+    def control_pipeline(self, components: dict, controlnet, condition, conditioning_scale, resolution_weighting: str):
+        """(diffusers' pipeline for ``controlnet``, its control arguments): ``StableDiffusionControlNetPipeline`` with
+        ``WeightedControlNets`` for ControlNets (one or a list, ``condition`` and ``conditioning_scale`` one per net),
+        ``StableDiffusionAdapterPipeline`` for T2I-Adapters (``MultiAdapter`` for a list),
+        ``StableDiffusionControlNetXSPipeline`` for ControlNet-XS (a trained fused model, or an exported adapter that the
+        pipeline fuses with the UNet)."""
+        if is_xs(controlnet) or isinstance(controlnet, ControlNetXSAdapter):
+            check_xs_sampling(resolution_weighting)
+            fused = is_xs(controlnet)
+            pipeline = StableDiffusionControlNetXSPipeline(**{**components, "unet": controlnet if fused else self.unet},
+                                                           controlnet=None if fused else controlnet)
+            return pipeline, {"image": condition.to(self.unet.device), "controlnet_conditioning_scale": float(conditioning_scale)}
+        if not isinstance(controlnet, (list, tuple)):
+            controlnet, condition = [controlnet], [condition]
+        if any(is_xs(net) or isinstance(net, ControlNetXSAdapter) for net in controlnet):
+            raise ValueError("ControlNet-XS does not compose (diffusers has no multi-XS model): sample one block=controlnet_xs net at a time")
+        nets, conditions, scales = per_net(controlnet, condition, conditioning_scale)
+        conditions, scales = [c.to(self.unet.device) for c in conditions], [float(s) for s in scales]
+        if any(is_adapter(net) for net in nets):
+            check_adapter_sampling(resolution_weighting)
+            net, condition, scale = compose(nets, conditions, scales)
+            return StableDiffusionAdapterPipeline(**components, adapter=net), {"image": condition, "adapter_conditioning_scale": scale}
+        pipeline = StableDiffusionControlNetPipeline(**components, controlnet=WeightedControlNets(nets, resolution_weighting))
+        return pipeline, {"image": conditions, "controlnet_conditioning_scale": scales, "guess_mode": resolution_weighting != "off"}
 
     @torch.no_grad()
     def __call__(
@@ -105,8 +131,8 @@ class LatentBase:
         generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> torch.Tensor:
         """Images in [-1, 1], shape (len(prompt), 3, H, W), from diffusers' pipelines: ``StableDiffusionPipeline`` for the
-        base alone, ``StableDiffusionControlNetPipeline`` with ``WeightedControlNets`` for one ControlNet or several
-        (``condition`` and ``conditioning_scale`` one per net), DDIM from the base's config unless ``scheduler``."""
+        base alone, ``control_pipeline``'s with a ControlNet (or several, ``condition`` and ``conditioning_scale`` one
+        per net), a T2I-Adapter or a ControlNet-XS; DDIM from the base's config unless ``scheduler``."""
         resolution_weighting = check_resolution_weighting(resolution_weighting, guidance_scale)
         components = {**self.components(), "scheduler": scheduler or DDIMScheduler.from_config(self.scheduler.config)}
         arguments = {"prompt": list(prompt), "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
@@ -114,12 +140,10 @@ class LatentBase:
         if controlnet is None:
             pipeline = StableDiffusionPipeline(**components)
         else:
-            if not isinstance(controlnet, (list, tuple)):
-                controlnet, condition = [controlnet], [condition]
-            nets, conditions, scales = per_net(controlnet, condition, conditioning_scale)
-            pipeline = StableDiffusionControlNetPipeline(**components, controlnet=WeightedControlNets(nets, resolution_weighting))
-            arguments.update(image=[c.to(self.unet.device) for c in conditions], controlnet_conditioning_scale=[float(s) for s in scales],
-                             guess_mode=resolution_weighting != "off")
+            pipeline, control = self.control_pipeline(components, controlnet, condition, conditioning_scale, resolution_weighting)
+            arguments.update(control)
         pipeline.set_progress_bar_config(**self.progress_bar_config)
         images = pipeline(**arguments).images
+        if not isinstance(images, torch.Tensor):  # StableDiffusionAdapterPipeline: NHWC numpy for every output_type but pil and latent
+            images = torch.from_numpy(images).permute(0, 3, 1, 2).to(self.unet.device)
         return (images * 2.0 - 1.0).clamp(-1, 1)

@@ -17,7 +17,7 @@ from diffusers import DDIMScheduler, DiffusionPipeline, SchedulerMixin, UNet2DCo
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, PreTrainedTokenizerFast
 
-from controlnet_lab.sampling import check_resolution_weighting, compose, control_residuals
+from controlnet_lab.sampling import cast, check_resolution_weighting, compose, control_inputs
 
 
 class TinyTextToImagePipeline(DiffusionPipeline):
@@ -80,31 +80,17 @@ class TinyTextToImagePipeline(DiffusionPipeline):
         resolution_weighting: str = "off",
         guided: bool = False,
     ) -> torch.Tensor:
-        """The locked UNet's noise prediction, with the residuals of a ControlNet (or a ``MultiControlNetModel``) added when one is given.
+        """The locked UNet's noise prediction, with what a ControlNet (or a ``MultiControlNetModel``, a T2I-Adapter) adds when one is given.
 
         ``guided``: the batch is classifier-free guidance's [unconditional; conditional].
         With resolution weighting on, the condition then reaches only the conditional half.
         """
         class_labels = pooled if self.uses_pooled_text else None
-        down_residuals = mid_residual = None
-        if controlnet is not None:
-            # Computed in the ControlNet's dtype (float32 beside a bf16/fp16 base, model.base.dtype), added in the UNet's.
-            dtype = controlnet.dtype
-            down_residuals, mid_residual = control_residuals(
-                controlnet, sample.to(dtype), timestep, hidden_states.to(dtype), cast(class_labels, dtype), condition,
-                conditioning_scale, resolution_weighting, guided,
-            )
-            down_residuals, mid_residual = [r.to(self.unet.dtype) for r in down_residuals], mid_residual.to(self.unet.dtype)
         dtype = self.unet.dtype
-        return self.unet(
-            sample.to(dtype),
-            timestep,
-            encoder_hidden_states=hidden_states.to(dtype),
-            class_labels=cast(class_labels, dtype),
-            down_block_additional_residuals=down_residuals,
-            mid_block_additional_residual=mid_residual,
-            return_dict=False,
-        )[0]
+        control = control_inputs(controlnet, sample, timestep, hidden_states, class_labels, condition, conditioning_scale,
+                                 resolution_weighting, guided, dtype)
+        return self.unet(sample.to(dtype), timestep, encoder_hidden_states=hidden_states.to(dtype), class_labels=cast(class_labels, dtype),
+                         **control, return_dict=False)[0]
 
     @torch.no_grad()
     def __call__(
@@ -152,6 +138,3 @@ class TinyTextToImagePipeline(DiffusionPipeline):
             sample = scheduler.step(noise, t, sample, **step_kwargs).prev_sample
         return sample.clamp(-1, 1)
 
-
-def cast(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    return None if tensor is None else tensor.to(dtype)
