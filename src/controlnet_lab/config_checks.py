@@ -27,13 +27,12 @@ def check_train_config(cfg: DictConfig) -> None:
         check_block_std(cfg.block.name, cfg.block.get("std"))
         if cfg.block.name == "controlnet_lora":
             check_lora_settings(cfg.block.get("lora"))
-        if cfg.block.name == "t2i_adapter":  # against the base's layout where its config has it (a base from a folder: when loaded)
-            unet = cfg.model.base.get("unet")
+        unet = cfg.model.base.get("unet")  # the base's layout where its config has it (a base from a folder: checked when loaded)
+        if cfg.block.name == "t2i_adapter":
             check_adapter_settings(cfg.block.get("adapter"), unet.down_block_types if unet else None,
                                    configured_vae_factor(cfg.model.base) if unet else None)
             check_adapter_sampling(check_resolution_weighting(cfg.model.sampling.resolution_weighting), "model.sampling.")
         if cfg.block.name == "controlnet_xs":
-            unet = cfg.model.base.get("unet")
             check_xs_settings(cfg.block.get("xs"), OmegaConf.to_container(unet, resolve=True) if unet else None)
             check_xs_sampling(check_resolution_weighting(cfg.model.sampling.resolution_weighting), "model.sampling.")
     except ValueError as err:

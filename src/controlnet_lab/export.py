@@ -89,12 +89,12 @@ def exported_net(module: ControlNetModule) -> torch.nn.Module:
     return trained_adapter(module.controlnet, module.base.unet) if is_xs(module.controlnet) else module.controlnet
 
 
-def model_card(module: ControlNetModule, base_model: str, run_dir: Path, out: Path, staging: Path) -> ModelCard:
+def model_card(module: ControlNetModule, net: torch.nn.Module, base_model: str, run_dir: Path, out: Path, staging: Path) -> ModelCard:
     """diffusers' training model card for the export, with the run's config and evaluation grid when the run has them."""
     config = run_dir / ".hydra" / "config.yaml"
     grid = run_dir / "eval_samples.png"
     description = [f"# ControlNet ({module.hparams.block} connection) trained with controlnet-lab\n",
-                   f"A `{type(exported_net(module)).__name__}` trained on the locked base `{base_model}`.\n", usage(module, base_model, out)]
+                   f"A `{type(net).__name__}` trained on the locked base `{base_model}`.\n", usage(module, net, base_model, out)]
     if grid.is_file():
         shutil.copyfile(grid, staging / "eval_samples.png")
         description.append("Held-out samples (rows: condition, target, base alone, then base + ControlNet under each prompt setting):\n\n"
@@ -108,14 +108,14 @@ def model_card(module: ControlNetModule, base_model: str, run_dir: Path, out: Pa
     return populate_model_card(card, tags=["controlnet", "diffusers", "controlnet-lab", f"block-{module.hparams.block}", "diffusers-training"])
 
 
-def usage(module: ControlNetModule, base_model: str, out: Path) -> str:
+def usage(module: ControlNetModule, net: torch.nn.Module, base_model: str, out: Path) -> str:
     """How to load the export: in diffusers' own pipeline where one runs it on this base (``StableDiffusionControlNetPipeline``
     for a ``ControlNetModel``, ``StableDiffusionAdapterPipeline`` for a ``T2IAdapter``, ``StableDiffusionControlNetXSPipeline``
     for a ``ControlNetXSAdapter``, on a Stable Diffusion base); with the harness otherwise (``ControlNetLiteModel``, the
     pixel base)."""
     pipelines = {ControlNetModel: ("StableDiffusionControlNetPipeline", "controlnet"), T2IAdapter: ("StableDiffusionAdapterPipeline", "adapter"),
                  ControlNetXSAdapter: ("StableDiffusionControlNetXSPipeline", "controlnet")}
-    cls = type(exported_net(module))
+    cls = type(net)
     if cls in pipelines and isinstance(module.base, LatentBase):
         pipeline, argument = pipelines[cls]
         return (f"```python\nfrom diffusers import {cls.__name__}, {pipeline}\n"
@@ -166,7 +166,7 @@ def export(ckpt: Path, out: Path) -> dict:
             net.save_pretrained(staging / "controlnet", safe_serialization=True)
         if copy_base:
             module.base.save_pretrained(staging / "base", safe_serialization=True)
-        model_card(module, base_model, Path(ckpt).resolve().parent.parent, out, staging).save(staging / "README.md")
+        model_card(module, net, base_model, Path(ckpt).resolve().parent.parent, out, staging).save(staging / "README.md")
         (staging / "export.json").write_text(json.dumps(info, indent=2))
         if out.exists():
             out.rmdir()  # empty, checked above
