@@ -13,7 +13,7 @@ training steps above the RSS after the imports: the model, its optimizer state a
 ``--rounds`` times in alternation (zero, gauss, ..., zero, gauss, ...), so that drift of the machine falls on every
 block alike; a block's time is the median over its rounds of each round's median.
 
-    python benchmarks/architecture_cost.py [--blocks zero t2i_adapter] [--rounds 3] [--steps 20]
+    python benchmarks/architecture_cost.py [--blocks zero t2i_adapter] [--rounds 3] [--steps 20] [data.batch_size=8 ...]
 
 Writes ``--out`` (experiments/ablation_architecture/cost.json) with each block's trainable parameters, ms per step,
 seconds per generated batch, peak memory, their ratios to zero, the commit, the machine and the CPU time other
@@ -31,32 +31,27 @@ import tempfile
 import time
 from pathlib import Path
 
+from step_cost import rss_mb  # this folder is on the path of a script run from it
+
 ROOT = Path(__file__).resolve().parents[1]
 BLOCKS = ["zero", "gauss", "single", "t2i_adapter", "controlnet_lora", "controlnet_xs"]
 PROMPTS = ["red circle with blue background", "green circle with yellow background"]
 
 
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
-
-
-def composed(experiment: str, block: str):
+def composed(experiment: str, block: str, overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=[f"experiment={experiment}", f"block={block}"], return_hydra_config=True)
+        return compose("train", overrides=[f"experiment={experiment}", f"block={block}", *overrides], return_hydra_config=True)
 
 
-def save_base(experiment: str, folder: Path) -> None:
+def save_base(experiment: str, overrides: list[str], folder: Path) -> None:
     """The experiment's base architecture with random weights, saved as the module loads a base."""
     from omegaconf import OmegaConf
 
     from controlnet_lab.bases.tiny_sd import build_tiny_sd
 
-    cfg = composed(experiment, "zero")
+    cfg = composed(experiment, "zero", overrides)
     settings = OmegaConf.to_container(cfg.model.base, resolve=True)
     build_tiny_sd(settings, cfg.data.resolution, PROMPTS).save_pretrained(folder)
 
@@ -69,7 +64,7 @@ def child(block: str, args) -> dict:
     import controlnet_lab.module  # noqa: F401  loaded before the baseline RSS, as every block imports it
     from controlnet_lab.sampling import Sampling
 
-    cfg = composed(args.experiment, block)
+    cfg = composed(args.experiment, block, args.overrides)
     baseline_rss = rss_mb()
     torch.manual_seed(0)
     module = hydra.utils.instantiate(cfg.module, base_path=str(args.base), sample_dir=None, base_dtype="float32", ema=None,
@@ -115,7 +110,7 @@ def child(block: str, args) -> dict:
 
 
 def run_child(block: str, args) -> dict:
-    flags = ["--experiment", args.experiment, "--steps", str(args.steps), "--generations", str(args.generations), "--base", str(args.base)]
+    flags = ["--experiment", args.experiment, "--steps", str(args.steps), "--generations", str(args.generations), "--base", str(args.base), *args.overrides]
     done = subprocess.run([sys.executable, __file__, "--child", block, *flags], capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         raise SystemExit(f"block={block} failed:\n{done.stderr[-3000:]}")
@@ -142,6 +137,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per round, after one warm-up step")
     parser.add_argument("--generations", type=int, default=3, help="timed generated batches per round, after one warm-up")
     parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "ablation_architecture" / "cost.json")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of the experiment's config, e.g. data.batch_size=8")
     parser.add_argument("--base", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--child", metavar="BLOCK", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -156,7 +152,7 @@ def main() -> None:
     runs = {block: [] for block in args.blocks}
     with tempfile.TemporaryDirectory() as folder, OtherLoad() as load:
         args.base = Path(folder) / "base"
-        save_base(args.experiment, args.base)
+        save_base(args.experiment, args.overrides, args.base)
         for round_index in range(args.rounds):
             for block in args.blocks:
                 runs[block].append(run_child(block, args))
@@ -175,7 +171,7 @@ def main() -> None:
                       "block in its own process, alternating blocks over rounds; base: the experiment's architecture with "
                       "random weights",
               "memory": "peak RSS above the RSS after the imports (model, optimizer state, one step's activations)",
-              "experiment": args.experiment, "batch": first["batch"], "resolution": first["resolution"],
+              "experiment": args.experiment, "overrides": args.overrides, "batch": first["batch"], "resolution": first["resolution"],
               "torch_threads": first["torch_threads"], "rounds": args.rounds, "steps_per_round": args.steps,
               "blocks": blocks, **commit(), "machine": machine(), "other_load": load.result}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+import architecture_cost
 import default_profile
 import default_run
 import scaling
@@ -66,6 +67,18 @@ def test_the_step_cost_benchmark_splits_the_controlnet_step(tmp_path, monkeypatc
     parts = tiny["controlnet_step_ms"]
     assert parts["hint_encoder"] > 0 and parts["locked_unet_forward"] > 0 and parts["backward"] > 0
     assert tiny["time_ratio"] > 0 and tiny["memory_ratio"] > 0
+
+
+def test_the_architecture_cost_benchmark_sets_each_block_beside_zero(tmp_path, monkeypatch):
+    out = tmp_path / "cost.json"
+    monkeypatch.setattr(sys, "argv", ["architecture_cost.py", "--blocks", "zero", "t2i_adapter", "--rounds", "1", "--steps", "1",
+                                      "--generations", "1", "--out", str(out), "data.batch_size=2", "model.sampling.num_inference_steps=2"])
+    architecture_cost.main()
+    report = json.loads(out.read_text())
+    zero, adapter = report["blocks"]["zero"], report["blocks"]["t2i_adapter"]
+    assert report["batch"] == 2 and zero["ms_per_step"] > 0 and zero["s_per_generated_batch"] > 0
+    assert adapter["trainable_params"] < zero["trainable_params"]
+    assert adapter["trainable_params_ratio_to_zero"] == round(adapter["trainable_params"] / zero["trainable_params"], 3)
 
 
 def test_the_scaling_benchmark_writes_its_table_and_plot(tmp_path, monkeypatch):
