@@ -7,7 +7,8 @@ against the first, or every pair: the difference, its interval, paired by seed, 
 verdict; `comparisons=all_pairs correction=bonferroni`; fidelity-curve values at chosen steps join the metrics with
 `curve_steps=[0,25,100]`; jobs of other multiruns, e.g. an arm launched later, join with
 `extra_sweeps=[<dir>,...]`, and only the jobs whose records match with `"only=['data.prompt_dropout=0.5']"` (quoted: Hydra reads an unquoted = as an override); an evaluation sweep's seeds of one checkpoint averaged into one row with
-`average_eval_seeds=true`) and two plots (mask IoU per prompt setting;
+`average_eval_seeds=true`; where each interval lies against an equivalence margin fixed before the runs with
+`"margins={metrics.edge_f1:0.05}"`) and two plots (mask IoU per prompt setting;
 each method's sample grid; fidelity curves when the jobs recorded them) into the sweep
 directory, or ``out``, and logs the table and plots to W&B, grouped with the sweep's runs; `dashboard=true` makes the
 sweep's W&B workspace (controlnet_lab/tables/dashboard.py).
@@ -15,7 +16,7 @@ sweep's W&B workspace (controlnet_lab/tables/dashboard.py).
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from controlnet_lab.tables.dashboard import save_dashboard
 from controlnet_lab.tables.report import log_to_wandb, write_tables
@@ -28,7 +29,7 @@ def main(cfg: DictConfig) -> None:
     extra = list(cfg.extra_sweeps or ())
     only = list(cfg.only or ())
     _, paths = write_tables(cfg.sweep, cfg.out, cfg.rescored, cfg.level, cfg.comparisons, cfg.correction, cfg.curve_steps or (), extra,
-                            cfg.average_eval_seeds, only)
+                            cfg.average_eval_seeds, only, OmegaConf.to_container(cfg.margins) if cfg.margins else None)
     if cfg.archive:
         out = Path(cfg.out or cfg.sweep)
         copied = archive_sweep(cfg.sweep, out, only) + [path for sweep in extra

@@ -73,6 +73,15 @@ def test_pairing_by_seed_calls_a_difference_that_unpaired_seeds_leave_inconclusi
     assert difference(REFERENCE, TREATMENT).verdict == "lower"
 
 
+def test_an_interval_against_a_margin_is_equivalent_only_when_it_lies_inside_it():
+    paired = difference(TREATMENT, REFERENCE)  # +0.05 [+0.025, +0.075]
+    assert paired.against_margin(0.1) == "equivalent within ±0.1"
+    assert paired.against_margin(0.02) == "higher by more than 0.02"
+    assert paired.against_margin(0.05) == "undecided"  # the interval crosses +0.05
+    assert difference(REFERENCE, TREATMENT).against_margin(0.02) == "lower by more than 0.02"
+    assert difference({0: 0.5}, {0: 0.4}).against_margin(0.1) == "too few seeds"
+
+
 def test_an_inconclusive_difference_says_how_many_seeds_would_decide_it():
     noisy = difference({0: 0.60, 1: 0.62, 2: 0.49}, {0: 0.55, 1: 0.58, 2: 0.52})  # differences 0.05, 0.04, -0.03
     assert noisy.verdict == "inconclusive" and noisy.paired
@@ -112,6 +121,17 @@ def test_tables_write_the_intervals_and_the_differences(tmp_path):
     assert numbers.loc["mask IoU (perfect prompt)", "difference"] == pytest.approx(0.05)
     assert numbers.loc["mask IoU (none prompt)", "difference"] == pytest.approx(0.025)
     assert "difference" in paths["differences_latex"].read_text()
+
+
+def test_margins_fixed_before_the_runs_judge_their_metrics_differences(tmp_path):
+    write_sweep(tmp_path / "sweep", {"zero": REFERENCE, "gauss": TREATMENT})
+    _, paths = write_tables(tmp_path / "sweep", tmp_path / "out", margins={"metrics.prompt_settings.perfect.mask_iou": 0.1})
+    numbers = pd.read_csv(paths["differences_csv"]).set_index("metric")
+    assert numbers.loc["mask IoU (perfect prompt)", "against_margin"] == "equivalent within ±0.1"
+    assert pd.isna(numbers.loc["mask IoU (none prompt)", "against_margin"])  # no margin was set for it
+    assert "equivalent within ±0.1" in paths["differences_markdown"].read_text()
+    with pytest.raises(SweepError, match="metrics.fid"):
+        write_tables(tmp_path / "sweep", tmp_path / "out", margins={"metrics.fid": 1.0})
 
 
 def test_an_arm_launched_later_joins_the_tables_paired_by_seed(tmp_path):

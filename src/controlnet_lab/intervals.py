@@ -11,6 +11,10 @@ spread, would be detected with 80% power (a t-test at the same level). A paired 
 that is the same nonzero value in every seed has an interval of no width; it is reported as
 "no spread", not called: with a few seeds that is most often one step of the metric's
 resolution (one image of 64, one curve interval), which a t-interval cannot weigh.
+
+Against an equivalence margin d fixed before the runs (``against_margin``), the same interval says more: inside
+[-d, +d] the two are equivalent at that margin (a difference this small is ruled out of being larger than d, as two
+one-sided tests at (1 - level) / 2 each), wholly beyond -d or +d they differ by more than d, otherwise it is undecided.
 """
 from __future__ import annotations
 
@@ -67,6 +71,18 @@ class Difference:
         if self.high < 0:
             return "lower"
         return "inconclusive"
+
+    def against_margin(self, margin: float) -> str:
+        """Where the interval lies against [-margin, +margin] (see the module's docstring)."""
+        if math.isnan(self.low):
+            return "too few seeds"
+        if -margin <= self.low and self.high <= margin:
+            return f"equivalent within ±{margin:g}"
+        if self.high < -margin:
+            return f"lower by more than {margin:g}"
+        if self.low > margin:
+            return f"higher by more than {margin:g}"
+        return "undecided"
 
 
 def difference(treatment: dict, reference: dict, level: float = 0.95) -> Difference:

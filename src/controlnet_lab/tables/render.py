@@ -47,13 +47,16 @@ def display_differences(table: pd.DataFrame) -> pd.DataFrame:
             return ""
         return f"{int(row['seeds_to_decide'])}" if not pd.isna(row["seeds_to_decide"]) else "> 1000 or no effect"
 
-    return pd.DataFrame({
+    shown = pd.DataFrame({
         "method": table["method"], "vs": table["vs"], "metric": table["metric"],
         "difference [interval]": [f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for d, lo, hi in zip(table["difference"], table["low"], table["high"])],
         "level": table["level"], "seeds": [f"{n} {'paired' if p else 'unpaired'}" for n, p in zip(table["seeds"], table["paired"])],
         "detectable (80% power)": table["detectable_80pct_power"].map(lambda v: f"{v:.3f}"),
         "verdict": table["verdict"], "seeds that would decide": table.apply(decide, axis=1),
     })
+    if "against_margin" in table:
+        shown["against the margin"] = table["against_margin"].fillna("")
+    return shown
 
 
 def paper_note(summary: pd.DataFrame) -> str:

@@ -26,11 +26,12 @@ from controlnet_lab.tracking import sweep_group, typed_tables, wandb_mode
 
 def write_tables(sweep_dir: Path, out_dir: Path | None = None, rescored: bool = False, level: float = 0.95,
                  comparisons: str = "reference", correction: str = "none", curve_steps=(),
-                 extra_sweeps=(), average_eval_seeds: bool = False, only=()) -> tuple[pd.DataFrame, dict[str, Path]]:
+                 extra_sweeps=(), average_eval_seeds: bool = False, only=(), margins: dict | None = None) -> tuple[pd.DataFrame, dict[str, Path]]:
     """Write table.md, table.csv (numbers), table.tex, the differences (differences.md/.csv/.tex) and the plots;
     returns the displayed table and the paths. ``curve_steps``: fidelity-curve steps whose values join the metrics.
     ``extra_sweeps``: more multirun directories (an arm launched later) whose jobs join the sweep's, after them.
-    ``average_eval_seeds``: see average_evaluation_seeds. ``only``: "key=value" entries, the jobs kept (rows_where)."""
+    ``average_eval_seeds``: see average_evaluation_seeds. ``only``: "key=value" entries, the jobs kept (rows_where).
+    ``margins``: equivalence margins by metric column (statistics.differences)."""
     frame, unfinished = load_sweeps([sweep_dir, *extra_sweeps], rescored)
     frame = rows_where(frame, only)
     metrics = METRICS + add_curve_points(frame, curve_steps)
@@ -41,7 +42,7 @@ def write_tables(sweep_dir: Path, out_dir: Path | None = None, rescored: bool = 
     summary = summarize(frame, level, metrics)
     table = display_table(summary, metrics)
     paths = {"markdown": out_dir / "table.md", "csv": out_dir / "table.csv", "latex": out_dir / "table.tex"}
-    compared = differences(frame, level, comparisons, correction, metrics)
+    compared = differences(frame, level, comparisons, correction, metrics, margins)
     if len(compared):
         shown = display_differences(compared)
         paths.update({"differences_markdown": out_dir / "differences.md", "differences_csv": out_dir / "differences.csv",

@@ -81,13 +81,14 @@ def summary_methods(summary: pd.DataFrame) -> list[str]:
 
 
 def differences(frame: pd.DataFrame, level: float = 0.95, comparisons: str = "reference", correction: str = "none",
-                metrics=METRICS) -> pd.DataFrame:
+                metrics=METRICS, margins: dict[str, float] | None = None) -> pd.DataFrame:
     """Per pair of methods and metric: the difference of the means (later method minus earlier, in launch order), its
     interval (paired by seed where the seeds match), the effect this design detects with 80% power, and the verdict.
 
     ``comparisons``: "reference" compares every method with the sweep's first, "all_pairs" every pair. ``correction``:
     "bonferroni" widens every interval to level 1 - (1 - level) / (number of comparisons), so that the chance of any
-    false call stays at 1 - level; "none" leaves them at ``level``.
+    false call stays at 1 - level; "none" leaves them at ``level``. ``margins``: {metric column: equivalence margin},
+    fixed before the runs; those metrics' rows also say where the interval lies against it (``against_margin``).
     """
     if comparisons not in ("reference", "all_pairs"):
         raise SweepError(f"comparisons={comparisons!r}: choose reference or all_pairs")
@@ -99,6 +100,9 @@ def differences(frame: pd.DataFrame, level: float = 0.95, comparisons: str = "re
     pairs = [(m, order[0]) for m in order[1:]] if comparisons == "reference" else [(b, a) for a, b in itertools.combinations(order, 2)]
     used = 1 - (1 - level) / len(pairs) if correction == "bonferroni" and pairs else level
     present = [(column, label) for column, label in metrics if column in frame and not column.endswith("trainable_params")]
+    margins = dict(margins or {})
+    if unknown := sorted(set(margins) - {column for column, _ in present}):
+        raise SweepError(f"margins: {unknown} are not metrics of this sweep's records; choose among {[c for c, _ in present]}")
     # What pairs two jobs: the training seed, and for evaluation sweeps (eval/evaluate.py) also the evaluation seed.
     seeds = frame[[c for c in ("seed", "eval.seed") if c in frame]].astype(str).agg("/".join, axis=1)
     numeric = {column: pd.to_numeric(frame[column], errors="coerce").astype(float) for column, _ in present}
@@ -112,7 +116,8 @@ def differences(frame: pd.DataFrame, level: float = 0.95, comparisons: str = "re
                 continue
             rows.append({"method": treatment, "vs": reference, "metric": label, "difference": d.mean, "low": d.low, "high": d.high,
                          "level": round(used, 4), "seeds": d.seeds, "paired": d.paired, "detectable_80pct_power": d.detectable,
-                         "verdict": d.verdict, "seeds_to_decide": d.seeds_to_decide})
+                         "verdict": d.verdict, "seeds_to_decide": d.seeds_to_decide,
+                         **({"margin": margins[column], "against_margin": d.against_margin(margins[column])} if column in margins else {})})
     return pd.DataFrame(rows)
 
 
