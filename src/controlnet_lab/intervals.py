@@ -13,8 +13,9 @@ that is the same nonzero value in every seed has an interval of no width; it is 
 resolution (one image of 64, one curve interval), which a t-interval cannot weigh.
 
 Against an equivalence margin d fixed before the runs (``against_margin``), the same interval says more: inside
-[-d, +d] the two are equivalent at that margin (a difference this small is ruled out of being larger than d, as two
-one-sided tests at (1 - level) / 2 each), wholly beyond -d or +d they differ by more than d, otherwise it is undecided.
+[-d, +d] the two are equivalent at that margin (two one-sided tests, each rejecting a difference of d or more at
+(1 - level) / 2: stricter than the usual TOST at 1 - level, which reads a 1 - 2 (1 - level) interval), wholly beyond
+-d or +d they differ by more than d, otherwise it is undecided.
 """
 from __future__ import annotations
 
