@@ -57,7 +57,8 @@ def save_base(experiment: str, overrides: list[str], folder: Path) -> None:
 
 
 def child(block: str, args) -> dict:
-    """One block in this process: median ms per step over ``args.steps`` steps after one warm-up, and peak memory."""
+    """One block in this process: median ms per training step (``args.steps`` after one warm-up), the training's peak
+    memory, then median seconds per generated batch (``args.generations`` after one warm-up)."""
     import hydra
     import torch
 
@@ -159,7 +160,7 @@ def main() -> None:
                 print(f"round {round_index + 1}: {block:16} {runs[block][-1]['ms_per_step']:8.1f} ms/step  "
                       f"peak {runs[block][-1]['peak_memory_mb']:7.1f} MiB", flush=True)
     zero = summary(runs["zero"], None)
-    blocks = {block: summary(block_runs, None if block == "zero" else zero) for block, block_runs in runs.items()}
+    blocks = {block: zero if block == "zero" else summary(block_runs, zero) for block, block_runs in runs.items()}
     for block, row in blocks.items():
         print(f"{block:16} {row['trainable_params']:>9,} trainable  {row['ms_per_step']:8.1f} ms/step  {row['peak_memory_mb']:7.1f} MiB  "
               f"{row['s_per_generated_batch']:6.2f} s/generated batch  "
