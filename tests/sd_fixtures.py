@@ -12,7 +12,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from controlnet_lab.module import ControlNetModule
 
-SD_HINT_CHANNELS = (16, 32, 96, 256)  # the sd15 config's condition encoder: VAE factor 8
+SD_HINT_CHANNELS = (16, 32, 96, 256)  # the paper's condition encoder for VAE factor 8 (sd15's null derives it)
 
 
 def clip_tokenizer(folder: Path) -> CLIPTokenizer:

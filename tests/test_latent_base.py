@@ -50,6 +50,13 @@ def test_the_hint_encoder_must_reach_the_latent_resolution(sd_folder):
         ControlNetModule(str(sd_folder), hint_channels=(16, 32), num_val_images=0)
 
 
+def test_without_hint_channels_the_paper_encoder_is_derived_from_the_vae_factor_and_recorded(sd_folder):
+    module = ControlNetModule(str(sd_folder), hint_channels=None, num_val_images=0)
+    encoder = module.controlnet.controlnet_cond_embedding
+    assert [block.out_channels for block in encoder.blocks[1::2]] == [32, 96, 256]  # the stride-2 stages: factor 8
+    assert encoder.conv_in.out_channels == 16 and module.hparams.hint_channels == [16, 32, 96, 256]
+
+
 def test_training_leaves_the_locked_vae_unet_and_text_encoder_bitwise_unchanged(sd_folder, sd_data, tmp_path):
     module = sd_module(sd_folder, lr=1e-2)
     before = {name: {k: v.clone() for k, v in part.state_dict().items()} for name, part in module.base.locked_modules().items()}

@@ -87,14 +87,27 @@ def check_block_std(block: str, std: float | str | None) -> None:
                          f"for block=gauss, got {std!r}")
 
 
-def check_hint_channels(hint_channels, vae_scale_factor: int) -> None:
-    """The condition encoder must bring the full-resolution condition to the denoiser's resolution:
-    its stride-2 stages (one fewer than its channel entries) must halve it log2(VAE factor) times."""
+PAPER_HINT_CHANNELS = (16, 32, 96, 256)  # the paper's condition encoder: 512 px conditions to SD's 64 latent px
+
+
+def resolve_hint_channels(hint_channels, vae_scale_factor: int) -> tuple[int, ...]:
+    """The condition encoder's channels for a base whose latents are ``vae_scale_factor`` times smaller than its images.
+
+    ``None``: the paper's encoder with one entry per halving plus one, its last width repeated past SD's factor 8
+    ((16,) on a pixel base, (16, 32, 96, 256) on SD, SDXL and SD3). A given list must bring the full-resolution
+    condition to the denoiser's resolution: its stride-2 stages (one fewer than its entries) halve it log2(factor) times."""
+    if vae_scale_factor < 1 or vae_scale_factor & (vae_scale_factor - 1):
+        raise ValueError(f"the base's VAE factor must be a power of 2 for its condition encoder "
+                         f"(model.controlnet.hint_channels), got {vae_scale_factor}")
+    stages = vae_scale_factor.bit_length()
+    paper = (PAPER_HINT_CHANNELS + PAPER_HINT_CHANNELS[-1:] * stages)[:stages]
+    if hint_channels is None:
+        return paper
     if 2 ** (len(hint_channels) - 1) != vae_scale_factor:
-        stages = vae_scale_factor.bit_length()
         raise ValueError(f"model.controlnet.hint_channels={list(hint_channels)} downsamples the condition {2 ** (len(hint_channels) - 1)}x, "
                          f"but the base's latents are {vae_scale_factor}x smaller than its images: give {stages} entries "
-                         f"(e.g. {[16, 32, 96, 256][:stages] if stages <= 4 else '...'})")
+                         f"(e.g. {list(paper)}) or null for the paper's encoder")
+    return tuple(hint_channels)
 
 
 def load_pretrained_copy(name_or_path: str, block: str, unet: UNet2DConditionModel):

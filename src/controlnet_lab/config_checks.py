@@ -6,7 +6,7 @@ from diffusers.optimization import SchedulerType
 from omegaconf import DictConfig, OmegaConf
 
 from controlnet_lab.bases.sources import EmbeddedBaseSource
-from controlnet_lab.blocks import BLOCKS, check_block_std, check_hint_channels
+from controlnet_lab.blocks import BLOCKS, check_block_std, resolve_hint_channels
 from controlnet_lab.controlnet_lora import check_lora_settings
 from controlnet_lab.controlnet_xs import check_xs_sampling, check_xs_settings
 from controlnet_lab.t2i_adapter import check_adapter_sampling, check_adapter_settings
@@ -160,7 +160,7 @@ def check_model_shape(model: DictConfig, resolution: int) -> None:
         return
     factor = configured_vae_factor(base)
     try:
-        check_hint_channels(model.controlnet.hint_channels, factor)
+        resolve_hint_channels(model.controlnet.hint_channels, factor)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     multiple = factor * 2 ** (len(base.unet.block_out_channels) - 1)

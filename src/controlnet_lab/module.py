@@ -28,7 +28,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.fsdp.wrap import wrap
 
 from controlnet_lab.bases import check_same_base, load_base
-from controlnet_lab.blocks import build_trainable_copy, check_hint_channels
+from controlnet_lab.blocks import build_trainable_copy, resolve_hint_channels
 from controlnet_lab.objective import noisy_batch
 from controlnet_lab.sampling import Sampling
 from controlnet_lab.images import save_grid, to_uint8
@@ -47,7 +47,7 @@ class ControlNetModule(L.LightningModule):
         lora: dict | None = None,  # block=controlnet_lora's settings (conf: block.lora)
         adapter: dict | None = None,  # block=t2i_adapter's settings (conf: block.adapter)
         xs: dict | None = None,  # block=controlnet_xs's settings (conf: block.xs)
-        hint_channels: tuple[int, ...] = (16,),
+        hint_channels: tuple[int, ...] | None = None,  # None: the paper's encoder for the base's VAE factor
         lr: float = 1e-5,
         noise_offset: float = 0.0,
         sampling: dict | None = None,  # how validation images are sampled (Sampling's fields; conf: model.sampling)
@@ -76,7 +76,8 @@ class ControlNetModule(L.LightningModule):
         self.locked_names = list(locked)
         for name, part in locked.items():
             setattr(self, name, part.requires_grad_(False).eval())
-        check_hint_channels(hint_channels, self.base.vae_scale_factor)
+        hint_channels = resolve_hint_channels(hint_channels, self.base.vae_scale_factor)
+        self.hparams.hint_channels = list(hint_channels)  # the checkpoint (and the export) name the encoder built
         self.controlnet = build_trainable_copy(self.base.unet, block, hint_channels, block_std, controlnet_path, lora, adapter,
                                                self.base.vae_scale_factor, xs)
         if gradient_checkpointing:
