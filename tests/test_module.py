@@ -5,7 +5,7 @@ from torch.utils.data import DataLoader
 
 from controlnet_lab.blocks import build_trainable_copy
 from conftest import fill50k_dataset
-from controlnet_lab.module import LOCKED_PREFIXES, ControlNetModule
+from controlnet_lab.module import ControlNetModule
 
 
 def _inputs(module, batch=3, size=16):
@@ -65,14 +65,14 @@ def test_zero_block_receives_gradients(tiny_base):
 def test_training_changes_only_the_trainable_copy(tiny_base, tiny_data):
     L.seed_everything(0)
     module = ControlNetModule(str(tiny_base), block="zero", lr=1e-2, num_val_images=0)
-    locked_before = {k: v.clone() for k, v in module.state_dict().items() if k.startswith(LOCKED_PREFIXES)}
+    locked_before = {k: v.clone() for k, v in module.state_dict().items() if k.startswith(module.locked_prefixes)}
     copy_before = {k: v.clone() for k, v in module.controlnet.state_dict().items()}
     loader = DataLoader(fill50k_dataset(tiny_data, 16, prompt_dropout=0.5), batch_size=8)
     trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, train_dataloaders=loader)
 
     for key, value in module.state_dict().items():
-        if key.startswith(LOCKED_PREFIXES):
+        if key.startswith(module.locked_prefixes):
             assert torch.equal(value, locked_before[key]), key
     changed = [k for k, v in module.controlnet.state_dict().items() if not torch.equal(v, copy_before[k])]
     assert changed, "the trainable copy did not change"
@@ -85,7 +85,7 @@ def test_checkpoint_leaves_out_the_locked_base(tiny_base, tmp_path):
     module = ControlNetModule(str(tiny_base), block="zero")
     checkpoint = {"state_dict": module.state_dict()}
     module.on_save_checkpoint(checkpoint)
-    assert checkpoint["state_dict"] and not any(k.startswith(LOCKED_PREFIXES) for k in checkpoint["state_dict"])
+    assert checkpoint["state_dict"] and not any(k.startswith(module.locked_prefixes) for k in checkpoint["state_dict"])
     module.on_load_checkpoint(checkpoint)
     module.load_state_dict(checkpoint["state_dict"])  # strict
 

@@ -87,7 +87,7 @@ def test_with_cfg_resolution_weighting_conditions_only_the_conditional_branch(pi
     sample = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     hidden, pooled = pipeline.encode_prompt(["", PROMPTS[0]])
     condition = _conditions(1)
-    down, mid = control_residuals(controlnet, sample, 500, hidden, pooled, condition, 1.0, mode, guided=True)
+    down, mid = control_residuals(controlnet, sample, 500, hidden, {"class_labels": pooled}, condition, 1.0, mode, guided=True)
     plain_down, plain_mid = controlnet(sample[1:], 500, encoder_hidden_states=hidden[1:], controlnet_cond=condition,
                                        class_labels=pooled[1:], return_dict=False)
     weights = resolution_weights(mode, residual_heights(pipeline.unet.config))
@@ -114,7 +114,7 @@ def test_without_resolution_weighting_both_branches_see_the_condition(pipeline):
     controlnet = _acting(pipeline, "zero", 1)
     sample = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)).repeat(2, 1, 1, 1)
     hidden, pooled = pipeline.encode_prompt([PROMPTS[0], PROMPTS[0]])
-    down, mid = control_residuals(controlnet, sample, 500, hidden, pooled, _conditions(1), 1.0, "off", guided=True)
+    down, mid = control_residuals(controlnet, sample, 500, hidden, {"class_labels": pooled}, _conditions(1), 1.0, "off", guided=True)
     assert all(torch.equal(r[0], r[1]) and r[0].abs().sum() > 0 for r in [*down, mid])
 
 

@@ -13,6 +13,8 @@ import re
 import torch
 from diffusers import ControlNetXSAdapter, UNet2DConditionModel, UNetControlNetXSModel
 
+from controlnet_lab.sampling import cast
+
 KEY = "block.xs"
 # The fused model's name of each part of the adapter (UNetControlNetXSModel.from_unet's loads, reversed).
 ADAPTER_TO_FUSED = [(r"^conv_in\.", "ctrl_conv_in."), (r"^time_embedding\.", "ctrl_time_embedding."),
@@ -90,17 +92,18 @@ def trained_adapter(fused: UNetControlNetXSModel, unet: UNet2DConditionModel) ->
     return adapter.to(next(fused.parameters()).dtype)
 
 
-def xs_prediction(fused: UNetControlNetXSModel, sample, timestep, hidden_states, condition, conditioning_scale,
+def xs_prediction(fused: UNetControlNetXSModel, sample, timestep, hidden_states, unet_inputs: dict, condition, conditioning_scale,
                   resolution_weighting: str, guided: bool, dtype: torch.dtype) -> torch.Tensor:
     """The fused model's noise prediction (as ``StableDiffusionControlNetXSPipeline`` calls it: the condition for both
-    halves of a CFG batch), computed in its dtype and returned in ``dtype``."""
+    halves of a CFG batch), computed in its dtype and returned in ``dtype``; ``unet_inputs``: what the base's UNet
+    takes besides the text (SDXL's ``added_cond_kwargs``)."""
     check_xs_sampling(resolution_weighting)
     if isinstance(condition, (list, tuple)):
         raise ValueError("ControlNet-XS does not compose (diffusers has no multi-XS model): sample one block=controlnet_xs net at a time")
     net_dtype = fused.dtype
     condition = torch.cat([condition, condition]) if guided else condition
     return fused(sample.to(net_dtype), timestep, encoder_hidden_states=hidden_states.to(net_dtype), controlnet_cond=condition.to(net_dtype),
-                 conditioning_scale=float(conditioning_scale), return_dict=False)[0].to(dtype)
+                 conditioning_scale=float(conditioning_scale), return_dict=False, **cast(unet_inputs, net_dtype))[0].to(dtype)
 
 
 def check_xs_sampling(resolution_weighting: str, node: str = "") -> None:

@@ -109,15 +109,15 @@ def model_card(module: ControlNetModule, net: torch.nn.Module, base_model: str, 
 
 
 def usage(module: ControlNetModule, net: torch.nn.Module, base_model: str, out: Path) -> str:
-    """How to load the export: in diffusers' own pipeline where one runs it on this base (``StableDiffusionControlNetPipeline``
-    for a ``ControlNetModel``, ``StableDiffusionAdapterPipeline`` for a ``T2IAdapter``, ``StableDiffusionControlNetXSPipeline``
-    for a ``ControlNetXSAdapter``, on a Stable Diffusion base); with the harness otherwise (``ControlNetLiteModel``, the
-    pixel base)."""
-    pipelines = {ControlNetModel: ("StableDiffusionControlNetPipeline", "controlnet"), T2IAdapter: ("StableDiffusionAdapterPipeline", "adapter"),
-                 ControlNetXSAdapter: ("StableDiffusionControlNetXSPipeline", "controlnet")}
+    """How to load the export: in diffusers' own pipeline where one runs it on this base (the base family's ControlNet
+    pipeline for a ``ControlNetModel``, its adapter pipeline for a ``T2IAdapter``, its ControlNet-XS pipeline for a
+    ``ControlNetXSAdapter``, on a Stable Diffusion or SDXL base); with the harness otherwise (``ControlNetLiteModel``,
+    the pixel base)."""
+    base = module.base
     cls = type(net)
-    if cls in pipelines and isinstance(module.base, LatentBase):
-        pipeline, argument = pipelines[cls]
+    if isinstance(base, LatentBase) and cls in (ControlNetModel, T2IAdapter, ControlNetXSAdapter):
+        pipeline, argument = {ControlNetModel: (base.with_controlnet.__name__, "controlnet"), T2IAdapter: (base.with_adapter.__name__, "adapter"),
+                              ControlNetXSAdapter: (base.with_xs.__name__, "controlnet")}[cls]
         return (f"```python\nfrom diffusers import {cls.__name__}, {pipeline}\n"
                 f"{argument} = {cls.__name__}.from_pretrained('{out}/controlnet')\n"
                 f"pipe = {pipeline}.from_pretrained('{base_model}', {argument}={argument})\n```\n")

@@ -33,9 +33,6 @@ from controlnet_lab.objective import noisy_batch
 from controlnet_lab.sampling import Sampling
 from controlnet_lab.images import save_grid, to_uint8
 
-LOCKED_PREFIXES = ("locked_unet.", "text_encoder.", "vae.")
-
-
 class ControlNetModule(L.LightningModule):
     flops_per_batch = None  # not counted: Lightning's ThroughputMonitor then reports samples/s without FLOPs
 
@@ -74,6 +71,7 @@ class ControlNetModule(L.LightningModule):
         self.base.set_progress_bar_config(disable=True)  # Lightning's bar and the eval bar report progress
         locked = self.base.locked_modules()
         self.locked_names = list(locked)
+        self.locked_prefixes = tuple(f"{name}." for name in locked)  # their weights come from the base folder, not checkpoints
         for name, part in locked.items():
             setattr(self, name, part.requires_grad_(False).eval())
         hint_channels = resolve_hint_channels(hint_channels, self.base.vae_scale_factor)
@@ -221,7 +219,7 @@ class ControlNetModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith(LOCKED_PREFIXES)]:
+        for key in [k for k in state if k.startswith(self.locked_prefixes)]:
             del state[key]
         if self.ema is not None:
             checkpoint["controlnet_ema"] = self.ema.state_dict()
@@ -233,5 +231,5 @@ class ControlNetModule(L.LightningModule):
             self.ema.load_state_dict(checkpoint["controlnet_ema"])
         # The locked weights come from the base folder; put them back so loading stays strict for the rest.
         for key, value in self.state_dict().items():
-            if key.startswith(LOCKED_PREFIXES):
+            if key.startswith(self.locked_prefixes):
                 checkpoint["state_dict"].setdefault(key, value)

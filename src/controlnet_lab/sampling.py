@@ -111,25 +111,36 @@ def compose(controlnets: Sequence, conditions: Sequence[torch.Tensor], scales: f
     return (MultiAdapter if all(adapters) else MultiControlNetModel)(controlnets), conditions, scales
 
 
-def control_inputs(controlnet, sample, timestep, hidden_states, class_labels, condition, conditioning_scale, resolution_weighting: str,
-                   guided: bool, dtype: torch.dtype) -> dict:
+def control_inputs(controlnet, sample, timestep, hidden_states, net_kwargs: dict, condition, conditioning_scale,
+                   resolution_weighting: str, guided: bool, dtype: torch.dtype) -> dict:
     """The locked UNet's keyword arguments for what ``controlnet`` contributes (nothing when None): a ControlNet's
     residuals (``down_block_additional_residuals``, ``mid_block_additional_residual``) or a T2I-Adapter's features
     (``down_intrablock_additional_residuals``), computed in the net's dtype (float32 beside a bf16/fp16 base) and
-    returned in ``dtype``, the UNet's."""
+    returned in ``dtype``, the UNet's. ``net_kwargs``: what the net takes besides the text, as the UNet does
+    (the pixel base's ``class_labels``, SDXL's ``added_cond_kwargs``)."""
     if controlnet is None:
         return {}
     if is_adapter(controlnet):
         features = adapter_features(controlnet, condition, conditioning_scale, resolution_weighting, guided)
         return {"down_intrablock_additional_residuals": [f.to(dtype) for f in features]}
     net_dtype = controlnet.dtype
-    down, mid = control_residuals(controlnet, sample.to(net_dtype), timestep, hidden_states.to(net_dtype), cast(class_labels, net_dtype),
+    down, mid = control_residuals(controlnet, sample.to(net_dtype), timestep, hidden_states.to(net_dtype), cast(net_kwargs, net_dtype),
                                   condition, conditioning_scale, resolution_weighting, guided)
     return {"down_block_additional_residuals": [r.to(dtype) for r in down], "mid_block_additional_residual": mid.to(dtype)}
 
 
-def cast(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    return None if tensor is None else tensor.to(dtype)
+def cast(value, dtype: torch.dtype):
+    """``value`` (a tensor, None, or a dict of them such as ``added_cond_kwargs``) in ``dtype``."""
+    if isinstance(value, dict):
+        return {key: cast(item, dtype) for key, item in value.items()}
+    return None if value is None else value.to(dtype)
+
+
+def second_half(value):
+    """The conditional half of a CFG batch's tensor (or of each tensor of a dict); None stays None."""
+    if isinstance(value, dict):
+        return {key: second_half(item) for key, item in value.items()}
+    return None if value is None else value[value.shape[0] // 2 :]
 
 
 def weighted_residuals(down: list[torch.Tensor], mid: torch.Tensor, mode: str) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -155,7 +166,7 @@ def residual_heights(unet_config) -> list[int]:
     return heights + [height]
 
 
-def control_residuals(controlnet, sample, timestep, hidden_states, class_labels, condition, conditioning_scale,
+def control_residuals(controlnet, sample, timestep, hidden_states, net_kwargs: dict, condition, conditioning_scale,
                       resolution_weighting: str, guided: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
     """A ControlNet's (or a ``MultiControlNetModel``'s) weighted residuals for a denoiser input.
 
@@ -165,9 +176,7 @@ def control_residuals(controlnet, sample, timestep, hidden_states, class_labels,
     """
     conditional_only = guided and resolution_weighting != "off"
     if conditional_only:
-        half = sample.shape[0] // 2
-        sample, hidden_states = sample[half:], hidden_states[half:]
-        class_labels = None if class_labels is None else class_labels[half:]
+        sample, hidden_states, net_kwargs = second_half(sample), second_half(hidden_states), second_half(net_kwargs)
     elif guided:
         condition = [torch.cat([c, c]) for c in condition] if isinstance(condition, list) else torch.cat([condition, condition])
     down, mid = controlnet(
@@ -176,8 +185,8 @@ def control_residuals(controlnet, sample, timestep, hidden_states, class_labels,
         encoder_hidden_states=hidden_states,
         controlnet_cond=condition,
         conditioning_scale=conditioning_scale,
-        class_labels=class_labels,
         return_dict=False,
+        **net_kwargs,
     )
     if conditional_only:
         down = [torch.cat([torch.zeros_like(r), r]) for r in down]
@@ -206,7 +215,7 @@ class WeightedControlNets(MultiControlNetModel):
         dtype, net_dtype = sample.dtype, self.nets[0].dtype
         down, mid = super().forward(
             sample.to(net_dtype), timestep, encoder_hidden_states.to(net_dtype), [c.to(net_dtype) for c in controlnet_cond],
-            conditioning_scale, class_labels, timestep_cond, attention_mask, added_cond_kwargs, cross_attention_kwargs,
+            conditioning_scale, class_labels, timestep_cond, attention_mask, cast(added_cond_kwargs, net_dtype), cross_attention_kwargs,
             guess_mode=False, return_dict=False,
         )
         down, mid = weighted_residuals(down, mid, self.resolution_weighting)

@@ -1,4 +1,4 @@
-"""The locked bases: pixel space (``tiny``) and latent Stable Diffusion-family (``tiny_sd``, SD 1.x/2.x).
+"""The locked bases: pixel space (``tiny``), latent Stable Diffusion-family (``tiny_sd``, SD 1.x/2.x) and SDXL.
 
 Both kinds give the harness one interface (what module.py, evaluation/ and
 generation.py use): ``encode_prompt``, ``image_encoding`` / ``latents`` (targets to the
@@ -15,13 +15,15 @@ from diffusers import DiffusionPipeline
 
 from controlnet_lab.bases.fingerprint import base_fingerprint, check_same_base
 from controlnet_lab.bases.latent import LatentBase
+from controlnet_lab.bases.latent_xl import SDXLBase
 from controlnet_lab.bases.pixel import TinyTextToImagePipeline
 from controlnet_lab.bases.tiny import build_pixel_base
 from controlnet_lab.bases.tiny_sd import build_tiny_sd
 
 PIXEL_PIPELINES = {TinyTextToImagePipeline.__name__: TinyTextToImagePipeline}
+LATENT_BASES = {"StableDiffusionXLPipeline": SDXLBase}  # by the saved pipeline's class; any other: an SD-family LatentBase
 
-__all__ = ["LatentBase", "TinyTextToImagePipeline", "base_fingerprint", "build_pixel_base", "build_tiny_sd", "check_same_base", "load_base"]
+__all__ = ["LatentBase", "SDXLBase", "TinyTextToImagePipeline", "base_fingerprint", "build_pixel_base", "build_tiny_sd", "check_same_base", "load_base"]
 
 
 def load_base(folder: str | Path, dtype: torch.dtype | None = None):
@@ -29,4 +31,4 @@ def load_base(folder: str | Path, dtype: torch.dtype | None = None):
     name = DiffusionPipeline.load_config(str(folder))["_class_name"]
     if name in PIXEL_PIPELINES:
         return PIXEL_PIPELINES[name].from_pretrained(str(folder), dtype=dtype)
-    return LatentBase.from_pretrained(folder, dtype)
+    return LATENT_BASES.get(name, LatentBase).from_pretrained(folder, dtype)

@@ -11,13 +11,15 @@ target follows its ``prediction_type``.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 from diffusers import (ControlNetXSAdapter, DDIMScheduler, DDPMScheduler, SchedulerMixin, StableDiffusionAdapterPipeline,
                        StableDiffusionControlNetPipeline, StableDiffusionControlNetXSPipeline, StableDiffusionPipeline)
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from controlnet_lab.controlnet_xs import check_xs_sampling, is_xs, xs_prediction
-from controlnet_lab.sampling import WeightedControlNets, check_resolution_weighting, compose, control_inputs, per_net
+from controlnet_lab.sampling import WeightedControlNets, cast, check_resolution_weighting, compose, control_inputs, per_net
 from controlnet_lab.t2i_adapter import check_adapter_sampling, is_adapter
 
 
@@ -25,6 +27,11 @@ class LatentBase:
     """The locked parts of a latent text-to-image model, with the interface the harness trains and samples through."""
 
     caches_images = True  # the VAE's encoding of a target is worth caching
+    # diffusers' pipelines of this family: the base alone, with ControlNets, a T2I-Adapter, a ControlNet-XS
+    text_to_image = StableDiffusionPipeline
+    with_controlnet = StableDiffusionControlNetPipeline
+    with_adapter = StableDiffusionAdapterPipeline
+    with_xs = StableDiffusionControlNetXSPipeline
 
     def __init__(self, pipeline: StableDiffusionPipeline):
         self.pipeline = pipeline  # holds the same modules: encodes prompts and saves
@@ -41,7 +48,7 @@ class LatentBase:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype: torch.dtype | None = None) -> "LatentBase":
-        pipeline = StableDiffusionPipeline.from_pretrained(
+        pipeline = cls.text_to_image.from_pretrained(
             str(name_or_path), safety_checker=None, feature_extractor=None, requires_safety_checker=False, dtype=dtype
         )
         return cls(pipeline)
@@ -49,6 +56,12 @@ class LatentBase:
     def components(self) -> dict:
         return {"vae": self.vae, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer, "unet": self.unet,
                 "scheduler": self.scheduler, "safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
+    @staticmethod
+    def build(pipeline_class, components: dict, **extra):
+        """``pipeline_class`` from the components (and ``extra``) its constructor takes."""
+        takes = inspect.signature(pipeline_class.__init__).parameters
+        return pipeline_class(**{name: part for name, part in {**components, **extra}.items() if name in takes})
 
     def locked_modules(self) -> dict[str, torch.nn.Module]:
         return {"locked_unet": self.unet, "text_encoder": self.text_encoder, "vae": self.vae}
@@ -81,16 +94,24 @@ class LatentBase:
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * self.vae.config.scaling_factor
 
+    def unet_inputs(self, sample: torch.Tensor, pooled) -> dict:
+        """What the UNet (and a ControlNet copied from it) takes besides the noisy sample, timestep and text: nothing
+        on SD (SDXL: its pooled text and size conditioning)."""
+        return {}
+
     def predict_noise(self, sample, timestep, hidden_states, pooled=None, controlnet=None, condition=None,
                       conditioning_scale=1.0, resolution_weighting: str = "off", guided: bool = False) -> torch.Tensor:
         """The locked UNet's prediction, with what ``controlnet`` (a ControlNet, a T2I-Adapter) adds (sampling.py's
         ``control_inputs``)."""
         dtype = self.unet.dtype
+        extra = self.unet_inputs(sample, pooled)
         if is_xs(controlnet):  # the fused model predicts in place of the locked UNet
-            return xs_prediction(controlnet, sample, timestep, hidden_states, condition, conditioning_scale, resolution_weighting, guided, dtype)
-        control = control_inputs(controlnet, sample, timestep, hidden_states, None, condition, conditioning_scale, resolution_weighting,
+            return xs_prediction(controlnet, sample, timestep, hidden_states, extra, condition, conditioning_scale, resolution_weighting,
                                  guided, dtype)
-        return self.unet(sample.to(dtype), timestep, encoder_hidden_states=hidden_states.to(dtype), **control, return_dict=False)[0]
+        control = control_inputs(controlnet, sample, timestep, hidden_states, extra, condition, conditioning_scale, resolution_weighting,
+                                 guided, dtype)
+        return self.unet(sample.to(dtype), timestep, encoder_hidden_states=hidden_states.to(dtype), **cast(extra, dtype), **control,
+                         return_dict=False)[0]
 
     def control_pipeline(self, components: dict, controlnet, condition, conditioning_scale, resolution_weighting: str):
         """(diffusers' pipeline for ``controlnet``, its control arguments): ``StableDiffusionControlNetPipeline`` with
@@ -101,8 +122,8 @@ class LatentBase:
         if is_xs(controlnet) or isinstance(controlnet, ControlNetXSAdapter):
             check_xs_sampling(resolution_weighting)
             fused = is_xs(controlnet)
-            pipeline = StableDiffusionControlNetXSPipeline(**{**components, "unet": controlnet if fused else self.unet},
-                                                           controlnet=None if fused else controlnet)
+            pipeline = self.build(self.with_xs, {**components, "unet": controlnet if fused else self.unet},
+                                  controlnet=None if fused else controlnet)
             return pipeline, {"image": condition.to(self.unet.device), "controlnet_conditioning_scale": float(conditioning_scale)}
         if not isinstance(controlnet, (list, tuple)):
             controlnet, condition = [controlnet], [condition]
@@ -113,8 +134,8 @@ class LatentBase:
         if any(is_adapter(net) for net in nets):
             check_adapter_sampling(resolution_weighting)
             net, condition, scale = compose(nets, conditions, scales)
-            return StableDiffusionAdapterPipeline(**components, adapter=net), {"image": condition, "adapter_conditioning_scale": scale}
-        pipeline = StableDiffusionControlNetPipeline(**components, controlnet=WeightedControlNets(nets, resolution_weighting))
+            return self.build(self.with_adapter, components, adapter=net), {"image": condition, "adapter_conditioning_scale": scale}
+        pipeline = self.build(self.with_controlnet, components, controlnet=WeightedControlNets(nets, resolution_weighting))
         return pipeline, {"image": conditions, "controlnet_conditioning_scale": scales, "guess_mode": resolution_weighting != "off"}
 
     @torch.no_grad()
@@ -138,7 +159,7 @@ class LatentBase:
         arguments = {"prompt": list(prompt), "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
                      "generator": generator, "output_type": "pt", "height": self.resolution, "width": self.resolution}
         if controlnet is None:
-            pipeline = StableDiffusionPipeline(**components)
+            pipeline = self.build(self.text_to_image, components)
         else:
             pipeline, control = self.control_pipeline(components, controlnet, condition, conditioning_scale, resolution_weighting)
             arguments.update(control)

@@ -87,7 +87,7 @@ class TinyTextToImagePipeline(DiffusionPipeline):
         """
         class_labels = pooled if self.uses_pooled_text else None
         dtype = self.unet.dtype
-        control = control_inputs(controlnet, sample, timestep, hidden_states, class_labels, condition, conditioning_scale,
+        control = control_inputs(controlnet, sample, timestep, hidden_states, {"class_labels": class_labels}, condition, conditioning_scale,
                                  resolution_weighting, guided, dtype)
         return self.unet(sample.to(dtype), timestep, encoder_hidden_states=hidden_states.to(dtype), class_labels=cast(class_labels, dtype),
                          **control, return_dict=False)[0]

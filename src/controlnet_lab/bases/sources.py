@@ -3,21 +3,25 @@
 Each source turns the run's settings into a folder that ``load_base`` reads, and is
 asked before any training (training.py): ``tiny`` and ``tiny_sd`` pretrain their base
 on the run's training split (or reuse it from the cache), or take a saved one from
-``pretrained_model_name_or_path``; ``pretrained`` (``sd15`` and any Stable Diffusion
-folder or Hub id) resolves the id to a local snapshot, downloading it when the Hub is
-reachable, and fails with the key and the id when it is neither there nor reachable.
+``pretrained_model_name_or_path``; ``pretrained`` (``sd15``, ``sdxl`` and any folder or Hub
+id of their families) resolves the id to a local snapshot, downloading it when the Hub
+is reachable, and fails with the key and the id when it is neither there nor reachable,
+or when it holds a pipeline of another family than the option's.
 """
 from __future__ import annotations
 
 import functools
 from pathlib import Path
 
-from diffusers import StableDiffusionPipeline
+import json
+
+from diffusers import DiffusionPipeline
 
 from controlnet_lab.bases.tiny import pretrained_pixel_base
 from controlnet_lab.bases.tiny_sd import pretrained_tiny_sd
 
 KEY = "model.base.pretrained_model_name_or_path"
+FAMILIES = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl"}  # saved pipeline class: the model= option
 
 
 class BaseNotFoundError(FileNotFoundError):
@@ -69,13 +73,18 @@ class TinySDBaseSource(EmbeddedBaseSource):
 
 
 class PretrainedBaseSource(BaseSource):
-    """A Stable Diffusion-family base from a Hub id or a ``save_pretrained`` folder (SD 1.x, 2.x)."""
+    """A base from a Hub id or a ``save_pretrained`` folder of the family ``settings["pipeline"]`` names
+    (``StableDiffusionPipeline``: SD 1.x, 2.x; ``StableDiffusionXLPipeline``: SDXL)."""
 
     def check(self) -> None:
+        expected = self.settings.get("pipeline", "StableDiffusionPipeline")
         if not self.name_or_path:
-            raise BaseNotFoundError(f"{KEY} is empty: give a Hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5) or a folder "
-                                    "saved with StableDiffusionPipeline.save_pretrained")
-        super().check()
+            raise BaseNotFoundError(f"{KEY} is empty: give a Hub id or a folder saved with {expected}.save_pretrained")
+        found = DiffusionPipeline.load_config(str(self.saved))["_class_name"]
+        if found != expected:
+            fits = f" (model={FAMILIES[found]})" if found in FAMILIES else ""
+            raise BaseNotFoundError(f"{KEY}={self.name_or_path} holds a {found}{fits}, not the {expected} that "
+                                    f"model={FAMILIES.get(expected, expected)} trains on: choose the model= option of its family")
 
     def folder(self, data=None, resolution=None, cache_dir=None, trainer_kwargs=None) -> Path:
         self.check()
@@ -95,12 +104,12 @@ def saved_folder(name_or_path: str) -> Path:
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise BaseNotFoundError(f"{KEY}={name_or_path}: the folder has no model_index.json "
-                                    "(save the base with StableDiffusionPipeline.save_pretrained)")
+                                    "(save the base with its pipeline's save_pretrained)")
         return path
     if not is_hub_id(name_or_path):
         raise BaseNotFoundError(f"{KEY}={name_or_path}: no such folder, and not a Hub id of the form owner/name")
     try:
-        return Path(StableDiffusionPipeline.download(name_or_path, safety_checker=None, feature_extractor=None))
+        return Path(DiffusionPipeline.download(name_or_path, safety_checker=None, feature_extractor=None))
     except Exception as err:  # the hub client raises many types (offline, not found, gated, network)
         raise BaseNotFoundError(
             f"{KEY}={name_or_path}: the base is not in the local Hugging Face cache and could not be fetched "

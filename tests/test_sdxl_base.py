@@ -1,0 +1,113 @@
+"""The SDXL path, on a tiny random SDXL-shaped pipeline built here and saved with ``save_pretrained``: the loading code
+a Hub id such as stabilityai/stable-diffusion-xl-base-1.0 takes."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import json
+
+import lightning as L
+import pytest
+import torch
+from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionXLControlNetPipeline
+from torch.utils.data import DataLoader
+
+from conftest import compose_train, fill50k_dataset, run_train
+from controlnet_lab.bases import SDXLBase, load_base
+from controlnet_lab.bases.sources import BaseNotFoundError, PretrainedBaseSource
+from controlnet_lab.data.encoded import EncodingStore
+from controlnet_lab.export import export
+from controlnet_lab.module import ControlNetModule
+
+PROMPTS = ["red circle with blue background", ""]
+
+
+def sdxl_module(folder, **kwargs) -> ControlNetModule:
+    return ControlNetModule(str(folder), hint_channels=None, num_val_images=0, resolution=32, **kwargs)
+
+
+def test_loads_as_sdxl_with_both_text_encoders_and_the_pooled_text(sdxl_folder):
+    base = load_base(sdxl_folder)
+    assert isinstance(base, SDXLBase) and base.vae_scale_factor == 8 and base.resolution == 32
+    hidden, pooled = base.encode_prompt(PROMPTS)
+    assert hidden.shape == (2, 24, 64) and pooled.shape == (2, 16)  # 32 + 32 hidden channels side by side; the projection
+    assert set(base.locked_modules()) == {"locked_unet", "text_encoder", "text_encoder_2", "vae"}
+
+
+def test_zero_blocks_reproduce_the_base_prediction_at_step_zero(sdxl_folder):
+    module = sdxl_module(sdxl_folder, block="zero")
+    assert module.hparams.hint_channels == [16, 32, 96, 256]  # derived from the VAE factor 8
+    hidden, pooled = module.base.encode_prompt(PROMPTS)
+    latents, t, condition = torch.randn(2, 4, 4, 4), torch.tensor([10, 700]), torch.rand(2, 3, 32, 32)
+    alone = module.base.predict_noise(latents, t, hidden, pooled)
+    assert torch.equal(alone, module.base.predict_noise(latents, t, hidden, pooled, module.controlnet, condition))
+    gauss = sdxl_module(sdxl_folder, block="gauss", block_std=0.1)
+    assert not torch.equal(alone, gauss.base.predict_noise(latents, t, hidden, pooled, gauss.controlnet, condition))
+    # The size conditioning reaches the UNet: another target size predicts otherwise.
+    wider = module.base.unet_inputs(torch.zeros(2, 4, 4, 8), pooled)["added_cond_kwargs"]["time_ids"]
+    assert wider.tolist() == [[32, 64, 0, 0, 32, 64]] * 2
+
+
+def test_training_leaves_the_locked_parts_bitwise_unchanged(sdxl_folder, sd_data, tmp_path):
+    module = sdxl_module(sdxl_folder, lr=1e-2)
+    before = {name: {k: v.clone() for k, v in part.state_dict().items()} for name, part in module.base.locked_modules().items()}
+    copy_before = {k: v.clone() for k, v in module.controlnet.state_dict().items()}
+    trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=str(tmp_path))
+    trainer.fit(module, train_dataloaders=DataLoader(fill50k_dataset(sd_data, 32, prompt_dropout=0.5), batch_size=4))
+    for name, part in module.base.locked_modules().items():
+        assert all(torch.equal(v, before[name][k]) for k, v in part.state_dict().items()), name
+    assert any(not torch.equal(v, copy_before[k]) for k, v in module.controlnet.state_dict().items())
+
+
+def test_the_export_runs_in_diffusers_sdxl_controlnet_pipeline_as_in_the_harness(sdxl_folder, sd_data, tmp_path):
+    module = sdxl_module(sdxl_folder, block="gauss", block_std=0.05)  # non-zero residuals: the ControlNet shows in the images
+    trainer = L.Trainer(max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer.fit(module, train_dataloaders=DataLoader(fill50k_dataset(sd_data, 32), batch_size=4))
+    ckpt = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(ckpt)
+    export(ckpt, tmp_path / "export")
+    assert "StableDiffusionXLControlNetPipeline.from_pretrained" in (tmp_path / "export" / "README.md").read_text()
+    condition = torch.rand(2, 3, 32, 32)
+    harness = module.base(PROMPTS, condition, module.controlnet, num_inference_steps=3, guidance_scale=5.0,
+                          generator=torch.Generator().manual_seed(0))
+    pipeline = StableDiffusionXLControlNetPipeline.from_pretrained(
+        str(sdxl_folder), controlnet=ControlNetModel.from_pretrained(tmp_path / "export" / "controlnet"), add_watermarker=False)
+    pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+    images = pipeline(PROMPTS, image=condition, num_inference_steps=3, guidance_scale=5.0, height=32, width=32, output_type="pt",
+                      generator=torch.Generator().manual_seed(0)).images
+    assert torch.allclose(harness, images * 2 - 1, atol=1e-4), (harness - (images * 2 - 1)).abs().max()
+
+
+@pytest.mark.bad_input
+def test_a_folder_of_another_family_is_refused_naming_the_key_and_what_was_found(sd_folder, sdxl_folder):
+    with pytest.raises(BaseNotFoundError, match=r"model\.base\.pretrained_model_name_or_path=.*StableDiffusionPipeline.*model=sdxl"):
+        PretrainedBaseSource(pretrained_model_name_or_path=str(sd_folder), pipeline="StableDiffusionXLPipeline").check()
+    with pytest.raises(BaseNotFoundError, match=r"StableDiffusionXLPipeline.*model=sd15"):
+        PretrainedBaseSource(pretrained_model_name_or_path=str(sdxl_folder), pipeline="StableDiffusionPipeline").check()
+    PretrainedBaseSource(pretrained_model_name_or_path=str(sdxl_folder), pipeline="StableDiffusionXLPipeline").check()
+
+
+@pytest.mark.bad_input
+def test_sdxl_offline_without_weights_is_refused_naming_the_key():
+    source = compose_train(["model=sdxl"]).model.base
+    with pytest.raises(BaseNotFoundError, match=r"model\.base\.pretrained_model_name_or_path=stabilityai/stable-diffusion-xl-base-1\.0"):
+        PretrainedBaseSource(**{key: value for key, value in source.items() if key != "_target_"}).check()
+
+
+def test_smoke_trains_and_samples_on_a_saved_sdxl_folder(sdxl_folder, tmp_path):
+    """model=sdxl pointed at a local folder, as a user checks a new setup: the locked encodings cache the pooled text."""
+    result = run_train(["model=sdxl", f"model.base.pretrained_model_name_or_path={sdxl_folder}", "experiment=smoke", "data.resolution=32",
+                        "model.sampling.num_inference_steps=2", "eval.fid_domain.enabled=false"], tmp_path, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(next((tmp_path / "outputs").rglob("results.json")).read_text())
+    assert results["model"] == "sdxl" and results["global_step"] == 6 and "mask_iou" in results["metrics"]
+    stores = [EncodingStore(folder) for folder in (tmp_path / "cache" / "encodings").glob("text-*")]
+    assert len(stores) == 2 and all(store.column("text_pooled") is not None for store in stores)  # training and held-out prompts
+    run_dir = next((tmp_path / "outputs").rglob("results.json")).parent
+    source = next(Path(results["data_root"]).rglob("source/*.png"))
+    sampled = run_train([f"ckpt={run_dir}", f"condition={source}", "prompt=red circle with blue background", "sampling.num_inference_steps=2",
+                         "sampling.guidance_scale=2.0", "sampling.resolution_weighting=paper"], tmp_path, script="src/sample.py")
+    assert sampled.returncode == 0, sampled.stderr[-3000:]
+    report = json.loads(next((tmp_path / "outputs" / "sample").rglob("samples.json")).read_text())
+    assert report["sampling"]["resolution"] == 32 and len(report["sampling"]["resolution_weights"]) == 5  # 4x4 and 2x2 latents
