@@ -13,6 +13,7 @@ from conftest import fill50k_dataset
 from controlnet_lab.data.fill50k import DatasetFormatError, fill50k_samples, read_index
 from controlnet_lab.data.synthetic import SyntheticFill50kSpec, write_fill50k
 from controlnet_lab.data.outlines import condition_mask
+from controlnet_lab.data.samples import crop_geometry, fit_square
 
 
 def split_indices(total: int, val_size: int, size: int | None, split_seed: int):
@@ -53,6 +54,17 @@ def test_fill50k_conventions_ranges_and_rgb_order(tiny_data):
 def test_reader_resizes_to_the_configured_resolution(tiny_data):
     sample = fill50k_dataset(tiny_data, 8)[3]
     assert sample["condition"].shape == (3, 8, 8)
+    assert sample["geometry"].tolist() == [16, 16, 0, 0]  # (original size, crop): 16 px images shrunk whole to 8
+
+
+@pytest.mark.parametrize("height, width, geometry", [(48, 64, [48, 64, 0, 5]), (80, 40, [80, 40, 16, 0]), (32, 32, [32, 32, 0, 0])])
+def test_crop_geometry_names_the_crop_the_geometry_rule_takes(height, width, geometry):
+    image = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    assert crop_geometry(height, width, 32).tolist() == geometry
+    _, _, top, left = geometry
+    scale = 32 / min(height, width)
+    resized = cv2.resize(image, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA)
+    assert np.array_equal(fit_square(image, 32), resized[top : top + 32, left : left + 32])
 
 
 def test_generator_is_deterministic(tmp_path):

@@ -43,9 +43,20 @@ def test_zero_blocks_reproduce_the_base_prediction_at_step_zero(sdxl_folder):
     assert torch.equal(alone, module.base.predict_noise(latents, t, hidden, pooled, module.controlnet, condition))
     gauss = sdxl_module(sdxl_folder, block="gauss", block_std=0.1)
     assert not torch.equal(alone, gauss.base.predict_noise(latents, t, hidden, pooled, gauss.controlnet, condition))
-    # The size conditioning reaches the UNet: another target size predicts otherwise.
-    wider = module.base.unet_inputs(torch.zeros(2, 4, 4, 8), pooled)["added_cond_kwargs"]["time_ids"]
-    assert wider.tolist() == [[32, 64, 0, 0, 32, 64]] * 2
+
+
+def test_each_targets_original_size_and_crop_reach_the_size_conditioning(sdxl_folder):
+    base = load_base(sdxl_folder)
+    hidden, pooled = base.encode_prompt(PROMPTS)
+    latents, t = torch.randn(2, 4, 4, 4), torch.tensor([10, 700])
+    geometry = torch.tensor([[48, 64, 0, 5], [32, 32, 0, 0]])  # (original height, width, crop top, left): crop_geometry's
+    assert base.unet_inputs(latents, pooled, geometry)["added_cond_kwargs"]["time_ids"].tolist() == [[48, 64, 0, 5, 32, 32],
+                                                                                                    [32, 32, 0, 0, 32, 32]]
+    # Without (when generating): the target's size, uncropped, as the pipelines pass it.
+    assert base.unet_inputs(torch.zeros(2, 4, 4, 8), pooled, None)["added_cond_kwargs"]["time_ids"].tolist() == [[32, 64, 0, 0, 32, 64]] * 2
+    with_sizes = base.predict_noise(latents, t, hidden, pooled, geometry=geometry)
+    assert not torch.equal(with_sizes[0], base.predict_noise(latents, t, hidden, pooled)[0])
+    assert torch.equal(with_sizes[1], base.predict_noise(latents, t, hidden, pooled)[1])
 
 
 def test_training_leaves_the_locked_parts_bitwise_unchanged(sdxl_folder, sd_data, tmp_path):

@@ -152,7 +152,8 @@ class ControlNetModule(L.LightningModule):
     def diffusion_loss(self, batch: dict, generator: torch.Generator | None = None, denoiser=None) -> torch.Tensor:
         """The objective on a batch; ``denoiser``: the call that predicts (``base.predict_noise`` or a compiled one)."""
         noisy, timesteps, target, hidden, pooled = self.noisy_inputs(batch, generator)
-        prediction = (denoiser or self.base.predict_noise)(noisy, timesteps, hidden, pooled, self.controlnet, batch["condition"])
+        prediction = (denoiser or self.base.predict_noise)(noisy, timesteps, hidden, pooled, self.controlnet, batch["condition"],
+                                                           geometry=batch.get("geometry"))
         return F.mse_loss(prediction.float(), target.float())
 
     @torch.no_grad()
@@ -160,8 +161,9 @@ class ControlNetModule(L.LightningModule):
         """How much the ControlNet changes the locked base's noise prediction on a batch (the same noise, timesteps and
         prompts with and without it): the mean absolute change, and that over the prediction's mean magnitude."""
         noisy, timesteps, _, hidden, pooled = self.noisy_inputs(batch, generator)
-        alone = self.base.predict_noise(noisy, timesteps, hidden, pooled).float()
-        controlled = self.base.predict_noise(noisy, timesteps, hidden, pooled, self.controlnet, batch["condition"]).float()
+        geometry = batch.get("geometry")
+        alone = self.base.predict_noise(noisy, timesteps, hidden, pooled, geometry=geometry).float()
+        controlled = self.base.predict_noise(noisy, timesteps, hidden, pooled, self.controlnet, batch["condition"], geometry=geometry).float()
         change = (controlled - alone).abs().mean()
         return {"mean_abs_change": float(change), "relative": float(change / alone.abs().mean()), "images": len(noisy)}
 

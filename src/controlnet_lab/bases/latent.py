@@ -94,17 +94,19 @@ class LatentBase:
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * self.vae.config.scaling_factor
 
-    def unet_inputs(self, sample: torch.Tensor, pooled) -> dict:
+    def unet_inputs(self, sample: torch.Tensor, pooled, geometry: torch.Tensor | None) -> dict:
         """What the UNet (and a ControlNet copied from it) takes besides the noisy sample, timestep and text: nothing
         on SD (SDXL: its pooled text and size conditioning)."""
         return {}
 
     def predict_noise(self, sample, timestep, hidden_states, pooled=None, controlnet=None, condition=None,
-                      conditioning_scale=1.0, resolution_weighting: str = "off", guided: bool = False) -> torch.Tensor:
+                      conditioning_scale=1.0, resolution_weighting: str = "off", guided: bool = False,
+                      geometry: torch.Tensor | None = None) -> torch.Tensor:
         """The locked UNet's prediction, with what ``controlnet`` (a ControlNet, a T2I-Adapter) adds (sampling.py's
-        ``control_inputs``)."""
+        ``control_inputs``); ``geometry``: each target's original size and crop (the data's ``crop_geometry``), read by
+        a size-conditioned base (SDXL)."""
         dtype = self.unet.dtype
-        extra = self.unet_inputs(sample, pooled)
+        extra = self.unet_inputs(sample, pooled, geometry)
         if is_xs(controlnet):  # the fused model predicts in place of the locked UNet
             return xs_prediction(controlnet, sample, timestep, hidden_states, extra, condition, conditioning_scale, resolution_weighting,
                                  guided, dtype)

@@ -62,8 +62,11 @@ class SDXLBase(LatentBase):
                 self.vae.to(torch.float16)
         return super().image_encoding(images)
 
-    def unet_inputs(self, sample: torch.Tensor, pooled: torch.Tensor) -> dict:
-        """SDXL's added conditioning: the pooled text and the size ids of a ``sample``-sized target, uncropped."""
+    def unet_inputs(self, sample: torch.Tensor, pooled: torch.Tensor, geometry: torch.Tensor | None) -> dict:
+        """SDXL's added conditioning: the pooled text and the size ids (original size, crop top-left, target size) of
+        each target, its original size and crop from ``geometry`` (a row per target) or, without, the target's size
+        uncropped (what the pipelines pass when generating)."""
         height, width = (side * self.vae_scale_factor for side in sample.shape[-2:])
-        time_ids = torch.tensor([height, width, 0, 0, height, width], device=sample.device).repeat(len(sample), 1)
-        return {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+        target = torch.tensor([height, width], device=sample.device).repeat(len(sample), 1)
+        original = torch.cat([target, torch.zeros_like(target)], dim=1) if geometry is None else geometry.to(sample.device)
+        return {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": torch.cat([original, target], dim=1)}}

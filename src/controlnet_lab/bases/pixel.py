@@ -79,10 +79,12 @@ class TinyTextToImagePipeline(DiffusionPipeline):
         conditioning_scale: float | list[float] = 1.0,
         resolution_weighting: str = "off",
         guided: bool = False,
+        geometry: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The locked UNet's noise prediction, with what a ControlNet (or a ``MultiControlNetModel``, a T2I-Adapter) adds when one is given.
 
-        ``guided``: the batch is classifier-free guidance's [unconditional; conditional].
+        ``guided``: the batch is classifier-free guidance's [unconditional; conditional]; ``geometry`` (the targets'
+        original size and crop) is not read: this UNet has no size conditioning.
         With resolution weighting on, the condition then reaches only the conditional half.
         """
         class_labels = pooled if self.uses_pooled_text else None

@@ -165,7 +165,7 @@ class DenoiserPretraining(L.LightningModule):
         encoding = batch["image_encoding"] if "image_encoding" in batch else self.base.image_encoding(batch["target"])
         noisy, timesteps, target = noisy_batch(scheduler, self.base.latents(encoding), self.noise_offset)
         hidden, pooled = self.base.encode_prompt(batch["prompt"])
-        prediction = self.base.predict_noise(noisy, timesteps, hidden, pooled)
+        prediction = self.base.predict_noise(noisy, timesteps, hidden, pooled, geometry=batch.get("geometry"))
         loss = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
         if self.snr_gamma:
             snr = compute_snr(scheduler, timesteps)

@@ -15,12 +15,13 @@ from torch.utils.data import Dataset
 
 from controlnet_lab.data.condition_cache import CachedConditions
 from controlnet_lab.data.conditions import ConditionMaker, outline
-from controlnet_lab.data.samples import Samples
+from controlnet_lab.data.samples import Samples, crop_geometry
 
 
 class ControlDataset(Dataset):
-    """Items ``condition``, ``target``, ``prompt``, ``true_prompt``, ``index`` and, where the dataset stores
-    conditions, ``source`` (the stored one, which the fill50k oracle scores measure against).
+    """Items ``condition``, ``target``, ``prompt``, ``true_prompt``, ``index``, ``geometry`` (the target's original
+    size and crop, ``crop_geometry``: SDXL's size conditioning) and, where the dataset stores conditions, ``source``
+    (the stored one, which the fill50k oracle scores measure against).
 
     ``condition`` is what the ControlNet sees: a detector's cached map (``detected``), or
     ``make_condition`` of the stored condition (the stored one itself by default); with
@@ -76,7 +77,8 @@ class ControlDataset(Dataset):
         true_prompt = self.samples.prompts[row]
         if target is not None:
             item["target"] = chw(target.astype(np.float32) / 127.5 - 1.0)
-        item.update({"prompt": "" if dropped else true_prompt, "true_prompt": true_prompt, "index": index})
+        item.update({"prompt": "" if dropped else true_prompt, "true_prompt": true_prompt, "index": index,
+                     "geometry": crop_geometry(*self.samples.targets.size(row), self.resolution)})
         return item
 
     def name(self, row: int) -> str:

@@ -33,6 +33,7 @@ from pathlib import Path
 import cv2
 import datasets
 import numpy as np
+import torch
 import PIL.Image
 import pyarrow as pa
 from PIL import UnidentifiedImageError
@@ -90,14 +91,26 @@ def resized(image: np.ndarray, size: tuple[int, int], enlarge: str) -> np.ndarra
     return cv2.resize(image, size, interpolation=cv2.INTER_AREA if shrinking else ENLARGE[enlarge])
 
 
+def square_crop(height: int, width: int, resolution: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The geometry rule on an image of (``height``, ``width``): (its resized (height, width), the crop's (top, left))."""
+    scale = resolution / min(height, width)
+    size = max(resolution, round(height * scale)), max(resolution, round(width * scale))
+    return size, ((size[0] - resolution) // 2, (size[1] - resolution) // 2)
+
+
+def crop_geometry(height: int, width: int, resolution: int) -> torch.Tensor:
+    """(original height, original width, crop top, crop left) of the geometry rule on an image of that size: what
+    SDXL's size conditioning takes, as diffusers' SDXL training scripts record per sample."""
+    top_left = (0, 0) if (height, width) == (resolution, resolution) else square_crop(height, width, resolution)[1]
+    return torch.tensor([height, width, *top_left])
+
+
 def fit_square(image: np.ndarray, resolution: int, enlarge: str = "bilinear") -> np.ndarray:
     """The geometry rule of the module docstring: shorter side to ``resolution``, then a center crop."""
     height, width = image.shape[:2]
     if (height, width) != (resolution, resolution):
-        scale = resolution / min(height, width)
-        size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-        image = resized(image, size, enlarge)
-        top, left = (image.shape[0] - resolution) // 2, (image.shape[1] - resolution) // 2
+        size, (top, left) = square_crop(height, width, resolution)
+        image = resized(image, size[::-1], enlarge)
         image = image[top : top + resolution, left : left + resolution]
     return np.ascontiguousarray(image)
 

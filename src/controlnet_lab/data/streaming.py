@@ -25,7 +25,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from controlnet_lab.data.conditions import ConditionMaker
 from controlnet_lab.data.dataset import chw
 from controlnet_lab.data.manifest import content_key
-from controlnet_lab.data.samples import CONDITION, IMAGE, TEXT, DatasetFormatError, Samples, decode_rgb, fit_condition, fit_square
+from controlnet_lab.data.samples import (CONDITION, IMAGE, TEXT, DatasetFormatError, Samples, crop_geometry, decode_rgb, fit_condition,
+                                         fit_square)
 
 log = logging.getLogger(__name__)
 UNDECODED = datasets.Image(decode=False)
@@ -110,10 +111,11 @@ class StreamedRows(IterableDataset):
             condition = decode_rgb(condition_bytes, None, f"{self.origin}, streamed row {index}")
             source = fit_condition(condition, target.shape[:2], self.resolution, self.resize["condition"])
             item["source"] = chw(source.astype(np.float32) / 255.0)
+        geometry = crop_geometry(*target.shape[:2], self.resolution)
         target = fit_square(target, self.resolution, self.resize["image"])
         condition = self.make_condition(source, target, f"streamed/{index}")
         item.update({"condition": chw(condition.astype(np.float32) / 255.0), "target": chw(target.astype(np.float32) / 127.5 - 1.0),
-                     "prompt": "" if dropped else prompt, "true_prompt": prompt, "index": index})
+                     "prompt": "" if dropped else prompt, "true_prompt": prompt, "index": index, "geometry": geometry})
         return item
 
 
