@@ -122,3 +122,14 @@ def test_smoke_trains_and_samples_on_a_saved_sdxl_folder(sdxl_folder, tmp_path):
     assert sampled.returncode == 0, sampled.stderr[-3000:]
     report = json.loads(next((tmp_path / "outputs" / "sample").rglob("samples.json")).read_text())
     assert report["sampling"]["resolution"] == 32 and len(report["sampling"]["resolution_weights"]) == 5  # 4x4 and 2x2 latents
+
+
+def test_smoke_on_the_embedded_sdxl_base_pretrains_it_and_saves_it_as_sdxl(tmp_path):
+    result = run_train(["model=tiny_sdxl", "experiment=smoke", "eval.fid_domain.enabled=false"], tmp_path, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(next((tmp_path / "outputs").rglob("results.json")).read_text())
+    assert results["model"] == "tiny_sdxl" and results["global_step"] == 6 and results["base"]["pretraining"]["steps"] == {"vae": 20, "unet": 20}
+    (folder,) = (tmp_path / "cache" / "base").glob("base-*")
+    base = load_base(folder)
+    assert isinstance(base, SDXLBase) and base.unet.config.addition_embed_type == "text_time" and base.vae_scale_factor == 4
+    assert not base.pipeline.config.force_zeros_for_empty_prompt  # CFG's unconditional branch: the "" that prompt dropout trained

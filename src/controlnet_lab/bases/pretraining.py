@@ -154,7 +154,8 @@ class DenoiserPretraining(L.LightningModule):
         super().__init__()
         self.base = base
         self.unet = base.unet
-        self.text_encoder = base.text_encoder
+        # The text encoders train with the UNet (SDXL's two, SD's one): every locked part but the autoencoder.
+        self.text_encoders = torch.nn.ModuleList(part for name, part in base.locked_modules().items() if name.startswith("text_encoder"))
         self.lr = lr
         self.snr_gamma = snr_gamma
         self.warmup_steps = warmup_steps
@@ -178,6 +179,6 @@ class DenoiserPretraining(L.LightningModule):
     def configure_optimizers(self):
         # Fused: one kernel for the 288 tensors (2.2 ms an update against 9.8 ms for torch's per-tensor CPU default;
         # speed_options.json). Pretraining neither clips gradients nor mixes precision, which Lightning refuses with it.
-        optimizer = torch.optim.AdamW(list(self.unet.parameters()) + list(self.text_encoder.parameters()), lr=self.lr, fused=True)
+        optimizer = torch.optim.AdamW(list(self.unet.parameters()) + list(self.text_encoders.parameters()), lr=self.lr, fused=True)
         warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, self.warmup_steps)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}

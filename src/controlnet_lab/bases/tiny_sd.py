@@ -8,7 +8,8 @@ reconstruction summed per image + a small KL term, the LDM recipe without the
 perceptual and adversarial terms), its ``scaling_factor`` set to 1 / std of the
 training latents (as SD's 0.18215 was), then the UNet and text encoder on latents of
 the frozen autoencoder (pretraining.py). Saved with ``StableDiffusionPipeline.save_pretrained``,
-so it loads exactly as SD 1.5 does.
+so it loads exactly as SD 1.5 does. ``tiny_sdxl`` is SDXL's architecture the same way (a second text encoder with a
+projection, the UNet's "text_time" added conditioning), saved with ``StableDiffusionXLPipeline.save_pretrained``.
 """
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from torch.utils.data import DataLoader
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from controlnet_lab.bases.latent import LatentBase
+from controlnet_lab.bases.latent_xl import SDXLBase
 from controlnet_lab.bases.pretraining import SAVED_SHARD_SIZE, DenoiserPretraining, build_once, cache_key, PretrainingData, pretraining_trainer
 from controlnet_lab.bases.tiny import text_encoder_and_tokenizer
 from controlnet_lab.data.encoded import LockedEncodings
@@ -31,19 +34,30 @@ def vae_scale_factor(vae_settings: dict) -> int:
 
 
 def build_tiny_sd(settings: dict, resolution: int, prompts: list[str]) -> LatentBase:
-    """An untrained tiny SD-shaped base from the ``model.base`` settings, its tokenizer built from ``prompts``."""
+    """An untrained tiny SD-shaped base from the ``model.base`` settings, its tokenizer built from ``prompts``; SDXL-shaped
+    (``SDXLBase``) when the settings give a second text encoder (``text_encoder_2``, with a ``projection_dim``)."""
     text_encoder, tokenizer = text_encoder_and_tokenizer(dict(settings["text_encoder"]), prompts)
     vae_settings = dict(settings["vae"])
     levels = len(vae_settings["block_out_channels"])
     vae = AutoencoderKL(in_channels=3, out_channels=3, sample_size=resolution, down_block_types=["DownEncoderBlock2D"] * levels,
                         up_block_types=["UpDecoderBlock2D"] * levels, **vae_settings)
-    unet = UNet2DConditionModel(sample_size=resolution // vae_scale_factor(vae_settings), in_channels=vae.config.latent_channels,
-                                out_channels=vae.config.latent_channels, cross_attention_dim=text_encoder.config.hidden_size,
-                                **settings["unet"])
-    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                       scheduler=DDPMScheduler(**settings["scheduler"]), safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
-    return LatentBase(pipeline)
+    unet_settings = dict(settings["unet"], sample_size=resolution // vae_scale_factor(vae_settings), in_channels=vae.config.latent_channels,
+                         out_channels=vae.config.latent_channels)
+    scheduler = DDPMScheduler(**settings["scheduler"])
+    if not settings.get("text_encoder_2"):
+        unet = UNet2DConditionModel(cross_attention_dim=text_encoder.config.hidden_size, **unet_settings)
+        return LatentBase(StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                                  safety_checker=None, feature_extractor=None, requires_safety_checker=False))
+    # SDXL: the UNet attends to both encoders' hidden states side by side and adds the second's pooled projection to
+    # the six size ids' embeddings ("text_time").
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**text_encoder.config.to_dict(), **settings["text_encoder_2"]}))
+    unet = UNet2DConditionModel(cross_attention_dim=text_encoder.config.hidden_size + text_encoder_2.config.hidden_size,
+                                addition_embed_type="text_time", projection_class_embeddings_input_dim=(
+                                    6 * unet_settings["addition_time_embed_dim"] + text_encoder_2.config.projection_dim), **unet_settings)
+    # force_zeros_for_empty_prompt off: CFG's unconditional branch is the encoded "" the prompt dropout trained on.
+    return SDXLBase(StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                                              tokenizer_2=tokenizer, unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=False,
+                                              add_watermarker=False))
 
 
 class AutoencoderPretraining(L.LightningModule):
