@@ -46,14 +46,14 @@ def save_sd(root: Path, layers_per_block: int = 1) -> Path:
 def save_sdxl(root: Path) -> Path:
     """SDXL's layout at toy size (as diffusers' SDXL tests build it): two CLIP text encoders, the second with a
     projection (the pooled text), a UNet with "text_time" added conditioning on both encoders' hidden states side by
-    side, VAE factor 8, Euler (as SDXL ships)."""
+    side and SDXL's two ResNet layers per block (which ControlNet-XS needs), VAE factor 8, Euler (as SDXL ships)."""
     torch.manual_seed(0)
     tokenizer = clip_tokenizer(root / "tokenizer_src")
     text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
                 max_position_embeddings=24, pad_token_id=1, bos_token_id=0, eos_token_id=1, projection_dim=16)
     vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                         latent_channels=4, norm_num_groups=4, layers_per_block=1, sample_size=32)
-    unet = UNet2DConditionModel(sample_size=4, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+    unet = UNet2DConditionModel(sample_size=4, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=2,
                                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
                                 cross_attention_dim=64, attention_head_dim=4, norm_num_groups=8, use_linear_projection=True,
                                 addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 16)

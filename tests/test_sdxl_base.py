@@ -20,6 +20,8 @@ from controlnet_lab.export import export
 from controlnet_lab.module import ControlNetModule
 
 PROMPTS = ["red circle with blue background", ""]
+LORA = dict(rank=4, alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"], connections_in_full=True)
+XS = dict(size_ratio=0.25, learn_time_embedding=False, time_embedding_mix=1.0)
 
 
 def sdxl_module(folder, **kwargs) -> ControlNetModule:
@@ -43,6 +45,27 @@ def test_zero_blocks_reproduce_the_base_prediction_at_step_zero(sdxl_folder):
     assert torch.equal(alone, module.base.predict_noise(latents, t, hidden, pooled, module.controlnet, condition))
     gauss = sdxl_module(sdxl_folder, block="gauss", block_std=0.1)
     assert not torch.equal(alone, gauss.base.predict_noise(latents, t, hidden, pooled, gauss.controlnet, condition))
+
+
+@pytest.mark.parametrize("block, settings, step_zero_equal", [
+    ("single", {}, True), ("controlnet_lora", {"lora": LORA}, True), ("controlnet_xs", {"xs": XS}, False)])
+def test_the_other_blocks_train_and_sample_on_sdxl(sdxl_folder, block, settings, step_zero_equal):
+    module = sdxl_module(sdxl_folder, block=block, **settings)
+    hidden, pooled = module.base.encode_prompt(PROMPTS)
+    latents, t, condition = torch.randn(2, 4, 4, 4), torch.tensor([10, 700]), torch.rand(2, 3, 32, 32)
+    alone, controlled = module.base.predict_noise(latents, t, hidden, pooled), module.base.predict_noise(latents, t, hidden, pooled,
+                                                                                                         module.controlnet, condition)
+    # ControlNet-XS's fused model recomputes the base: equal to float rounding at step 0, as on SD (test_architectures.py)
+    assert torch.equal(alone, controlled) if step_zero_equal else torch.allclose(alone, controlled, atol=1e-3)
+    images = module.base(PROMPTS, condition, module.controlnet, num_inference_steps=2, guidance_scale=2.0)
+    assert images.shape == (2, 3, 32, 32) and images.isfinite().all()
+
+
+@pytest.mark.bad_input
+def test_t2i_adapter_on_sdxl_is_refused_naming_the_block(sdxl_folder):
+    with pytest.raises(ValueError, match=r"block=t2i_adapter: the base UNet's down blocks \[0\]"):
+        sdxl_module(sdxl_folder, block="t2i_adapter", adapter=dict(adapter_type="full_adapter", channels=None, num_res_blocks=1,
+                                                                   downscale_factor=None))
 
 
 def test_each_targets_original_size_and_crop_reach_the_size_conditioning(sdxl_folder):
@@ -121,7 +144,7 @@ def test_smoke_trains_and_samples_on_a_saved_sdxl_folder(sdxl_folder, tmp_path):
                          "sampling.guidance_scale=2.0", "sampling.resolution_weighting=paper"], tmp_path, script="src/sample.py")
     assert sampled.returncode == 0, sampled.stderr[-3000:]
     report = json.loads(next((tmp_path / "outputs" / "sample").rglob("samples.json")).read_text())
-    assert report["sampling"]["resolution"] == 32 and len(report["sampling"]["resolution_weights"]) == 5  # 4x4 and 2x2 latents
+    assert report["sampling"]["resolution"] == 32 and len(report["sampling"]["resolution_weights"]) == 7  # 4x4 and 2x2 latents, 2 layers
 
 
 def test_smoke_on_the_embedded_sdxl_base_pretrains_it_and_saves_it_as_sdxl(tmp_path):
