@@ -155,11 +155,12 @@ def test_smoke_trains_on_a_saved_sd_folder(sd_folder, tmp_path):
     assert (tmp_path / "export" / "eval_samples.png").is_file() and "## Training config" in (tmp_path / "export" / "README.md").read_text()
 
 
-@pytest.mark.parametrize("model", ["tiny", "tiny_sd", "sd15", "sdxl"])
-@pytest.mark.parametrize("experiment", ["smoke", "ablation_block", "ablation_prompt_dropout", "ablation_dataset_size", "ablation_condition"])
+@pytest.mark.parametrize("model", ["tiny", "tiny_sd", "sd15", "tiny_sdxl", "sdxl"])
+@pytest.mark.parametrize("experiment", ["smoke", "ablation_block", "ablation_prompt_dropout", "ablation_dataset_size", "ablation_condition",
+                                        "ablation_block_sdxl"])
 def test_every_model_composes_with_the_experiments(model, experiment):
     cfg = compose_train([f"model={model}", f"experiment={experiment}"])
-    assert cfg.model.name == model and cfg.model.base._target_.startswith("controlnet_lab.bases.sources.")
+    assert cfg.model.name == model  # the command line's model=, also over an experiment's own and cfg.model.base._target_.startswith("controlnet_lab.bases.sources.")
     if model not in ("sd15", "sdxl"):  # named bases: their folder or id is checked when the run starts
         check_train_config(cfg)
     if experiment == "smoke":

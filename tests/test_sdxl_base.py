@@ -36,6 +36,15 @@ def test_loads_as_sdxl_with_both_text_encoders_and_the_pooled_text(sdxl_folder):
     assert set(base.locked_modules()) == {"locked_unet", "text_encoder", "text_encoder_2", "vae"}
 
 
+def test_a_float16_vae_that_overflows_there_encodes_in_float32_as_the_pipelines_decode(sdxl_folder):
+    base = load_base(sdxl_folder, torch.float16)
+    base.vae.register_to_config(force_upcast=True)
+    images = torch.rand(1, 3, 32, 32) * 2 - 1
+    encoding = base.image_encoding(images)
+    assert encoding.dtype == torch.float32 and base.vae.dtype == torch.float16  # computed in float32, the VAE left as it was
+    assert torch.allclose(encoding, load_base(sdxl_folder).image_encoding(images), atol=2e-3)  # the float16 weights' rounding
+
+
 def test_zero_blocks_reproduce_the_base_prediction_at_step_zero(sdxl_folder):
     module = sdxl_module(sdxl_folder, block="zero")
     assert module.hparams.hint_channels == [16, 32, 96, 256]  # derived from the VAE factor 8

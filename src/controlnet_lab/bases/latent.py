@@ -116,11 +116,11 @@ class LatentBase:
                          return_dict=False)[0]
 
     def control_pipeline(self, components: dict, controlnet, condition, conditioning_scale, resolution_weighting: str):
-        """(diffusers' pipeline for ``controlnet``, its control arguments): ``StableDiffusionControlNetPipeline`` with
-        ``WeightedControlNets`` for ControlNets (one or a list, ``condition`` and ``conditioning_scale`` one per net),
-        ``StableDiffusionAdapterPipeline`` for T2I-Adapters (``MultiAdapter`` for a list),
-        ``StableDiffusionControlNetXSPipeline`` for ControlNet-XS (a trained fused model, or an exported adapter that the
-        pipeline fuses with the UNet)."""
+        """(diffusers' pipeline for ``controlnet``, its control arguments), of this base's family (``StableDiffusion*`` on SD,
+        ``StableDiffusionXL*`` on SDXL): the ControlNet pipeline with ``WeightedControlNets`` for ControlNets (one or a
+        list, ``condition`` and ``conditioning_scale`` one per net), the adapter pipeline for T2I-Adapters
+        (``MultiAdapter`` for a list), the ControlNet-XS pipeline for ControlNet-XS (a trained fused model, or an exported
+        adapter that the pipeline fuses with the UNet)."""
         if is_xs(controlnet) or isinstance(controlnet, ControlNetXSAdapter):
             check_xs_sampling(resolution_weighting)
             fused = is_xs(controlnet)
