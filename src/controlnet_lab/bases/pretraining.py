@@ -73,7 +73,8 @@ def build_once(folder: Path, build: Callable[[Path], dict], use_shipped: bool = 
         return copy_shipped(shipped, folder)
 
     def build_and_record(staging: Path) -> None:
-        report = {**build(staging), "fingerprint": base_fingerprint(staging), "built_by": {**commit(), "machine": machine()}}
+        built_by = {**commit(), "machine": machine()}  # the code as the build starts: the tree may change while it runs
+        report = {**build(staging), "fingerprint": base_fingerprint(staging), "built_by": built_by}
         (staging / "pretrain_config.json").write_text(json.dumps(report, indent=2))
 
     build_published(folder, "model_index.json", build_and_record)
