@@ -16,6 +16,7 @@ from sd_fixtures import sd_module
 from controlnet_lab.config_checks import check_train_config
 from controlnet_lab.bases import LatentBase, load_base
 from controlnet_lab.bases.sources import BaseNotFoundError, PretrainedBaseSource
+from controlnet_lab.data.encoded import EncodingStore
 from controlnet_lab.export import export
 from controlnet_lab.module import ControlNetModule
 
@@ -57,8 +58,9 @@ def test_without_hint_channels_the_paper_encoder_is_derived_from_the_vae_factor_
     assert encoder.conv_in.out_channels == 16 and module.hparams.hint_channels == [16, 32, 96, 256]
 
 
-def test_training_leaves_the_locked_vae_unet_and_text_encoder_bitwise_unchanged(sd_folder, sd_data, tmp_path):
-    module = sd_module(sd_folder, lr=1e-2)
+@pytest.mark.parametrize("folder", ["sd_folder", "sdxl_folder"])  # SDXL: its second text encoder too
+def test_training_leaves_the_locked_vae_unet_and_text_encoders_bitwise_unchanged(folder, sd_data, tmp_path, request):
+    module = ControlNetModule(str(request.getfixturevalue(folder)), hint_channels=None, num_val_images=0, resolution=32, lr=1e-2)
     before = {name: {k: v.clone() for k, v in part.state_dict().items()} for name, part in module.base.locked_modules().items()}
     copy_before = {k: v.clone() for k, v in module.controlnet.state_dict().items()}
     trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -128,17 +130,21 @@ def test_train_on_sd15_offline_without_weights_stops_before_any_work(tmp_path):
     assert not (tmp_path / "cache").exists()  # no data generated, nothing pretrained
 
 
-def test_smoke_trains_on_a_saved_sd_folder(sd_folder, tmp_path):
-    """model=sd15 pointed at a local folder, with experiment=smoke: how a user checks a new setup."""
-    result = run_train(["model=sd15", f"model.base.pretrained_model_name_or_path={sd_folder}", "experiment=smoke", "data.resolution=32",
+@pytest.mark.parametrize("model, folder, residuals", [("sd15", "sd_folder", 5), ("sdxl", "sdxl_folder", 7)])  # SDXL's 2 layers a block
+def test_smoke_trains_on_a_saved_folder(model, folder, residuals, tmp_path, request):
+    """model=sd15 (sdxl) pointed at a local folder, with experiment=smoke: how a user checks a new setup."""
+    folder = request.getfixturevalue(folder)
+    result = run_train([f"model={model}", f"model.base.pretrained_model_name_or_path={folder}", "experiment=smoke", "data.resolution=32",
                         "model.sampling.guidance_scale=2.0", "model.sampling.num_inference_steps=2", "eval.fid_domain.enabled=false"],
                        tmp_path, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(next((tmp_path / "outputs").rglob("results.json")).read_text())
-    assert results["model"] == "sd15" and results["global_step"] == 6
-    assert results["base"]["path"] == str(sd_folder) and "mask_iou" in results["metrics"]
+    assert results["model"] == model and results["global_step"] == 6
+    assert results["base"]["path"] == str(folder) and "mask_iou" in results["metrics"]
     encodings = tmp_path / "cache" / "encodings"
     assert len(list(encodings.glob("images-*"))) == 2 and len(list(encodings.glob("text-*"))) == 2  # training and held-out samples
+    # SDXL's pooled text is cached beside the hidden states; SD has none.
+    assert all((EncodingStore(store).column("text_pooled") is not None) == (model == "sdxl") for store in encodings.glob("text-*"))
 
     # The run's checkpoint through the other entry points, unchanged for the user.
     run_dir = next((tmp_path / "outputs").rglob("results.json")).parent
@@ -147,7 +153,7 @@ def test_smoke_trains_on_a_saved_sd_folder(sd_folder, tmp_path):
                          "sampling.guidance_scale=2.0", "sampling.resolution_weighting=paper"], tmp_path, script="src/sample.py")
     assert sampled.returncode == 0, sampled.stderr[-3000:]
     report = json.loads(next((tmp_path / "outputs" / "sample").rglob("samples.json")).read_text())
-    assert report["sampling"]["resolution"] == 32 and len(report["sampling"]["resolution_weights"]) == 5  # SD-shaped: 4x4 and 2x2 latents
+    assert report["sampling"]["resolution"] == 32 and len(report["sampling"]["resolution_weights"]) == residuals  # 4x4 and 2x2 latents
     rescored = run_train([f"ckpt={run_dir}", "eval.num_images=4"], tmp_path, script="eval/evaluate.py")
     assert rescored.returncode == 0, rescored.stderr[-3000:]
     exported = run_train([f"ckpt={run_dir}", f"out={tmp_path / 'export'}"], tmp_path, script="src/export.py")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-import json
 
 from diffusers import DiffusionPipeline
 
