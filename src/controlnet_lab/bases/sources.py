@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-
 from diffusers import DiffusionPipeline
 
 from controlnet_lab.bases.tiny import pretrained_pixel_base
