@@ -67,6 +67,19 @@ def test_the_other_blocks_train_and_sample_on_sdxl(sdxl_folder, block, settings,
     assert images.shape == (2, 3, 32, 32) and images.isfinite().all()
 
 
+def test_two_controlnets_compose_on_sdxl_each_with_its_scale(sdxl_folder):
+    first, second = sdxl_module(sdxl_folder, block="gauss", block_std=0.05), sdxl_module(sdxl_folder, block="gauss", block_std=0.05)
+    conditions = [torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)]
+
+    def sample(nets, condition, scale):
+        return first.base(PROMPTS, condition, nets, num_inference_steps=2, guidance_scale=2.0, conditioning_scale=scale,
+                          generator=torch.Generator().manual_seed(0))
+
+    alone = sample(first.controlnet, conditions[0], 1.0)
+    assert torch.equal(alone, sample([first.controlnet, second.controlnet], conditions, [1.0, 0.0]))  # the second scaled away
+    assert not torch.equal(alone, sample([first.controlnet, second.controlnet], conditions, [1.0, 1.0]))
+
+
 @pytest.mark.bad_input
 def test_t2i_adapter_on_sdxl_is_refused_naming_the_block(sdxl_folder):
     with pytest.raises(ValueError, match=r"block=t2i_adapter: the base UNet's down blocks \[0\]"):
