@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -68,6 +69,19 @@ def save_sdxl(root: Path) -> Path:
 @pytest.fixture(scope="session")
 def sdxl_folder(tmp_path_factory) -> Path:
     return save_sdxl(tmp_path_factory.mktemp("sdxl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_folder(tmp_path_factory, sd_data) -> Path:
+    """model=tiny_sdxl's base untrained, at 32 px: SDXL's three-level encoder (which full_adapter_xl fits), VAE factor 4."""
+    from conftest import compose_train
+    from controlnet_lab.bases import build_tiny_sd
+    from controlnet_lab.data.fill50k import read_index
+
+    settings = OmegaConf.to_container(compose_train(["model=tiny_sdxl"]).model.base, resolve=True)
+    folder = tmp_path_factory.mktemp("tiny_sdxl") / "base"
+    build_tiny_sd(settings, 32, [record.prompt for record in read_index(sd_data)]).save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")

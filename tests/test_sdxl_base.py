@@ -7,18 +7,20 @@ import json
 import lightning as L
 import pytest
 import torch
-from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionXLControlNetPipeline
+from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionXLAdapterPipeline, StableDiffusionXLControlNetPipeline
 from torch.utils.data import DataLoader
 
 from conftest import compose_train, fill50k_dataset, run_train
 from controlnet_lab.bases import SDXLBase, load_base
 from controlnet_lab.bases.sources import BaseNotFoundError, PretrainedBaseSource
+from controlnet_lab.config_checks import ConfigError, check_train_config
 from controlnet_lab.export import export
 from controlnet_lab.module import ControlNetModule
 
 PROMPTS = ["red circle with blue background", ""]
 LORA = dict(rank=4, alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"], connections_in_full=True)
 XS = dict(size_ratio=0.25, learn_time_embedding=False, time_embedding_mix=1.0)
+ADAPTER = dict(adapter_type="full_adapter", channels=None, num_res_blocks=1, downscale_factor=None)
 
 
 def sdxl_module(folder, **kwargs) -> ControlNetModule:
@@ -80,11 +82,35 @@ def test_two_controlnets_compose_on_sdxl_each_with_its_scale(sdxl_folder):
     assert not torch.equal(alone, sample([first.controlnet, second.controlnet], conditions, [1.0, 1.0]))
 
 
+def test_full_adapter_xl_trains_and_samples_on_sdxls_encoder_as_diffusers_sdxl_adapter_pipeline(tiny_sdxl_folder):
+    module = ControlNetModule(str(tiny_sdxl_folder), block="t2i_adapter", adapter=dict(ADAPTER, adapter_type="full_adapter_xl"),
+                              hint_channels=None, num_val_images=0)
+    assert module.controlnet.config.downscale_factor == 8  # twice the VAE factor 4: its first feature meets block 0 downsampled
+    hidden, pooled = module.base.encode_prompt(PROMPTS)
+    latents, t, condition = torch.randn(2, 4, 8, 8), torch.tensor([10, 700]), torch.rand(2, 3, 32, 32)
+    prediction = module.base.predict_noise(latents, t, hidden, pooled, module.controlnet, condition)
+    prediction.pow(2).mean().backward()  # every feature reaches the UNet: each adapter block gets a gradient
+    assert all(block.resnets[0].block1.weight.grad.abs().sum() > 0 for block in module.controlnet.adapter.body)
+    harness = module.base(PROMPTS, condition, module.controlnet, num_inference_steps=2, guidance_scale=2.0,
+                          generator=torch.Generator().manual_seed(0))
+    pipeline = StableDiffusionXLAdapterPipeline.from_pretrained(str(tiny_sdxl_folder), adapter=module.controlnet)
+    pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+    images = pipeline(PROMPTS, image=condition, num_inference_steps=2, guidance_scale=2.0, height=32, width=32, output_type="pt",
+                      generator=torch.Generator().manual_seed(0)).images
+    assert torch.allclose(harness, images * 2 - 1, atol=1e-4)  # the SDXL adapter pipeline returns NCHW tensors (SD's: NHWC numpy)
+
+
 @pytest.mark.bad_input
-def test_t2i_adapter_on_sdxl_is_refused_naming_the_block(sdxl_folder):
-    with pytest.raises(ValueError, match=r"block=t2i_adapter: the base UNet's down blocks \[0\]"):
-        sdxl_module(sdxl_folder, block="t2i_adapter", adapter=dict(adapter_type="full_adapter", channels=None, num_res_blocks=1,
-                                                                   downscale_factor=None))
+def test_an_adapter_that_does_not_fit_the_encoder_is_refused_naming_the_key(tiny_sdxl_folder, sd_folder):
+    with pytest.raises(ValueError, match=r"set block\.adapter\.adapter_type=full_adapter_xl, which fits this SDXL-shaped encoder"):
+        ControlNetModule(str(tiny_sdxl_folder), block="t2i_adapter", adapter=ADAPTER, hint_channels=None, num_val_images=0)
+    with pytest.raises(ValueError, match=r"block\.adapter\.adapter_type=full_adapter_xl fits SDXL's encoder"):
+        ControlNetModule(str(sd_folder), block="t2i_adapter", adapter=dict(ADAPTER, adapter_type="full_adapter_xl"), hint_channels=None,
+                         num_val_images=0)
+    with pytest.raises(ConfigError, match=r"block\.adapter\.downscale_factor=4: .* a full_adapter_xl unshuffles by 8"):
+        check_train_config(compose_train(["model=tiny_sdxl", "block=t2i_adapter", "block.adapter.adapter_type=full_adapter_xl",
+                                          "block.adapter.downscale_factor=4"]))
+    check_train_config(compose_train(["model=tiny_sdxl", "block=t2i_adapter", "block.adapter.adapter_type=full_adapter_xl"]))
 
 
 def test_each_targets_original_size_and_crop_reach_the_size_conditioning(sdxl_folder):
