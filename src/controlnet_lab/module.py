@@ -33,6 +33,7 @@ from controlnet_lab.objective import noisy_batch
 from controlnet_lab.sampling import Sampling
 from controlnet_lab.images import save_grid, to_uint8
 
+
 class ControlNetModule(L.LightningModule):
     flops_per_batch = None  # not counted: Lightning's ThroughputMonitor then reports samples/s without FLOPs
 
