@@ -52,21 +52,25 @@ def test_a_damaged_shipped_base_is_refused_naming_the_file_to_restore(tiny_base,
     assert not (tmp_path / "cache" / "base-key").exists()
 
 
-def recipe(model: str) -> dict:
-    settings = OmegaConf.to_container(compose_train([f"model={model}"]).model.base, resolve=True)
+def recipe(overrides: list[str]) -> dict:
+    settings = OmegaConf.to_container(compose_train(overrides).model.base, resolve=True)
     return {k: v for k, v in settings.items() if k not in NOT_IN_KEY}
 
 
+# The configs whose base ships: the embedded defaults, and the experiment whose base differs from its model's (two layers).
+SHIPPED_RECIPES = (["model=tiny"], ["model=tiny_sd"], ["experiment=ablation_architecture"])
+
+
 def test_each_shipped_base_is_intact_and_is_the_current_recipe_of_an_embedded_model():
-    """A change to conf/model/<name>.yaml's recipe leaves the shipped copy unused (another key): this says which to rebuild."""
+    """A change to a shipped recipe in conf/ leaves the shipped copy unused (another key): this says which to rebuild."""
     shipped = sorted(SHIPPED_BASES.glob("base-*"))
     assert shipped, f"no base ships in {SHIPPED_BASES}"
-    recipes = [recipe(model) for model in ("tiny", "tiny_sd")]
+    recipes = [recipe(overrides) for overrides in SHIPPED_RECIPES]
     for folder in shipped:
         report = json.loads((folder / "pretrain_config.json").read_text())
         assert base_fingerprint(folder) == report["fingerprint"], folder
         assert {k: v for k, v in report["model"].items() if k not in NOT_IN_KEY} in recipes, \
-            f"{folder} was built from another recipe than conf/model's: rebuild it with `make base ARGS=ship=true`"
+            f"{folder} was built from none of the shipped recipes in conf/ ({SHIPPED_RECIPES}): rebuild it with `make base ARGS=\"ship=true <its overrides>\"`"
         assert report["resolution"] == compose_train().data.resolution and report["built_by"]["commit"]
 
 
