@@ -32,6 +32,7 @@ class LatentBase:
     with_controlnet = StableDiffusionControlNetPipeline
     with_adapter = StableDiffusionAdapterPipeline
     with_xs = StableDiffusionControlNetXSPipeline
+    load_options = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}  # training runs no checker
 
     def __init__(self, pipeline: StableDiffusionPipeline):
         self.pipeline = pipeline  # holds the same modules: encodes prompts and saves
@@ -48,10 +49,7 @@ class LatentBase:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype: torch.dtype | None = None) -> "LatentBase":
-        pipeline = cls.text_to_image.from_pretrained(
-            str(name_or_path), safety_checker=None, feature_extractor=None, requires_safety_checker=False, dtype=dtype
-        )
-        return cls(pipeline)
+        return cls(cls.text_to_image.from_pretrained(str(name_or_path), dtype=dtype, **cls.load_options))
 
     def components(self) -> dict:
         return {"vae": self.vae, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer, "unet": self.unet,

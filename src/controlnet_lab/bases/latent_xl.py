@@ -22,16 +22,12 @@ class SDXLBase(LatentBase):
     with_controlnet = StableDiffusionXLControlNetPipeline
     with_adapter = StableDiffusionXLAdapterPipeline
     with_xs = StableDiffusionXLControlNetXSPipeline
+    load_options = {"add_watermarker": False}  # no invisible watermark: it would change every generated image the metrics score
 
     def __init__(self, pipeline: StableDiffusionXLPipeline):
         super().__init__(pipeline)
         self.text_encoder_2 = pipeline.text_encoder_2
         self.tokenizer_2 = pipeline.tokenizer_2
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str, dtype: torch.dtype | None = None) -> "SDXLBase":
-        # No invisible watermark: it would change every generated image the metrics score.
-        return cls(cls.text_to_image.from_pretrained(str(name_or_path), add_watermarker=False, dtype=dtype))
 
     def components(self) -> dict:
         return {"vae": self.vae, "text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2, "tokenizer": self.tokenizer,

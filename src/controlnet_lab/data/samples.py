@@ -101,8 +101,7 @@ def square_crop(height: int, width: int, resolution: int) -> tuple[tuple[int, in
 def crop_geometry(height: int, width: int, resolution: int) -> torch.Tensor:
     """(original height, original width, crop top, crop left) of the geometry rule on an image of that size: what
     SDXL's size conditioning takes, as diffusers' SDXL training scripts record per sample."""
-    top_left = (0, 0) if (height, width) == (resolution, resolution) else square_crop(height, width, resolution)[1]
-    return torch.tensor([height, width, *top_left])
+    return torch.tensor([height, width, *square_crop(height, width, resolution)[1]])
 
 
 def fit_square(image: np.ndarray, resolution: int, enlarge: str = "bilinear") -> np.ndarray:
@@ -212,6 +211,7 @@ class ImageColumn:
         in_table = [row for row, path in enumerate(self.paths) if path is None]
         stored_rows = stored_keys(manifest.cache_dir, table._fingerprint, column, lambda: self._hash_stored(in_table)) if in_table else []
         self.keys: list[str] = [f.key if f is not None else "" for f in self.facts]
+        self.stored_sizes: dict[int, tuple[int, int]] = {}  # (height, width) of rows stored as bytes, read on first use
         for row, key in zip(in_table, stored_rows):
             self.keys[row] = key
 
@@ -229,9 +229,15 @@ class ImageColumn:
         return decode_rgb(encoded, path, f"column {self.column!r}, row {index}")
 
     def size(self, index: int) -> tuple[int, int]:
-        """(height, width): the first pass's, or from the image's header, without decoding its pixels."""
+        """(height, width): the first pass's, or from the image's header, without decoding its pixels (read once a row:
+        every item asks it, for its size conditioning)."""
         if self.facts[index] is not None:
             return self.facts[index].height, self.facts[index].width
+        if index not in self.stored_sizes:
+            self.stored_sizes[index] = self._header_size(index)
+        return self.stored_sizes[index]
+
+    def _header_size(self, index: int) -> tuple[int, int]:
         try:
             with PIL.Image.open(io.BytesIO(self.refs[index][self.column]["bytes"])) as image:
                 width, height = image.size
