@@ -14,7 +14,7 @@ from controlnet_lab.bases import build_pixel_base
 from controlnet_lab.data.dataset import ControlDataset
 from controlnet_lab.data.fill50k import fill50k_samples, read_index
 from controlnet_lab.data.synthetic import SyntheticFill50kSpec, write_fill50k
-from sd_fixtures import sd_data, sd_folder, sd_folder_two_layers, sdxl_folder, tiny_sdxl_folder  # noqa: F401  (session fixtures of the latent-path tests)
+from sd_fixtures import sd_data, sd_folder, sd_folder_two_layers, sdxl_folder, tiny_sd3_folder, tiny_sdxl_folder  # noqa: F401  (session fixtures of the latent-path tests)
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("CONTROLNET_LAB_ROOT", str(ROOT))

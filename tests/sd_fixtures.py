@@ -14,6 +14,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from controlnet_lab.module import ControlNetModule
 
 SD_HINT_CHANNELS = (16, 32, 96, 256)  # the paper's condition encoder for VAE factor 8 (sd15's null derives it)
+# model.base.objective of model=sd3 and tiny_sd3: diffusers' train_controlnet_sd3.py defaults
+SD3_OBJECTIVE = dict(weighting_scheme="logit_normal", logit_mean=0.0, logit_std=1.0, mode_scale=1.29, precondition_outputs=True)
 
 
 def clip_tokenizer(folder: Path) -> CLIPTokenizer:
@@ -80,6 +82,20 @@ def tiny_sdxl_folder(tmp_path_factory, sd_data) -> Path:
 
     settings = OmegaConf.to_container(compose_train(["model=tiny_sdxl"]).model.base, resolve=True)
     folder = tmp_path_factory.mktemp("tiny_sdxl") / "base"
+    build_tiny_sd(settings, 32, [record.prompt for record in read_index(sd_data)]).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_folder(tmp_path_factory, sd_data) -> Path:
+    """model=tiny_sd3's base untrained, at 32 px: SD3's transformer (6 blocks) on VAE-factor-4 latents, no T5."""
+    from conftest import compose_train
+    from controlnet_lab.bases import build_tiny_sd
+    from controlnet_lab.data.fill50k import read_index
+
+    settings = OmegaConf.to_container(compose_train(["model=tiny_sd3"]).model.base, resolve=True)
+    folder = tmp_path_factory.mktemp("tiny_sd3") / "base"
+    torch.manual_seed(0)
     build_tiny_sd(settings, 32, [record.prompt for record in read_index(sd_data)]).save_pretrained(folder)
     return folder
 

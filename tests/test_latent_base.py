@@ -12,7 +12,7 @@ from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionControlNetP
 from torch.utils.data import DataLoader
 
 from conftest import compose_train, fill50k_dataset, run_train
-from sd_fixtures import sd_module
+from sd_fixtures import SD3_OBJECTIVE, sd_module
 from controlnet_lab.config_checks import check_train_config
 from controlnet_lab.bases import LatentBase, load_base
 from controlnet_lab.bases.sources import BaseNotFoundError, PretrainedBaseSource
@@ -58,9 +58,10 @@ def test_without_hint_channels_the_paper_encoder_is_derived_from_the_vae_factor_
     assert encoder.conv_in.out_channels == 16 and module.hparams.hint_channels == [16, 32, 96, 256]
 
 
-@pytest.mark.parametrize("folder", ["sd_folder", "sdxl_folder"])  # SDXL: its second text encoder too
-def test_training_leaves_the_locked_vae_unet_and_text_encoders_bitwise_unchanged(folder, sd_data, tmp_path, request):
-    module = ControlNetModule(str(request.getfixturevalue(folder)), hint_channels=None, num_val_images=0, resolution=32, lr=1e-2)
+@pytest.mark.parametrize("folder, settings", [("sd_folder", {}), ("sdxl_folder", {}),  # SDXL: its second text encoder too
+                                              ("tiny_sd3_folder", {"objective": SD3_OBJECTIVE, "num_layers": 3})])  # SD3: the transformer
+def test_training_leaves_the_locked_vae_unet_and_text_encoders_bitwise_unchanged(folder, settings, sd_data, tmp_path, request):
+    module = ControlNetModule(str(request.getfixturevalue(folder)), hint_channels=None, num_val_images=0, resolution=32, lr=1e-2, **settings)
     before = {name: {k: v.clone() for k, v in part.state_dict().items()} for name, part in module.base.locked_modules().items()}
     copy_before = {k: v.clone() for k, v in module.controlnet.state_dict().items()}
     trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -161,13 +162,13 @@ def test_smoke_trains_on_a_saved_folder(model, folder, residuals, tmp_path, requ
     assert (tmp_path / "export" / "eval_samples.png").is_file() and "## Training config" in (tmp_path / "export" / "README.md").read_text()
 
 
-@pytest.mark.parametrize("model", ["tiny", "tiny_sd", "sd15", "tiny_sdxl", "sdxl"])
+@pytest.mark.parametrize("model", ["tiny", "tiny_sd", "sd15", "tiny_sdxl", "sdxl", "tiny_sd3", "sd3"])
 @pytest.mark.parametrize("experiment", ["smoke", "ablation_block", "ablation_prompt_dropout", "ablation_dataset_size", "ablation_condition",
-                                        "ablation_block_sdxl"])
+                                        "ablation_block_sdxl", "ablation_block_sd3"])
 def test_every_model_composes_with_the_experiments(model, experiment):
     cfg = compose_train([f"model={model}", f"experiment={experiment}"])
     assert cfg.model.name == model  # the command line's model=, also over an experiment's own and cfg.model.base._target_.startswith("controlnet_lab.bases.sources.")
-    if model not in ("sd15", "sdxl"):  # named bases: their folder or id is checked when the run starts
+    if model not in ("sd15", "sdxl", "sd3"):  # named bases: their folder or id is checked when the run starts
         check_train_config(cfg)
     if experiment == "smoke":
         assert cfg.model.base.pretrain.max_steps == 20 and (model == "tiny" or cfg.model.base.pretrain.vae.max_steps == 20)

@@ -20,6 +20,9 @@ The architectures since ControlNet, on the same axis: ``controlnet_lora`` (``zer
 controlnet_lora.py), ``t2i_adapter`` (a condition encoder whose features enter the locked encoder, no copy and no
 connection convs; t2i_adapter.py) and ``controlnet_xs`` (a small control network fused with the base, exchanging
 features both ways; controlnet_xs.py).
+
+On a transformer base (SD3) the copy is diffusers' ``SD3ControlNetModel``, its connections linear layers and the
+condition's patch embedding; ``zero`` and ``gauss`` initialise those as above (controlnet_sd3.py).
 """
 from __future__ import annotations
 
@@ -28,10 +31,11 @@ import re
 from collections.abc import Iterator
 
 import torch
-from diffusers import ControlNetModel, ControlNetXSAdapter, T2IAdapter, UNet2DConditionModel
+from diffusers import ControlNetModel, ControlNetXSAdapter, SD3ControlNetModel, T2IAdapter, UNet2DConditionModel
 
 from controlnet_lab.controlnet_lite import ControlNetLiteModel
 from controlnet_lab.controlnet_lora import add_lora
+from controlnet_lab.controlnet_sd3 import check_transformer_block, is_transformer, transformer_copy
 from controlnet_lab.controlnet_xs import build_xs, fused_xs
 from controlnet_lab.t2i_adapter import build_adapter
 
@@ -52,18 +56,24 @@ def standard_factor(std: float | str | None) -> float | None:
     return float(scaled.group(1)) if scaled else None
 
 
-def connection_convs(controlnet: ControlNetModel | ControlNetLiteModel) -> Iterator[tuple[str, torch.nn.Conv2d]]:
-    """The convs that join the trainable copy to the locked model, by parameter name."""
+def connection_convs(controlnet) -> Iterator[tuple[str, torch.nn.Conv2d | torch.nn.Linear]]:
+    """The layers that join the trainable copy to the locked model, by parameter name: convs on a UNet's copy, linear
+    layers and the condition's patch-embedding conv on a transformer's."""
+    if isinstance(controlnet, SD3ControlNetModel):
+        for i, linear in enumerate(controlnet.controlnet_blocks):
+            yield f"controlnet_blocks.{i}", linear
+        yield "pos_embed_input.proj", controlnet.pos_embed_input.proj
+        return
     for i, conv in enumerate(controlnet.controlnet_down_blocks):
         yield f"controlnet_down_blocks.{i}", conv
     yield "controlnet_mid_block", controlnet.controlnet_mid_block
     yield "controlnet_cond_embedding.conv_out", controlnet.controlnet_cond_embedding.conv_out
 
 
-def standard_init_std(conv: torch.nn.Conv2d) -> float:
-    """The std of PyTorch's default weight init of this conv: 1/sqrt(3 fan_in)."""
-    fan_in = conv.in_channels // conv.groups * math.prod(conv.kernel_size)
-    return 1.0 / math.sqrt(3 * fan_in)
+def standard_init_std(layer: torch.nn.Conv2d | torch.nn.Linear) -> float:
+    """The std of PyTorch's default weight init of this conv or linear layer: 1/sqrt(3 fan_in), fan_in the inputs of
+    one output (in_channels / groups x kernel area; in_features)."""
+    return 1.0 / math.sqrt(3 * layer.weight[0].numel())
 
 
 def connection_init_stds(controlnet, block: str, std: float | str | None) -> dict[str, float]:
@@ -113,6 +123,8 @@ def resolve_hint_channels(hint_channels, vae_scale_factor: int) -> tuple[int, ..
 def load_pretrained_copy(name_or_path: str, block: str, unet: UNet2DConditionModel):
     """An existing ControlNet (folder or Hub id) to train on from, instead of a fresh copy of the UNet's encoder."""
     key = "model.controlnet.pretrained_model_name_or_path"
+    if is_transformer(unet):
+        return load_pretrained_transformer_copy(name_or_path, unet)
     cls = {"single": ControlNetLiteModel, "t2i_adapter": T2IAdapter, "controlnet_xs": ControlNetXSAdapter}.get(block, ControlNetModel)
     try:
         copy = cls.from_pretrained(str(name_or_path))
@@ -126,15 +138,30 @@ def load_pretrained_copy(name_or_path: str, block: str, unet: UNet2DConditionMod
     return copy
 
 
-def build_trainable_copy(unet: UNet2DConditionModel, block: str, hint_channels: tuple[int, ...], std: float | str | None = STANDARD_STD,
+def load_pretrained_transformer_copy(name_or_path: str, transformer):
+    key = "model.controlnet.pretrained_model_name_or_path"
+    try:
+        copy = SD3ControlNetModel.from_pretrained(str(name_or_path))
+    except Exception as err:  # the hub client raises many types (offline, not found, network)
+        raise FileNotFoundError(f"{key}={name_or_path}: cannot load an SD3ControlNetModel from it ({type(err).__name__}: {err})") from None
+    if copy.inner_dim != transformer.inner_dim:
+        raise ValueError(f"{key}={name_or_path}: its width {copy.inner_dim} does not match the base transformer's "
+                         f"{transformer.inner_dim}: it was trained for another base")
+    return copy
+
+
+def build_trainable_copy(unet, block: str, hint_channels: tuple[int, ...], std: float | str | None = STANDARD_STD,
                          pretrained: str | None = None, lora: dict | None = None, adapter: dict | None = None, vae_scale_factor: int = 1,
-                         xs: dict | None = None):
-    """The trainable copy for the named block variant, its connection convs initialised accordingly; or, with
-    ``pretrained``, an existing ControlNet of the block's class, its trained connections kept. ``lora``, ``adapter``,
-    ``xs``: the settings of ``block=controlnet_lora``, ``t2i_adapter`` and ``controlnet_xs`` (conf/block/);
-    ``vae_scale_factor``: the base's, which a T2I-Adapter's downscaling matches."""
+                         xs: dict | None = None, num_layers: int | None = None):
+    """The trainable copy for the named block variant of the base's denoiser ``unet`` (a UNet, or SD3's transformer),
+    its connection convs initialised accordingly; or, with ``pretrained``, an existing ControlNet of the block's class,
+    its trained connections kept. ``lora``, ``adapter``, ``xs``: the settings of ``block=controlnet_lora``,
+    ``t2i_adapter`` and ``controlnet_xs`` (conf/block/); ``vae_scale_factor``: the base's, which a T2I-Adapter's
+    downscaling matches; ``num_layers``: the transformer blocks an SD3 ControlNet copies."""
     if block not in BLOCKS:
         raise ValueError(f"block={block!r} is not one of {', '.join(BLOCKS)}")
+    if is_transformer(unet):
+        check_transformer_block(block)
     if pretrained:
         copy = load_pretrained_copy(pretrained, block, unet)
         return add_lora(copy, lora) if block == "controlnet_lora" else copy
@@ -142,11 +169,12 @@ def build_trainable_copy(unet: UNet2DConditionModel, block: str, hint_channels: 
         return build_adapter(unet, vae_scale_factor, adapter)
     if block == "controlnet_xs":
         return build_xs(unet, hint_channels, xs)
-    hint_channels = tuple(hint_channels)
-    if block == "single":
-        copy = ControlNetLiteModel.from_unet(unet, conditioning_embedding_out_channels=hint_channels)
+    if is_transformer(unet):
+        copy = transformer_copy(unet, block, num_layers)
+    elif block == "single":
+        copy = ControlNetLiteModel.from_unet(unet, conditioning_embedding_out_channels=tuple(hint_channels))
     else:
-        copy = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=hint_channels)
+        copy = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=tuple(hint_channels))
     stds = connection_init_stds(copy, block, std)
     for name, conv in connection_convs(copy):
         if stds[name]:

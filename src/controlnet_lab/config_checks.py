@@ -8,11 +8,13 @@ from omegaconf import DictConfig, OmegaConf
 from controlnet_lab.bases.sources import EmbeddedBaseSource
 from controlnet_lab.blocks import BLOCKS, check_block_std, resolve_hint_channels
 from controlnet_lab.controlnet_lora import check_lora_settings
+from controlnet_lab.controlnet_sd3 import check_num_layers, check_transformer_block
 from controlnet_lab.controlnet_xs import check_xs_sampling, check_xs_settings
 from controlnet_lab.t2i_adapter import check_adapter_sampling, check_adapter_settings
 from controlnet_lab.data.conditions import CONDITIONS, DETECTORS, detector_device_for
 from controlnet_lab.evaluation.prompts import check_prompt_settings
 from controlnet_lab.locked_encodings import CACHE_DTYPES
+from controlnet_lab.objective import check_flow_matching
 from controlnet_lab.sampling import check_resolution_weighting
 
 
@@ -24,6 +26,9 @@ def check_train_config(cfg: DictConfig) -> None:
     if cfg.block.name not in BLOCKS:
         raise ConfigError(f"block.name={cfg.block.name!r} is unknown; choose one of {', '.join(BLOCKS)}")
     try:
+        if transformer_base(cfg.model.base):
+            check_transformer_block(cfg.block.name)
+            check_flow_matching(OmegaConf.to_container(cfg.model.base.get("objective"), resolve=True) if cfg.model.base.get("objective") else None)
         check_block_std(cfg.block.name, cfg.block.get("std"))
         if cfg.block.name == "controlnet_lora":
             check_lora_settings(cfg.block.get("lora"))
@@ -152,10 +157,19 @@ def sharded(trainer: DictConfig) -> bool:
     return str(strategy).startswith("fsdp")
 
 
+def transformer_base(base: DictConfig) -> bool:
+    """Whether the configured base is a transformer (SD3 family): built with a ``transformer`` or named as one."""
+    return bool(base.get("transformer")) or base.get("pipeline") == "StableDiffusion3Pipeline"
+
+
 def check_model_shape(model: DictConfig, resolution: int) -> None:
     """For a base built from its config: the resolution its UNet and VAE can halve, and a condition encoder that
-    reaches the latent resolution (a base loaded from a folder or id is checked when it is loaded)."""
+    reaches the latent resolution (a base loaded from a folder or id is checked when it is loaded); on a transformer
+    base, no condition encoder, a resolution its VAE and patches divide, and the blocks its ControlNet copies."""
     base = model.base
+    if transformer_base(base):
+        check_transformer_shape(model, resolution)
+        return
     if not base.get("unet"):
         return
     factor = configured_vae_factor(base)
@@ -169,6 +183,29 @@ def check_model_shape(model: DictConfig, resolution: int) -> None:
             f"data.resolution={resolution} is not supported by the model: it must be a multiple of {multiple} (the VAE's factor "
             f"{factor} times 2 to the number of downsamplings of model.base.unet.block_out_channels={list(base.unet.block_out_channels)})"
         )
+
+
+def check_transformer_shape(model: DictConfig, resolution: int) -> None:
+    if model.controlnet.hint_channels is not None:
+        raise ConfigError(f"model.controlnet.hint_channels={list(model.controlnet.hint_channels)}: a transformer base's ControlNet "
+                          "takes the condition through the VAE and has no condition encoder: set it to null")
+    if model.base.noise_offset:
+        raise ConfigError(f"model.base.noise_offset={model.base.noise_offset}: offset noise is for DDPM schedules; a flow-matching "
+                          "base's last step is pure noise: set it to 0")
+    if check_resolution_weighting(model.sampling.resolution_weighting) != "off":
+        raise ConfigError(f"model.sampling.resolution_weighting={model.sampling.resolution_weighting}: a transformer's ControlNet has "
+                          "no residuals of several resolutions to weight: set it to off")
+    transformer = model.base.get("transformer")
+    if not transformer:  # a base from a folder or id: its transformer is checked when it is loaded
+        return
+    try:
+        check_num_layers(model.controlnet.get("num_layers"), transformer.num_layers)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    multiple = configured_vae_factor(model.base) * transformer.patch_size
+    if resolution % multiple:
+        raise ConfigError(f"data.resolution={resolution} is not supported by the model: it must be a multiple of {multiple} "
+                          f"(the VAE's factor times model.base.transformer.patch_size={transformer.patch_size})")
 
 
 def configured_vae_factor(base: DictConfig) -> int:

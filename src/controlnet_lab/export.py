@@ -2,7 +2,7 @@
 
 An export is a folder with
 - ``controlnet/``: ``save_pretrained`` of the trained ControlNet (safetensors). The zero,
-  gauss and controlnet_lora (LoRA merged) variants are diffusers ``ControlNetModel``s; the
+  gauss and controlnet_lora (LoRA merged) variants are diffusers ``ControlNetModel``s (``SD3ControlNetModel`` on SD3); the
   single-conv variant is a ``ControlNetLiteModel`` with the same ``save_pretrained``/``from_pretrained``
   pair; t2i_adapter's is a diffusers ``T2IAdapter``, controlnet_xs's a ``ControlNetXSAdapter`` (read out of
   the fused model it trained as).
@@ -28,18 +28,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import ControlNetModel, ControlNetXSAdapter, T2IAdapter
+from diffusers import ControlNetModel, ControlNetXSAdapter, SD3ControlNetModel, T2IAdapter
 from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_card
 from huggingface_hub import ModelCard, ModelCardData
 
-from controlnet_lab.bases import LatentBase, base_fingerprint
+from controlnet_lab.bases import LatentBase, SD3Base, base_fingerprint
 from controlnet_lab.bases.sources import is_hub_id
 from controlnet_lab.controlnet_lite import ControlNetLiteModel
 from controlnet_lab.controlnet_lora import save_lora
 from controlnet_lab.controlnet_xs import is_xs, trained_adapter
 from controlnet_lab.module import ControlNetModule
 
-CONTROLNET_CLASSES = {cls.__name__: cls for cls in (ControlNetModel, ControlNetLiteModel, T2IAdapter, ControlNetXSAdapter)}
+CONTROLNET_CLASSES = {cls.__name__: cls for cls in (ControlNetModel, ControlNetLiteModel, T2IAdapter, ControlNetXSAdapter, SD3ControlNetModel)}
 
 
 @dataclass
@@ -111,16 +111,20 @@ def model_card(module: ControlNetModule, net: torch.nn.Module, base_model: str, 
 def usage(module: ControlNetModule, net: torch.nn.Module, base_model: str, out: Path) -> str:
     """How to load the export: in diffusers' own pipeline where one runs it on this base (the base family's ControlNet
     pipeline for a ``ControlNetModel``, its adapter pipeline for a ``T2IAdapter``, its ControlNet-XS pipeline for a
-    ``ControlNetXSAdapter``, on a Stable Diffusion or SDXL base); with the harness otherwise (``ControlNetLiteModel``,
-    the pixel base)."""
+    ``ControlNetXSAdapter``, on a Stable Diffusion or SDXL base; SD3's for an ``SD3ControlNetModel``); with the harness
+    otherwise (``ControlNetLiteModel``, the pixel base)."""
     base = module.base
     cls = type(net)
-    if isinstance(base, LatentBase) and cls in (ControlNetModel, T2IAdapter, ControlNetXSAdapter):
+    if isinstance(base, LatentBase) and cls in (ControlNetModel, T2IAdapter, ControlNetXSAdapter, SD3ControlNetModel):
         pipeline, argument = {ControlNetModel: (base.with_controlnet.__name__, "controlnet"), T2IAdapter: (base.with_adapter.__name__, "adapter"),
-                              ControlNetXSAdapter: (base.with_xs.__name__, "controlnet")}[cls]
+                              ControlNetXSAdapter: (base.with_xs.__name__, "controlnet"),
+                              SD3ControlNetModel: (base.with_controlnet.__name__, "controlnet")}[cls]
+        # a base saved without T5 loads with it named as none, as diffusers documents
+        without = "".join(f", {part}=None" for part, module in base.components().items()
+                          if isinstance(base, SD3Base) and part.endswith("_3") and module is None)
         return (f"```python\nfrom diffusers import {cls.__name__}, {pipeline}\n"
                 f"{argument} = {cls.__name__}.from_pretrained('{out}/controlnet')\n"
-                f"pipe = {pipeline}.from_pretrained('{base_model}', {argument}={argument})\n```\n")
+                f"pipe = {pipeline}.from_pretrained('{base_model}', {argument}={argument}{without})\n```\n")
     return (f"diffusers' pipelines do not run a `{cls.__name__}` on this base; the harness does:\n\n"
             f"```bash\npython src/sample.py ckpt={out} condition=<an image or a folder> prompt=\"...\"\n```\n\n"
             f"```python\nfrom controlnet_lab.export import load_trained\ntrained = load_trained('{out}')  # .controlnet, .base (its folder)\n```\n")

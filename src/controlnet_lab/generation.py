@@ -29,6 +29,7 @@ from controlnet_lab.export import TrainedControlNet, load_trained
 from controlnet_lab.images import save_grid, to_uint8
 from controlnet_lab.bases.pixel import TinyTextToImagePipeline
 from controlnet_lab.config_checks import check_sampling_config
+from controlnet_lab.controlnet_sd3 import is_transformer
 from controlnet_lab.sampling import Sampling, residual_heights, resolution_weights
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -105,7 +106,8 @@ def check_sampling(cfg: DictConfig) -> None:
         raise ValueError(f"batch_size={cfg.batch_size} must be >= 1")
     if not as_list(cfg.seeds):
         raise ValueError("seeds: give at least one seed")
-    scheduler_class(cfg.scheduler)
+    if cfg.scheduler is not None:
+        scheduler_class(cfg.scheduler)
 
 
 def scheduler_class(name: str) -> type:
@@ -196,7 +198,7 @@ def sample(cfg: DictConfig) -> dict:
     controlnets = [net.controlnet.to(device) for net in nets]
     sampling = replace(Sampling.from_config(cfg.sampling), conditioning_scale=[control.scale for control in controls])
     generate = functools.partial(pipeline, controlnet=controlnets, **sampling.kwargs())
-    scheduler = scheduler_class(cfg.scheduler)
+    scheduler = scheduler_class(cfg.scheduler) if cfg.scheduler is not None else pipeline.sampling_scheduler
 
     records, grids = [], {}
     progress = tqdm(total=len(sets) * len(seeds) * count, desc="sampling", unit="image")
@@ -227,8 +229,9 @@ def sample(cfg: DictConfig) -> dict:
         "base": {"path": str(base), "fingerprint": fingerprint},
         "sampling": {
             **sampling.kwargs(),
-            "resolution_weights": resolution_weights(sampling.resolution_weighting, residual_heights(pipeline.unet.config)),
-            "scheduler": cfg.scheduler,
+            **({} if is_transformer(pipeline.denoiser) else {  # a transformer's ControlNet has no residuals by resolution
+                "resolution_weights": resolution_weights(sampling.resolution_weighting, residual_heights(pipeline.denoiser.config))}),
+            "scheduler": scheduler.__name__,
             "batch_size": cfg.batch_size,
             "device": device,
             "resolution": resolution,

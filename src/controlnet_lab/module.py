@@ -1,13 +1,14 @@
 """The LightningModule: a locked base and its trainable copy, trained with the base's own objective.
 
-The same module trains on every base (bases/: pixel or latent). The locked UNet, text
-encoder and VAE are frozen (``requires_grad=False``), kept in ``eval()`` even while
+The same module trains on every base (bases/: pixel or latent). The locked denoiser (a UNet, or SD3's transformer), text
+encoders and VAE are frozen (``requires_grad=False``), kept in ``eval()`` even while
 Lightning switches the module to training, left out of the optimizer, and left out
 of checkpoints: a checkpoint holds the ControlNet and the path of the base it was
 trained on, and the base is loaded from that folder. A batch may carry what the
 locked parts compute, cached (data/encoded.py); otherwise the module computes it.
 The loss is the MSE against the base's ``prediction_type`` target (epsilon or v), in
-the denoiser's space (latents scaled by the VAE's ``scaling_factor`` on a latent base).
+the denoiser's space (latents scaled by the VAE's ``scaling_factor`` on a latent base); on a flow-matching base
+(SD3) the weighted MSE against the velocity (objective.py, ``model.base.objective``).
 
 With ``ema`` settings the module keeps diffusers' ``EMAModel`` of the ControlNet's weights,
 stepped once per optimizer step and stored in every checkpoint; ``for_inference`` loads a
@@ -21,7 +22,6 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
-import torch.nn.functional as F
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from torch.distributed.fsdp import FullyShardedDataParallel
@@ -29,7 +29,8 @@ from torch.distributed.fsdp.wrap import wrap
 
 from controlnet_lab.bases import check_same_base, load_base
 from controlnet_lab.blocks import build_trainable_copy, resolve_hint_channels
-from controlnet_lab.objective import noisy_batch
+from controlnet_lab.controlnet_sd3 import is_transformer
+from controlnet_lab.objective import objective_batch, weighted_mse
 from controlnet_lab.sampling import Sampling
 from controlnet_lab.images import save_grid, to_uint8
 
@@ -48,6 +49,8 @@ class ControlNetModule(L.LightningModule):
         hint_channels: tuple[int, ...] | None = None,  # None: the paper's encoder for the base's VAE factor
         lr: float = 1e-5,
         noise_offset: float = 0.0,
+        objective: dict | None = None,  # a flow-matching base's timestep density and loss weighting (model.base.objective)
+        num_layers: int | None = None,  # the transformer blocks an SD3 ControlNet copies (model.controlnet.num_layers)
         sampling: dict | None = None,  # how validation images are sampled (Sampling's fields; conf: model.sampling)
         num_val_images: int = 8,
         sample_dir: str | None = None,
@@ -75,10 +78,15 @@ class ControlNetModule(L.LightningModule):
         self.locked_prefixes = tuple(f"{name}." for name in locked)  # their weights come from the base folder, not checkpoints
         for name, part in locked.items():
             setattr(self, name, part.requires_grad_(False).eval())
-        hint_channels = resolve_hint_channels(hint_channels, self.base.vae_scale_factor)
-        self.hparams.hint_channels = list(hint_channels)  # the checkpoint (and the export) name the encoder built
-        self.controlnet = build_trainable_copy(self.base.unet, block, hint_channels, block_std, controlnet_path, lora, adapter,
-                                               self.base.vae_scale_factor, xs)
+        if is_transformer(self.base.denoiser):  # SD3's ControlNet takes the condition as VAE latents: no condition encoder
+            if hint_channels is not None:
+                raise ValueError(f"model.controlnet.hint_channels={list(hint_channels)}: a transformer base's ControlNet takes the "
+                                 "condition through the VAE and has no condition encoder: set it to null")
+        else:
+            hint_channels = resolve_hint_channels(hint_channels, self.base.vae_scale_factor)
+            self.hparams.hint_channels = list(hint_channels)  # the checkpoint (and the export) name the encoder built
+        self.controlnet = build_trainable_copy(self.base.denoiser, block, hint_channels, block_std, controlnet_path, lora, adapter,
+                                               self.base.vae_scale_factor, xs, num_layers)
         if gradient_checkpointing:
             if not self.controlnet._supports_gradient_checkpointing:
                 raise ValueError(f"model.controlnet.gradient_checkpointing=true: {type(self.controlnet).__name__} (block={block}) does not support it")
@@ -140,28 +148,29 @@ class ControlNetModule(L.LightningModule):
 
     @torch.no_grad()
     def noisy_inputs(self, batch: dict, generator: torch.Generator | None = None) -> tuple:
-        """(noisy latents, timesteps, regression target, text hidden states, pooled text) of a batch: what the locked
-        parts compute (or the cache holds) and the noise drawn for it."""
+        """(noisy latents, timesteps, regression target, loss weights or None, text hidden states, pooled text) of a
+        batch: what the locked parts compute (or the cache holds) and the noise drawn for it."""
         encoding = batch["image_encoding"] if "image_encoding" in batch else self.base.image_encoding(batch["target"])
         latents = self.base.latents(encoding.float(), generator).float()
         if "text_hidden" in batch:
             hidden, pooled = batch["text_hidden"], batch.get("text_pooled")
         else:
             hidden, pooled = self.base.encode_prompt(batch["prompt"])
-        return (*noisy_batch(self.base.noise_scheduler, latents, self.hparams.noise_offset, generator), hidden, pooled)
+        return (*objective_batch(self.base.noise_scheduler, latents, self.hparams.noise_offset, self.hparams.objective, generator),
+                hidden, pooled)
 
     def diffusion_loss(self, batch: dict, generator: torch.Generator | None = None, denoiser=None) -> torch.Tensor:
         """The objective on a batch; ``denoiser``: the call that predicts (``base.predict_noise`` or a compiled one)."""
-        noisy, timesteps, target, hidden, pooled = self.noisy_inputs(batch, generator)
+        noisy, timesteps, target, weights, hidden, pooled = self.noisy_inputs(batch, generator)
         prediction = (denoiser or self.base.predict_noise)(noisy, timesteps, hidden, pooled, self.controlnet, batch["condition"],
                                                            geometry=batch.get("geometry"))
-        return F.mse_loss(prediction.float(), target.float())
+        return weighted_mse(prediction, target, weights)
 
     @torch.no_grad()
     def output_change(self, batch: dict, generator: torch.Generator) -> dict:
         """How much the ControlNet changes the locked base's noise prediction on a batch (the same noise, timesteps and
         prompts with and without it): the mean absolute change, and that over the prediction's mean magnitude."""
-        noisy, timesteps, _, hidden, pooled = self.noisy_inputs(batch, generator)
+        noisy, timesteps, _, _, hidden, pooled = self.noisy_inputs(batch, generator)
         geometry = batch.get("geometry")
         alone = self.base.predict_noise(noisy, timesteps, hidden, pooled, geometry=geometry).float()
         controlled = self.base.predict_noise(noisy, timesteps, hidden, pooled, self.controlnet, batch["condition"], geometry=geometry).float()

@@ -98,7 +98,7 @@ def train_and_evaluate(cfg: DictConfig) -> dict:
         global_step=trainer.global_step,
         resumed_from={"checkpoint": str(resumed.path), "global_step": resumed_step, "passed_over": resumed.passed_over} if resumed else None,
         base_path=str(base_path),
-        base=base_report(base_path, fingerprint, module.locked_unet.dtype),
+        base=base_report(base_path, fingerprint, module.base.denoiser.dtype),
         data_root=data.origin,
         split=data.split_report,
         wall_time_s={"until_trained": round(train_seconds, 1), **{phase: round(seconds, 2) for phase, seconds in phases.items()}},

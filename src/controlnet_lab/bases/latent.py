@@ -33,19 +33,28 @@ class LatentBase:
     with_adapter = StableDiffusionAdapterPipeline
     with_xs = StableDiffusionControlNetXSPipeline
     load_options = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}  # training runs no checker
+    denoiser_name = "unet"               # the pipeline's denoising component (SD3: its transformer)
+    training_scheduler = DDPMScheduler   # the noise training draws, from the base's scheduler config (objective.py)
+    sampling_scheduler = DDIMScheduler   # what generates unless a scheduler is given
+    call_options: dict = {}              # what this family's pipelines take besides the arguments all take
 
     def __init__(self, pipeline: StableDiffusionPipeline):
         self.pipeline = pipeline  # holds the same modules: encodes prompts and saves
         self.vae = pipeline.vae
-        self.unet = pipeline.unet
+        self.denoiser = getattr(pipeline, self.denoiser_name)
         self.text_encoder = pipeline.text_encoder
         self.tokenizer = pipeline.tokenizer
         self.scheduler = pipeline.scheduler
-        self.noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+        self.noise_scheduler = self.training_scheduler.from_config(pipeline.scheduler.config)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        # The image size it generates: the UNet's native size unless set (an SD base trained at 256 px, say).
-        self.resolution = self.unet.config.sample_size * self.vae_scale_factor
+        # The image size it generates: the denoiser's native size unless set (an SD base trained at 256 px, say).
+        self.resolution = self.denoiser.config.sample_size * self.vae_scale_factor
         self.progress_bar_config: dict = {}
+
+    @property
+    def unet(self):
+        """The UNet of an SD- or SDXL-family base (the denoiser)."""
+        return self.denoiser
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype: torch.dtype | None = None) -> "LatentBase":
@@ -153,11 +162,12 @@ class LatentBase:
     ) -> torch.Tensor:
         """Images in [-1, 1], shape (len(prompt), 3, H, W), from diffusers' pipelines: ``StableDiffusionPipeline`` for the
         base alone, ``control_pipeline``'s with a ControlNet (or several, ``condition`` and ``conditioning_scale`` one
-        per net), a T2I-Adapter or a ControlNet-XS; DDIM from the base's config unless ``scheduler``."""
+        per net), a T2I-Adapter or a ControlNet-XS; the family's sampler (``sampling_scheduler``: DDIM on SD and SDXL)
+        from the base's config unless ``scheduler``."""
         resolution_weighting = check_resolution_weighting(resolution_weighting, guidance_scale)
-        components = {**self.components(), "scheduler": scheduler or DDIMScheduler.from_config(self.scheduler.config)}
+        components = {**self.components(), "scheduler": scheduler or self.sampling_scheduler.from_config(self.scheduler.config)}
         arguments = {"prompt": list(prompt), "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
-                     "generator": generator, "output_type": "pt", "height": self.resolution, "width": self.resolution}
+                     "generator": generator, "output_type": "pt", "height": self.resolution, "width": self.resolution, **self.call_options}
         if controlnet is None:
             pipeline = self.build(self.text_to_image, components)
         else:

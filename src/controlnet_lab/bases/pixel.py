@@ -28,6 +28,7 @@ class TinyTextToImagePipeline(DiffusionPipeline):
         self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
 
     caches_images = False  # the denoiser works on the images themselves: nothing to cache
+    sampling_scheduler = DDIMScheduler  # what generates unless a scheduler is given
     vae_scale_factor = 1
 
     @property
@@ -43,6 +44,10 @@ class TinyTextToImagePipeline(DiffusionPipeline):
     @property
     def noise_scheduler(self):
         return self.scheduler
+
+    @property
+    def denoiser(self) -> UNet2DConditionModel:
+        return self.unet
 
     def locked_modules(self) -> dict[str, torch.nn.Module]:
         return {"locked_unet": self.unet, "text_encoder": self.text_encoder}
@@ -121,7 +126,7 @@ class TinyTextToImagePipeline(DiffusionPipeline):
         resolution_weighting = check_resolution_weighting(resolution_weighting, guidance_scale)
         if isinstance(controlnet, (list, tuple)):
             controlnet, condition, conditioning_scale = compose(controlnet, condition, conditioning_scale)
-        scheduler = scheduler or DDIMScheduler.from_config(self.scheduler.config)
+        scheduler = scheduler or self.sampling_scheduler.from_config(self.scheduler.config)
         scheduler.set_timesteps(num_inference_steps, device=device)
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
         use_cfg = guidance_scale != 1.0

@@ -37,7 +37,7 @@ from controlnet_lab.bases.fingerprint import base_fingerprint
 from controlnet_lab.data.datamodule import ControlDataModule
 from controlnet_lab.data.encoded import EncodedDataset, LockedEncodings
 from controlnet_lab.files import build_published
-from controlnet_lab.objective import noisy_batch
+from controlnet_lab.objective import objective_batch
 from controlnet_lab.provenance import commit, machine
 
 # Settings of model.base that do not change the pretrained weights.
@@ -151,24 +151,29 @@ class DenoiserPretraining(L.LightningModule):
     targets (or their cached encodings, ``batch["image_encoding"]``) to the denoiser's input.
     """
 
-    def __init__(self, base, lr: float, snr_gamma: float | None, warmup_steps: int, noise_offset: float):
+    def __init__(self, base, lr: float, snr_gamma: float | None, warmup_steps: int, noise_offset: float, objective: dict | None = None):
         super().__init__()
         self.base = base
-        self.unet = base.unet
+        self.denoiser = base.denoiser
         # The text encoders train with the UNet (SDXL's two, SD's one): every locked part but the autoencoder.
         self.text_encoders = torch.nn.ModuleList(part for name, part in base.locked_modules().items() if name.startswith("text_encoder"))
         self.lr = lr
         self.snr_gamma = snr_gamma
         self.warmup_steps = warmup_steps
         self.noise_offset = noise_offset
+        self.objective = objective  # a flow-matching base's (model.base.objective); DDPM bases take None
+        if snr_gamma and objective is not None:
+            raise ValueError(f"model.base.pretrain.snr_gamma={snr_gamma}: Min-SNR weighting is for DDPM schedules; a flow-matching "
+                             "base weights its loss by model.base.objective.weighting_scheme: set snr_gamma to null")
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         scheduler = self.base.noise_scheduler
         encoding = batch["image_encoding"] if "image_encoding" in batch else self.base.image_encoding(batch["target"])
-        noisy, timesteps, target = noisy_batch(scheduler, self.base.latents(encoding), self.noise_offset)
+        noisy, timesteps, target, weights = objective_batch(scheduler, self.base.latents(encoding), self.noise_offset, self.objective)
         hidden, pooled = self.base.encode_prompt(batch["prompt"])
         prediction = self.base.predict_noise(noisy, timesteps, hidden, pooled, geometry=batch.get("geometry"))
-        loss = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
+        loss = F.mse_loss(prediction, target, reduction="none")
+        loss = (loss if weights is None else weights * loss).mean(dim=(1, 2, 3))
         if self.snr_gamma:
             snr = compute_snr(scheduler, timesteps)
             weight = torch.clamp(snr, max=self.snr_gamma)
@@ -180,6 +185,6 @@ class DenoiserPretraining(L.LightningModule):
     def configure_optimizers(self):
         # Fused: one kernel for the 288 tensors (2.2 ms an update against 9.8 ms for torch's per-tensor CPU default;
         # speed_options.json). Pretraining neither clips gradients nor mixes precision, which Lightning refuses with it.
-        optimizer = torch.optim.AdamW(list(self.unet.parameters()) + list(self.text_encoders.parameters()), lr=self.lr, fused=True)
+        optimizer = torch.optim.AdamW(list(self.denoiser.parameters()) + list(self.text_encoders.parameters()), lr=self.lr, fused=True)
         warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, self.warmup_steps)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}

@@ -4,7 +4,7 @@ Each source turns the run's settings into a folder that ``load_base`` reads, and
 asked before any training (training.py): ``tiny`` and ``tiny_sd`` pretrain their base
 on the run's training split (or reuse it from the cache), or take a saved one from
 ``pretrained_model_name_or_path``; ``pretrained`` (``sd15``, ``sdxl`` and any folder or Hub
-id of their families) resolves the id to a local snapshot, downloading it when the Hub
+id of their families; ``sd3``) resolves the id to a local snapshot, downloading it when the Hub
 is reachable, and fails with the key and the id when it is neither there nor reachable,
 or when it holds a pipeline of another family than the option's.
 """
@@ -19,7 +19,7 @@ from controlnet_lab.bases.tiny import pretrained_pixel_base
 from controlnet_lab.bases.tiny_sd import pretrained_tiny_sd
 
 KEY = "model.base.pretrained_model_name_or_path"
-FAMILIES = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl"}  # saved pipeline class: the model= option
+FAMILIES = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3"}  # saved pipeline class: the model= option
 
 
 class BaseNotFoundError(FileNotFoundError):
@@ -72,7 +72,7 @@ class TinySDBaseSource(EmbeddedBaseSource):
 
 class PretrainedBaseSource(BaseSource):
     """A base from a Hub id or a ``save_pretrained`` folder of the family ``settings["pipeline"]`` names
-    (``StableDiffusionPipeline``: SD 1.x, 2.x; ``StableDiffusionXLPipeline``: SDXL)."""
+    (``StableDiffusionPipeline``: SD 1.x, 2.x; ``StableDiffusionXLPipeline``: SDXL; ``StableDiffusion3Pipeline``: SD3)."""
 
     def check(self) -> None:
         expected = self.settings.get("pipeline", "StableDiffusionPipeline")

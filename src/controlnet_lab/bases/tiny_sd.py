@@ -9,7 +9,10 @@ perceptual and adversarial terms), its ``scaling_factor`` set to 1 / std of the
 training latents (as SD's 0.18215 was), then the UNet and text encoder on latents of
 the frozen autoencoder (pretraining.py). Saved with ``StableDiffusionPipeline.save_pretrained``,
 so it loads exactly as SD 1.5 does. ``tiny_sdxl`` is SDXL's architecture the same way (a second text encoder with a
-projection, the UNet's "text_time" added conditioning), saved with ``StableDiffusionXLPipeline.save_pretrained``.
+projection, the UNet's "text_time" added conditioning), saved with ``StableDiffusionXLPipeline.save_pretrained``;
+``tiny_sd3`` SD3's (an ``SD3Transformer2DModel`` in place of the UNet, two CLIP encoders with projections and no T5,
+flow matching, a VAE with a ``shift_factor``: the latents' mean, as SD3's), saved with
+``StableDiffusion3Pipeline.save_pretrained``.
 """
 from __future__ import annotations
 
@@ -17,11 +20,13 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import (AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline,
+                       StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
 from torch.utils.data import DataLoader
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from controlnet_lab.bases.latent import LatentBase
+from controlnet_lab.bases.latent_sd3 import SD3Base
 from controlnet_lab.bases.latent_xl import SDXLBase
 from controlnet_lab.bases.pretraining import SAVED_SHARD_SIZE, DenoiserPretraining, build_once, cache_key, PretrainingData, pretraining_trainer
 from controlnet_lab.bases.tiny import text_encoder_and_tokenizer
@@ -35,12 +40,15 @@ def vae_scale_factor(vae_settings: dict) -> int:
 
 def build_tiny_sd(settings: dict, resolution: int, prompts: list[str]) -> LatentBase:
     """An untrained tiny SD-shaped base from the ``model.base`` settings, its tokenizer built from ``prompts``; SDXL-shaped
-    (``SDXLBase``) when the settings give a second text encoder (``text_encoder_2``, with a ``projection_dim``)."""
+    (``SDXLBase``) when the settings give a second text encoder (``text_encoder_2``, with a ``projection_dim``), SD3-shaped
+    (``SD3Base``) when they give a ``transformer``."""
     text_encoder, tokenizer = text_encoder_and_tokenizer(dict(settings["text_encoder"]), prompts)
     vae_settings = dict(settings["vae"])
     levels = len(vae_settings["block_out_channels"])
     vae = AutoencoderKL(in_channels=3, out_channels=3, sample_size=resolution, down_block_types=["DownEncoderBlock2D"] * levels,
                         up_block_types=["UpDecoderBlock2D"] * levels, **vae_settings)
+    if settings.get("transformer"):
+        return build_tiny_sd3(settings, resolution, vae, text_encoder, tokenizer)
     unet_settings = dict(settings["unet"], sample_size=resolution // vae_scale_factor(vae_settings), in_channels=vae.config.latent_channels,
                          out_channels=vae.config.latent_channels)
     scheduler = DDPMScheduler(**settings["scheduler"])
@@ -58,6 +66,23 @@ def build_tiny_sd(settings: dict, resolution: int, prompts: list[str]) -> Latent
     return SDXLBase(StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
                                               tokenizer_2=tokenizer, unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=False,
                                               add_watermarker=False))
+
+
+def build_tiny_sd3(settings: dict, resolution: int, vae: AutoencoderKL, text_encoder, tokenizer) -> SD3Base:
+    """SD3's layout: the transformer attends jointly to its latent patches and the text (both CLIP encoders' hidden
+    states side by side, ``joint_attention_dim`` wide) and adds both encoders' pooled projections to its timestep
+    embedding; no T5 (its part of the text is zeros, as diffusers gives a pipeline without it)."""
+    encoders = [CLIPTextModelWithProjection(CLIPTextConfig(**{**text_encoder.config.to_dict(), **overrides}))
+                for overrides in ({}, settings["text_encoder_2"])]
+    transformer_settings = dict(settings["transformer"])
+    side = resolution // vae_scale_factor(dict(settings["vae"]))
+    transformer = SD3Transformer2DModel(sample_size=side, in_channels=vae.config.latent_channels, out_channels=vae.config.latent_channels,
+                                        pos_embed_max_size=side // transformer_settings["patch_size"],
+                                        joint_attention_dim=sum(encoder.config.hidden_size for encoder in encoders),
+                                        pooled_projection_dim=sum(encoder.config.projection_dim for encoder in encoders), **transformer_settings)
+    return SD3Base(StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**settings["scheduler"]),
+                                            vae=vae, text_encoder=encoders[0], tokenizer=tokenizer, text_encoder_2=encoders[1],
+                                            tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None))
 
 
 class AutoencoderPretraining(L.LightningModule):
@@ -88,10 +113,14 @@ def reconstruction_mae(vae: AutoencoderKL, loader: DataLoader) -> float:
 
 
 @torch.no_grad()
-def latent_scaling_factor(vae: AutoencoderKL, loader: DataLoader, batches: int = 16) -> float:
-    """1 / std of the autoencoder's latents over training images, so the diffusion model sees unit-variance inputs."""
-    latents = [vae.encode(b["target"]).latent_dist.sample() for _, b in zip(range(batches), loader)]
-    return float(1.0 / torch.cat(latents).std())
+def latent_statistics(vae: AutoencoderKL, loader: DataLoader, batches: int = 16) -> dict:
+    """``scaling_factor`` 1 / std of the autoencoder's latents over training images, so the diffusion model sees
+    unit-variance inputs; and, for a VAE that shifts its latents (SD3's), ``shift_factor`` their mean."""
+    latents = torch.cat([vae.encode(b["target"]).latent_dist.sample() for _, b in zip(range(batches), loader)])
+    statistics = {"scaling_factor": float(1.0 / latents.std())}
+    if vae.config.shift_factor is not None:
+        statistics["shift_factor"] = float(latents.mean())
+    return statistics
 
 
 def pretrained_tiny_sd(settings: dict, run_data: ControlDataModule, resolution: int, cache_dir: Path, trainer_kwargs: dict | None = None) -> Path:
@@ -106,19 +135,19 @@ def pretrained_tiny_sd(settings: dict, run_data: ControlDataModule, resolution: 
         autoencoder = AutoencoderPretraining(base.vae, lr=vae["lr"], kl_weight=vae["kl_weight"])
         pretraining_trainer(vae["max_steps"], Path(cache_dir) / "base", trainer_kwargs).fit(autoencoder, datamodule=data)
         base.vae.eval().requires_grad_(False)
-        base.vae.register_to_config(scaling_factor=latent_scaling_factor(base.vae, data.train_dataloader()))
+        base.vae.register_to_config(**latent_statistics(base.vae, data.train_dataloader()))
         mae = reconstruction_mae(base.vae, data.val_dataloader())
 
         store = image_encodings(base, data.train_dataset(), cache_dir, settings["encode_batch_size"], settings["cache_dtype"])
         data.train_encodings = LockedEncodings(images=store.column("images"))
         denoiser = DenoiserPretraining(base, lr=pretrain["lr"], snr_gamma=pretrain["snr_gamma"], warmup_steps=pretrain["warmup_steps"],
-                                       noise_offset=settings["noise_offset"])
+                                       noise_offset=settings["noise_offset"], objective=settings.get("objective"))
         trainer = pretraining_trainer(pretrain["max_steps"], Path(cache_dir) / "base", trainer_kwargs)
         trainer.fit(denoiser, datamodule=data)
         base.save_pretrained(staging, max_shard_size=SAVED_SHARD_SIZE)
         return {"steps": {"vae": vae["max_steps"], "unet": trainer.global_step}, "data_root": run_data.origin,
                 "resolution": resolution, "vae_reconstruction_mae_255": round(mae, 2),
-                "vae_scaling_factor": base.vae.config.scaling_factor, "model": settings}
+                "vae_scaling_factor": base.vae.config.scaling_factor, "vae_shift_factor": base.vae.config.shift_factor, "model": settings}
 
     return build_once(Path(cache_dir) / "base" / f"base-{cache_key(settings, run_data.fingerprint(), resolution)}", build,
                       use_shipped=settings.get("shipped", False))

@@ -43,7 +43,7 @@ def generate(base, controlnet, conditions: torch.Tensor, prompts: list[str], bat
         generated = base(
             prompts[batch],
             condition=None if controlnet is None else
-            [c[batch].to(base.unet.device) for c in conditions] if isinstance(conditions, list) else conditions[batch].to(base.unet.device),
+            [c[batch].to(base.denoiser.device) for c in conditions] if isinstance(conditions, list) else conditions[batch].to(base.denoiser.device),
             controlnet=controlnet,
             **sampling.kwargs(),
             generator=torch.Generator().manual_seed(seed + start),
