@@ -97,6 +97,19 @@ def test_the_export_runs_in_diffusers_sd3_controlnet_pipeline_as_in_the_harness(
     assert not torch.allclose(harness, without, atol=1e-3)
 
 
+def test_two_sd3_controlnets_compose_each_with_its_scale(tiny_sd3_folder):
+    first, second = sd3_module(tiny_sd3_folder, block="gauss", block_std=0.05), sd3_module(tiny_sd3_folder, block="gauss", block_std=0.05)
+    conditions = [torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)]
+
+    def sample(nets, condition, scale):
+        torch.manual_seed(1)  # the condition's VAE latents come from the global generator
+        return first.base(PROMPTS, condition, nets, num_inference_steps=2, conditioning_scale=scale, generator=torch.Generator().manual_seed(0))
+
+    alone = sample(first.controlnet, conditions[0], 1.0)
+    assert torch.allclose(alone, sample([first.controlnet, second.controlnet], conditions, [1.0, 0.0]), atol=1e-5)  # the second scaled away
+    assert not torch.allclose(alone, sample([first.controlnet, second.controlnet], conditions, [1.0, 1.0]), atol=1e-3)
+
+
 @pytest.mark.bad_input
 @pytest.mark.parametrize("override, message", [
     ("block=single", r"block=single is not defined on a transformer base"),
