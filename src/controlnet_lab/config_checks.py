@@ -8,13 +8,14 @@ from omegaconf import DictConfig, OmegaConf
 from controlnet_lab.bases.sources import EmbeddedBaseSource
 from controlnet_lab.blocks import BLOCKS, check_block_std, resolve_hint_channels
 from controlnet_lab.controlnet_lora import check_lora_settings
-from controlnet_lab.controlnet_sd3 import check_num_layers, check_transformer_block
+from controlnet_lab.bases.latent_sd3 import check_transformer_sampling
+from controlnet_lab.controlnet_sd3 import check_no_hint_channels, check_num_layers, check_transformer_block
 from controlnet_lab.controlnet_xs import check_xs_sampling, check_xs_settings
 from controlnet_lab.t2i_adapter import check_adapter_sampling, check_adapter_settings
 from controlnet_lab.data.conditions import CONDITIONS, DETECTORS, detector_device_for
 from controlnet_lab.evaluation.prompts import check_prompt_settings
 from controlnet_lab.locked_encodings import CACHE_DTYPES
-from controlnet_lab.objective import check_flow_matching
+from controlnet_lab.objective import check_flow_matching, check_no_noise_offset
 from controlnet_lab.sampling import check_resolution_weighting
 
 
@@ -186,19 +187,13 @@ def check_model_shape(model: DictConfig, resolution: int) -> None:
 
 
 def check_transformer_shape(model: DictConfig, resolution: int) -> None:
-    if model.controlnet.hint_channels is not None:
-        raise ConfigError(f"model.controlnet.hint_channels={list(model.controlnet.hint_channels)}: a transformer base's ControlNet "
-                          "takes the condition through the VAE and has no condition encoder: set it to null")
-    if model.base.noise_offset:
-        raise ConfigError(f"model.base.noise_offset={model.base.noise_offset}: offset noise is for DDPM schedules; a flow-matching "
-                          "base's last step is pure noise: set it to 0")
-    if check_resolution_weighting(model.sampling.resolution_weighting) != "off":
-        raise ConfigError(f"model.sampling.resolution_weighting={model.sampling.resolution_weighting}: a transformer's ControlNet has "
-                          "no residuals of several resolutions to weight: set it to off")
-    transformer = model.base.get("transformer")
-    if not transformer:  # a base from a folder or id: its transformer is checked when it is loaded
-        return
     try:
+        check_no_hint_channels(model.controlnet.hint_channels)
+        check_no_noise_offset(model.base.noise_offset)
+        check_transformer_sampling(check_resolution_weighting(model.sampling.resolution_weighting), "model.sampling.")
+        transformer = model.base.get("transformer")
+        if not transformer:  # a base from a folder or id: its transformer is checked when it is loaded
+            return
         check_num_layers(model.controlnet.get("num_layers"), transformer.num_layers)
     except ValueError as err:
         raise ConfigError(str(err)) from None

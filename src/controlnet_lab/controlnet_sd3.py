@@ -33,6 +33,12 @@ def check_transformer_block(block: str) -> None:
                          f"{', '.join(TRANSFORMER_BLOCKS)} (controlnet_sd3.py says why single has no faithful translation)")
 
 
+def check_no_hint_channels(hint_channels) -> None:
+    if hint_channels is not None:
+        raise ValueError(f"model.controlnet.hint_channels={list(hint_channels)}: a transformer base's ControlNet takes the "
+                         "condition through the VAE and has no condition encoder: set it to null")
+
+
 def check_num_layers(num_layers, transformer_layers: int) -> int:
     """The copied blocks: at least one, and fewer than the transformer has (its last block updates the image tokens
     only, so a ControlNet block, which updates both streams, cannot copy it)."""

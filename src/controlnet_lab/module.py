@@ -29,7 +29,7 @@ from torch.distributed.fsdp.wrap import wrap
 
 from controlnet_lab.bases import check_same_base, load_base
 from controlnet_lab.blocks import build_trainable_copy, resolve_hint_channels
-from controlnet_lab.controlnet_sd3 import is_transformer
+from controlnet_lab.controlnet_sd3 import check_no_hint_channels, is_transformer
 from controlnet_lab.objective import objective_batch, weighted_mse
 from controlnet_lab.sampling import Sampling
 from controlnet_lab.images import save_grid, to_uint8
@@ -79,9 +79,7 @@ class ControlNetModule(L.LightningModule):
         for name, part in locked.items():
             setattr(self, name, part.requires_grad_(False).eval())
         if is_transformer(self.base.denoiser):  # SD3's ControlNet takes the condition as VAE latents: no condition encoder
-            if hint_channels is not None:
-                raise ValueError(f"model.controlnet.hint_channels={list(hint_channels)}: a transformer base's ControlNet takes the "
-                                 "condition through the VAE and has no condition encoder: set it to null")
+            check_no_hint_channels(hint_channels)
         else:
             hint_channels = resolve_hint_channels(hint_channels, self.base.vae_scale_factor)
             self.hparams.hint_channels = list(hint_channels)  # the checkpoint (and the export) name the encoder built

@@ -55,6 +55,12 @@ def check_flow_matching(settings: dict | None) -> dict:
     return dict(settings)
 
 
+def check_no_noise_offset(noise_offset: float) -> None:
+    if noise_offset:
+        raise ValueError(f"model.base.noise_offset={noise_offset}: offset noise is for DDPM schedules, whose last step keeps "
+                         "signal; a flow-matching base's last step is pure noise: set it to 0")
+
+
 def flow_matching_batch(scheduler: FlowMatchEulerDiscreteScheduler, latents: torch.Tensor, settings: dict,
                         generator: torch.Generator | None = None):
     """(noisy latents, timesteps, target, loss weights) as diffusers' ``train_controlnet_sd3.py`` draws them: timesteps
@@ -80,9 +86,7 @@ def objective_batch(scheduler, latents: torch.Tensor, noise_offset: float, flow_
     """(noisy inputs, timesteps, target, per-element loss weights or None) under the base's objective: flow matching
     for a ``FlowMatchEulerDiscreteScheduler`` (``flow_matching``: ``model.base.objective``), DDPM noise otherwise."""
     if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
-        if noise_offset:
-            raise ValueError(f"model.base.noise_offset={noise_offset}: offset noise is for DDPM schedules, whose last step keeps "
-                             "signal; a flow-matching base's last step is pure noise: set it to 0")
+        check_no_noise_offset(noise_offset)
         return flow_matching_batch(scheduler, latents, flow_matching, generator)
     return (*noisy_batch(scheduler, latents, noise_offset, generator), None)
 

@@ -107,7 +107,8 @@ class SD3Base(LatentBase):
         return pipeline, {"control_image": condition, "controlnet_conditioning_scale": conditioning_scale}
 
 
-def check_transformer_sampling(resolution_weighting: str) -> None:
+def check_transformer_sampling(resolution_weighting: str, key: str = "") -> None:
+    """Resolution weighting (``<key>resolution_weighting``) is a UNet notion: off only."""
     if resolution_weighting != "off":
-        raise ValueError(f"resolution_weighting={resolution_weighting} weights residuals by their resolution, which a "
-                         "transformer's ControlNet (one token resolution) does not have: use resolution_weighting=off")
+        raise ValueError(f"{key}resolution_weighting={resolution_weighting}: a transformer's ControlNet has no residuals of several "
+                         "resolutions to weight: set it to off")
