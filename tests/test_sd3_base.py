@@ -10,6 +10,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, SD3ControlNetModel, StableDiffusion3ControlNetPipeline
 from torch.utils.data import DataLoader
+from torchvision.transforms.functional import to_pil_image
 
 from conftest import compose_train, fill50k_dataset, run_train
 from sd_fixtures import SD3_OBJECTIVE as OBJECTIVE
@@ -58,6 +59,20 @@ def test_zero_joins_reproduce_the_locked_transformer_at_step_zero_and_gaussian_o
     assert not torch.equal(alone, gauss.base.predict_noise(latents, t, hidden, pooled, gauss.controlnet, condition))
 
 
+def test_sampling_gives_the_controlnet_the_condition_latents_it_trained_on(tiny_sd3_folder):
+    """What the pipeline hands the ControlNet when the harness samples is what training gives it (the condition in
+    [-1, 1] through the VAE): a mismatch trains one input and samples with another."""
+    module = sd3_module(tiny_sd3_folder, block="zero")
+    given = []
+    module.controlnet.register_forward_pre_hook(lambda net, args, kwargs: given.append(kwargs["controlnet_cond"]), with_kwargs=True)
+    condition = torch.rand(2, 3, 32, 32)
+    torch.manual_seed(1)  # the condition's VAE latents come from the global generator, in training as in the pipeline
+    trained_on = module.base.condition_latents(condition)
+    torch.manual_seed(1)
+    module.base(PROMPTS, condition, module.controlnet, num_inference_steps=1, guidance_scale=1.0, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(given[0], trained_on, atol=1e-6)
+
+
 def test_flow_matching_noises_toward_the_velocity_with_the_scripts_weighting(tiny_sd3_folder):
     scheduler = load_base(tiny_sd3_folder).noise_scheduler
     latents = torch.randn(64, 4, 8, 8)
@@ -82,7 +97,7 @@ def test_the_export_runs_in_diffusers_sd3_controlnet_pipeline_as_in_the_harness(
     assert "StableDiffusion3ControlNetPipeline.from_pretrained" in (readme := (tmp_path / "export" / "README.md").read_text())
     assert "text_encoder_3=None, tokenizer_3=None" in readme
     assert json.loads((tmp_path / "export" / "base" / "transformer" / "config.json").read_text())["num_layers"] == 6
-    condition = torch.rand(2, 3, 32, 32)
+    condition = torch.randint(0, 256, (2, 3, 32, 32)) / 255.0  # what an 8-bit condition image holds
     torch.manual_seed(1)  # the pipeline draws the condition's VAE latents from the global generator, not the one it is given
     harness = module.base(PROMPTS, condition, module.controlnet, num_inference_steps=3, guidance_scale=2.0,
                           generator=torch.Generator().manual_seed(0))
@@ -90,7 +105,7 @@ def test_the_export_runs_in_diffusers_sd3_controlnet_pipeline_as_in_the_harness(
         str(tmp_path / "export" / "base"), controlnet=SD3ControlNetModel.from_pretrained(tmp_path / "export" / "controlnet"),
         text_encoder_3=None, tokenizer_3=None)
     torch.manual_seed(1)
-    images = pipeline(PROMPTS, control_image=condition, num_inference_steps=3, guidance_scale=2.0, height=32, width=32, output_type="pt",
+    images = pipeline(PROMPTS, control_image=[to_pil_image(c) for c in condition], num_inference_steps=3, guidance_scale=2.0, height=32, width=32, output_type="pt",
                       max_sequence_length=77, generator=torch.Generator().manual_seed(0)).images
     assert torch.allclose(harness, images * 2 - 1, atol=1e-4), (harness - (images * 2 - 1)).abs().max()
     without = module.base(PROMPTS, num_inference_steps=3, guidance_scale=2.0, generator=torch.Generator().manual_seed(0))

@@ -8,8 +8,10 @@ of the text is zeros, as diffusers' pipelines do), and generating with ``StableD
 penultimate hidden states side by side (padded to T5's width) followed by T5's (77 tokens), the pooled text both CLIP
 projections; the objective is flow matching on the scheduler's training sigmas (objective.py); the ControlNet
 (controlnet_sd3.py) takes the condition as VAE latents. The condition goes into the VAE in [-1, 1], as
-``StableDiffusion3ControlNetPipeline`` prepares it when sampling (diffusers' script feeds [0, 1] when training; the
-harness trains on what the pipeline will give the net).
+``StableDiffusion3ControlNetPipeline`` prepares a condition image (PIL) when sampling: the harness trains on what the
+pipeline gives the net from a user's image, and hands the pipeline its [0, 1] tensors mapped to [-1, 1] (the pipeline
+passes a tensor to the VAE unchanged). diffusers' script feeds [0, 1] when training, which its own pipeline then
+meets only for tensors.
 """
 from __future__ import annotations
 
@@ -104,7 +106,9 @@ class SD3Base(LatentBase):
         elif not isinstance(controlnet, SD3ControlNetModel):
             raise ValueError(f"a transformer base samples with an SD3ControlNetModel, not a {type(controlnet).__name__}")
         pipeline = self.build(self.with_controlnet, components, controlnet=controlnet)
-        return pipeline, {"control_image": condition, "controlnet_conditioning_scale": conditioning_scale}
+        # in [-1, 1], as the pipeline prepares a condition image; a tensor it passes to the VAE as it is
+        images = [c * 2.0 - 1.0 for c in condition] if isinstance(condition, list) else condition * 2.0 - 1.0
+        return pipeline, {"control_image": images, "controlnet_conditioning_scale": conditioning_scale}
 
 
 def check_transformer_sampling(resolution_weighting: str, key: str = "") -> None:
