@@ -77,7 +77,7 @@ class LatentBase:
         self.pipeline.save_pretrained(folder, **kwargs)
 
     def to(self, device) -> "LatentBase":
-        for module in (self.vae, self.unet, self.text_encoder):
+        for module in self.locked_modules().values():
             module.to(device)
         return self
 

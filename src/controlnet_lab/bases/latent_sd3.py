@@ -56,17 +56,9 @@ class SD3Base(LatentBase):
                 "text_encoder_2": self.text_encoder_2, "text_encoder_3": self.text_encoder_3, "tokenizer": self.tokenizer,
                 "tokenizer_2": self.tokenizer_2, "tokenizer_3": self.tokenizer_3}
 
-    def text_encoders(self) -> dict[str, torch.nn.Module]:
-        encoders = {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2, "text_encoder_3": self.text_encoder_3}
-        return {name: encoder for name, encoder in encoders.items() if encoder is not None}
-
     def locked_modules(self) -> dict[str, torch.nn.Module]:
-        return {"locked_transformer": self.denoiser, **self.text_encoders(), "vae": self.vae}
-
-    def to(self, device) -> "SD3Base":
-        for module in self.locked_modules().values():
-            module.to(device)
-        return self
+        encoders = {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2, "text_encoder_3": self.text_encoder_3}
+        return {"locked_transformer": self.denoiser, **{name: e for name, e in encoders.items() if e is not None}, "vae": self.vae}
 
     def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(the CLIP and T5 per-token hidden states, one sequence; both CLIP encoders' pooled projections)."""

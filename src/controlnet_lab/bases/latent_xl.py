@@ -37,10 +37,6 @@ class SDXLBase(LatentBase):
     def locked_modules(self) -> dict[str, torch.nn.Module]:
         return {**super().locked_modules(), "text_encoder_2": self.text_encoder_2}
 
-    def to(self, device) -> "SDXLBase":
-        self.text_encoder_2.to(device)
-        return super().to(device)
-
     def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(both encoders' per-token hidden states, concatenated; the second encoder's pooled projection)."""
         hidden, _, pooled, _ = self.pipeline.encode_prompt(list(prompts), device=self.text_encoder_2.device, num_images_per_prompt=1,
