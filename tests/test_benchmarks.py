@@ -9,6 +9,7 @@ import torch
 import architecture_cost
 import default_profile
 import default_run
+import one_step_equivalence
 import scaling
 import sd15_shaped
 import speed_options
@@ -39,6 +40,26 @@ def test_the_diffusers_script_benchmark_runs_both_on_the_same_work(tmp_path, mon
     report = json.loads(out.read_text())
     assert set(report["setups"]) == {"harness", "harness_no_cache", "diffusers_script"}
     assert all(len(report["rounds"][0][setup]["last_losses"]) == 4 and report["setups"][setup]["samples_per_s"] > 0 for setup in report["setups"])
+
+
+def test_the_harness_takes_the_same_step_as_diffusers_script(tmp_path, monkeypatch):
+    """The unmodified script and the harness's default configuration, one step each on the same batch and draws, from a
+    ControlNet whose joins are not zero (so that every part of the copy gets a gradient)."""
+    out = tmp_path / "one_step_equivalence.json"
+    monkeypatch.setattr(sys, "argv", ["one_step_equivalence.py", "--batch", "4", "--samples", "32", "--out", str(out)])
+    one_step_equivalence.main()
+    report = json.loads(out.read_text())
+    assert report["equivalent"] and report["loss_relative_difference"] <= 1e-4
+    assert report["nonzero_gradients"] >= 0.9 * report["parameters"] and report["batch_prompts_emptied"] >= 0
+
+
+def test_the_step_comparison_tells_a_different_gradient_apart():
+    grads = {"a": torch.tensor([1.0, -2.0]), "b": torch.tensor([0.5])}
+    same = {"loss": 1.0, "grads": grads}
+    assert one_step_equivalence.compare(same, same, 1e-4)["equivalent"]
+    nudged = {"loss": 1.0, "grads": {**grads, "b": torch.tensor([0.5001])}}
+    assert not one_step_equivalence.compare(nudged, same, 1e-4)["equivalent"]
+    assert not one_step_equivalence.compare({"loss": 1.001, "grads": grads}, same, 1e-4)["equivalent"]
 
 
 def test_the_sd15_shaped_base_has_stable_diffusion_15s_shapes():
