@@ -22,7 +22,7 @@ timeout 200 python3 benchmarks/step_cost.py --bases sd15 --device cuda --precisi
   --out "$OUTDIR/step_cost.json"
 echo "== benchmark 1: harness vs diffusers' script, SD 1.5-shaped base, 512 px, batch 8, bf16"
 timeout $((560 - SECONDS)) python3 benchmarks/vs_diffusers.py --base sd15 --resolution 512 --device cuda --precision bf16 --workers 4 --batch 8 \
-  --samples 128 --steps 80 --window 60 --rounds 1 --no-warmup --no-compile --anchor "$ANCHOR" --out "$OUTDIR/vs_diffusers.json" \
+  --samples 128 --steps 80 --window 60 --short-steps 0 --rounds 1 --no-warmup --no-compile --anchor "$ANCHOR" --out "$OUTDIR/vs_diffusers.json" \
   --logs "$OUTDIR/logs"
 if [ "$SECONDS" -lt 420 ]; then
   echo "== FSDP smoke on one GPU (the ControlNet alone wrapped), after ${SECONDS} s"

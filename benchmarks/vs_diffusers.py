@@ -18,26 +18,33 @@ unmodified), run from a temporary copy as a researcher would run it (Accelerate,
   as the script does it (``--mixed_precision=bf16``: the locked parts in bfloat16, the ControlNet float32 under
   autocast), which the harness does with ``trainer.precision=bf16-mixed``.
 
-Training samples/s is measured the same way for every setup, inside the run, over its last ``--window`` steps of
-``--steps``: from the wall time of each step's log (the script's TensorBoard ``loss`` events; the harness's Lightning
-``ThroughputMonitor`` over the same steps, ``window_size=--window + 1`` points, whose ``train/device/samples_per_sec``
-is the same quotient).
-Data loading is inside the window; what comes before it or after (start-up, the harness's one-time encoding of the
-locked parts, the final save and evaluation) is not, and is reported as ``fixed_s`` (wall time minus the steps at the
-measured rate). (Timing from outside, the difference of an N-step and a 2N-step run's wall times, swung 2x between
-rounds on this machine.) The setups alternate within each of ``--rounds`` rounds. Setups: the harness as
-configured (``model.base.cache_encodings=true``: VAE latents and text embeddings computed once), the same with
-``model.compile=true`` (``--compile``, on by default: the training step's UNet and ControlNet call compiled; every
-compiled run shares one Inductor cache, new in the temporary folder, so the warm-up run compiles from nothing, and its
-wall time against the eager warm-up's, in ``warmup_wall_s``, is the cold compilation; the timed runs find the cache and
-their compilation falls in ``fixed_s``), the harness with caching off (every target through the VAE and every prompt
-through the text encoder at every step, as the script does), and the script. Peak RSS is each process's own (``wait4``); on a GPU, peak GPU memory is the most ``nvidia-smi`` reported in
-use on the device while the process ran (sampled every 0.2 s), less what was in use before it started. The loss: each
-setup's train loss over its last 20 steps (they train the same thing when these agree within their spread).
+Measured by the method of rounds.py: ``--rounds`` rounds (7 make a result), each running every setup once in an order
+rotated round by round; every ratio taken within a round, reported as the median with a bootstrap 95% interval, beside
+each round's raw figures. In a round each setup runs twice, from the command line as a user runs it:
 
-    python benchmarks/vs_diffusers.py [--steps 150 --window 100 --rounds 3 --batch 32 --resolution 32 --samples 2000]
+- ``--steps`` steps (1,500): its **steady-state** training samples/s over the last ``--window`` steps (1,000, which span
+  the harness's logging every 10 steps and both sides' checkpoints every 500), from the wall time of each step's log
+  (the script's TensorBoard ``loss`` events; the harness's Lightning ``ThroughputMonitor``, ``window_size=--window + 1``
+  points, whose ``train/device/samples_per_sec`` is the same quotient), and its **end-to-end** wall time;
+- ``--short-steps`` steps (150): its end-to-end wall time.
+
+End to end is the process's whole life: start-up, the harness's one-time encoding of the locked parts, compilation,
+the steps, the final save and the harness's evaluation (8 images). The ratios are the harness's speed over the script's
+(above 1: the harness is faster). ``fixed_s``: the long run's wall time minus its steps at the measured rate. Setups:
+the harness **as configured by default** (``model.base.cache_encodings=true``: VAE latents and text embeddings
+computed once; no other override than what makes the work the same), the same with ``model.compile=true``
+(``--compile``, opt-in: the training step's UNet and ControlNet call compiled; every compiled run shares one Inductor
+cache, new in the temporary folder, so the warm-up run compiles from nothing, and its wall time against the eager
+warm-up's, in ``warmup_wall_s``, is the cold compilation), the harness with caching off (every target through the VAE
+and every prompt through the text encoder at every step, as the script does), and the script. Peak RSS is each
+process's own (``wait4``); on a GPU, peak GPU memory is the most ``nvidia-smi`` reported in use on the device while the
+process ran (sampled every 0.2 s), less what was in use before it started. That the two take the same step is
+one_step_equivalence.py's check (same loss and gradients on the same batch and draws), not this file's.
+
+    python benchmarks/vs_diffusers.py [--steps 1500 --window 1000 --short-steps 150 --rounds 7 --batch 32 --resolution 32 --samples 2000]
     python benchmarks/vs_diffusers.py --base sd15 --resolution 512 --device cuda --precision bf16 --workers 4 \
-        --batch 8 --samples 256 --steps 80 --window 60 --rounds 1 --no-warmup --no-compile --out experiments/performance/gpu/vs_diffusers.json
+        --batch 8 --samples 256 --steps 80 --window 60 --short-steps 0 --rounds 1 --no-warmup --no-compile \
+        --out experiments/performance/gpu/vs_diffusers.json
 
 Writes ``--out`` (experiments/performance/vs_diffusers.json) with the settings, the commit, the machine and the CPU
 time other programs took meanwhile.
@@ -50,7 +57,6 @@ import csv
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -67,12 +73,13 @@ from controlnet_lab.bases import build_tiny_sd
 from controlnet_lab.data.fill50k import read_index
 from controlnet_lab.data.synthetic import SyntheticFill50kSpec, write_fill50k
 from controlnet_lab.provenance import OtherLoad, commit, machine
+from rounds import MIN_ROUNDS, method, run_rounds, within_round_ratio
 from sd15_shaped import HINT_CHANNELS as SD15_HINT_CHANNELS, sd15_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 ANCHOR = ROOT.parent / "shared" / "anchors" / "diffusers_train_controlnet.py"
 SETUPS = ("harness", "harness_compiled", "harness_no_cache", "diffusers_script")
-LAST = 20  # steps whose losses are compared
+SCRIPT = "diffusers_script"
 
 
 def write_imagefolder(fill50k: Path, folder: Path) -> Path:
@@ -121,7 +128,7 @@ def command(setup: str, steps: int, args, tmp: Path, run: Path) -> list[str]:
             f"model.controlnet.lr={args.lr}", "lr_scheduler.name=constant", *trainer, "trainer.gradient_clip_val=1.0", f"trainer.precision={precision}",
             "model.base.noise_offset=0", f"model.base.cache_encodings={setup != 'harness_no_cache'}", f"model.compile={setup == 'harness_compiled'}",
             f"trainer.max_steps={steps}",
-            "trainer.limit_val_batches=0", "trainer.log_every_n_steps=1", "~callbacks.fidelity_curve", "eval.fid_domain.enabled=false",
+            "trainer.limit_val_batches=0", "~callbacks.fidelity_curve", "eval.fid_domain.enabled=false",
             f"callbacks.throughput.window_size={args.window + 1}",  # window_size points span window steps
             "eval.num_images=8", "logger=csv", "extras.print_config=false", "seed=0"]
 
@@ -167,11 +174,10 @@ def timed(argv: list[str], log: Path, device: str, inductor_cache: Path) -> tupl
     return wall, usage.ru_maxrss / 1024, gpu.mb if gpu else None
 
 
-def logged(setup: str, run: Path, window: int, batch: int) -> tuple[list[float], float | None]:
-    """The train loss at each step, and samples/s over the last ``window`` steps (None for a run shorter than that):
-    from the script's TensorBoard events (each step's loss and its wall time), or the harness's CSV log (its
-    ThroughputMonitor's last value)."""
-    if setup == "diffusers_script":
+def logged_rate(setup: str, run: Path, window: int, batch: int) -> float | None:
+    """Samples/s over the last ``window`` steps (None for a run shorter than that): from the script's TensorBoard
+    events (each step's loss and its wall time), or the harness's CSV log (its ThroughputMonitor's last value)."""
+    if setup == SCRIPT:
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
         for events in sorted({p.parent for p in (run / "logs").rglob("events.out.tfevents.*")}):
@@ -179,43 +185,54 @@ def logged(setup: str, run: Path, window: int, batch: int) -> tuple[list[float],
             accumulator.Reload()
             if "loss" in accumulator.Tags()["scalars"]:
                 steps = accumulator.Scalars("loss")
-                rate = window * batch / (steps[-1].wall_time - steps[-1 - window].wall_time) if len(steps) > window else None
-                return [event.value for event in steps], rate
+                return window * batch / (steps[-1].wall_time - steps[-1 - window].wall_time) if len(steps) > window else None
         raise RuntimeError(f"no loss in the TensorBoard events under {run / 'logs'}")
     with (run / "csv" / "version_0" / "metrics.csv").open() as log:
-        rows = list(csv.DictReader(log))
-    rates = [float(row["train/device/samples_per_sec"]) for row in rows if row.get("train/device/samples_per_sec")]
-    return [float(row["train/loss"]) for row in rows if row.get("train/loss")], (rates[-1] if rates else None)
+        rates = [float(row["train/device/samples_per_sec"]) for row in csv.DictReader(log) if row.get("train/device/samples_per_sec")]
+    return rates[-1] if rates else None
 
 
 def run_setup(setup: str, steps: int, args, tmp: Path, name: str) -> dict:
+    """One run of ``setup`` from the command line: its wall time, peak memory and (for a run longer than the window)
+    steady-state samples/s."""
     run = tmp / "runs" / name
     run.parent.mkdir(exist_ok=True)
     log = (args.logs or tmp / "runs") / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     wall, rss, gpu_mb = timed(command(setup, steps, args, tmp, run), log, args.device, tmp / "inductor")
-    values, rate = logged(setup, run, args.window, args.batch)
-    if len(values) != steps:
-        raise RuntimeError(f"{name}: {len(values)} losses logged for {steps} steps")
-    return {"wall_s": round(wall, 2), "samples_per_s": rate and round(rate, 2), "peak_rss_mb": round(rss, 1),
-            "peak_gpu_mb": gpu_mb, "last_losses": values[-LAST:]}
+    rate = logged_rate(setup, run, args.window, args.batch) if steps > args.window else None
+    if steps > args.window and rate is None:
+        raise RuntimeError(f"{name}: no samples/s logged over the last {args.window} of {steps} steps; see {log}")
+    shutil.rmtree(run)  # its checkpoints: a 1,500-step run's are most of the temporary folder
+    return {"wall_s": round(wall, 2), "samples_per_s": rate and round(rate, 2), "peak_rss_mb": round(rss, 1), "peak_gpu_mb": gpu_mb}
 
 
-def summarize(setup: str, rounds: list[dict], steps: int, batch: int) -> dict:
-    rates = [r[setup]["samples_per_s"] for r in rounds]
-    fixed = [r[setup]["wall_s"] - steps * batch / r[setup]["samples_per_s"] for r in rounds]
-    last = [loss for r in rounds for loss in r[setup]["last_losses"]]
-    return {"samples_per_s": round(statistics.median(rates), 2), "rounds_samples_per_s": rates, "fixed_s": round(statistics.median(fixed), 1),
-            "peak_rss_mb": max(r[setup]["peak_rss_mb"] for r in rounds),
-            "peak_gpu_mb": max(r[setup]["peak_gpu_mb"] for r in rounds) if rounds[0][setup]["peak_gpu_mb"] is not None else None,
-            "loss_last_steps": {"mean": round(statistics.mean(last), 5), "std": round(statistics.stdev(last), 5), "n": len(last)}}
+def measure_round(setup: str, i: int, args, tmp: Path, started: float) -> dict:
+    """One round's figures of ``setup``: its long run (steady state, end to end) and its short run (end to end)."""
+    long = run_setup(setup, args.steps, args, tmp, f"{i}-{setup}-{args.steps}")
+    figures = {"samples_per_s": long["samples_per_s"], f"wall_{args.steps}_s": long["wall_s"],
+               "fixed_s": round(long["wall_s"] - args.steps * args.batch / long["samples_per_s"], 1),
+               "peak_rss_mb": long["peak_rss_mb"], "peak_gpu_mb": long["peak_gpu_mb"]}
+    if args.short_steps:
+        figures[f"wall_{args.short_steps}_s"] = run_setup(setup, args.short_steps, args, tmp, f"{i}-{setup}-{args.short_steps}")["wall_s"]
+    print(f"{time.perf_counter() - started:.0f} s: round {i} {setup:<17} {figures['samples_per_s']:7.1f} samples/s, "
+          + ", ".join(f"{k} {v}" for k, v in figures.items() if k.startswith("wall_")), flush=True)
+    return figures
+
+
+def ratios(rounds: list[dict], setup: str, args) -> dict:
+    """``setup``'s speed over the script's, within each round: steady state and end to end at each length."""
+    lengths = [args.steps, *([args.short_steps] if args.short_steps else [])]
+    return {"steady_state": within_round_ratio(rounds, setup, SCRIPT, "samples_per_s"),
+            **{f"end_to_end_{n}": within_round_ratio(rounds, SCRIPT, setup, f"wall_{n}_s") for n in sorted(lengths)}}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--window", type=int, default=100, help="the last steps samples/s is measured over")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=1500, help="of the long run: steady state and end to end")
+    parser.add_argument("--window", type=int, default=1000, help="the last steps of the long run samples/s is measured over")
+    parser.add_argument("--short-steps", type=int, default=150, help="of the short run, end to end only (0: none)")
+    parser.add_argument("--rounds", type=int, default=MIN_ROUNDS)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--samples", type=int, default=2000)
@@ -248,30 +265,22 @@ def main() -> None:
         setups = [s for s in SETUPS if args.compile or s != "harness_compiled"]
         warmups = {setup: run_setup(setup, 1, args, tmp, f"warmup-{setup}")["wall_s"]
                    for setup in setups if args.warmup and setup != "harness_no_cache"}
-        rounds = []
-        for i in range(args.rounds):
-            rounds.append({})
-            for setup in setups:
-                rounds[-1][setup] = run = run_setup(setup, args.steps, args, tmp, f"{i}-{setup}")
-                print(f"{time.perf_counter() - started:.0f} s: round {i} {setup:<17} {run['samples_per_s']:7.1f} samples/s, "
-                      f"{run['wall_s']:.1f} s in all", flush=True)
-    summary = {setup: summarize(setup, rounds, args.steps, args.batch) for setup in setups}
-    script = summary["diffusers_script"]
+        rounds = run_rounds(setups, args.rounds, lambda setup, i: measure_round(setup, i, args, tmp, started))
+    by_setup = {setup: ratios(rounds, setup, args) for setup in setups if setup != SCRIPT}
+    default = by_setup["harness"]
     report = {
-        "what": "training samples/s (over the last --window steps, from each step's logged wall time), peak RSS (and GPU memory on a GPU) and "
-                "the train loss of the last steps, harness vs diffusers' train_controlnet.py on the same base, ControlNet start, data and settings",
-        "harness_samples_per_s": summary["harness"]["samples_per_s"],
-        "diffusers_samples_per_s": script["samples_per_s"],
-        "ratio": round(summary["harness"]["samples_per_s"] / script["samples_per_s"], 3),
-        "ratio_compiled": round(summary["harness_compiled"]["samples_per_s"] / script["samples_per_s"], 3) if args.compile else None,
-        "ratio_caching_off": round(summary["harness_no_cache"]["samples_per_s"] / script["samples_per_s"], 3),
-        "harness_peak_rss_mb": summary["harness"]["peak_rss_mb"],
-        "diffusers_peak_rss_mb": script["peak_rss_mb"],
-        "harness_peak_gpu_mb": summary["harness"]["peak_gpu_mb"],
-        "diffusers_peak_gpu_mb": script["peak_gpu_mb"],
-        "setups": summary,
+        "what": "the harness's training speed over diffusers' train_controlnet.py's on the same base, ControlNet start, data and settings: "
+                "steady-state samples/s (last --window steps) and end-to-end wall time, each ratio the median of within-round ratios "
+                "with its bootstrap 95% interval; peak memory beside",
+        "ratio": default["steady_state"]["median"],
+        "ratio_ci95": default["steady_state"]["ci95"],
+        "end_to_end_ratio": {name.removeprefix("end_to_end_"): r["median"] for name, r in default.items() if name.startswith("end_to_end_")},
+        "ratios": by_setup,
+        "method": method(args.rounds),
+        "peak_rss_mb": {setup: max(r[setup]["peak_rss_mb"] for r in rounds) for setup in setups},
+        "peak_gpu_mb": {setup: max(r[setup]["peak_gpu_mb"] for r in rounds) for setup in setups} if args.device == "cuda" else None,
         "warmup_wall_s": warmups,
-        "settings": {"resolution": args.resolution, "batch": args.batch, "steps": args.steps, "window": args.window, "rounds": args.rounds,
+        "settings": {"resolution": args.resolution, "batch": args.batch, "steps": args.steps, "window": args.window, "short_steps": args.short_steps,
                      "samples": args.samples, "lr": args.lr, "lr_scheduler": "constant", "device": args.device,
                      "precision": "bf16 mixed (locked parts bfloat16, ControlNet float32)" if args.precision == "bf16" else "float32",
                      "workers": args.workers, "warmup": args.warmup, "hint_channels": hint_channels, "torch_threads": torch.get_num_threads(),
@@ -282,10 +291,7 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
-    print(json.dumps({k: report[k] for k in ("harness_samples_per_s", "diffusers_samples_per_s", "ratio", "ratio_compiled", "ratio_caching_off",
-                                             "harness_peak_rss_mb", "diffusers_peak_rss_mb",
-                                             "harness_peak_gpu_mb", "diffusers_peak_gpu_mb")}, indent=2))
-    print(json.dumps({s: summary[s]["loss_last_steps"] for s in setups}))
+    print(json.dumps({k: report[k] for k in ("ratio", "ratio_ci95", "end_to_end_ratio", "peak_rss_mb", "peak_gpu_mb")}, indent=2))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ import torch
 import architecture_cost
 import default_profile
 import default_run
+import locked_cache
 import one_step_equivalence
+import rounds
 import scaling
 import sd15_shaped
 import speed_options
@@ -22,11 +24,20 @@ from conftest import SHARED_DATA
 
 def test_the_plain_loop_benchmark_writes_its_ratio(tmp_path, monkeypatch):
     out = tmp_path / "vs_plain_loop.json"
-    monkeypatch.setattr(sys, "argv", ["vs_plain_loop.py", "--steps", "4", "--rounds", "1", "--batch", "4", "--warmup", "1", "--out", str(out)])
+    monkeypatch.setattr(sys, "argv", ["vs_plain_loop.py", "--steps", "4", "--rounds", "2", "--batch", "4", "--warmup", "1", "--out", str(out)])
     vs_plain_loop.main()
     report = json.loads(out.read_text())
-    assert report["ratio"] > 0 and len(report["rounds_s_per_step"]["lightning"]) == 1
+    assert report["ratio"] > 0 and len(report["ratio_per_round"]) == 2 and [r["order"] for r in report["rounds"]] == [
+        ["plain_loop", "lightning"], ["lightning", "plain_loop"]]
     assert "fidelity_curve" not in report["settings"]["callbacks"] and "checkpoint" in report["settings"]["callbacks"]
+
+
+def test_the_locked_cache_benchmark_sets_cached_beside_computed(tmp_path, monkeypatch):
+    out = tmp_path / "locked_cache.json"
+    monkeypatch.setattr(sys, "argv", ["locked_cache.py", "--steps", "3", "--warmup", "1", "--rounds", "1", "--cases", "tiny_sd", "--out", str(out)])
+    locked_cache.main()
+    case = json.loads(out.read_text())["cases"]["tiny_sd"]
+    assert case["speedup_cached_over_computed"] > 0 and case["rounds"][0]["order"] == ["cached", "computed"]
 
 
 def test_the_diffusers_script_benchmark_runs_both_on_the_same_work(tmp_path, monkeypatch):
@@ -34,12 +45,26 @@ def test_the_diffusers_script_benchmark_runs_both_on_the_same_work(tmp_path, mon
     pytest.importorskip("accelerate", reason="diffusers' training script needs the bench extra: pip install -e '.[bench]'")
     pytest.importorskip("tensorboard", reason="diffusers' training script logs to TensorBoard: pip install -e '.[bench]'")
     out = tmp_path / "vs_diffusers.json"
-    monkeypatch.setattr(sys, "argv", ["vs_diffusers.py", "--steps", "4", "--window", "2", "--rounds", "1", "--batch", "4", "--samples", "64",
-                                      "--no-compile", "--out", str(out)])
+    monkeypatch.setattr(sys, "argv", ["vs_diffusers.py", "--steps", "20", "--window", "10", "--short-steps", "10", "--rounds", "1", "--batch", "4",
+                                      "--samples", "64", "--no-compile", "--out", str(out)])
     vs_diffusers.main()
     report = json.loads(out.read_text())
-    assert set(report["setups"]) == {"harness", "harness_no_cache", "diffusers_script"}
-    assert all(len(report["rounds"][0][setup]["last_losses"]) == 4 and report["setups"][setup]["samples_per_s"] > 0 for setup in report["setups"])
+    assert set(report["ratios"]) == {"harness", "harness_no_cache"} and report["rounds"][0]["order"] == list(vs_diffusers.SETUPS[:1] + vs_diffusers.SETUPS[2:])
+    assert report["ratio"] > 0 and set(report["end_to_end_ratio"]) == {"10", "20"} and report["method"]["is_result"] is False
+    assert all(report["rounds"][0][setup]["samples_per_s"] > 0 and report["rounds"][0][setup]["wall_10_s"] > 0
+               for setup in report["rounds"][0]["order"])
+
+
+def test_rounds_rotate_the_order_and_take_ratios_within_a_round():
+    assert [rounds.rotated("abc", i) for i in range(4)] == [list("abc"), list("bca"), list("cab"), list("abc")]
+    figures = iter([10.0, 5.0, 30.0, 10.0, 8.0, 8.0])  # round 0: a 10, b 5; round 1 (b first): b 30, a 10; round 2: a 8, b 8
+    measured = rounds.run_rounds(["a", "b"], 3, lambda setup, i: {"rate": next(figures)})
+    assert [r["order"] for r in measured] == [["a", "b"], ["b", "a"], ["a", "b"]]
+    ratio = rounds.within_round_ratio(measured, "a", "b", "rate")
+    assert ratio["per_round"] == [2.0, 0.3333, 1.0] and ratio["median"] == 1.0   # the ratio of medians would be 10 / 8
+    low, high = ratio["ci95"]
+    assert low <= 1.0 <= high and low >= 0.3333 and high <= 2.0  # within the rounds' ratios
+    assert rounds.method(3)["is_result"] is False and rounds.method(rounds.MIN_ROUNDS)["is_result"] is True
 
 
 def test_the_harness_takes_the_same_step_as_diffusers_script(tmp_path, monkeypatch):
