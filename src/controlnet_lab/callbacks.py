@@ -15,7 +15,7 @@ from controlnet_lab.data.samples import load_rgb
 from controlnet_lab.evaluation.held_out import generate, oracle_skip_reason
 from controlnet_lab.evaluation.prompts import palette_of
 from controlnet_lab.images import save_grid, to_uint8
-from controlnet_lab.metrics.convergence import rise, sudden_step
+from controlnet_lab.metrics.convergence import curve_convergence
 from controlnet_lab.metrics.fidelity import ConditionFidelity
 from controlnet_lab.metrics.oracle import score_images
 from controlnet_lab.run_state import preserved_rng
@@ -142,15 +142,13 @@ class FidelityCurve(L.Callback):
     def summary(self) -> dict:
         """The curve, its fidelity metric's 10-90% rise, and the sudden-convergence step (None without a sudden rise)."""
         curve = sorted(self.curve, key=lambda point: point["step"])
-        found = rise([point["step"] for point in curve], [point[self.metric] for point in curve])
         return {
             "curve": curve,
             "curve_metric": self.metric,
             "curve_images": self.num_images,
             "curve_seconds": round(self.seconds, 2),
             "curve_share_of_training": None if (share := self.share_of_training()) is None else round(share, 4),
-            "rise": found,
-            "sudden_convergence_step": sudden_step(found),
+            **curve_convergence(curve, self.metric),
         }
 
     def state_dict(self) -> dict:

@@ -28,7 +28,7 @@ METRICS = (
     ("metrics.seen_minus_held_out.edge_f1", "edge F1, training minus held-out conditions (perfect)"),
     ("metrics.initial_output_change.relative", "base output change at step 0 (relative)"),
     ("metrics.sudden_convergence_step", "sudden-convergence step"),
-    ("metrics.rise.rise_fraction", "10-90% rise / training"),
+    ("metrics.rise.rise_share", "10-90% rise / steps to reach 90%"),
     ("metrics.rise.half_step", "step reaching half of the rise"),
     ("metrics.rise.end_step", "step reaching 90% of the rise"),
     ("metrics.base_mask_iou", "base alone mask IoU"),

@@ -13,6 +13,7 @@ import pandas as pd
 import yaml
 
 from controlnet_lab.failures import failed_jobs
+from controlnet_lab.metrics.convergence import curve_convergence
 from controlnet_lab.run_record import RECORD_FILES, read_record
 
 METHOD_KEYS = ("block", "block_std", "data.size", "data.prompt_dropout", "data.condition", "composition", "sampling.guidance_scale",
@@ -48,6 +49,8 @@ def load_sweep(sweep_dir: Path, rescored: bool = False) -> tuple[pd.DataFrame, l
         rescore = rescore_record(job)
         if rescored and rescore is not None:
             record["metrics"] = {**record["metrics"], **read_record(rescore)["metrics"]}
+        if record.get("metrics", {}).get("curve"):  # the stored curve judged by today's rule (metrics/convergence.py)
+            record["metrics"].update(curve_convergence(record["metrics"]["curve"], record["metrics"]["curve_metric"]))
         rows.append({**pd.json_normalize(record).iloc[0].to_dict(), "job_dir": str(job)})
     return pd.DataFrame(rows), [job for job in jobs if job not in finished]
 
