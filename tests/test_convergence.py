@@ -1,5 +1,14 @@
-import numpy as np
+from pathlib import Path
 
+import lightning as L
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from lightning.pytorch.demos.boring_classes import BoringModel
+
+from controlnet_lab.callbacks import ConvergenceStop, FidelityCurve
+from controlnet_lab.config_checks import ConfigError
+from controlnet_lab.training import training_callbacks
 from controlnet_lab.metrics.convergence import curve_convergence, rise, sudden_convergence_step
 
 STEPS = list(range(0, 2100, 100))
@@ -81,3 +90,60 @@ def test_a_stored_curve_is_judged_by_its_metric():
     curve = [{"step": s, "edge_f1": 0.2 if s < 800 else 0.9, "mask_iou": 0.3} for s in range(0, 2000, 50)]
     assert curve_convergence(curve, "edge_f1")["sudden_convergence_step"] == 800
     assert curve_convergence(curve, "mask_iou") == {"rise": None, "sudden_convergence_step": None}
+
+
+class SyntheticCurve(FidelityCurve):
+    """The fidelity curve callback with its measurement replaced by a given function of the step."""
+
+    def __init__(self, every_n_steps: int, level):
+        super().__init__(every_n_steps=every_n_steps, num_images=4, condition="outline", resolution=32)
+        self.level = level
+
+    def measure(self, trainer, pl_module) -> None:
+        self.curve.append({"step": trainer.global_step, "edge_f1": self.level(trainer.global_step)})
+
+
+def rising_then_flat(step: int) -> float:
+    noise = 0.01 * np.sin(step * 1.7)
+    return 0.2 + 0.6 * min(step, 300) / 300 + noise
+
+
+def fit(stop: ConvergenceStop, level, max_steps: int = 3000) -> L.Trainer:
+    trainer = L.Trainer(max_steps=max_steps, callbacks=[SyntheticCurve(50, level), stop], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", limit_val_batches=0)
+    trainer.fit(BoringModel())
+    return trainer
+
+
+def test_the_stopping_rule_ends_training_once_the_curve_is_flat():
+    stop = ConvergenceStop(enabled=True, points=16, max_slope_per_1k=0.05)
+    trainer = fit(stop, rising_then_flat)
+    summary = stop.summary()["stopping"]
+    # the last 16 points (750 steps) must lie mostly after the rise ended at 300 before the slope's interval falls below 0.05
+    assert summary["converged"] and 900 <= summary["converged_at_step"] <= 1300 and trainer.global_step == summary["converged_at_step"]
+    assert summary["last_reading"]["ci95_per_1k"][1] < 0.05 and summary["last_reading"]["from_step"] >= 300
+
+
+def test_the_stopping_rule_lets_a_rising_curve_run_to_the_cap_and_only_records_when_off():
+    rising = ConvergenceStop(enabled=True, points=16, max_slope_per_1k=0.05)
+    trainer = fit(rising, lambda step: 0.2 + 0.0004 * step, max_steps=1500)  # 0.4 per 1,000 steps
+    assert trainer.global_step == 1500 and not rising.summary()["stopping"]["converged"]
+    recording = ConvergenceStop(enabled=False, points=16, max_slope_per_1k=0.05)
+    trainer = fit(recording, rising_then_flat, max_steps=1500)
+    assert trainer.global_step == 1500 and 900 <= recording.summary()["stopping"]["converged_at_step"] <= 1300
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("settings, key", [({"points": 2}, "eval.stopping.points"), ({"max_slope_per_1k": 0}, "eval.stopping.max_slope_per_1k"),
+                                           ({"min_steps": -1}, "eval.stopping.min_steps")])
+def test_impossible_stopping_settings_are_refused_naming_the_key(settings, key):
+    with pytest.raises(ValueError, match=key):
+        ConvergenceStop(**settings)
+
+
+@pytest.mark.bad_input
+def test_stopping_without_the_fidelity_curve_is_refused_before_any_data_work():
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["eval.stopping.enabled=true", "~callbacks.fidelity_curve"])
+    with pytest.raises(ConfigError, match="eval.stopping.enabled=true"):
+        training_callbacks(cfg)

@@ -75,6 +75,8 @@ def test_smoke_reports_fidelity_fid_and_the_curve(smoke_run):
     steps, values = [p["step"] for p in metrics["curve"]], [p["edge_f1"] for p in metrics["curve"]]
     assert metrics["rise"] == rise(steps, values)
     assert metrics["sudden_convergence_step"] == sudden_convergence_step(steps, values)
+    # the stopping rule is off by default, and 3 points are fewer than its 16: recorded, not read
+    assert metrics["stopping"]["enabled"] is False and metrics["stopping"]["converged"] is False and metrics["stopping"]["last_reading"] is None
 
 
 @pytest.fixture(scope="module")

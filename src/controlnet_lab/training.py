@@ -11,8 +11,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from controlnet_lab.bases import base_fingerprint, check_same_base
 from controlnet_lab.blocks import connection_init_stds
-from controlnet_lab.callbacks import FidelityCurve, InitialOutputChange
-from controlnet_lab.config_checks import check_train_config, compile_options, ema_settings
+from controlnet_lab.callbacks import ConvergenceStop, FidelityCurve, InitialOutputChange
+from controlnet_lab.config_checks import ConfigError, check_train_config, compile_options, ema_settings
 from controlnet_lab.data.datamodule import build_datamodule
 from controlnet_lab.evaluation.held_out import timed
 from controlnet_lab.evaluation.suite import fidelity_skip_reason, metric_suite, run_device
@@ -88,7 +88,7 @@ def train_and_evaluate(cfg: DictConfig) -> dict:
     metrics = {**evaluation, "trainable_params": trainable, "nonfinite_steps_skipped": module.nonfinite_skips,
                "block_init_std": connection_init_stds(module.controlnet, cfg.block.name, cfg.block.get("std"))}
     for callback in callbacks:
-        if isinstance(callback, FidelityCurve):
+        if isinstance(callback, (FidelityCurve, ConvergenceStop)):
             metrics.update(callback.summary())
         if isinstance(callback, InitialOutputChange):
             metrics["initial_output_change"] = callback.change
@@ -125,4 +125,7 @@ def training_callbacks(cfg: DictConfig) -> list[L.Callback]:
     configured = dict(cfg.get("callbacks") or {})
     if fidelity_skip_reason(cfg.data.condition):
         configured.pop("fidelity_curve", None)
+    if cfg.eval.get("stopping", {}).get("enabled") and "fidelity_curve" not in configured:
+        raise ConfigError("eval.stopping.enabled=true stops on the fidelity curve, which this run does not measure "
+                          f"({fidelity_skip_reason(cfg.data.condition) or 'callbacks.fidelity_curve removed'})")
     return [hydra.utils.instantiate(c) for c in configured.values()]

@@ -91,3 +91,17 @@ def curve_convergence(curve: list[dict], metric: str) -> dict:
     points = sorted((point for point in curve if point.get(metric) is not None), key=lambda point: point["step"])
     found = rise([point["step"] for point in points], [point[metric] for point in points])
     return {"rise": found, "sudden_convergence_step": sudden_step(found)}
+
+
+def recent_slope(steps: Sequence[int], values: Sequence[float], points: int, level: float = 0.95) -> dict | None:
+    """The least-squares slope of the last ``points`` values against their steps, per 1,000 steps, with its Student-t
+    interval at ``level`` (None before there are ``points`` values)."""
+    if len(values) < max(points, 3):
+        return None
+    from scipy import stats  # the tables import this module; they need scipy only for intervals
+
+    x, y = np.asarray(steps[-points:], dtype=float) / 1000.0, np.asarray(values[-points:], dtype=float)
+    fit = stats.linregress(x, y)
+    half = float(stats.t.ppf(0.5 + level / 2, points - 2) * fit.stderr)
+    return {"from_step": int(steps[-points]), "to_step": int(steps[-1]), "slope_per_1k": round(float(fit.slope), 5),
+            "ci95_per_1k": [round(float(fit.slope) - half, 5), round(float(fit.slope) + half, 5)]}
