@@ -11,7 +11,9 @@ verdict; `comparisons=all_pairs correction=bonferroni`; fidelity-curve values at
 `"margins={metrics.edge_f1:0.05}"`) and two plots (mask IoU per prompt setting;
 each method's sample grid; fidelity curves when the jobs recorded them) into the sweep
 directory, or ``out``, and logs the table and plots to W&B, grouped with the sweep's runs; `dashboard=true` makes the
-sweep's W&B workspace (controlnet_lab/tables/dashboard.py).
+sweep's W&B workspace (controlnet_lab/tables/dashboard.py). With an analysis plan (`plan=<plan.yaml>`, or a plan.yaml in
+`out` or the sweep directory) it also writes verdicts.md/.csv: each claim's verdict computed from the plan
+(controlnet_lab/tables/plan.py).
 """
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from controlnet_lab.tables.dashboard import save_dashboard
+from controlnet_lab.tables.plan import write_verdicts
 from controlnet_lab.tables.report import log_to_wandb, write_tables
 from controlnet_lab.tables.sweeps import archive_sweep, load_sweeps, rows_where
 from controlnet_lab.tracking import sweep_group
@@ -30,6 +33,11 @@ def main(cfg: DictConfig) -> None:
     only = list(cfg.only or ())
     _, paths = write_tables(cfg.sweep, cfg.out, cfg.rescored, cfg.level, cfg.comparisons, cfg.correction, cfg.curve_steps or (), extra,
                             cfg.average_eval_seeds, only, OmegaConf.to_container(cfg.margins) if cfg.margins else None)
+    plan = Path(cfg.plan) if cfg.plan else next((p for p in (Path(cfg.out or cfg.sweep) / "plan.yaml", Path(cfg.sweep) / "plan.yaml")
+                                                  if p.is_file()), None)
+    if plan is not None:
+        frame, _ = load_sweeps([cfg.sweep, *extra], cfg.rescored)
+        paths.update(write_verdicts(plan, rows_where(frame, only), Path(cfg.out or cfg.sweep)))
     if cfg.archive:
         out = Path(cfg.out or cfg.sweep)
         copied = archive_sweep(cfg.sweep, out, only) + [path for sweep in extra
@@ -43,6 +51,8 @@ def main(cfg: DictConfig) -> None:
                                entity=cfg.dashboard_entity)
         print(f"dashboard: {saved}")
     print(paths["markdown"].read_text())
+    if "verdicts_markdown" in paths:
+        print(paths["verdicts_markdown"].read_text())
     for kind, path in paths.items():
         print(f"{kind}: {path}")
 

@@ -1,5 +1,7 @@
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -8,6 +10,7 @@ from scipy import stats
 
 from controlnet_lab.intervals import _detectable, difference, t_interval
 from controlnet_lab.run_record import read_record
+from controlnet_lab.tables.plan import load_plan, plan_verdicts, registration
 from controlnet_lab.tables.render import display_table
 from controlnet_lab.tables.report import write_tables
 from controlnet_lab.tables.statistics import average_evaluation_seeds, differences, summarize
@@ -306,3 +309,89 @@ def test_records_of_either_entry_point_and_of_earlier_versions_read_in_one_shape
     assert rescored["kind"] == "eval" and rescored["wall_time_s"] == {"total": pytest.approx(rescored["wall_time_s"]["total"])}
     trained = read_record(next((experiments / "ablation_block" / "jobs").glob("*/results.json")))
     assert trained["kind"] == "train" and trained["wall_time_s"]["total"] > trained["wall_time_s"]["until_trained"]
+
+
+PLAN = """experiment: ablation_block
+seeds: [0, 1, 2]
+claims:
+  - name: zero beats gauss
+    treatment: ["block=gauss"]
+    control: ["block=zero"]
+    metric: mask_iou
+    prompt: perfect
+    direction: lower
+    margin: 0.05
+    secondary: [metrics.prompt_settings.none.mask_iou]
+  - name: the prompt matters less to gauss
+    treatment: ["block=gauss"]
+    control: ["block=zero"]
+    metric: mask_iou
+    prompt: {none: 1, perfect: -1}
+    direction: higher
+    margin: 0.05
+"""
+
+
+def planned(tmp_path: Path, scores: dict, plan: str = PLAN) -> pd.DataFrame:
+    write_sweep(tmp_path / "sweep", scores)
+    (tmp_path / "plan.yaml").write_text(plan)
+    frame, _ = load_sweep(tmp_path / "sweep")
+    return plan_verdicts(load_plan(tmp_path / "plan.yaml"), frame).set_index("claim")
+
+
+def test_a_plan_decides_each_claim_from_its_primary_interval(tmp_path):
+    # gauss is 0.2 lower in every seed (+-0.01); seed 3 is not in the plan and is left out
+    table = planned(tmp_path, {"zero": {0: 0.60, 1: 0.70, 2: 0.80, 3: 0.0}, "gauss": {0: 0.40, 1: 0.51, 2: 0.59, 3: 0.9}})
+    first = table.loc["zero beats gauss"]
+    assert first["verdict"] == "reproduced" and first["difference"] == pytest.approx(-0.2) and first["seeds"] == 3
+    assert first["secondary"]["metrics.prompt_settings.none.mask_iou"].startswith("-0.100")
+    # none - perfect is -value / 2 per job: gauss - zero is +0.1, the predicted direction
+    assert table.loc["the prompt matters less to gauss", "verdict"] == "reproduced"
+
+
+def test_a_plan_calls_the_other_direction_contradicted_a_close_pair_equivalent_and_a_missing_seed_incomplete(tmp_path):
+    higher = planned(tmp_path / "a", {"zero": {0: 0.4, 1: 0.5, 2: 0.6}, "gauss": {0: 0.6, 1: 0.71, 2: 0.79}})
+    assert higher.loc["zero beats gauss", "verdict"] == "contradicted"
+    close = planned(tmp_path / "b", {"zero": {0: 0.40, 1: 0.50, 2: 0.60}, "gauss": {0: 0.401, 1: 0.502, 2: 0.599}})
+    assert close.loc["zero beats gauss", "verdict"] == "equivalent"
+    noisy = planned(tmp_path / "c", {"zero": {0: 0.4, 1: 0.5, 2: 0.6}, "gauss": {0: 0.2, 1: 0.7, 2: 0.5}})
+    assert noisy.loc["zero beats gauss", "verdict"] == "undecided"
+    short = planned(tmp_path / "d", {"zero": {0: 0.6, 1: 0.7, 2: 0.8}, "gauss": {0: 0.4, 1: 0.5}})
+    assert short.loc["zero beats gauss", "verdict"] == "incomplete" and short.loc["zero beats gauss", "missing_seeds"] == [2]
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("change, message", [("direction: lower\n    margin: 0.05\n    secondary", "claims[0].direction="),
+                                             ("margin: 0.05\n    secondary", "claims[0].margin must be > 0")])
+def test_an_impossible_plan_is_refused_naming_the_file_and_key(tmp_path, change, message):
+    broken = PLAN.replace(change, change.replace("direction: lower", "direction: down") if "direction" in message
+                          else change.replace("margin: 0.05", "margin: 0"), 1)
+    (tmp_path / "plan.yaml").write_text(broken)
+    with pytest.raises(SweepError, match=f"plan.yaml: {message}".replace("[", r"\[").replace("]", r"\]")):
+        load_plan(tmp_path / "plan.yaml")
+
+
+def test_a_plan_counts_as_registered_only_if_every_job_ran_at_a_commit_holding_it(tmp_path):
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "plan.yaml").write_text(PLAN)
+    git("add", "plan.yaml")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "plan")
+    before = git("rev-parse", "HEAD")
+    frame = pd.DataFrame({"provenance.commit": [before, before]})
+    assert registration(load_plan(tmp_path / "plan.yaml"), frame)["pre_registered"] is True
+    (tmp_path / "plan.yaml").write_text(PLAN.replace("margin: 0.05", "margin: 0.2", 1))  # the margin widened after the runs
+    changed = registration(load_plan(tmp_path / "plan.yaml"), frame)
+    assert changed["pre_registered"] is False and changed["commits_without_this_plan"] == [before[:7]]
+
+
+def test_the_tables_entry_point_writes_the_plans_verdicts_beside_the_tables(tmp_path):
+    write_sweep(tmp_path / "sweep", {"zero": {0: 0.60, 1: 0.70, 2: 0.80}, "gauss": {0: 0.40, 1: 0.51, 2: 0.59}})
+    (tmp_path / "sweep" / "plan.yaml").write_text(PLAN)
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "eval" / "tables.py"), f"sweep={tmp_path / 'sweep'}",
+                           "wandb=false"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    shown = (tmp_path / "sweep" / "verdicts.md").read_text()
+    assert "| zero beats gauss" in shown and "reproduced" in shown and "Pre-registered: unknown" in shown
