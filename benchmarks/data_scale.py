@@ -105,7 +105,7 @@ def saved_base(folder: Path, count: int, resolution: int) -> Path:
 def train(data_root: Path, base: Path, cache: Path, out: Path, encode_batch: int, resolution: int) -> dict:
     command = [sys.executable, str(ROOT / "src" / "train.py"), "model=tiny_sd", f"model.base.pretrained_model_name_or_path={base}",
                f"model.base.encode_batch_size={encode_batch}", "data=folder", f"data.root={data_root}",
-               f"data.resolution={resolution}", "data.val_size=4", "data.batch_size=1", "trainer.max_steps=1",
+               f"data.resolution={resolution}", "data.val_size=4", "data.validation_size=2", "data.batch_size=1", "trainer.max_steps=1",
                # what is measured is the set-up: the rest of the run as small as it gets (one step, one image sampled)
                "eval.num_images=1", "eval.batch_size=1", "eval.prompt_settings=[perfect]", "eval.fid_domain.enabled=false",
                "~callbacks.fidelity_curve", "~callbacks.initial_output_change", "model.sampling.num_inference_steps=1",

@@ -123,7 +123,7 @@ def command(setup: str, steps: int, args, tmp: Path, run: Path) -> list[str]:
     precision = "bf16-mixed" if args.precision == "bf16" else "32-true"
     return [sys.executable, str(ROOT / "src" / "train.py"), f"model={args.base}", f"model.base.pretrained_model_name_or_path={tmp / 'base'}",
             f"model.controlnet.pretrained_model_name_or_path={tmp / 'controlnet_init'}", "data=folder", f"data.root={tmp / 'folder'}",
-            f"data.resolution={args.resolution}", f"data.batch_size={args.batch}", "data.val_size=16", "data.prompt_dropout=0.5",
+            f"data.resolution={args.resolution}", f"data.batch_size={args.batch}", "data.val_size=16", "data.validation_size=8", "data.prompt_dropout=0.5",
             f"data.cache_dir={tmp / 'hf_cache'}", f"data.num_workers={args.workers}", f"paths.cache_dir={run / 'cache'}", f"paths.run_dir={run}",
             f"model.controlnet.lr={args.lr}", "lr_scheduler.name=constant", *trainer, "trainer.gradient_clip_val=1.0", f"trainer.precision={precision}",
             "model.base.noise_offset=0", f"model.base.cache_encodings={setup != 'harness_no_cache'}", f"model.compile={setup == 'harness_compiled'}",

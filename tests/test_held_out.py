@@ -126,3 +126,27 @@ def test_the_distance_scale_a_shift_of_half_a_pixel_is_not_a_near_duplicate():
     assert distance[0.25] == pytest.approx(0.14, abs=0.01) and distance[0.5] == pytest.approx(0.27, abs=0.01)
     assert distance[1.0] == pytest.approx(0.49, abs=0.01)
     assert float(outline_distance(reference, ink_of((15.3, 16.1), 7.7))) == pytest.approx(0.42, abs=0.01)
+
+
+def test_the_held_out_set_splits_into_disjoint_validation_and_test_parts(dense_data):
+    """Validation (what may steer a run) is the held-out set's first validation_size samples, test the rest; neither is
+    trained on, and the training pool is the same as without the split (so is the locked base's recipe key)."""
+    data = Fill50kDataModule(root=str(dense_data), name="dense", resolution=32, batch_size=8, val_size=64, validation_size=16,
+                             condition="outline")
+    data.setup()
+    whole = Fill50kDataModule(root=str(dense_data), name="dense", resolution=32, batch_size=8, val_size=64, condition="outline")
+    whole.setup()
+    validation, test = data.validation_dataset(), data.test_dataset()
+    assert len(validation) == 16 and len(test) == 48
+    assert set(validation.rows).isdisjoint(test.rows) and set(validation.rows) | set(test.rows) == set(data.val_rows)
+    assert set(data.val_rows).isdisjoint(data.train_rows) and data.fingerprint() == whole.fingerprint()
+    assert data.split_report["validation"] == 16 and data.split_report["test"] == 48 and data.split_report["validation_and_test_disjoint"]
+    # runs configured before the split: validation and test are both the whole held-out set, and the record says so
+    assert len(whole.validation_dataset()) == len(whole.test_dataset()) == 64 and not whole.split_report["validation_and_test_disjoint"]
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("validation_size", [64, -1])
+def test_a_validation_part_that_leaves_no_test_set_is_refused_naming_the_key(dense_data, validation_size):
+    with pytest.raises(ValueError, match=r"data.validation_size must be in \[0, data.val_size - 1 = 63\]"):
+        Fill50kDataModule(root=str(dense_data), name="dense", resolution=32, batch_size=8, val_size=64, validation_size=validation_size)

@@ -88,7 +88,7 @@ def folder_run(tmp_path_factory, photo_folder):
     tmp = tmp_path_factory.mktemp("folder_run")
     inception = tiny_inception(tmp / "inception")
     result = run_train(["experiment=smoke", "logger=csv", "data=folder", f"data.root={photo_folder}", "data.condition=canny",
-                        "data.resolution=16", "data.val_size=6", "data.size=null", "eval.fid.inception=true",
+                        "data.resolution=16", "data.val_size=6", "data.validation_size=2", "data.size=null", "eval.fid.inception=true",
                         f"eval.fid.inception_dir={inception}", "eval.fid.download=false",
                         f"eval.validation.images=[{photo_folder / 'images' / '0.png'},{photo_folder / 'images' / '1.png'}]",
                         "eval.validation.prompts=[a photo of a red circle]"], tmp, timeout=600)

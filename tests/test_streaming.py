@@ -90,7 +90,7 @@ def test_what_a_stream_cannot_give_is_refused_by_its_key(tmp_path):
 
 def test_a_run_trains_and_evaluates_on_a_stream(parquet_dataset, tiny_base, tmp_path):
     result = run_train(["experiment=smoke", "data=hf", f"data.name={parquet_dataset}", "data.streaming=true", "data.size=null",
-                        f"data.val_size={HELD_OUT}", f"model.base.pretrained_model_name_or_path={tiny_base}", "logger=csv"], tmp_path)
+                        f"data.val_size={HELD_OUT}", "data.validation_size=4", f"model.base.pretrained_model_name_or_path={tiny_base}", "logger=csv"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(next((tmp_path / "outputs").rglob("results.json")).read_text())
     assert results["global_step"] == 6 and results["split"]["streaming"]["shuffle_buffer"] == 1000

@@ -34,6 +34,8 @@ def test_smoke_writes_results_and_checkpoint(smoke_run):
     assert results["block"] == "zero" and results["seed"] == 0
     assert results["data"]["prompt_dropout"] == 0.5 and results["data"]["size"] == 64
     assert results["split"]["held_out"] == 16 and results["split"]["train"] == 64 and results["split"]["exact_duplicates_excluded"] == 0
+    # the held-out set's validation part (curve, validation loss) and test part (final scores) are disjoint
+    assert (results["split"]["validation"], results["split"]["test"], results["split"]["validation_and_test_disjoint"]) == (8, 8, True)
     assert results["global_step"] == 6
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     provenance = results["provenance"]  # which code and machine, and what else ran meanwhile
@@ -53,10 +55,10 @@ def test_smoke_writes_results_and_checkpoint(smoke_run):
     # The trainable parameters are exactly the ControlNet's, and its connection convs started at zero.
     assert metrics["trainable_params"] == sum(v.numel() for k, v in checkpoint["state_dict"].items() if k.startswith("controlnet."))
     assert set(metrics["block_init_std"].values()) == {0.0} and "controlnet_mid_block" in metrics["block_init_std"]
-    assert metrics["initial_output_change"] == {"mean_abs_change": 0.0, "relative": 0.0, "images": 16}  # zero convs, 16 held out
+    assert metrics["initial_output_change"] == {"mean_abs_change": 0.0, "relative": 0.0, "images": 8}  # zero convs, the 8 validation samples
     # The random-placement IoU is that of the run's own held-out outlines, read here again.
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    dataset = build_datamodule(cfg.data).val_dataset()
+    dataset = build_datamodule(cfg.data).test_dataset()
     outlines = to_uint8(torch.stack([dataset[i]["source"] for i in range(8)]), 0.0, 1.0)
     assert metrics["random_placement_mask_iou"] == pytest.approx(random_placement_iou(outlines))
     assert (run_dir / "eval_samples.png").is_file()
@@ -264,7 +266,7 @@ def test_run_seeds_share_one_locked_base(tiny_data):
 def test_the_domain_feature_net_does_not_depend_on_the_training_size(tiny_data, tmp_path):
     """One FID feature space per dataset, so fid_domain compares across a dataset-size sweep."""
     for size in (10, 30):
-        cfg = compose_train(["data=fill50k", f"data.root={tiny_data}", "data.resolution=16", "data.val_size=8", f"data.size={size}",
+        cfg = compose_train(["data=fill50k", f"data.root={tiny_data}", "data.resolution=16", "data.val_size=8", "data.validation_size=4", f"data.size={size}",
                              "eval.fid_domain.steps=2", "eval.fid_domain.count=16", f"paths.cache_dir={tmp_path}"])
         metric_suite(cfg, build_datamodule(cfg.data))
     assert len(list((tmp_path / "fid_domain").glob("*.safetensors"))) == 1

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 class InitialOutputChange(L.Callback):
     """Before the first step, how much the untrained ControlNet changes the locked base's noise prediction on the first
-    ``num_images`` held-out samples (true prompts; noise and timesteps drawn from ``seed``): zero convs leave it
+    ``num_images`` validation samples (true prompts; noise and timesteps drawn from ``seed``): zero convs leave it
     unchanged, a Gaussian init does not (the damage to the locked model that the paper gives as the reason for zero
     convs, Sec. 4.2). Kept in the callback's state, so a resumed run reports the value its step 0 measured."""
 
@@ -38,7 +38,7 @@ class InitialOutputChange(L.Callback):
         if trainer.global_step != 0:
             return
         with preserved_rng():
-            dataset = trainer.datamodule.val_dataset()
+            dataset = trainer.datamodule.validation_dataset()
             batch = default_collate([dataset[i] for i in range(min(self.num_images, len(dataset)))])
             batch = {key: value.to(pl_module.device) if torch.is_tensor(value) else value for key, value in batch.items()}
             self.change = pl_module.output_change(batch, torch.Generator().manual_seed(self.seed))
@@ -51,7 +51,7 @@ class InitialOutputChange(L.Callback):
 
 
 class FidelityCurve(L.Callback):
-    """At step 0 and every ``every_n_steps``, samples the first ``num_images`` held-out conditions
+    """At step 0 and every ``every_n_steps``, samples the first ``num_images`` validation conditions
     (true prompts, fixed noise) and logs ``curve/<fidelity metric>`` and, on fill50k-format data,
     ``curve/mask_iou`` and ``curve/color_accuracy`` (what the locked base keeps) against the global
     step. The curve is kept in the callback's state, so a resumed run continues it.
@@ -113,7 +113,7 @@ class FidelityCurve(L.Callback):
         """(conditions, the same as uint8 images, outlines where the oracle applies, true prompts) of the fixed
         held-out samples, read once."""
         if self._held_out is None:
-            dataset = trainer.datamodule.val_dataset()
+            dataset = trainer.datamodule.validation_dataset()
             items = [dataset[i] for i in range(min(self.num_images, len(dataset)))]
             conditions = torch.stack([item["condition"] for item in items])
             outlines = None if oracle_skip_reason(items) else to_uint8(torch.stack([item["source"] for item in items]), 0.0, 1.0)

@@ -41,8 +41,20 @@ def training_subset(pool: np.ndarray, size: int | None, dropped: str) -> np.ndar
     return pool[:size]
 
 
+def check_validation_size(validation_size: int, val_size: int) -> int:
+    if not 0 <= validation_size < val_size:
+        raise ValueError(f"data.validation_size must be in [0, data.val_size - 1 = {val_size - 1}] (the rest of the held-out set is "
+                         f"the test set), got {validation_size}")
+    return validation_size
+
+
 class ControlDataModule(L.LightningDataModule):
-    """The split, the datasets and the loaders; subclasses say where the samples come from (``read_samples``)."""
+    """The split, the datasets and the loaders; subclasses say where the samples come from (``read_samples``).
+
+    The held-out set (``val_size`` samples, never trained on) has two disjoint parts: its first ``validation_size``
+    samples are the **validation** set (the fidelity curve, the validation loss, the initial output change, the stopping
+    rule: whatever may steer a run), the rest the **test** set (the final scores, and nothing else). With
+    ``validation_size`` 0 (runs configured before the key existed) both are the whole held-out set."""
 
     streaming = False  # True: the training rows are a stream, not a table (StreamedHubDataModule)
 
@@ -50,8 +62,10 @@ class ControlDataModule(L.LightningDataModule):
                  prompt_dropout: float = 0.5, split_seed: int = 0, num_workers: int = 0, condition: str = "stored",
                  detector_weights: str | None = None, canny_thresholds: tuple[int, int] = (100, 200),
                  held_out: dict | None = None, split: str = "train", val_split: str | None = None, cache_dir: str | Path = ".cache",
-                 seed: int = 0, resize: dict | None = None, num_proc: int | None = None, detector_device: str = "auto"):
+                 seed: int = 0, resize: dict | None = None, num_proc: int | None = None, detector_device: str = "auto",
+                 validation_size: int = 0):
         super().__init__()
+        self.validation_size = check_validation_size(validation_size, val_size)
         if not 0.0 <= prompt_dropout <= 1.0:
             raise ValueError(f"data.prompt_dropout must be in [0, 1], got {prompt_dropout}")
         if batch_size < 1:
@@ -126,6 +140,7 @@ class ControlDataModule(L.LightningDataModule):
         self.train_rows = training_subset(pool, self.size, dropped + (f" minus {excluded} duplicates and near-duplicates of held-out samples" if excluded else ""))
         self.split_report = {
             "held_out": len(val),
+            **self.held_out_parts(),
             "train": len(self.train_rows),
             "val_split": self.val_split,
             "exact_duplicates_excluded": int(duplicate.sum()),
@@ -136,6 +151,13 @@ class ControlDataModule(L.LightningDataModule):
         }
         if self.condition in DETECTORS:
             self.detect_conditions()
+
+    def held_out_parts(self) -> dict:
+        """The validation and test parts of the held-out set, as results.json's ``split`` records them."""
+        if not self.validation_size:
+            return {"validation": 0, "test": self.val_size, "validation_and_test_disjoint": False}
+        return {"validation": self.validation_size, "test": self.val_size - self.validation_size, "validation_and_test_disjoint": True,
+                "validation_rows": f"held-out rows 0-{self.validation_size - 1}", "test_rows": f"held-out rows {self.validation_size}-{self.val_size - 1}"}
 
     def check_condition(self, samples: Samples) -> None:
         if self.condition in STORED and not samples.has_conditions:
@@ -167,10 +189,15 @@ class ControlDataModule(L.LightningDataModule):
         return hashlib.sha256(f"{self.train_samples.fingerprint(self.pool_rows)}|{self.val_samples.fingerprint(self.val_rows)}".encode()).hexdigest()[:16]
 
     def dataset(self, part: str, prompt_dropout: float = 0.0, with_target: bool = True) -> ControlDataset:
+        """``part``: train, pool, val (the whole held-out set), or its validation or test part (a prefix and the rest of
+        it, so a validation item's ``index`` is its index in the held-out set too: the held-out encodings serve it)."""
+        held_out = {"validation": self.val_rows[: self.validation_size or None], "test": self.val_rows[self.validation_size:]}
         samples, rows = {"train": (self.train_samples, self.train_rows), "val": (self.val_samples, self.val_rows),
-                         "pool": (self.train_samples, self.pool_rows)}[part]
+                         "pool": (self.train_samples, self.pool_rows),
+                         **{name: (self.val_samples, part_rows) for name, part_rows in held_out.items()}}[part]
         make = condition_maker(self.condition, self.resolution) if self.condition not in DETECTORS else None
-        return ControlDataset(samples, rows, self.resolution, prompt_dropout, make, self.detected.get(part), with_condition=part != "pool",
+        detected = self.detected.get("val" if part in held_out else part)
+        return ControlDataset(samples, rows, self.resolution, prompt_dropout, make, detected, with_condition=part != "pool",
                               with_target=with_target)
 
     def train_dataset(self) -> ControlDataset:
@@ -178,6 +205,12 @@ class ControlDataModule(L.LightningDataModule):
 
     def val_dataset(self) -> ControlDataset:
         return self.dataset("val")
+
+    def validation_dataset(self) -> ControlDataset:
+        return self.dataset("validation")
+
+    def test_dataset(self) -> ControlDataset:
+        return self.dataset("test")
 
     def pool_dataset(self, prompt_dropout: float) -> ControlDataset:
         """Every training candidate, whatever ``data.size``, without conditions: what a locked base is pretrained on."""
@@ -207,7 +240,8 @@ class ControlDataModule(L.LightningDataModule):
         return trainer.current_epoch, batches * self.batch_size
 
     def val_dataloader(self) -> DataLoader:
-        dataset = self.val_dataset()
+        """The validation loss's batches: the validation part of the held-out set."""
+        dataset = self.validation_dataset()
         dataset = EncodedDataset(dataset, self.val_encodings) if self.val_encodings is not None else dataset
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
                           generator=torch.Generator().manual_seed(self.seed))

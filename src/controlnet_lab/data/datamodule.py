@@ -122,6 +122,7 @@ class StreamedHubDataModule(HubDataModule):
         self.train_stream = train if self.size is None else train.take(self.size)
         self.split_report = {
             "held_out": self.val_size,
+            **self.held_out_parts(),
             "train": self.size,  # None: the whole stream, whose length is not read
             "val_split": self.val_split,
             "streaming": {"held_out_rows": f"the first {self.val_size} of split {held_out_split}", "shuffle_buffer": self.shuffle_buffer},
@@ -153,7 +154,7 @@ class StreamedHubDataModule(HubDataModule):
         raise ValueError("data.streaming=true: a stream has no content fingerprint (it is not read in advance)")
 
     def dataset(self, part: str, prompt_dropout: float = 0.0, with_target: bool = True) -> ControlDataset:
-        if part != "val":
+        if part not in ("val", "validation", "test"):
             raise ValueError(f"data.streaming=true: the {part} rows are a stream, served by train_dataloader only")
         return super().dataset(part, prompt_dropout, with_target)
 

@@ -64,7 +64,8 @@ def run_config(ckpt: Path, key: str, cfg: DictConfig) -> DictConfig:
     return OmegaConf.merge(
         # Runs configured before these keys existed sampled without resolution weighting, trained without dropping
         # near-duplicates of held-out samples (the held-out set itself is the same), read fill50k-format data, and
-        # ran their detectors where detector_device=auto would.
+        # ran their detectors where detector_device=auto would, and had no validation part (validation_size 0: scored
+        # on the whole held-out set, as then).
         {"model": {"sampling": {"resolution_weighting": "off", "conditioning_scale": 1.0}},
          "data": {"held_out": {"exclude_near_duplicates": False, "max_distance": 0.2}, "detector_device": "auto",
                   "_target_": "controlnet_lab.data.datamodule.Fill50kDataModule"}},
@@ -80,7 +81,7 @@ def composed_net(ckpt: Path, key: str, net_cfg: DictConfig, evaluated: ControlNe
         raise ValueError(f"{key}={ckpt}: trained on another locked base ({module.hparams.base_path}) than ckpt "
                          f"({evaluated.hparams.base_path}); ControlNets compose only on the base they were trained on")
     data = build_datamodule(run_data_config(net_cfg))
-    return ComposedNet(module.controlnet, data.val_dataset(), condition_fidelity(net_cfg))
+    return ComposedNet(module.controlnet, data.test_dataset(), condition_fidelity(net_cfg))
 
 
 def run_data_config(run_cfg: DictConfig) -> DictConfig:

@@ -18,9 +18,9 @@ from controlnet_lab.tracking import flat
 
 def held_out_scores(cfg: DictConfig, module: ControlNetModule, data: ControlDataModule, suite: MetricSuite | None = None,
                     composed: list[ComposedNet] | None = None) -> dict:
-    """The final evaluation on the held-out split, with the run's sampling and eval settings and every enabled metric
+    """The final evaluation on the test part of the held-out split (never the validation part, which steered the run), with the run's sampling and eval settings and every enabled metric
     (and the ``composed`` ControlNets sampled with the run's, eval/evaluate.py's ``compose``)."""
-    return evaluate_held_out(module.base, module.controlnet, data.val_dataset(), dataset_palette(data), count=cfg.eval.num_images,
+    return evaluate_held_out(module.base, module.controlnet, data.test_dataset(), dataset_palette(data), count=cfg.eval.num_images,
                              batch_size=cfg.eval.batch_size, seed=cfg.eval.seed, sampling=Sampling.from_config(cfg.model.sampling),
                              suite=suite or metric_suite(cfg, data), prompt_settings=prompt_settings(cfg), composed=composed)
 
