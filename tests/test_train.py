@@ -19,6 +19,7 @@ from reliability import EPOCH_BATCHES, SMOKE, compare, kill_point, straight_run,
 from controlnet_lab.bases.pretraining import cache_key
 from controlnet_lab.config_checks import ConfigError, check_train_config
 from controlnet_lab.metrics.convergence import rise, sudden_convergence_step
+from controlnet_lab.tables.plan import load_plan
 from controlnet_lab.metrics.oracle import random_placement_iou
 from controlnet_lab.images import to_uint8
 from controlnet_lab.tables.report import write_tables
@@ -254,6 +255,18 @@ def test_ablation_experiments_sweep_their_axis_over_three_seeds(name, swept):
     assert cfg.task_name == name and params.seed == "0,1,2" and len(str(params[swept]).split(",")) >= 3
     assert cfg.model.name == ("tiny_sd" if name.endswith("_latent") else "tiny")
     assert str(cfg.hydra.sweep.dir).startswith(str(ROOT / "outputs" / name))  # resolvable before Hydra runs a job
+
+
+@pytest.mark.parametrize("name, swept", [("decisive_gauss", "block"), ("decisive_lite", "block"), ("decisive_dropout", "data.prompt_dropout")])
+def test_the_decisive_experiments_run_six_seeds_to_convergence_under_their_plan(name, swept):
+    """Each stops by the rule its committed plan names, and sweeps the plan's seeds and arms."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"experiment={name}"], return_hydra_config=True)
+    plan = load_plan(ROOT / "experiments" / name / "plan.yaml")
+    params = cfg.hydra.sweeper.params
+    assert [int(s) for s in str(params.seed).split(",")] == plan.seeds and len(str(params[swept]).split(",")) == 2
+    assert {k: cfg.eval.stopping[k] for k in plan.stopping} == plan.stopping and cfg.trainer.max_steps > plan.stopping["min_steps"]
+    assert cfg.eval.num_images == cfg.data.val_size - cfg.data.validation_size  # the whole test set
 
 
 def test_run_seeds_share_one_locked_base(tiny_data):
