@@ -70,6 +70,9 @@ def test_smoke_reports_fidelity_fid_and_the_curve(smoke_run):
     metrics = json.loads((run_dir / "results.json").read_text())["metrics"]
     assert 0.0 <= metrics["edge_f1"] <= 1.0 and metrics["condition_fidelity"] == {"metric": "edge_f1", "detector": "canny", "images": 8, "tolerance_px": 1}
     assert all("edge_f1" in scores for scores in metrics["prompt_settings"].values())
+    # every setting's floors (eval.reference_points): the base alone and the ControlNet given another sample's condition
+    assert all({"mask_iou", "edge_f1"} <= set(scores[ref]) for scores in metrics["prompt_settings"].values()
+               for ref in ("base_alone", "shuffled_condition"))
     # 8 images in the domain net's 64-d feature space: no Fréchet distance, and the record says why
     assert "fid_domain" not in metrics and metrics["skipped"]["fid_domain"].startswith("8 images in a 64-d feature space")
     assert metrics["failed"] == {}

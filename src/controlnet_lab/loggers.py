@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from controlnet_lab.evaluation.task import flat_metrics
 from controlnet_lab.resume import continue_csv_log, csv_rows_before, remember_wandb_run_id, wandb_run_id
-from controlnet_lab.tracking import group_name, run_tags
+from controlnet_lab.tracking import flat, group_name, run_tags
 
 
 def wandb_identity(config: dict) -> dict:
@@ -55,8 +55,9 @@ def log_final_scores(loggers: list, metrics: dict, grid: Path, step: int) -> Non
 
 
 def log_wandb_summary(logger: WandbLogger, metrics: dict, grid: Path) -> None:
-    columns = ["prompt setting", *sorted({k for scores in metrics["prompt_settings"].values() for k in scores})]
-    rows = [[setting, *[scores.get(c) for c in columns[1:]]] for setting, scores in metrics["prompt_settings"].items()]
+    settings = {setting: flat(scores) for setting, scores in metrics["prompt_settings"].items()}  # base_alone.mask_iou, ...
+    columns = ["prompt setting", *sorted({k for scores in settings.values() for k in scores})]
+    rows = [[setting, *[scores.get(c) for c in columns[1:]]] for setting, scores in settings.items()]
     logger.log_table("eval/prompt_settings", columns=columns, data=rows)
     logger.log_image("eval/samples", images=[str(grid)], caption=["condition | target | base alone | " + " | ".join(metrics["prompt_settings"])])
     logger.experiment.summary.update(flat_metrics(metrics, "final"))

@@ -101,7 +101,7 @@ def composed_conditions(items: list[dict], composed: list[ComposedNet]) -> list[
 
 def evaluate_held_out(base, controlnet, dataset: ControlDataset, palette: list[str], count: int, batch_size: int, seed: int,
                       sampling: Sampling, suite: MetricSuite | None = None, prompt_settings: list[str] | None = None,
-                      composed: list[ComposedNet] | None = None) -> dict:
+                      composed: list[ComposedNet] | None = None, references: bool = True) -> dict:
     """Scores of base + ControlNet (composed with the ``composed`` nets, each given its own condition of the same
     samples, all at ``sampling.conditioning_scale``) under each prompt setting (``prompt_settings``: those of them that apply to the
     data; None: all that apply) and of the base alone, and what was skipped.
@@ -116,6 +116,12 @@ def evaluate_held_out(base, controlnet, dataset: ControlDataset, palette: list[s
     held-out conditions' real targets. ``skipped`` names each metric left out and why;
     ``seconds`` holds the time each part took, for images/s figures. A composed net's fidelity is scored against its
     own condition, where its metric is not the evaluated net's (else it is listed in ``skipped``).
+
+    With ``references`` every setting also holds the floors of its scores, so that a score has its reference on any
+    data, fill50k or a user's own: ``base_alone`` (the locked base with the setting's prompts, no control) and
+    ``shuffled_condition`` (base + ControlNet given another held-out sample's condition, each sample's prompt: what
+    the prompt and the data's regularities give without the right condition), both scored against each sample's own
+    outline and condition.
     """
     suite, composed = suite or MetricSuite(), composed or []
     seconds = {"generation": 0.0}
@@ -152,23 +158,37 @@ def evaluate_held_out(base, controlnet, dataset: ControlDataset, palette: list[s
         results.update({"base_mask_iou": base_scores["mask_iou"], "base_color_accuracy": base_scores["color_accuracy"],
                         "base_centre_error_px": base_scores["centre_error_px"],
                         "random_placement_mask_iou": random_placement_iou(outlines), "palette_size": len(palette)})
+    def scored(images: torch.Tensor, setting: str, prompts: list[str]) -> dict:
+        """An image set's scores under ``setting``: the oracle's against each sample's own outline, each fidelity against
+        each sample's own condition (whatever condition produced the images)."""
+        scores = {}
+        if outlines is not None:
+            names_colors = setting in ("conflicting", "perfect")
+            with timed(seconds, "oracle"):
+                oracle = score_images(images, outlines, prompts if names_colors else true_prompts, palette)
+            scores = {"mask_iou": oracle["mask_iou"], "centre_error_px": oracle["centre_error_px"],
+                      "color_accuracy": oracle["color_accuracy"] if names_colors else None}
+        for fidelity, conditions in fidelities:
+            with timed(seconds, "fidelity"):
+                scores[fidelity.metric] = fidelity.score(images, to_uint8(conditions, 0.0, 1.0))["value"]
+        return scores
+
     per_setting = {}
     applicable = PROMPT_SETTINGS if outlines is not None else FREE_FORM_SETTINGS
     for setting in [s for s in applicable if prompt_settings is None or s in prompt_settings]:
         prompts = setting_prompts(setting, true_prompts, palette, seed, fill50k=outlines is not None)
         with timed(seconds, "generation"):
             images = generate(base, controlnet_input, control_conditions, prompts, desc=f"evaluating base + ControlNet, {setting} prompt", **settings)
-        per_setting[setting] = {}
-        if outlines is not None:
-            names_colors = setting in ("conflicting", "perfect")
-            with timed(seconds, "oracle"):
-                scores = score_images(images, outlines, prompts if names_colors else true_prompts, palette)
-            per_setting[setting] = {"mask_iou": scores["mask_iou"], "centre_error_px": scores["centre_error_px"],
-                                    "color_accuracy": scores["color_accuracy"] if names_colors else None}
-        for fidelity, conditions in fidelities:
-            with timed(seconds, "fidelity"):
-                per_setting[setting][fidelity.metric] = fidelity.score(images, to_uint8(conditions, 0.0, 1.0))["value"]
+        per_setting[setting] = scored(images, setting, prompts)
         samples[setting] = images
+        if references:  # the floors of every score under this setting, on any data
+            with timed(seconds, "generation"):
+                alone = base_images if prompts == true_prompts else generate(base, None, condition_tensor, prompts,
+                                                                             desc=f"evaluating base alone, {setting} prompt", **settings)
+                mismatched = generate(base, controlnet_input, shuffled(control_conditions), prompts,
+                                      desc=f"evaluating base + ControlNet on shuffled conditions, {setting} prompt", **settings)
+            per_setting[setting]["base_alone"] = scored(alone, setting, prompts)
+            per_setting[setting]["shuffled_condition"] = scored(mismatched, setting, prompts)
     results.update({key: per_setting["perfect"][key] for key in ("mask_iou", "color_accuracy", "centre_error_px") if outlines is not None})
     results.update({"prompt_settings": per_setting, "settings_evaluated": list(per_setting), "eval_images": len(items)})
     extra = extra_scores(suite, samples, true_prompts, seconds)
@@ -182,6 +202,14 @@ def evaluate_held_out(base, controlnet, dataset: ControlDataset, palette: list[s
     results["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
     results["samples"] = samples
     return results
+
+
+def shuffled(conditions: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+    """Each sample's condition replaced by the next sample's (a derangement: no sample keeps its own); a list (composed
+    nets) shifted alike, so that the conditions of one other sample stay together."""
+    if isinstance(conditions, list):
+        return [c.roll(1, dims=0) for c in conditions]
+    return conditions.roll(1, dims=0)
 
 
 def evaluate_seen(base, controlnet, dataset: ControlDataset, palette: list[str], count: int, batch_size: int, seed: int,

@@ -22,7 +22,8 @@ def held_out_scores(cfg: DictConfig, module: ControlNetModule, data: ControlData
     (and the ``composed`` ControlNets sampled with the run's, eval/evaluate.py's ``compose``)."""
     return evaluate_held_out(module.base, module.controlnet, data.test_dataset(), dataset_palette(data), count=cfg.eval.num_images,
                              batch_size=cfg.eval.batch_size, seed=cfg.eval.seed, sampling=Sampling.from_config(cfg.model.sampling),
-                             suite=suite or metric_suite(cfg, data), prompt_settings=prompt_settings(cfg), composed=composed)
+                             suite=suite or metric_suite(cfg, data), prompt_settings=prompt_settings(cfg), composed=composed,
+                             references=cfg.eval.get("reference_points", True))
 
 
 def seen_scores(cfg: DictConfig, module: ControlNetModule, data: ControlDataModule, held_out: dict, suite: MetricSuite) -> dict:

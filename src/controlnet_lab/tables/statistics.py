@@ -32,6 +32,9 @@ METRICS = (
     ("metrics.rise.half_step", "step reaching half of the rise"),
     ("metrics.rise.end_step", "step reaching 90% of the rise"),
     ("metrics.base_mask_iou", "base alone mask IoU"),
+    # the floors of the perfect prompt's scores on any data (eval.reference_points)
+    *[(f"metrics.prompt_settings.perfect.{ref}.{m}", f"{label} ({name}, perfect)") for ref, name in
+      (("base_alone", "base alone"), ("shuffled_condition", "another sample's condition")) for m, label in (("mask_iou", "mask IoU"), ("edge_f1", "edge F1"))],
     ("metrics.trainable_params", "trainable params"),
 )
 
