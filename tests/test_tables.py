@@ -395,3 +395,23 @@ def test_the_tables_entry_point_writes_the_plans_verdicts_beside_the_tables(tmp_
     assert done.returncode == 0, done.stderr[-2000:]
     shown = (tmp_path / "sweep" / "verdicts.md").read_text()
     assert "| zero beats gauss" in shown and "reproduced" in shown and "Pre-registered: unknown" in shown
+
+
+def test_a_one_arm_claim_is_decided_against_its_reference(tmp_path):
+    plan = """experiment: sudden
+seeds: [0, 1, 2]
+claims:
+  - name: the rise is sudden
+    treatment: ["block=zero"]
+    reference: 0.5
+    metric: mask_iou
+    prompt: perfect
+    direction: lower
+    margin: 0.05
+"""
+    table = planned(tmp_path, {"zero": {0: 0.30, 1: 0.32, 2: 0.29}}, plan)
+    row = table.loc["the rise is sudden"]
+    assert row["verdict"] == "reproduced" and row["difference"] == pytest.approx(-0.19667, abs=1e-4) and row["primary"].endswith("- 0.5")
+    (tmp_path / "plan.yaml").write_text(plan.replace("    reference: 0.5\n", "    reference: 0.5\n    control: [\"block=gauss\"]\n"))
+    with pytest.raises(SweepError, match=r"claims\[0\] needs exactly one of control"):
+        load_plan(tmp_path / "plan.yaml")

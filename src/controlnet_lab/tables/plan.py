@@ -17,8 +17,16 @@
         direction: lower                      # what the paper predicts for treatment - control: lower, higher, none
         margin: 0.05                          # the equivalence margin
         secondary: [metrics.edge_f1]          # reported beside, decide nothing
+      - name: the rise is sudden              # a one-arm claim: the treatment's value against a fixed reference
+        treatment: ["block=zero"]
+        reference: 0.25                       # in place of a control arm
+        metric: rise.rise_share
+        prompt: null
+        direction: lower
+        margin: 0.1
 
-The verdict of a claim comes from the paired interval of treatment - control on the primary metric (intervals.py):
+The verdict of a claim comes from the paired interval of treatment - control on the primary metric (intervals.py), or
+for a one-arm claim the t-interval of treatment - reference over the seeds:
 *reproduced* when it excludes 0 in the predicted direction, *contradicted* when it excludes 0 the other way (or, for
 ``direction: none``, either way), *equivalent* when it lies within [-margin, +margin] (two one-sided tests at the
 interval's level), *undecided* otherwise. A claim whose arms lack some of the plan's seeds is *incomplete* instead.
@@ -35,7 +43,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from controlnet_lab.intervals import Difference, difference
+from controlnet_lab.intervals import Difference, difference, t_interval
 from controlnet_lab.tables.sweeps import SweepError, rows_where
 
 DIRECTIONS = ("lower", "higher", "none")
@@ -47,7 +55,8 @@ class Claim:
     name: str
     claim: str
     treatment: list[str]
-    control: list[str]
+    control: list[str] | None  # None: a one-arm claim against ``reference``
+    reference: float | None
     metric: str
     prompt: str | dict | None
     direction: str
@@ -64,8 +73,10 @@ class Claim:
 
     def primary_label(self) -> str:
         if isinstance(self.prompt, dict):
-            return f"{self.metric}, " + " ".join(f"{w:+g} x {p}" for p, w in self.prompt.items())
-        return self.metric if self.prompt is None else f"{self.metric} ({self.prompt} prompt)"
+            label = f"{self.metric}, " + " ".join(f"{w:+g} x {p}" for p, w in self.prompt.items())
+        else:
+            label = self.metric if self.prompt is None else f"{self.metric} ({self.prompt} prompt)"
+        return label if self.reference is None else f"{label} - {self.reference:g}"
 
 
 @dataclass(frozen=True)
@@ -96,15 +107,19 @@ def load_plan(path: Path) -> Plan:
     claims = []
     for i, entry in enumerate(raw["claims"] or []):
         where = f"{path}: claims[{i}]"
-        missing = [k for k in ("name", "treatment", "control", "metric", "direction", "margin") if k not in entry]
+        missing = [k for k in ("name", "treatment", "metric", "direction", "margin") if k not in entry]
         if missing:
             raise SweepError(f"{where} has no {missing[0]!r}")
+        if (entry.get("control") is None) == (entry.get("reference") is None):
+            raise SweepError(f"{where} needs exactly one of control (an arm) and reference (a number)")
         if entry["direction"] not in DIRECTIONS:
             raise SweepError(f"{where}.direction={entry['direction']!r}: choose one of {', '.join(DIRECTIONS)}")
         if not float(entry["margin"]) > 0:
             raise SweepError(f"{where}.margin must be > 0 (fixed before the runs), got {entry['margin']}")
         claims.append(Claim(name=str(entry["name"]), claim=str(entry.get("claim", "")), treatment=list(entry["treatment"]),
-                            control=list(entry["control"]), metric=str(entry["metric"]), prompt=entry.get("prompt"),
+                            control=list(entry["control"]) if entry.get("control") is not None else None,
+                            reference=float(entry["reference"]) if entry.get("reference") is not None else None,
+                            metric=str(entry["metric"]), prompt=entry.get("prompt"),
                             direction=entry["direction"], margin=float(entry["margin"]), secondary=list(entry.get("secondary") or [])))
     if not claims:
         raise SweepError(f"{path}: the plan names no claim")
@@ -169,22 +184,31 @@ def plan_verdicts(plan: Plan, frame: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for claim in plan.claims:
         where = f"{plan.path}: claim {claim.name!r}"
-        treatment = arm_values(frame, claim.treatment, claim.weights(), plan.seeds, where)
-        control = arm_values(frame, claim.control, claim.weights(), plan.seeds, where)
-        both = sorted(set(treatment) & set(control))
-        d = difference({s: treatment[s] for s in both}, {s: control[s] for s in both}, plan.level)
-        complete = both == sorted(plan.seeds)
+        d, seeds = compared(frame, claim, claim.weights(), plan, where, claim.reference)
+        complete = seeds == sorted(plan.seeds)
         secondary = {}
         for column in claim.secondary:
-            t, c = (arm_values(frame, arm, {column: 1.0}, plan.seeds, where) for arm in (claim.treatment, claim.control))
-            paired = sorted(set(t) & set(c))
-            s = difference({k: t[k] for k in paired}, {k: c[k] for k in paired}, plan.level)
+            s, _ = compared(frame, claim, {column: 1.0}, plan, where, 0.0)  # one-arm: the treatment's own mean
             secondary[column] = f"{s.mean:+.3f} [{s.low:+.3f}, {s.high:+.3f}]"
         rows.append({"claim": claim.name, "primary": claim.primary_label(), "predicted": claim.direction, "margin": claim.margin,
-                     "difference": d.mean, "low": d.low, "high": d.high, "level": plan.level, "seeds": len(both),
+                     "difference": d.mean, "low": d.low, "high": d.high, "level": plan.level, "seeds": len(seeds),
                      "seeds_planned": len(plan.seeds), "verdict": verdict(d, claim.direction, claim.margin) if complete else "incomplete",
-                     "missing_seeds": sorted(set(plan.seeds) - set(both)), "secondary": secondary})
+                     "missing_seeds": sorted(set(plan.seeds) - set(seeds)), "secondary": secondary})
     return pd.DataFrame(rows)
+
+
+def compared(frame: pd.DataFrame, claim: Claim, columns: dict[str, float], plan: Plan, where: str,
+             reference: float | None) -> tuple[Difference, list[int]]:
+    """treatment - control paired by seed (for a one-arm claim treatment - ``reference`` over seeds) of the weighted
+    ``columns``, and the seeds it is over."""
+    treatment = arm_values(frame, claim.treatment, columns, plan.seeds, where)
+    if claim.control is None:
+        seeds = sorted(treatment)
+        mean, low, high = t_interval([treatment[s] - reference for s in seeds], plan.level)
+        return Difference(mean, low, high, len(seeds), True, math.nan, None), seeds
+    control = arm_values(frame, claim.control, columns, plan.seeds, where)
+    seeds = sorted(set(treatment) & set(control))
+    return difference({s: treatment[s] for s in seeds}, {s: control[s] for s in seeds}, plan.level), seeds
 
 
 def stopping_deviations(plan: Plan, frame: pd.DataFrame) -> list[str]:
@@ -207,7 +231,7 @@ def write_verdicts(plan_path: Path, frame: pd.DataFrame, out_dir: Path) -> dict[
     registered = registration(plan, frame)
     deviations = stopping_deviations(plan, frame)
     shown = pd.DataFrame({
-        "claim": table["claim"], "primary (treatment - control)": table["primary"], "predicted": table["predicted"],
+        "claim": table["claim"], "primary (treatment - control or reference)": table["primary"], "predicted": table["predicted"],
         "difference [interval]": [f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for d, lo, hi in zip(table["difference"], table["low"], table["high"])],
         "margin": table["margin"], "seeds": [f"{n} of {m}" for n, m in zip(table["seeds"], table["seeds_planned"])],
         "verdict": table["verdict"],
