@@ -31,9 +31,8 @@ import torch
 from diffusers import ControlNetModel
 
 from controlnet_lab.data.fill50k import read_index
-from controlnet_lab.data.synthetic import SyntheticFill50kSpec, write_fill50k
 from controlnet_lab.provenance import commit, machine
-from vs_diffusers import ANCHOR, ROOT, build_models, command, write_imagefolder
+from vs_diffusers import ANCHOR, ROOT, build_models, command, same_data
 
 PROBE = Path(__file__).resolve().parent / "step_probe.py"
 LATENT_CHANNELS, VAE_FACTOR = 4, 4  # model=tiny_sd's latents
@@ -120,11 +119,7 @@ def main() -> None:
                                   base="tiny_sd", window=1)
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
-        shutil.copyfile(args.anchor, tmp / "train_controlnet.py")
-        spec = SyntheticFill50kSpec(count=args.samples, resolution=args.resolution, palette=("red", "green", "blue", "yellow", "cyan", "magenta", "white", "black"),
-                                    radius_range=(0.15, 0.35), outline_thickness=1, seed=0)
-        fill50k = write_fill50k(spec, tmp / "fill50k")
-        write_imagefolder(fill50k, tmp / "folder")
+        fill50k = same_data(tmp, args.anchor, args.samples, args.resolution)
         build_models(tmp, args.resolution, [r.prompt for r in read_index(fill50k)])
         joined_start(tmp / "controlnet_init", args.join_std, args.seed)
         torch.save(given_draws(args.batch, args.resolution, args.seed), tmp / "draws.pt")

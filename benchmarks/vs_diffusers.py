@@ -95,6 +95,17 @@ def write_imagefolder(fill50k: Path, folder: Path) -> Path:
     return folder
 
 
+def same_data(tmp: Path, anchor: Path, samples: int, resolution: int) -> Path:
+    """The script's copy and the data both sides train on, in ``tmp``: ``samples`` synthetic fill50k samples and the same
+    as the script's imagefolder (``tmp/folder``). Returns the fill50k folder."""
+    shutil.copyfile(anchor, tmp / "train_controlnet.py")
+    spec = SyntheticFill50kSpec(count=samples, resolution=resolution, palette=("red", "green", "blue", "yellow", "cyan", "magenta", "white", "black"),
+                                radius_range=(0.15, 0.35), outline_thickness=1, seed=0)
+    fill50k = write_fill50k(spec, tmp / "fill50k")
+    write_imagefolder(fill50k, tmp / "folder")
+    return fill50k
+
+
 def build_models(tmp: Path, resolution: int, prompts: list[str], base_name: str = "tiny_sd") -> tuple[Path, Path, list[int]]:
     """The locked base and the ControlNet both start from, saved with save_pretrained."""
     torch.manual_seed(0)
@@ -254,11 +265,7 @@ def main() -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder, OtherLoad() as load:
         tmp = Path(folder)
-        shutil.copyfile(args.anchor, tmp / "train_controlnet.py")
-        spec = SyntheticFill50kSpec(count=args.samples, resolution=args.resolution, palette=("red", "green", "blue", "yellow", "cyan", "magenta", "white", "black"),
-                                    radius_range=(0.15, 0.35), outline_thickness=1, seed=0)
-        fill50k = write_fill50k(spec, tmp / "fill50k")
-        write_imagefolder(fill50k, tmp / "folder")
+        fill50k = same_data(tmp, args.anchor, args.samples, args.resolution)
         print(f"{time.perf_counter() - started:.0f} s: {args.samples} samples written", flush=True)
         _, _, hint_channels = build_models(tmp, args.resolution, [r.prompt for r in read_index(fill50k)], args.base)
         print(f"{time.perf_counter() - started:.0f} s: base and ControlNet start saved", flush=True)
