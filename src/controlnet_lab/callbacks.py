@@ -111,7 +111,7 @@ class FidelityCurve(L.Callback):
 
     def held_out(self, trainer: L.Trainer) -> tuple[torch.Tensor, np.ndarray, np.ndarray | None, list[str]]:
         """(conditions, the same as uint8 images, outlines where the oracle applies, true prompts) of the fixed
-        held-out samples, read once."""
+        validation samples (the first ``num_images``, or all where the validation set is smaller), read once."""
         if self._held_out is None:
             dataset = trainer.datamodule.validation_dataset()
             items = [dataset[i] for i in range(min(self.num_images, len(dataset)))]
@@ -145,7 +145,7 @@ class FidelityCurve(L.Callback):
         return {
             "curve": curve,
             "curve_metric": self.metric,
-            "curve_images": self.num_images,
+            "curve_images": len(self._held_out[3]) if self._held_out is not None else self.num_images,  # as measured
             "curve_seconds": round(self.seconds, 2),
             "curve_share_of_training": None if (share := self.share_of_training()) is None else round(share, 4),
             **curve_convergence(curve, self.metric),
