@@ -103,7 +103,8 @@ def test_a_folder_with_free_form_captions_trains_and_is_scored_with_what_applies
     metrics, skipped = results["metrics"], results["metrics"]["skipped"]
     assert results["split"]["held_out"] == 6 and results["split"]["train"] == 10 and results["global_step"] == 6
     assert 0.0 <= metrics["edge_f1"] <= 1.0 and metrics["condition_fidelity"]["detector"] == "canny"
-    assert "fid" not in metrics and skipped["fid"].startswith("6 images in a 2048-d feature space")  # Inception on 6 images
+    assert results["split"]["validation"] == 2 and results["split"]["test"] == metrics["eval_images"] == 4
+    assert "fid" not in metrics and skipped["fid"].startswith("4 images in a 2048-d feature space")  # Inception on the 4 test images
     # The fill50k oracle scores and the domain FID are not measured on free-form captions, and say why.
     for name in ("mask_iou", "color_accuracy", "base_mask_iou", "random_placement_mask_iou"):
         assert name not in metrics and "fill50k grammar" in skipped[name]

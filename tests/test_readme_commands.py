@@ -83,7 +83,7 @@ def test_each_readme_command_composes_and_does_what_it_says(command):
         assert cfg.data.resolution == 512 and cfg.data.batch_size == 4 and cfg.data.condition == "canny"
         assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.gradient_clip_val == 1.0
         assert cfg.eval.every_n_steps == 500 and cfg.eval.curve_images == 16 and cfg.eval.curve_batch_size == 8
-        assert cfg.eval.num_images == 256 and cfg.eval.batch_size == 16
+        assert cfg.eval.num_images == 192 and cfg.eval.batch_size == 16
     if "data.streaming=true" in command:
         assert cfg.data.streaming and cfg.data._target_.endswith("hub_datamodule"), command
     if "model=tiny_sd" in command or command.endswith("src/train.py"):
