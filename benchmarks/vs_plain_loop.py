@@ -40,7 +40,7 @@ from hydra import compose, initialize_config_dir
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import OmegaConf
 
-from controlnet_lab.bases import base_fingerprint, build_tiny_sd
+from controlnet_lab.bases import base_fingerprint, build_tiny_sd, load_base
 from controlnet_lab.data.datamodule import Fill50kDataModule
 from controlnet_lab.data.synthetic import SyntheticFill50kSpec, write_fill50k
 from controlnet_lab.locked_encodings import cached_encodings
@@ -115,12 +115,14 @@ def main() -> None:
         torch.manual_seed(0)
         build_tiny_sd(OmegaConf.to_container(cfg.model.base, resolve=True), resolution, data.prompts()).save_pretrained(tmp / "base")
         checkpoint_every = cfg.callbacks.checkpoint.every_n_train_steps
+        # The locked parts' encodings, computed once: both setups train on them
+        data.train_encodings = cached_encodings(load_base(tmp / "base", torch.float32), base_fingerprint(tmp / "base"), data.train_dataset(),
+                                                tmp / "cache")
 
         def measure(name: str, i: int) -> dict:
             torch.manual_seed(0)
             module = ControlNetModule(str(tmp / "base"), lr=cfg.model.controlnet.lr, noise_offset=cfg.model.base.noise_offset,
                                       num_val_images=0, resolution=resolution, max_steps=args.steps, sample_dir=str(tmp / "samples"))
-            data.train_encodings = cached_encodings(module.base, base_fingerprint(tmp / "base"), data.train_dataset(), tmp / "cache")
             run = tmp / f"{name}-{i}"
             run.mkdir()
             loader = data.train_dataloader()

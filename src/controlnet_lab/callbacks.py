@@ -175,17 +175,15 @@ class ConvergenceStop(L.Callback):
         self.checked_points = 0
         self.converged_at: int | None = None
         self.last: dict | None = None
-
-    @staticmethod
-    def curve(trainer: L.Trainer) -> FidelityCurve | None:
-        return next((c for c in trainer.callbacks if isinstance(c, FidelityCurve)), None)
+        self.fidelity_curve: FidelityCurve | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.enabled and self.curve(trainer) is None:  # before any step: a run without the curve cannot stop by it
+        self.fidelity_curve = next((c for c in trainer.callbacks if isinstance(c, FidelityCurve)), None)
+        if self.enabled and self.fidelity_curve is None:  # before any step: a run without the curve cannot stop by it
             raise ValueError("eval.stopping.enabled=true reads the fidelity curve: keep callbacks.fidelity_curve")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        curve = self.curve(trainer)
+        curve = self.fidelity_curve
         if curve is None or len(curve.curve) == self.checked_points or self.converged_at is not None:
             return
         self.checked_points = len(curve.curve)

@@ -73,11 +73,15 @@ class Difference:
             return "lower"
         return "inconclusive"
 
+    def within(self, margin: float) -> bool:
+        """Whether the interval lies inside [-margin, +margin]: equivalent at that margin."""
+        return -margin <= self.low and self.high <= margin
+
     def against_margin(self, margin: float) -> str:
         """Where the interval lies against [-margin, +margin] (see the module's docstring)."""
         if math.isnan(self.low):
             return "too few seeds"
-        if -margin <= self.low and self.high <= margin:
+        if self.within(margin):
             return f"equivalent within ±{margin:g}"
         if self.high < -margin:
             return f"lower by more than {margin:g}"

@@ -31,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from scipy import stats
 
 MAX_RISE_SHARE = 0.25
 
@@ -98,8 +99,6 @@ def recent_slope(steps: Sequence[int], values: Sequence[float], points: int, lev
     interval at ``level`` (None before there are ``points`` values)."""
     if len(values) < max(points, 3):
         return None
-    from scipy import stats  # the tables import this module; they need scipy only for intervals
-
     x, y = np.asarray(steps[-points:], dtype=float) / 1000.0, np.asarray(values[-points:], dtype=float)
     fit = stats.linregress(x, y)
     half = float(stats.t.ppf(0.5 + level / 2, points - 2) * fit.stderr)

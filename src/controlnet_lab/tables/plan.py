@@ -9,8 +9,8 @@
     claims:
       - name: zero convolutions beat a Gaussian init
         claim: "..."                          # the paper's words and where
-        treatment: ["block.name=gauss"]       # the records of each arm (key=value, as eval/tables.py only=)
-        control: ["block.name=zero"]
+        treatment: ["block=gauss"]            # the records of each arm (key=value, as eval/tables.py only=)
+        control: ["block=zero"]
         metric: mask_iou                      # the primary metric ...
         prompt: perfect                       # ... under this prompt setting; or a contrast {none: 1, perfect: -1};
                                               # or null for a metric outside the prompt settings (metrics.<metric>)
@@ -131,7 +131,7 @@ def verdict(d: Difference, direction: str, margin: float) -> str:
     if math.isnan(d.low):
         return "undecided"
     below, above = d.high < 0, d.low > 0
-    equivalent = -margin <= d.low and d.high <= margin
+    equivalent = d.within(margin)
     if direction == "none":
         return "equivalent" if equivalent else "contradicted" if below or above else "undecided"
     if (below and direction == "lower") or (above and direction == "higher"):
