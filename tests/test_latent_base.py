@@ -165,7 +165,8 @@ def test_smoke_trains_on_a_saved_folder(model, folder, residuals, tmp_path, requ
 @pytest.mark.parametrize("model", ["tiny", "tiny_sd", "sd15", "tiny_sdxl", "sdxl", "tiny_sd3", "sd3"])
 @pytest.mark.parametrize("experiment", ["smoke", "ablation_block", "ablation_prompt_dropout", "ablation_dataset_size", "ablation_condition",
                                         "ablation_block_sdxl", "ablation_block_sd3", "ablation_architecture", "ablation_gauss_std",
-                                        "decisive_gauss", "decisive_lite", "decisive_dropout", "decisive_sudden"])
+                                        "decisive_gauss", "decisive_lite", "decisive_dropout", "decisive_sudden",
+                                        "decisive_architecture"])
 def test_every_model_composes_with_the_experiments(model, experiment):
     cfg = compose_train([f"model={model}", f"experiment={experiment}"])
     assert cfg.model.name == model  # the command line's model=, also over an experiment's own and cfg.model.base._target_.startswith("controlnet_lab.bases.sources.")

@@ -260,14 +260,15 @@ def test_ablation_experiments_sweep_their_axis_over_three_seeds(name, swept):
     assert str(cfg.hydra.sweep.dir).startswith(str(ROOT / "outputs" / name))  # resolvable before Hydra runs a job
 
 
-@pytest.mark.parametrize("name, swept", [("decisive_gauss", "block"), ("decisive_lite", "block"), ("decisive_dropout", "data.prompt_dropout")])
-def test_the_decisive_experiments_run_six_seeds_to_convergence_under_their_plan(name, swept):
+@pytest.mark.parametrize("name, swept, arms", [("decisive_gauss", "block", 2), ("decisive_lite", "block", 2), ("decisive_dropout", "data.prompt_dropout", 2),
+                                               ("decisive_architecture", "block", 3)])
+def test_the_decisive_experiments_run_their_plans_seeds_to_convergence(name, swept, arms):
     """Each stops by the rule its committed plan names, and sweeps the plan's seeds and arms."""
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"experiment={name}"], return_hydra_config=True)
     plan = load_plan(ROOT / "experiments" / name / "plan.yaml")
     params = cfg.hydra.sweeper.params
-    assert [int(s) for s in str(params.seed).split(",")] == plan.seeds and len(str(params[swept]).split(",")) == 2
+    assert [int(s) for s in str(params.seed).split(",")] == plan.seeds and len(str(params[swept]).split(",")) == arms
     assert {k: cfg.eval.stopping[k] for k in plan.stopping} == plan.stopping and cfg.trainer.max_steps > plan.stopping["min_steps"]
     assert cfg.eval.num_images == cfg.data.val_size - cfg.data.validation_size  # the whole test set
 
