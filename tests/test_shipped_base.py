@@ -58,7 +58,7 @@ def recipe(overrides: list[str]) -> dict:
 
 
 # The configs whose base ships: the embedded defaults, and the experiment whose base differs from its model's (two layers).
-SHIPPED_RECIPES = (["model=tiny"], ["model=tiny_sd"], ["experiment=ablation_architecture"], ["model=tiny_sd3"])
+SHIPPED_RECIPES = (["model=tiny"], ["model=tiny_sd"], ["experiment=ablation_architecture"], ["model=tiny_sd3"], ["model=tiny_sdxl"])
 
 
 def test_each_shipped_base_is_intact_and_is_the_current_recipe_of_an_embedded_model():
