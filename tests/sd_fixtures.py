@@ -73,20 +73,14 @@ def sdxl_folder(tmp_path_factory) -> Path:
     return save_sdxl(tmp_path_factory.mktemp("sdxl"))
 
 
-# SDXL's own UNet layout (no attention at the top level) for model=tiny_sdxl, which takes tiny_sd's.
-SDXL_LAYOUT = ["model.base.unet.down_block_types=[DownBlock2D,CrossAttnDownBlock2D,CrossAttnDownBlock2D]",
-               "model.base.unet.up_block_types=[CrossAttnUpBlock2D,CrossAttnUpBlock2D,UpBlock2D]"]
-
-
 @pytest.fixture(scope="session")
 def tiny_sdxl_folder(tmp_path_factory, sd_data) -> Path:
-    """model=tiny_sdxl's base untrained, at 32 px, in SDXL's own layout (no attention at the top level, which
-    full_adapter_xl fits), VAE factor 4."""
+    """model=tiny_sdxl's base untrained, at 32 px: SDXL's three-level encoder (which full_adapter_xl fits), VAE factor 4."""
     from conftest import compose_train
     from controlnet_lab.bases import build_tiny_sd
     from controlnet_lab.data.fill50k import read_index
 
-    settings = OmegaConf.to_container(compose_train(["model=tiny_sdxl", *SDXL_LAYOUT]).model.base, resolve=True)
+    settings = OmegaConf.to_container(compose_train(["model=tiny_sdxl"]).model.base, resolve=True)
     folder = tmp_path_factory.mktemp("tiny_sdxl") / "base"
     build_tiny_sd(settings, 32, [record.prompt for record in read_index(sd_data)]).save_pretrained(folder)
     return folder

@@ -11,7 +11,6 @@ from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionXLAdapterPi
 from torch.utils.data import DataLoader
 
 from conftest import compose_train, fill50k_dataset, run_train
-from sd_fixtures import SDXL_LAYOUT
 from controlnet_lab.bases import SDXLBase, load_base
 from controlnet_lab.bases.sources import BaseNotFoundError, PretrainedBaseSource
 from controlnet_lab.config_checks import ConfigError, check_train_config
@@ -109,10 +108,9 @@ def test_an_adapter_that_does_not_fit_the_encoder_is_refused_naming_the_key(tiny
         ControlNetModule(str(sd_folder), block="t2i_adapter", adapter=dict(ADAPTER, adapter_type="full_adapter_xl"), hint_channels=None,
                          num_val_images=0)
     with pytest.raises(ConfigError, match=r"block\.adapter\.downscale_factor=4: .* a full_adapter_xl unshuffles by 8"):
-        check_train_config(compose_train(["model=tiny_sdxl", *SDXL_LAYOUT, "block=t2i_adapter", "block.adapter.adapter_type=full_adapter_xl",
+        check_train_config(compose_train(["model=tiny_sdxl", "block=t2i_adapter", "block.adapter.adapter_type=full_adapter_xl",
                                           "block.adapter.downscale_factor=4"]))
-    check_train_config(compose_train(["model=tiny_sdxl", *SDXL_LAYOUT, "block=t2i_adapter", "block.adapter.adapter_type=full_adapter_xl"]))
-    check_train_config(compose_train(["model=tiny_sdxl", "block=t2i_adapter"]))  # its own layout is tiny_sd's, which SD's adapter fits
+    check_train_config(compose_train(["model=tiny_sdxl", "block=t2i_adapter", "block.adapter.adapter_type=full_adapter_xl"]))
 
 
 def test_each_targets_original_size_and_crop_reach_the_size_conditioning(sdxl_folder):

@@ -8,7 +8,7 @@ reconstruction summed per image + a small KL term, the LDM recipe without the
 perceptual and adversarial terms), its ``scaling_factor`` set to 1 / std of the
 training latents (as SD's 0.18215 was), then the UNet and text encoder on latents of
 the frozen autoencoder (pretraining.py). Saved with ``StableDiffusionPipeline.save_pretrained``,
-so it loads exactly as SD 1.5 does. ``tiny_sdxl`` takes SDXL's conditioning the same way (a second text encoder with a
+so it loads exactly as SD 1.5 does. ``tiny_sdxl`` is SDXL's architecture the same way (a second text encoder with a
 projection, the UNet's "text_time" added conditioning), saved with ``StableDiffusionXLPipeline.save_pretrained``;
 ``tiny_sd3`` SD3's (an ``SD3Transformer2DModel`` in place of the UNet, two CLIP encoders with projections and no T5,
 flow matching, a VAE with a ``shift_factor``: the latents' mean, as SD3's), saved with
