@@ -3,11 +3,13 @@ a Hub id such as stabilityai/stable-diffusion-xl-base-1.0 takes."""
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 
 import lightning as L
 import pytest
 import torch
-from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionXLAdapterPipeline, StableDiffusionXLControlNetPipeline
+from diffusers import ControlNetModel, DDIMScheduler, DDPMScheduler, StableDiffusionXLAdapterPipeline, StableDiffusionXLControlNetPipeline
 from torch.utils.data import DataLoader
 
 from conftest import compose_train, fill50k_dataset, run_train
@@ -33,6 +35,20 @@ def test_loads_as_sdxl_with_both_text_encoders_and_the_pooled_text(sdxl_folder):
     hidden, pooled = base.encode_prompt(PROMPTS)
     assert hidden.shape == (2, 24, 64) and pooled.shape == (2, 16)  # 32 + 32 hidden channels side by side; the projection
     assert set(base.locked_modules()) == {"locked_unet", "text_encoder", "text_encoder_2", "vae"}
+
+
+def test_a_folder_whose_scheduler_clips_latents_samples_without_clipping_and_says_so(sdxl_folder, tmp_path, caplog):
+    """DDPMScheduler's default clip_sample=True clips the clean-latent estimate to [-1, 1] at every step (it washed the
+    tiny_sdxl base's images out: base color accuracy 0.32 against 0.95 unclipped); diffusers' SD pipeline corrects such
+    a folder, its SDXL pipeline does not, so the harness does, saying so."""
+    folder = tmp_path / "clipping"
+    shutil.copytree(sdxl_folder, folder)
+    DDPMScheduler(clip_sample=True).save_pretrained(folder / "scheduler")
+    with caplog.at_level(logging.WARNING):
+        base = load_base(folder)
+    assert "clip_sample=True" in caplog.text
+    assert not base.scheduler.config.clip_sample and not base.sampling_scheduler.from_config(base.scheduler.config).config.clip_sample
+    assert not load_base(sdxl_folder).scheduler.config.get("clip_sample", False)  # a folder that does not clip is left as it is
 
 
 def test_a_float16_vae_that_overflows_there_encodes_in_float32_as_the_pipelines_decode(sdxl_folder):
@@ -171,3 +187,5 @@ def test_smoke_on_the_embedded_sdxl_base_pretrains_it_and_saves_it_as_sdxl(tmp_p
     base = load_base(folder)
     assert isinstance(base, SDXLBase) and base.unet.config.addition_embed_type == "text_time" and base.vae_scale_factor == 4
     assert not base.pipeline.config.force_zeros_for_empty_prompt  # CFG's unconditional branch: the "" that prompt dropout trained
+    saved_scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert not saved_scheduler["clip_sample"] and saved_scheduler["steps_offset"] == 1  # as SD and SDXL ship: latents are not clipped

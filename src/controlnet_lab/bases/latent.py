@@ -12,6 +12,7 @@ target follows its ``prediction_type``.
 from __future__ import annotations
 
 import inspect
+import logging
 
 import torch
 from diffusers import (ControlNetXSAdapter, DDIMScheduler, DDPMScheduler, SchedulerMixin, StableDiffusionAdapterPipeline,
@@ -21,6 +22,8 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from controlnet_lab.controlnet_xs import check_xs_sampling, is_xs, xs_prediction
 from controlnet_lab.sampling import WeightedControlNets, cast, check_resolution_weighting, compose, control_inputs, per_net
 from controlnet_lab.t2i_adapter import check_adapter_sampling, is_adapter
+
+log = logging.getLogger(__name__)
 
 
 class LatentBase:
@@ -45,6 +48,13 @@ class LatentBase:
         self.text_encoder = pipeline.text_encoder
         self.tokenizer = pipeline.tokenizer
         self.scheduler = pipeline.scheduler
+        if getattr(self.scheduler.config, "clip_sample", False):
+            # Latents are not bounded to [-1, 1]: a sampler clipping its clean-sample estimate there washes every image
+            # out. diffusers' StableDiffusionPipeline makes this correction for SD folders; its SDXL pipeline does not.
+            log.warning(f"the base's scheduler config has clip_sample=True, which clips latents to [-1, 1] while sampling: "
+                        f"sampling with clip_sample=False, as SD and SDXL ship (fix {type(self.scheduler).__name__}'s "
+                        "scheduler_config.json to silence this)")
+            self.scheduler.register_to_config(clip_sample=False)
         self.noise_scheduler = self.training_scheduler.from_config(pipeline.scheduler.config)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         # The image size it generates: the denoiser's native size unless set (an SD base trained at 256 px, say).

@@ -30,8 +30,15 @@ from controlnet_lab.bases.latent_sd3 import SD3Base
 from controlnet_lab.bases.latent_xl import SDXLBase
 from controlnet_lab.bases.pretraining import SAVED_SHARD_SIZE, DenoiserPretraining, build_once, cache_key, PretrainingData, pretraining_trainer
 from controlnet_lab.bases.tiny import text_encoder_and_tokenizer
+from controlnet_lab.data.datamodule import ControlDataModule
 from controlnet_lab.data.encoded import LockedEncodings
 from controlnet_lab.locked_encodings import image_encodings
+
+
+# What SD and SDXL ship in their scheduler configs. DDPMScheduler's own defaults (clip_sample=True, right for a pixel
+# base) would make the sampler clip the clean-latent estimate to [-1, 1]; StableDiffusionPipeline corrects that when
+# it is built, the SDXL pipeline does not. The weights do not depend on these keys, so they are not in the recipe key.
+LATENT_SCHEDULER = {"clip_sample": False, "steps_offset": 1}
 
 
 def vae_scale_factor(vae_settings: dict) -> int:
@@ -51,7 +58,7 @@ def build_tiny_sd(settings: dict, resolution: int, prompts: list[str]) -> Latent
         return build_tiny_sd3(settings, resolution, vae, text_encoder, tokenizer)
     unet_settings = dict(settings["unet"], sample_size=resolution // vae_scale_factor(vae_settings), in_channels=vae.config.latent_channels,
                          out_channels=vae.config.latent_channels)
-    scheduler = DDPMScheduler(**settings["scheduler"])
+    scheduler = DDPMScheduler(**{**LATENT_SCHEDULER, **settings["scheduler"]})
     if not settings.get("text_encoder_2"):
         unet = UNet2DConditionModel(cross_attention_dim=text_encoder.config.hidden_size, **unet_settings)
         return LatentBase(StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
