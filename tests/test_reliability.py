@@ -163,3 +163,15 @@ def test_an_interrupted_encoding_pass_leaves_nothing_that_is_read(tiny_base, tin
     with pytest.raises(KeyboardInterrupt):
         cached_encodings(base, "fingerprint", dataset, tmp_path)
     assert list((tmp_path / "encodings").iterdir()) == []  # the staging folder is gone, nothing was published
+
+
+@pytest.mark.parametrize("fixture, part", [("sdxl_folder", "text_encoder_2"), ("tiny_sd3_folder", "transformer")])
+def test_every_locked_part_of_a_base_is_in_its_fingerprint(request, tmp_path, fixture, part):
+    """SDXL's second text encoder and SD3's transformer are locked as the UNet is: a change to either is a new base."""
+    folder = shutil.copytree(request.getfixturevalue(fixture), tmp_path / "base")
+    before = base_fingerprint(folder)
+    weights = sorted((folder / part).glob("*.safetensors"))[0]
+    changed = bytearray(weights.read_bytes())
+    changed[-1] ^= 1
+    weights.write_bytes(bytes(changed))
+    assert base_fingerprint(folder) != before

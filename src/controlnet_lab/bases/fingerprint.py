@@ -4,15 +4,17 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-LOCKED_FOLDERS = ("unet", "text_encoder", "vae")
+# Every locked part of every family: SD's, SDXL's second text encoder, SD3's transformer and third text encoder.
+LOCKED_FOLDERS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")
 
 
 def base_fingerprint(folder: str | Path) -> str:
-    """sha256 over the base's UNet, text-encoder and VAE weights: the same locked model wherever it is stored."""
+    """sha256 over the weights of the base's denoiser (UNet or transformer), text encoders and VAE: the same locked model
+    wherever it is stored."""
     digest = hashlib.sha256()
     files = sorted(p for sub in LOCKED_FOLDERS for p in (Path(folder) / sub).glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"{folder}: no unet/, text_encoder/ or vae/ safetensors weights (not a saved base)")
+        raise FileNotFoundError(f"{folder}: no safetensors weights in {', '.join(f'{sub}/' for sub in LOCKED_FOLDERS)} (not a saved base)")
     for path in files:
         with path.open("rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
