@@ -39,7 +39,7 @@ def test_loads_as_sdxl_with_both_text_encoders_and_the_pooled_text(sdxl_folder):
 
 def test_a_folder_whose_scheduler_clips_latents_samples_without_clipping_and_says_so(sdxl_folder, tmp_path, caplog):
     """DDPMScheduler's default clip_sample=True clips the clean-latent estimate to [-1, 1] at every step (it washed the
-    tiny_sdxl base's images out: base color accuracy 0.32 against 0.95 unclipped); diffusers' SD pipeline corrects such
+    tiny_sdxl base's images out: its base color accuracy 0.32 clipped, 0.94 not); diffusers' SD pipeline corrects such
     a folder, its SDXL pipeline does not, so the harness does, saying so."""
     folder = tmp_path / "clipping"
     shutil.copytree(sdxl_folder, folder)
