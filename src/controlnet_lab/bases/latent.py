@@ -51,7 +51,7 @@ class LatentBase:
         if getattr(self.scheduler.config, "clip_sample", False):
             # Latents are not bounded to [-1, 1]: a sampler clipping its clean-sample estimate there washes every image
             # out. diffusers' StableDiffusionPipeline makes this correction for SD folders; its SDXL pipeline does not.
-            log.warning(f"the base's scheduler config has clip_sample=True, which clips latents to [-1, 1] while sampling: "
+            log.warning("the base's scheduler config has clip_sample=True, which clips latents to [-1, 1] while sampling: "
                         f"sampling with clip_sample=False, as SD and SDXL ship (fix {type(self.scheduler).__name__}'s "
                         "scheduler_config.json to silence this)")
             self.scheduler.register_to_config(clip_sample=False)
