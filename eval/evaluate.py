@@ -14,14 +14,14 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from controlnet_lab.evaluation.rescoring import rescore
-
 
 os.environ.setdefault("CONTROLNET_LAB_ROOT", str(Path(__file__).resolve().parents[1]))  # conf/paths: root_dir
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
+    from controlnet_lab.evaluation.rescoring import rescore  # torch loads after Hydra has parsed the command line
+
     print(json.dumps(rescore(cfg), indent=2))
 
 

@@ -11,15 +11,15 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from controlnet_lab.export import checkpoint_path, export
-from controlnet_lab.wandb_runs import log_export
-
 
 os.environ.setdefault("CONTROLNET_LAB_ROOT", str(Path(__file__).resolve().parents[1]))  # conf/paths: root_dir
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export")
 def main(cfg: DictConfig) -> None:
+    from controlnet_lab.export import checkpoint_path, export  # torch loads after Hydra has parsed the command line
+    from controlnet_lab.wandb_runs import log_export
+
     ckpt = checkpoint_path(cfg.ckpt)
     info = export(ckpt, Path(cfg.out))
     if cfg.wandb:

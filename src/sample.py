@@ -11,14 +11,14 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from controlnet_lab.generation import sample
-
 
 os.environ.setdefault("CONTROLNET_LAB_ROOT", str(Path(__file__).resolve().parents[1]))  # conf/paths: root_dir
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
 def main(cfg: DictConfig) -> None:
+    from controlnet_lab.generation import sample  # torch loads after Hydra has parsed the command line
+
     report = sample(cfg)
     print(f"{len(report['images'])} images and {len(report['grids'])} grid(s) in {cfg.paths.output_dir}")
 

@@ -7,7 +7,6 @@ from omegaconf import DictConfig
 
 from controlnet_lab.task import task_wrapper
 from controlnet_lab.run_record import optimized_value
-from controlnet_lab.training import train
 
 
 os.environ.setdefault("CONTROLNET_LAB_ROOT", str(Path(__file__).resolve().parents[1]))  # conf/paths: root_dir
@@ -17,6 +16,8 @@ os.environ.setdefault("CONTROLNET_LAB_ROOT", str(Path(__file__).resolve().parent
 @task_wrapper
 def main(cfg: DictConfig) -> float | None:
     """Trains and evaluates; returns the metric named by ``optimized_metric`` (for a sweeper such as Optuna's)."""
+    from controlnet_lab.training import train  # torch loads after Hydra has parsed the command line
+
     return optimized_value(train(cfg), cfg.get("optimized_metric"))
 
 

@@ -188,6 +188,7 @@ def test_adapter_settings_that_fit_no_base_stop_the_run_naming_the_key(overrides
         check_train_config(compose_train(["block=t2i_adapter", *overrides]))
 
 
+@pytest.mark.slow
 def test_a_sweep_over_the_new_architectures_trains_scores_samples_and_tabulates_each(sd_folder_two_layers, tmp_path):
     """`-m block=controlnet_lora,t2i_adapter,controlnet_xs` on an SD folder (experiment=smoke): each job trains with the fidelity curve,
     validation images and the final evaluation, src/sample.py samples a checkpoint, and eval/tables.py puts them in one

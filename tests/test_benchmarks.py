@@ -40,6 +40,7 @@ def test_the_locked_cache_benchmark_sets_cached_beside_computed(tmp_path, monkey
     assert case["speedup_cached_over_computed"] > 0 and case["rounds"][0]["order"] == ["cached", "computed"]
 
 
+@pytest.mark.slow
 def test_the_diffusers_script_benchmark_runs_both_on_the_same_work(tmp_path, monkeypatch):
     """Needs the bench extra (pip install -e '.[bench]': accelerate, tensorboard), which diffusers' script imports."""
     pytest.importorskip("accelerate", reason="diffusers' training script needs the bench extra: pip install -e '.[bench]'")
@@ -67,6 +68,7 @@ def test_rounds_rotate_the_order_and_take_ratios_within_a_round():
     assert rounds.method(3)["is_result"] is False and rounds.method(rounds.MIN_ROUNDS)["is_result"] is True
 
 
+@pytest.mark.slow
 def test_the_harness_takes_the_same_step_as_diffusers_script(tmp_path, monkeypatch):
     """The unmodified script and the harness's default configuration, one step each on the same batch and draws, from a
     ControlNet whose joins are not zero (so that every part of the copy gets a gradient)."""
@@ -101,6 +103,7 @@ def test_the_sd15_shaped_base_has_stable_diffusion_15s_shapes():
     assert pipeline.vae_scale_factor == sd15_shaped.VAE_FACTOR and pipeline.unet.config.sample_size == 64
 
 
+@pytest.mark.slow
 def test_the_step_cost_benchmark_splits_the_controlnet_step(tmp_path, monkeypatch):
     """In bf16 mixed precision, as the GPU check runs it (benchmarks/gpu_check.sh)."""
     out = tmp_path / "step_cost.json"
@@ -115,6 +118,7 @@ def test_the_step_cost_benchmark_splits_the_controlnet_step(tmp_path, monkeypatc
     assert tiny["time_ratio"] > 0 and tiny["memory_ratio"] > 0
 
 
+@pytest.mark.slow
 def test_the_architecture_cost_benchmark_sets_each_block_beside_zero(tmp_path, monkeypatch):
     out = tmp_path / "cost.json"
     monkeypatch.setattr(sys, "argv", ["architecture_cost.py", "--blocks", "zero", "t2i_adapter", "--rounds", "1", "--steps", "1",
@@ -127,6 +131,7 @@ def test_the_architecture_cost_benchmark_sets_each_block_beside_zero(tmp_path, m
     assert adapter["trainable_params_ratio_to_zero"] == round(adapter["trainable_params"] / zero["trainable_params"], 3)
 
 
+@pytest.mark.slow
 def test_the_scaling_benchmark_writes_its_table_and_plot(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["scaling.py", "--resolutions", "16", "--batches", "2", "--repeats", "1", "--out", str(tmp_path)])
     scaling.main()
@@ -167,6 +172,7 @@ def test_the_profile_gives_each_sample_to_its_innermost_phase(tmp_path):
     assert phases["fidelity curve"]["top_functions"] == {"conv": 1.0} and phases["base pretraining"]["share"] == 0.5
 
 
+@pytest.mark.slow
 def test_the_default_profile_runs_py_spy_on_a_smoke_run(tmp_path, monkeypatch):
     """Needs py-spy (the bench extra) and permission to read another process's memory."""
     if default_profile.py_spy() is None:
@@ -179,6 +185,7 @@ def test_the_default_profile_runs_py_spy_on_a_smoke_run(tmp_path, monkeypatch):
     assert {"base pretraining", "ControlNet training", "fidelity curve"} <= phases
 
 
+@pytest.mark.slow
 def test_the_default_run_benchmark_measures_a_before_after_pair(tmp_path, monkeypatch):
     """--after's overrides reach only the after runs (here 3 steps instead of the smoke's 6)."""
     out = tmp_path / "out"

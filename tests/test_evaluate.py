@@ -3,7 +3,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, run_train
+
+pytestmark = pytest.mark.slow  # each re-scores or samples the shared smoke run in its own processes
 
 
 def test_evaluate_rescores_a_checkpoint(smoke_run):

@@ -131,6 +131,7 @@ def test_train_on_sd15_offline_without_weights_stops_before_any_work(tmp_path):
     assert not (tmp_path / "cache").exists()  # no data generated, nothing pretrained
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model, folder, residuals", [("sd15", "sd_folder", 5), ("sdxl", "sdxl_folder", 7)])  # SDXL's 2 layers a block
 def test_smoke_trains_on_a_saved_folder(model, folder, residuals, tmp_path, request):
     """model=sd15 (sdxl) pointed at a local folder, with experiment=smoke: how a user checks a new setup."""
@@ -176,6 +177,7 @@ def test_every_model_composes_with_the_experiments(model, experiment):
         assert cfg.model.base.pretrain.max_steps == 20 and (model == "tiny" or cfg.model.base.pretrain.vae.max_steps == 20)
 
 
+@pytest.mark.slow
 def test_smoke_on_the_embedded_latent_base_pretrains_the_vae_then_the_unet(tmp_path):
     # All 200 samples but the held-out ones: the ControlNet trains on the pool the base pretrained on.
     result = run_train(["model=tiny_sd", "experiment=smoke", "eval.fid_domain.enabled=false", "data.size=null", "data.generator.count=200"],

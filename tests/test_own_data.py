@@ -97,6 +97,7 @@ def folder_run(tmp_path_factory, photo_folder):
     return tmp, run_dir
 
 
+@pytest.mark.slow
 def test_a_folder_with_free_form_captions_trains_and_is_scored_with_what_applies(folder_run):
     tmp, run_dir = folder_run
     results = json.loads((run_dir / "results.json").read_text())
@@ -121,6 +122,7 @@ def test_a_folder_with_free_form_captions_trains_and_is_scored_with_what_applies
     assert sorted(p.name for p in (run_dir / "validation").iterdir()) == ["step_000000.png", "step_000003.png", "step_000006.png"]
 
 
+@pytest.mark.slow
 def test_tables_of_free_form_runs_leave_absent_cells_empty(folder_run, tmp_path):
     _, run_dir = folder_run
     free_form = pd.json_normalize(json.loads((run_dir / "results.json").read_text())).assign(job_dir=str(run_dir))

@@ -182,6 +182,7 @@ def test_the_same_seed_and_settings_give_the_same_image_twice(trained_checkpoint
     assert runs["first"]["images"][0]["conditions"] == [str(sorted(condition_folder.iterdir())[0])]
 
 
+@pytest.mark.slow
 def test_sample_entry_point_composes_two_controlnets_under_the_prompt_settings(trained_checkpoints, tiny_data, condition_folder, tmp_path):
     """The second ControlNet gets its condition from ordinary images through controlnet-aux's canny detector; another diffusers scheduler."""
     photos = tmp_path / "photos"

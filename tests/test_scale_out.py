@@ -34,6 +34,7 @@ def test_an_optuna_search_runs_on_any_block_and_searches_the_std_only_with_gauss
         assert set(trial.params) == searched
 
 
+@pytest.mark.slow
 def test_an_optuna_search_returns_each_jobs_metric(tmp_path):
     result = run_train(["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", "block=gauss", *FAST], tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -61,6 +62,7 @@ def submitit_tasks(sweep_root: Path) -> dict[int, Path]:
     return tasks
 
 
+@pytest.mark.slow
 def test_a_submitit_job_sent_the_time_limit_signal_is_requeued_and_resumes(tmp_path):
     """hydra/launcher=local: two jobs as local processes, one locked base. Each job is sent submitit's signal (USR2,
     what SLURM sends before the time limit) after its first checkpoint: it writes interrupted.ckpt after the batch in
@@ -89,6 +91,7 @@ def test_a_submitit_job_sent_the_time_limit_signal_is_requeued_and_resumes(tmp_p
     assert len(list(sweep.glob(".submitit/*/*_submitted.pkl"))) == 2
 
 
+@pytest.mark.slow
 def test_two_process_ddp_gives_one_result_equal_to_a_one_process_evaluation(tmp_path):
     result = run_train(["experiment=smoke", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
                         "trainer.precision=32-true", "eval.fid_domain.enabled=false"], tmp_path, timeout=600)
@@ -149,6 +152,7 @@ KNOBS = ["trainer.precision=bf16-mixed", "model.base.dtype=bfloat16", "trainer.a
          "model.ema.enabled=true", "model.ema.decay=0.9"]
 
 
+@pytest.mark.slow
 def test_every_training_knob_at_once_trains_the_controlnet_alone_and_exports_its_average(tmp_path):
     result = run_train([*FAST, *KNOBS], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

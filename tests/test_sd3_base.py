@@ -158,6 +158,7 @@ def test_a_folder_of_another_family_is_refused_for_model_sd3_and_sd3_offline_nam
         PretrainedBaseSource(**{key: value for key, value in source.items() if key != "_target_"}).check()
 
 
+@pytest.mark.slow
 def test_smoke_on_the_embedded_sd3_base_pretrains_it_with_flow_matching_and_samples_with_its_own_sampler(tmp_path):
     result = run_train(["model=tiny_sd3", "experiment=smoke", "eval.fid_domain.enabled=false"], tmp_path, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]

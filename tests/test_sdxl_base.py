@@ -178,6 +178,7 @@ def test_sdxl_offline_without_weights_is_refused_naming_the_key():
         PretrainedBaseSource(**{key: value for key, value in source.items() if key != "_target_"}).check()
 
 
+@pytest.mark.slow
 def test_smoke_on_the_embedded_sdxl_base_pretrains_it_and_saves_it_as_sdxl(tmp_path):
     result = run_train(["model=tiny_sdxl", "experiment=smoke", "eval.fid_domain.enabled=false"], tmp_path, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]

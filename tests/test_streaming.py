@@ -88,6 +88,7 @@ def test_what_a_stream_cannot_give_is_refused_by_its_key(tmp_path):
         hub_datamodule(path=str(tmp_path), streaming=True, resolution=16, batch_size=4, val_size=4)
 
 
+@pytest.mark.slow
 def test_a_run_trains_and_evaluates_on_a_stream(parquet_dataset, tiny_base, tmp_path):
     result = run_train(["experiment=smoke", "data=hf", f"data.name={parquet_dataset}", "data.streaming=true", "data.size=null",
                         f"data.val_size={HELD_OUT}", "data.validation_size=4", f"model.base.pretrained_model_name_or_path={tiny_base}", "logger=csv"], tmp_path)

@@ -96,6 +96,7 @@ def sweep_with_a_failed_job(tmp_path_factory):
     return result, sweep
 
 
+@pytest.mark.slow
 def test_the_fidelity_curve_does_not_change_training(smoke_run, sweep_with_a_failed_job):
     _, run_dir = smoke_run
     _, sweep = sweep_with_a_failed_job
@@ -105,6 +106,7 @@ def test_the_fidelity_curve_does_not_change_training(smoke_run, sweep_with_a_fai
     assert with_curve.keys() == without.keys() and all(torch.equal(with_curve[k], without[k]) for k in with_curve)
 
 
+@pytest.mark.slow
 def test_a_resumed_run_is_bit_identical_to_an_uninterrupted_one(smoke_run, tmp_path):
     """12 steps straight, against: 6 steps (the smoke run) resumed in its own directory to 12 (mid-epoch: the smoke data
     has 8 batches an epoch); one run sent SIGKILL at a random time up to 1 s after its first checkpoint (step 3: within
@@ -171,6 +173,18 @@ def test_bad_config_values_name_their_key(override, key):
 
 
 @pytest.mark.bad_input
+def test_entry_points_load_torch_only_after_hydra_has_parsed_the_command_line():
+    """A mistyped override or --help answers in about a second, not after torch, Lightning and diffusers have loaded."""
+    entry_points = ["src/train.py", "src/sample.py", "src/export.py", "src/build_base.py", "eval/evaluate.py", "eval/tables.py"]
+    probe = ("import importlib.util, sys\n"
+             f"for path in {entry_points!r}:\n"
+             "    spec = importlib.util.spec_from_file_location(path.replace('/', '_')[:-3], path)\n"
+             "    spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+             "print(sorted(m for m in ('torch', 'lightning', 'diffusers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr[-2000:]
+
+
 def test_unknown_block_and_broken_dataset_fail_before_training(tmp_path):
     result = run_train(["block=lego"], tmp_path, timeout=120)
     assert result.returncode != 0 and "block" in result.stderr and "lego" in result.stderr
@@ -195,6 +209,7 @@ def test_wandb_follows_its_own_wandb_mode(tmp_path, monkeypatch):
     assert compose_train().logger.wandb.mode == "offline" == wandb_mode()
 
 
+@pytest.mark.slow
 def test_block_sweep_gives_one_result_per_block(tmp_path):
     result = run_train(["-m", "experiment=smoke", "block=zero,gauss,single", "logger.wandb.log_model=all"], tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -295,6 +310,7 @@ def test_the_domain_feature_net_does_not_depend_on_the_training_size(tiny_data, 
     assert len(list((tmp_path / "fid_domain").glob("*.safetensors"))) == 1
 
 
+@pytest.mark.slow
 def test_a_failed_sweep_job_is_recorded_and_the_others_run(sweep_with_a_failed_job):
     result, sweep = sweep_with_a_failed_job
     assert result.returncode != 0  # the sweep reports its failure at the end

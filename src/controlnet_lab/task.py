@@ -13,7 +13,6 @@ import rich
 import rich.syntax
 import rich.tree
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from controlnet_lab.failures import record_failure
@@ -37,6 +36,8 @@ def print_config_tree(cfg: DictConfig) -> None:
 def task_wrapper(task):
     @functools.wraps(task)
     def wrapped(cfg):
+        from lightning.pytorch.utilities.exceptions import SIGTERMException  # torch loads after Hydra has parsed the command line
+
         try:
             if cfg.get("extras", {}).get("print_config", False):
                 print_config_tree(cfg)
