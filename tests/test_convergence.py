@@ -9,7 +9,7 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 from controlnet_lab.callbacks import ConvergenceStop, FidelityCurve
 from controlnet_lab.config_checks import ConfigError
 from controlnet_lab.training import training_callbacks
-from controlnet_lab.metrics.convergence import curve_convergence, rise, sudden_convergence_step
+from controlnet_lab.metrics.convergence import curve_convergence, first_converged_step, rise, sudden_convergence_step
 
 STEPS = list(range(0, 2100, 100))
 
@@ -133,9 +133,35 @@ def test_the_stopping_rule_lets_a_rising_curve_run_to_the_cap_and_only_records_w
     assert trainer.global_step == 1500 and 900 <= recording.summary()["stopping"]["converged_at_step"] <= 1300
 
 
+def flat_then_sudden(step: int) -> float:
+    """At the base's level until step 1,600, then up within 200 steps (as ControlNet-XS's seed 0 on tiny_sd)."""
+    return 0.25 + 0.01 * np.sin(step * 1.7) + (0.5 * min(max(step - 1600, 0), 200) / 200)
+
+
+def test_a_curve_flat_before_its_rise_has_not_converged_with_min_rise():
+    """Without min_rise the rule stops a curve still flat at the base's level (before a sudden rise); with it, the run goes
+    on through the rise and stops once flat again. Replaying the rule point by point on the recorded curve gives the step
+    training stopped at, either way."""
+    early = ConvergenceStop(enabled=True, points=10, max_slope_per_1k=0.05, min_steps=1000)
+    fit(early, flat_then_sudden, max_steps=4000)
+    late = ConvergenceStop(enabled=True, points=10, max_slope_per_1k=0.05, min_steps=1000, min_rise=0.1)
+    trainer = fit(late, flat_then_sudden, max_steps=4000)
+    early_stop = early.summary()["stopping"]["converged_at_step"]
+    assert 1000 <= early_stop < 1600  # flat at the base's level, before the rise
+    stopped = late.summary()["stopping"]
+    assert stopped["converged"] and stopped["converged_at_step"] > 1800 and trainer.global_step == stopped["converged_at_step"]
+    assert stopped["rule"]["min_rise"] == 0.1 and stopped["last_reading"]["risen"] >= 0.1
+    steps = [p["step"] for p in late.fidelity_curve.curve]
+    values = [p["edge_f1"] for p in late.fidelity_curve.curve]
+    rule = {"points": 10, "max_slope_per_1k": 0.05, "min_steps": 1000}
+    assert first_converged_step(steps, values, **rule, min_rise=0.1) == stopped["converged_at_step"]
+    assert first_converged_step(steps, values, **rule) == early_stop
+
+
 @pytest.mark.bad_input
 @pytest.mark.parametrize("settings, key", [({"points": 2}, "eval.stopping.points"), ({"max_slope_per_1k": 0}, "eval.stopping.max_slope_per_1k"),
-                                           ({"min_steps": -1}, "eval.stopping.min_steps")])
+                                           ({"min_steps": -1}, "eval.stopping.min_steps"),
+                                           ({"min_rise": -0.1}, "eval.stopping.min_rise")])
 def test_impossible_stopping_settings_are_refused_naming_the_key(settings, key):
     with pytest.raises(ValueError, match=key):
         ConvergenceStop(**settings)

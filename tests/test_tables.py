@@ -10,7 +10,8 @@ from scipy import stats
 
 from controlnet_lab.intervals import _detectable, difference, t_interval
 from controlnet_lab.run_record import read_record
-from controlnet_lab.tables.plan import load_plan, plan_verdicts, registration
+from controlnet_lab.metrics.convergence import first_converged_step
+from controlnet_lab.tables.plan import load_plan, plan_verdicts, registration, stops_as_planned
 from controlnet_lab.tables.render import display_table
 from controlnet_lab.tables.report import write_tables
 from controlnet_lab.tables.statistics import average_evaluation_seeds, differences, summarize
@@ -415,3 +416,22 @@ claims:
     (tmp_path / "plan.yaml").write_text(plan.replace("    reference: 0.5\n", "    reference: 0.5\n    control: [\"block=gauss\"]\n"))
     with pytest.raises(SweepError, match=r"claims\[0\] needs exactly one of control"):
         load_plan(tmp_path / "plan.yaml")
+
+
+def test_a_job_run_under_an_older_stopping_rule_counts_as_planned_only_if_the_plans_rule_stops_it_at_the_same_step():
+    """The plan's rule replayed on the recorded curve: a job that had risen when it stopped stops there under min_rise
+    too; one stopped while still flat at the base's level would have run on, and is a deviation."""
+    steps = list(range(0, 3100, 100))
+    noise = [0.005 * math.sin(1.7 * s) for s in steps]
+    risen = [0.25 + 0.5 * min(s, 1000) / 1000 + n for s, n in zip(steps, noise)]
+    flat = [0.25 + n for n in noise]
+    old_rule = {"points": 10, "max_slope_per_1k": 0.05, "min_steps": 1500}
+    plan_rule = {"enabled": True, **old_rule, "min_rise": 0.1}
+
+    def job(values):
+        stop = first_converged_step(steps, values, **old_rule)
+        return pd.Series({"metrics.curve": [{"step": s, "edge_f1": v} for s, v in zip(steps, values) if s <= stop],
+                          "metrics.curve_metric": "edge_f1", "metrics.stopping.enabled": True, "metrics.stopping.converged_at_step": stop,
+                          "metrics.stopping.rule.metric": None})
+
+    assert stops_as_planned(plan_rule, job(risen)) and not stops_as_planned(plan_rule, job(flat))

@@ -15,7 +15,7 @@ from controlnet_lab.data.samples import load_rgb
 from controlnet_lab.evaluation.held_out import generate, oracle_skip_reason
 from controlnet_lab.evaluation.prompts import palette_of
 from controlnet_lab.images import save_grid, to_uint8
-from controlnet_lab.metrics.convergence import curve_convergence, recent_slope
+from controlnet_lab.metrics.convergence import curve_convergence, stopping_reading
 from controlnet_lab.metrics.fidelity import ConditionFidelity
 from controlnet_lab.metrics.oracle import score_images
 from controlnet_lab.run_state import preserved_rng
@@ -161,17 +161,21 @@ class FidelityCurve(L.Callback):
 class ConvergenceStop(L.Callback):
     """The stopping rule: ends training once the fidelity curve (the FidelityCurve callback's, on the validation
     conditions) has converged: the 95% interval of its slope over the last ``points`` points lies below
-    ``max_slope_per_1k`` (the metric's gain per 1,000 steps), after at least ``min_steps``. ``trainer.max_steps`` caps a
+    ``max_slope_per_1k`` (the metric's gain per 1,000 steps), after at least ``min_steps``, the curve having risen at
+    least ``min_rise`` above its first point (metrics.convergence.stopping_reading). ``trainer.max_steps`` caps a
     run that never converges. ``summary()`` (results.json's ``stopping``) says whether and where it converged, with
     the slope and interval that decided. ``enabled: false`` records the rule's reading at the end without stopping."""
 
     def __init__(self, enabled: bool = False, points: int = 16, max_slope_per_1k: float = 0.05, min_steps: int = 0,
-                 metric: str | None = None):
+                 metric: str | None = None, min_rise: float = 0.0):
         if points < 3:
             raise ValueError(f"eval.stopping.points must be >= 3 (a slope and its interval), got {points}")
         if max_slope_per_1k <= 0 or min_steps < 0:
             raise ValueError(f"eval.stopping.max_slope_per_1k must be > 0 and eval.stopping.min_steps >= 0, got {max_slope_per_1k} and {min_steps}")
+        if min_rise < 0:
+            raise ValueError(f"eval.stopping.min_rise must be >= 0 (the metric's rise above its first point), got {min_rise}")
         self.enabled, self.points, self.max_slope, self.min_steps, self.metric = enabled, points, max_slope_per_1k, min_steps, metric
+        self.min_rise = min_rise
         self.checked_points = 0
         self.converged_at: int | None = None
         self.last: dict | None = None
@@ -188,7 +192,7 @@ class ConvergenceStop(L.Callback):
             return
         self.checked_points = len(curve.curve)
         self.last = self.reading(curve)
-        if self.last is not None and self.last["to_step"] >= self.min_steps and self.last["ci95_per_1k"][1] < self.max_slope:
+        if self.last is not None and self.last["converged"]:
             self.converged_at = self.last["to_step"]
             if self.enabled:
                 trainer.should_stop = trainer.strategy.reduce_boolean_decision(True, all=False)
@@ -198,12 +202,13 @@ class ConvergenceStop(L.Callback):
         metric = self.metric or curve.metric
         if any(metric not in point for point in points):
             raise ValueError(f"eval.stopping.metric={metric!r} is not on the fidelity curve (it has {sorted(points[0])})")
-        return recent_slope([p["step"] for p in points], [p[metric] for p in points], self.points)
+        return stopping_reading([p["step"] for p in points], [p[metric] for p in points], self.points, self.max_slope, self.min_steps,
+                                self.min_rise)
 
     def summary(self) -> dict:
         return {"stopping": {"enabled": self.enabled, "converged": self.converged_at is not None, "converged_at_step": self.converged_at,
                              "rule": {"points": self.points, "max_slope_per_1k": self.max_slope, "min_steps": self.min_steps,
-                                      "metric": self.metric}, "last_reading": self.last}}
+                                      "min_rise": self.min_rise, "metric": self.metric}, "last_reading": self.last}}
 
     def state_dict(self) -> dict:
         return {"checked_points": self.checked_points, "converged_at": self.converged_at, "last": self.last}

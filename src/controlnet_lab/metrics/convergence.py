@@ -104,3 +104,28 @@ def recent_slope(steps: Sequence[int], values: Sequence[float], points: int, lev
     half = float(stats.t.ppf(0.5 + level / 2, points - 2) * fit.stderr)
     return {"from_step": int(steps[-points]), "to_step": int(steps[-1]), "slope_per_1k": round(float(fit.slope), 5),
             "ci95_per_1k": [round(float(fit.slope) - half, 5), round(float(fit.slope) + half, 5)]}
+
+
+def stopping_reading(steps: Sequence[int], values: Sequence[float], points: int, max_slope_per_1k: float, min_steps: int,
+                     min_rise: float = 0.0) -> dict | None:
+    """The stopping rule's reading of a curve so far: ``recent_slope`` over the last ``points`` points, how far the
+    curve has ``risen`` above its first point, and whether it has ``converged``: the slope's upper 95% bound below
+    ``max_slope_per_1k``, at least ``min_steps`` in, and risen by at least ``min_rise`` (a curve still flat at the
+    base's level has not converged: its rise may not have begun, as in sudden convergence). None before ``points``
+    points."""
+    reading = recent_slope(steps, values, points)
+    if reading is None:
+        return None
+    risen = round(float(values[-1] - values[0]), 5)
+    converged = reading["to_step"] >= min_steps and reading["ci95_per_1k"][1] < max_slope_per_1k and risen >= min_rise
+    return {**reading, "risen": risen, "converged": converged}
+
+
+def first_converged_step(steps: Sequence[int], values: Sequence[float], **rule) -> int | None:
+    """The step at which the stopping rule (``stopping_reading``'s keywords) first holds on this curve, read point by
+    point as training reads it; None if it never does."""
+    for end in range(1, len(values) + 1):
+        reading = stopping_reading(steps[:end], values[:end], **rule)
+        if reading is not None and reading["converged"]:
+            return reading["to_step"]
+    return None

@@ -44,10 +44,11 @@ import pandas as pd
 import yaml
 
 from controlnet_lab.intervals import Difference, difference, t_interval
+from controlnet_lab.metrics.convergence import first_converged_step
 from controlnet_lab.tables.sweeps import SweepError, rows_where
 
 DIRECTIONS = ("lower", "higher", "none")
-STOPPING_KEYS = ("enabled", "points", "max_slope_per_1k", "min_steps")
+STOPPING_KEYS = ("enabled", "points", "max_slope_per_1k", "min_steps", "min_rise")
 
 
 @dataclass(frozen=True)
@@ -212,16 +213,31 @@ def compared(frame: pd.DataFrame, claim: Claim, columns: dict[str, float], plan:
 
 
 def stopping_deviations(plan: Plan, frame: pd.DataFrame) -> list[str]:
-    """The jobs whose stopping rule differs from the plan's (none when the plan names none)."""
+    """The jobs whose stopping rule differs from the plan's (none when the plan names none), except those that the
+    plan's rule, replayed on the job's recorded curve, would have stopped at the same step."""
     if not plan.stopping:
         return []
     deviations = []
     for _, row in frame.iterrows():
         used = {"enabled": row.get("metrics.stopping.enabled"), **{k: row.get(f"metrics.stopping.rule.{k}") for k in STOPPING_KEYS[1:]}}
         differing = [k for k, v in plan.stopping.items() if used.get(k) != v]
-        if differing:
+        if differing and not stops_as_planned(plan.stopping, row):
             deviations.append(f"{Path(row['job_dir']).name}: " + ", ".join(f"{k}={used.get(k)} (plan: {plan.stopping[k]})" for k in differing))
     return deviations
+
+
+def stops_as_planned(stopping: dict, row: pd.Series) -> bool:
+    """Whether the plan's stopping rule, replayed point by point on the job's recorded fidelity curve, first holds at the
+    step where the job stopped (both on: a job that stopped by its own rule; the plan's must hold there, not before)."""
+    curve, stopped = row.get("metrics.curve"), row.get("metrics.stopping.converged_at_step")
+    if not stopping.get("enabled") or not row.get("metrics.stopping.enabled") or not isinstance(curve, list) or pd.isna(stopped):
+        return False
+    metric = row.get("metrics.stopping.rule.metric")
+    metric = metric if isinstance(metric, str) else row.get("metrics.curve_metric")
+    points = sorted((p for p in curve if p.get(metric) is not None), key=lambda p: p["step"])
+    rule = {"points": stopping.get("points", 16), "max_slope_per_1k": stopping.get("max_slope_per_1k", 0.05),
+            "min_steps": stopping.get("min_steps", 0), "min_rise": stopping.get("min_rise", 0.0)}
+    return first_converged_step([p["step"] for p in points], [p[metric] for p in points], **rule) == int(stopped)
 
 
 def write_verdicts(plan_path: Path, frame: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
