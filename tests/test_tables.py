@@ -429,9 +429,11 @@ def test_a_job_run_under_an_older_stopping_rule_counts_as_planned_only_if_the_pl
     plan_rule = {"enabled": True, **old_rule, "min_rise": 0.1}
 
     def job(values):
-        stop = first_converged_step(steps, values, **old_rule)
-        return pd.Series({"metrics.curve": [{"step": s, "edge_f1": v} for s, v in zip(steps, values) if s <= stop],
-                          "metrics.curve_metric": "edge_f1", "metrics.stopping.enabled": True, "metrics.stopping.converged_at_step": stop,
+        stop = first_converged_step(steps[:len(values)], values, **old_rule)
+        return pd.Series({"metrics.curve": [{"step": s, "edge_f1": v} for s, v in zip(steps, values) if stop is None or s <= stop],
+                          "metrics.curve_metric": "edge_f1", "metrics.stopping.enabled": True, "metrics.stopping.converged_at_step": math.nan if stop is None else stop,
                           "metrics.stopping.rule.metric": None})
 
     assert stops_as_planned(plan_rule, job(risen)) and not stops_as_planned(plan_rule, job(flat))
+    capped = job(flat[:14])  # stopped by neither rule before its cap at step 1,300
+    assert pd.isna(capped["metrics.stopping.converged_at_step"]) and stops_as_planned(plan_rule, capped)

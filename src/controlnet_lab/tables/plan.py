@@ -228,16 +228,17 @@ def stopping_deviations(plan: Plan, frame: pd.DataFrame) -> list[str]:
 
 def stops_as_planned(stopping: dict, row: pd.Series) -> bool:
     """Whether the plan's stopping rule, replayed point by point on the job's recorded fidelity curve, first holds at the
-    step where the job stopped (both on: a job that stopped by its own rule; the plan's must hold there, not before)."""
+    step where the job's own rule stopped it (not before), or, for a job that ran to its cap, nowhere on its curve."""
     curve, stopped = row.get("metrics.curve"), row.get("metrics.stopping.converged_at_step")
-    if not stopping.get("enabled") or not row.get("metrics.stopping.enabled") or not isinstance(curve, list) or pd.isna(stopped):
+    if not stopping.get("enabled") or row.get("metrics.stopping.enabled") not in (True,) or not isinstance(curve, list):
         return False
     metric = row.get("metrics.stopping.rule.metric")
     metric = metric if isinstance(metric, str) else row.get("metrics.curve_metric")
     points = sorted((p for p in curve if p.get(metric) is not None), key=lambda p: p["step"])
     rule = {"points": stopping.get("points", 16), "max_slope_per_1k": stopping.get("max_slope_per_1k", 0.05),
             "min_steps": stopping.get("min_steps", 0), "min_rise": stopping.get("min_rise", 0.0)}
-    return first_converged_step([p["step"] for p in points], [p[metric] for p in points], **rule) == int(stopped)
+    replayed = first_converged_step([p["step"] for p in points], [p[metric] for p in points], **rule)
+    return replayed == (None if pd.isna(stopped) else int(stopped))
 
 
 def write_verdicts(plan_path: Path, frame: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
