@@ -35,9 +35,11 @@ def test_cached_and_computed_encodings_give_the_same_loss(sd_folder, sd_data, tm
     without_targets.samples.targets.read = None  # a target's pixels are never decoded
     cached = next(iter(DataLoader(EncodedDataset(without_targets, reread), batch_size=6, num_workers=2)))  # workers open the shards
     assert "target" not in cached and torch.equal(cached["condition"], computed["condition"])
+    with torch.no_grad():  # a prompt's embedding rounds by its row's place in the batch on some CPUs (AVX-512: 5e-7 apart)
+        torch.testing.assert_close(cached["text_hidden"], module.base.encode_prompt(computed["prompt"])[0], rtol=0, atol=1e-5)
     losses = [module.diffusion_loss(batch, torch.Generator().manual_seed(7)) for batch in (computed, cached)]
-    assert torch.equal(losses[0], losses[1])
-    assert not torch.equal(losses[0], module.diffusion_loss(computed, torch.Generator().manual_seed(8)))
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=0)
+    assert abs(losses[0] - module.diffusion_loss(computed, torch.Generator().manual_seed(8))) > 1e-3  # the draws matter
 
 
 def test_the_encoding_store_is_written_in_shards_and_read_row_by_row(tmp_path, monkeypatch):

@@ -16,8 +16,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from torch.distributed.fsdp.wrap import enable_wrap
+from torch.utils.data import DataLoader
 
-from conftest import ROOT, compose_train, every_traceback, run_train, train_command
+from conftest import ROOT, compose_train, every_traceback, fill50k_dataset, run_train, train_command
 from controlnet_lab.config_checks import ConfigError, check_train_config
 from controlnet_lab.export import export
 from controlnet_lab.module import ControlNetModule
@@ -107,6 +108,17 @@ def test_two_process_ddp_gives_one_result_equal_to_a_one_process_evaluation(tmp_
     assert again.returncode == 0, again.stderr[-3000:]
     scores = json.loads((run_dir / "checkpoints" / "eval.json").read_text())["metrics"]
     assert scores["edge_f1"] == record["metrics"]["edge_f1"] and scores["mask_iou"] == record["metrics"]["mask_iou"]
+
+
+def test_only_rank_zero_samples_the_validation_grid(tiny_base, tiny_data, tmp_path, monkeypatch):
+    module = ControlNetModule(str(tiny_base), num_val_images=2, sample_dir=str(tmp_path), sampling={"num_inference_steps": 2})
+    batch = next(iter(DataLoader(fill50k_dataset(tiny_data, 16, count=4), batch_size=4)))
+    monkeypatch.setattr(ControlNetModule, "global_rank", property(lambda self: 1))
+    module.validation_step(batch, 0)
+    assert list(tmp_path.iterdir()) == []  # another rank's grid would overwrite rank 0's file while W&B reads it
+    monkeypatch.setattr(ControlNetModule, "global_rank", property(lambda self: 0))
+    module.validation_step(batch, 0)
+    assert [p.name for p in tmp_path.iterdir()] == ["step_000000.png"]
 
 
 def test_the_slurm_preset_composes():

@@ -14,7 +14,8 @@ Each is computed batch by batch (``model.base.encode_batch_size``) and written s
 shard into a staging folder that is renamed when complete, so computing holds one shard
 in memory and an interrupted pass leaves nothing behind; stored in the dtype the locked
 part computes in (``model.base.cache_dtype: auto``), so reading a row and casting it to
-float32 gives what the module would compute itself, bit for bit. A store that is cut
+float32 gives what the module would compute itself, up to the rounding a row's place in
+its batch brings on some CPUs (AVX-512). A store that is cut
 short, from another version, or does not hold one row per sample is reported by path,
 removed and computed again, never trained on.
 """

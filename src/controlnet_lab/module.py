@@ -194,7 +194,8 @@ class ControlNetModule(L.LightningModule):
         # Fixed noise and timesteps per batch, so validation losses are comparable across steps.
         loss = self.diffusion_loss(batch, generator=torch.Generator().manual_seed(batch_idx))
         self.log("val/loss", loss, prog_bar=True, batch_size=len(batch["prompt"]), sync_dist=True)
-        if batch_idx == 0 and self.hparams.num_val_images > 0 and self.hparams.sample_dir is not None:
+        # Rank 0's grid only: under DDP every rank wrote the same file, one while the W&B logger read it.
+        if batch_idx == 0 and self.global_rank == 0 and self.hparams.num_val_images > 0 and self.hparams.sample_dir is not None:
             self.log_sample_grid(batch)
 
     def log_sample_grid(self, batch: dict) -> None:
