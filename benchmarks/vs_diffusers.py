@@ -77,7 +77,8 @@ from rounds import MIN_ROUNDS, method, run_rounds, within_round_ratio
 from sd15_shaped import HINT_CHANNELS as SD15_HINT_CHANNELS, sd15_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
-ANCHOR = ROOT.parent / "shared" / "anchors" / "diffusers_train_controlnet.py"
+# diffusers' script sits outside the repository, beside the checkout (../shared/anchors); another copy: the variable.
+ANCHOR = Path(os.environ.get("CONTROLNET_LAB_DIFFUSERS_SCRIPT", ROOT.parent / "shared" / "anchors" / "diffusers_train_controlnet.py"))
 SETUPS = ("harness", "harness_compiled", "harness_no_cache", "diffusers_script")
 SCRIPT = "diffusers_script"
 
@@ -260,6 +261,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "performance" / "vs_diffusers.json")
     parser.add_argument("--logs", type=Path, help="keep each run's output here (default: in the temporary folder, deleted at the end)")
     args = parser.parse_args()
+    if not args.anchor.is_file():
+        parser.error(f"--anchor {args.anchor}: no such file; give diffusers' examples/controlnet/train_controlnet.py "
+                     "(or set CONTROLNET_LAB_DIFFUSERS_SCRIPT)")
     if args.steps <= args.window:
         raise SystemExit(f"--steps {args.steps} must exceed --window {args.window}")
     started = time.perf_counter()

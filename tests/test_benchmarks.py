@@ -21,6 +21,10 @@ import vs_pipeline_sampling
 import vs_plain_loop
 from conftest import SHARED_DATA
 
+needs_diffusers_script = pytest.mark.skipif(
+    not vs_diffusers.ANCHOR.is_file(),
+    reason=f"diffusers' train_controlnet.py is not at {vs_diffusers.ANCHOR} (set CONTROLNET_LAB_DIFFUSERS_SCRIPT to a copy)")
+
 
 def test_the_plain_loop_benchmark_writes_its_ratio(tmp_path, monkeypatch):
     out = tmp_path / "vs_plain_loop.json"
@@ -41,6 +45,7 @@ def test_the_locked_cache_benchmark_sets_cached_beside_computed(tmp_path, monkey
 
 
 @pytest.mark.slow
+@needs_diffusers_script
 def test_the_diffusers_script_benchmark_runs_both_on_the_same_work(tmp_path, monkeypatch):
     """Needs the bench extra (pip install -e '.[bench]': accelerate, tensorboard), which diffusers' script imports."""
     pytest.importorskip("accelerate", reason="diffusers' training script needs the bench extra: pip install -e '.[bench]'")
@@ -69,6 +74,7 @@ def test_rounds_rotate_the_order_and_take_ratios_within_a_round():
 
 
 @pytest.mark.slow
+@needs_diffusers_script
 def test_the_harness_takes_the_same_step_as_diffusers_script(tmp_path, monkeypatch):
     """The unmodified script and the harness's default configuration, one step each on the same batch and draws, from a
     ControlNet whose joins are not zero (so that every part of the copy gets a gradient)."""
