@@ -32,7 +32,7 @@ from diffusers import ControlNetModel
 
 from controlnet_lab.data.fill50k import read_index
 from controlnet_lab.provenance import commit, machine
-from vs_diffusers import ANCHOR, ROOT, build_models, command, same_data
+from vs_diffusers import ANCHOR, ROOT, build_models, command, require_anchor, same_data
 
 PROBE = Path(__file__).resolve().parent / "step_probe.py"
 LATENT_CHANNELS, VAE_FACTOR = 4, 4  # model=tiny_sd's latents
@@ -114,9 +114,7 @@ def main() -> None:
     parser.add_argument("--anchor", type=Path, default=ANCHOR, help="diffusers' train_controlnet.py")
     parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "performance" / "one_step_equivalence.json")
     args = parser.parse_args()
-    if not args.anchor.is_file():
-        parser.error(f"--anchor {args.anchor}: no such file; give diffusers' examples/controlnet/train_controlnet.py "
-                     "(or set CONTROLNET_LAB_DIFFUSERS_SCRIPT)")
+    require_anchor(parser, args.anchor)
     # What vs_diffusers.command reads: one step, float32, CPU, in-process data loading, its default learning rate.
     settings = argparse.Namespace(batch=args.batch, resolution=args.resolution, lr=1e-4, precision="32", workers=0, device="cpu",
                                   base="tiny_sd", window=1)

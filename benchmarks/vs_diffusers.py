@@ -83,6 +83,13 @@ SETUPS = ("harness", "harness_compiled", "harness_no_cache", "diffusers_script")
 SCRIPT = "diffusers_script"
 
 
+def require_anchor(parser: argparse.ArgumentParser, anchor: Path) -> None:
+    """Stop before any work when diffusers' script is not where --anchor says."""
+    if not anchor.is_file():
+        parser.error(f"--anchor {anchor}: no such file; give diffusers' examples/controlnet/train_controlnet.py "
+                     "(or set CONTROLNET_LAB_DIFFUSERS_SCRIPT)")
+
+
 def write_imagefolder(fill50k: Path, folder: Path) -> Path:
     """The fill50k samples as the imagefolder diffusers' script reads: images/, conditions/, metadata.jsonl."""
     (folder / "images").mkdir(parents=True)
@@ -261,9 +268,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "performance" / "vs_diffusers.json")
     parser.add_argument("--logs", type=Path, help="keep each run's output here (default: in the temporary folder, deleted at the end)")
     args = parser.parse_args()
-    if not args.anchor.is_file():
-        parser.error(f"--anchor {args.anchor}: no such file; give diffusers' examples/controlnet/train_controlnet.py "
-                     "(or set CONTROLNET_LAB_DIFFUSERS_SCRIPT)")
+    require_anchor(parser, args.anchor)
     if args.steps <= args.window:
         raise SystemExit(f"--steps {args.steps} must exceed --window {args.window}")
     started = time.perf_counter()
