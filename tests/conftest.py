@@ -6,7 +6,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+# Under pytest-xdist each worker gets its share of the cores (torch and the runs it starts read OMP_NUM_THREADS), so
+# that workers do not oversubscribe the CPU: set before torch is imported.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
+import torch  # noqa: E402
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
