@@ -17,14 +17,14 @@ install: $(STAMP)
 train: $(STAMP)
 	$(BIN)/python src/train.py $(ARGS)
 
-# The tests run in TEST_WORKERS pytest-xdist processes, a test file to each at a time, each with its share of the cores
-# (tests/conftest.py): on 2 cores two 1-thread workers took 2.5 min where one 2-thread process took 4.8 (the fast suite).
+# The tests run in TEST_WORKERS pytest-xdist processes, a test file to each at a time in collection order (the default
+# run's file first: tests/conftest.py), each with its share of the cores: on 2 cores two 1-thread workers took 2.5 min where one 2-thread process took 4.8 (the fast suite).
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow" $(PYTEST_ARGS)
 
 # Pretrain the embedded base from its recipe and compare it with the shipped copy (ARGS=ship=true replaces that copy).
 base: $(STAMP)
