@@ -18,7 +18,8 @@ train: $(STAMP)
 	$(BIN)/python src/train.py $(ARGS)
 
 # The tests run in TEST_WORKERS pytest-xdist processes, a test file to each at a time in collection order (the default
-# run's file first: tests/conftest.py), each with its share of the cores: on 2 cores two 1-thread workers took 2.5 min where one 2-thread process took 4.8 (the fast suite).
+# run's file first: tests/conftest.py), each with its share of the cores (on these small models two 1-thread
+# processes get more done than one 2-thread one; experiments/performance/make_test*.json).
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
