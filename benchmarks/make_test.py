@@ -1,5 +1,6 @@
 """How long the README's test command takes on a fresh clone, as CI runs it: `git clone` of the committed HEAD into a
-temporary folder beside this checkout (where CI's clone finds ../shared), then `make test` there (a new .venv, the install, every test with the slow ones).
+temporary folder beside this checkout (where CI's clone finds ../shared), then `make test` there (a new .venv, the
+install, every test with the slow ones).
 
     python benchmarks/make_test.py                    # writes experiments/performance/make_test.json
     python benchmarks/make_test.py --target test-fast --out <file>   # without the slow tests
@@ -38,9 +39,9 @@ def main() -> None:
     args = parser.parse_args()
     code = commit()
     # The clone sits beside this checkout, as CI's does, so that what lies beside it (../shared) is found the same way.
-    with tempfile.TemporaryDirectory(prefix="make-test-", dir=ROOT.parent) as clone, \
+    with tempfile.TemporaryDirectory(prefix="make-test-", dir=ROOT.parent) as clone_dir, \
             tempfile.TemporaryDirectory(prefix="make-test-logs-") as folder, OtherLoad() as load:
-        clone = Path(clone)
+        clone = Path(clone_dir)
         subprocess.run(["git", "clone", "--quiet", str(ROOT), str(clone)], check=True)
         install_s, install_rc = timed(["make", "install"], clone, Path(folder) / "install.log")
         tests_s, tests_rc = timed(["make", args.target], clone, Path(folder) / "test.log")

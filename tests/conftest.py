@@ -146,6 +146,7 @@ def smoke_run(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(items):
-    """The default run's file first: under ``make test``'s two workers it holds one worker for about 15 minutes, while
-    the other runs every other file (collected last, it left one worker idle at the end)."""
+    """The default run's file first: under ``make test``'s two workers it holds one worker for about 16 minutes while
+    the other runs every other file; started after them, it left a worker idle at the end. (The Makefile's
+    ``--no-loadscope-reorder`` keeps this order: pytest-xdist otherwise starts the files with the most tests first.)"""
     items.sort(key=lambda item: item.path.name != "test_end_to_end.py")
